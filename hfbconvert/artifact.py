@@ -1,0 +1,96 @@
+"""The compressed-model file format (``hfbconvert-compressed/1``).
+
+A ``torch.save``d dict of tensors and plain data only, loadable with
+``weights_only=True``:
+
+    format        "hfbconvert-compressed/1"
+    model_info    ModelInfo.to_dict() of the source model (rebuilds the skeleton)
+    layers        {module name: {c_in, c_out, kind, critical_idx: [..], r, channel_scale}}
+    state_dict    the deploy-form state dict of the whole hybrid model
+    meta          plan, costs, sensitivities, fine-tune log, versions (plain data)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import InputError
+from .fileio import load_torch, save_torch
+from .hybrid import HybridPointwise
+from .layers import set_submodule
+from .models.info import ModelInfo
+
+FORMAT = "hfbconvert-compressed/1"
+
+
+def layer_spec(m: HybridPointwise) -> dict[str, Any]:
+    return {
+        "c_in": m.c_in,
+        "c_out": m.c_out,
+        "kind": m.kind,
+        "critical_idx": m.critical_idx.tolist(),
+        "r": m.r,
+        "channel_scale": m.channel_scale is not None,
+    }
+
+
+def hybrid_from_spec(spec: dict[str, Any]) -> HybridPointwise:
+    return HybridPointwise(
+        spec["c_in"], spec["c_out"], torch.tensor(spec["critical_idx"], dtype=torch.long),
+        spec["r"], spec["kind"], spec.get("channel_scale", False),
+    )
+
+
+def hybrid_layers(model: nn.Module) -> dict[str, HybridPointwise]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, HybridPointwise)}
+
+
+def save_compressed(path: str | os.PathLike, model: nn.Module, info: ModelInfo,
+                    meta: dict[str, Any]) -> None:
+    """Freeze every hybrid layer (deploy form) and write the artifact atomically."""
+    layers = hybrid_layers(model)
+    for m in layers.values():
+        m.freeze()
+    obj = {
+        "format": FORMAT,
+        "model_info": info.to_dict(),
+        "layers": {n: layer_spec(m) for n, m in layers.items()},
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        "meta": meta,
+    }
+    save_torch(path, obj)
+
+
+def is_compressed(obj: Any) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
+def build_compressed(obj: dict[str, Any], source: str = "artifact") -> tuple[nn.Module, ModelInfo]:
+    """Rebuild the deploy-form hybrid model from a loaded artifact dict."""
+    from .models.loading import build_model
+
+    info = ModelInfo.from_dict(obj["model_info"])
+    model = build_model(info)
+    for name, spec in obj["layers"].items():
+        h = hybrid_from_spec(spec)
+        h.freeze()
+        set_submodule(model, name, h)
+    try:
+        model.load_state_dict(obj["state_dict"], strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise InputError(f"{source}: compressed artifact does not match its layers ({first})") from None
+    model.eval()
+    return model, info
+
+
+def load_compressed(path: str | os.PathLike) -> tuple[nn.Module, ModelInfo, dict[str, Any]]:
+    obj = load_torch(path)
+    if not is_compressed(obj):
+        raise InputError(f"{path}: not an hfbconvert compressed model (format {FORMAT})")
+    model, info = build_compressed(obj, str(path))
+    return model, info, obj.get("meta", {})

@@ -1,0 +1,301 @@
+"""The compress pipeline: sensitivity -> plan -> build -> reconstruct -> fine-tune.
+
+Each stage is switchable (``CompressConfig``) and its effect on agreement with the
+original model, measured on held-apart calibration images, is recorded in the returned
+metadata, so an ablation is a matter of flags.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from calib.readers import CalibData
+
+from . import progress
+from .costs import model_cost
+from .errors import InputError
+from .finetune import FinetuneConfig, finetune
+from .fitting import PairStats, fit_layer
+from .hybrid import HybridPointwise
+from .layers import PointwiseLayer, find_pointwise, layer_bias, layer_weight, set_submodule
+from .models.info import ModelInfo
+from .plan import LayerPlan, Plan, budget_plan, uniform_plan
+from .reconstruct import reconstruct
+from .sensitivity import loss_curves
+from .stats import collect_input_stats
+from .ternary import twn_ternarize
+
+METHODS = ("hybrid", "twn", "strassen")
+
+
+@dataclass
+class CompressConfig:
+    method: str = "hybrid"
+    budget: float | None = 0.536
+    critical_fraction: float | None = None
+    hidden_units_ratio: float = 1.0
+    max_add_increase: float = 0.48
+    budgets: tuple[int, ...] = (1, 2, 4)
+    ratios: tuple[float, ...] = (1.0, 2.0)
+    reconstruct: bool = True
+    sequential: bool = True
+    bias_correction: bool = True
+    fragility: bool = True
+    recon_images: int = 256
+    per_image: int = 64
+    stats_images: int = 256
+    held_fraction: float = 0.1
+    min_agreement: float = 0.9
+    seed: int = 0
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["budgets"] = list(self.budgets)
+        d["ratios"] = list(self.ratios)
+        return d
+
+
+def _batches(data: CalibData, n: int, bs: int = 64) -> list[torch.Tensor]:
+    sub = data.subset(range(min(n, len(data))))
+    return [x for x, _ in sub.batches(bs)]
+
+
+@torch.no_grad()
+def agreement(student: nn.Module, teacher: nn.Module, images: list[torch.Tensor]) -> float:
+    """Top-1 agreement of ``student`` with ``teacher`` (labels not needed)."""
+    student.eval()
+    teacher.eval()
+    hit = tot = 0
+    for x in images:
+        hit += int((student(x).argmax(1) == teacher(x).argmax(1)).sum())
+        tot += x.shape[0]
+    return hit / max(tot, 1)
+
+
+@torch.no_grad()
+def layer_fragility(model: nn.Module, layers: list[PointwiseLayer], images: torch.Tensor,
+                    rel_noise: float = 0.01, seed: int = 0) -> dict[str, float]:
+    """Logit distortion per unit of relative weight error, for each pointwise layer.
+
+    Gaussian noise of ``rel_noise`` relative energy is added to one layer's weights at a
+    time; fragility = E‖Δlogits‖² / E‖logits‖² / rel_noise. This is what METHOD.md §5
+    measured by hand (1% on the first pointwise layer: agreement 0.81)."""
+    model.eval()
+    base = model(images)
+    denom = float((base - base.mean(0)).pow(2).mean().clamp_min(1e-30))
+    out = {}
+    g = torch.Generator().manual_seed(seed)
+    for ly in layers:
+        mod = model.get_submodule(ly.name)
+        w = mod.weight.data
+        noise = torch.randn(w.shape, generator=g)
+        noise *= (rel_noise * w.pow(2).sum() / noise.pow(2).sum().clamp_min(1e-30)).sqrt()
+        w.add_(noise)
+        try:
+            d = float((model(images) - base).pow(2).mean())
+        finally:
+            w.sub_(noise)
+        out[ly.name] = d / denom / rel_noise
+    return out
+
+
+def _twn_init(layer: HybridPointwise, w: torch.Tensor) -> None:
+    codes, scale = twn_ternarize(w.float(), dim=1)
+    n = w.shape[0]
+    layer.set_factors(codes, scale.reshape(-1), torch.eye(n))
+
+
+def build_hybrid(model: nn.Module, plans: list[LayerPlan], kinds: dict[str, str]) -> nn.Module:
+    """Deep-copy ``model`` and swap each planned layer for an (unfitted) HybridPointwise."""
+    hybrid = copy.deepcopy(model)
+    for lp in plans:
+        h = HybridPointwise(lp.c_in, lp.c_out, torch.tensor(lp.critical_idx, dtype=torch.long),
+                            lp.r, kinds[lp.name])
+        set_submodule(hybrid, lp.name, h)
+    return hybrid
+
+
+def make_plan(model: nn.Module, info: ModelInfo, layers: list[PointwiseLayer],
+              curves: dict[str, torch.Tensor], energies: dict[str, torch.Tensor],
+              fragility: dict[str, float], cfg: CompressConfig,
+              plan_override: dict | None = None) -> Plan:
+    cost = model_cost(model, info.resolution)
+    pw_names = {ly.name for ly in layers}
+    fixed = sum(c.muls for c in cost.layers if c.name not in pw_names)
+    if cfg.method == "twn":
+        plans = uniform_plan(layers, curves, energies, cfg.budgets, 0.0, 1.0, "twn")
+    elif cfg.method == "strassen":
+        plans = uniform_plan(layers, curves, energies, cfg.budgets, 0.0, cfg.hidden_units_ratio)
+    elif cfg.critical_fraction is not None:
+        plans = uniform_plan(layers, curves, energies, cfg.budgets, cfg.critical_fraction,
+                             cfg.hidden_units_ratio)
+    else:
+        plans = budget_plan(layers, curves, energies, fragility, cfg.budgets,
+                            float(cfg.budget if cfg.budget is not None else 0.536), fixed,
+                            cost.muls, cost.adds, cfg.max_add_increase, cfg.ratios)
+    if plan_override:
+        plans = apply_plan_override(plans, plan_override, layers)
+    return Plan(cfg.method, plans, cfg.budget if cfg.critical_fraction is None else None,
+                fixed, cost.muls, cost.adds)
+
+
+def apply_plan_override(plans: list[LayerPlan], override: dict, layers: list[PointwiseLayer],
+                        source: str = "plan file") -> list[LayerPlan]:
+    """Per-layer overrides: {"layers": {name: {"critical": n | "critical_idx": [..], "r": r}}}."""
+    by = {lp.name: lp for lp in plans}
+    entries = override.get("layers", override)
+    if not isinstance(entries, dict):
+        raise InputError(f"{source}: expected an object mapping layer names to settings")
+    unknown = [n for n in entries if n not in by]
+    if unknown:
+        raise InputError(f"{source}: unknown layer(s) {', '.join(unknown[:3])}; "
+                         f"known: {', '.join(list(by)[:3])}, ...")
+    for name, spec in entries.items():
+        lp = by[name]
+        if "critical_idx" in spec:
+            idx = sorted({int(i) for i in spec["critical_idx"]})
+            if idx and (idx[0] < 0 or idx[-1] >= lp.c_out):
+                raise InputError(f"{source}: {name}: critical_idx out of range 0..{lp.c_out - 1}")
+            lp.critical_idx, lp.n_critical = idx, len(idx)
+        elif "critical" in spec:
+            n_c = int(spec["critical"])
+            if not 0 <= n_c <= lp.c_out:
+                raise InputError(f"{source}: {name}: critical must be in 0..{lp.c_out}")
+            lp.critical_idx = lp.critical_idx[:n_c] if n_c <= lp.n_critical else lp.critical_idx
+            lp.n_critical = len(lp.critical_idx)
+        if "r" in spec:
+            lp.r = int(spec["r"])
+        if lp.n_tolerant and lp.r < lp.n_tolerant:
+            raise InputError(f"{source}: {name}: r={lp.r} is below the {lp.n_tolerant} "
+                             "tolerant filters (at least one hidden unit per filter)")
+    return plans
+
+
+def sensitivity_inputs(model: nn.Module, layers: list[PointwiseLayer],
+                       data: CalibData | None, cfg: CompressConfig):
+    """Σ per layer (None without data), loss curves and output energies per filter."""
+    sig: dict[str, torch.Tensor | None] = {ly.name: None for ly in layers}
+    if data is not None:
+        st = collect_input_stats(model, [ly.name for ly in layers],
+                                 _batches(data, cfg.stats_images), seed=cfg.seed)
+        sig = {n: s.sigma for n, s in st.items()}
+    curves, energies = {}, {}
+    with progress.task("sensitivity", len(layers)) as t:
+        for ly in layers:
+            w = layer_weight(model, ly.name).float()
+            s = sig[ly.name]
+            curves[ly.name] = loss_curves(w, s, cfg.budgets)
+            energies[ly.name] = ((w.double() @ s) * w.double()).sum(1) if s is not None else \
+                w.double().pow(2).sum(1)
+            t.advance(1, info=ly.name)
+    return sig, curves, energies
+
+
+def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: CompressConfig,
+             checkpoint: str | None = None, resume: bool = False,
+             plan_override: dict | None = None, dry_run: bool = False,
+             ) -> tuple[nn.Module | None, dict[str, Any]]:
+    """Run the pipeline; returns (deploy-form hybrid model, metadata). ``dry_run`` stops
+    after planning and returns (None, metadata with the plan)."""
+    if cfg.method not in METHODS:
+        raise InputError(f"unknown --method {cfg.method!r}; choose from {', '.join(METHODS)}")
+    torch.manual_seed(cfg.seed)
+    model.eval()
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    stages: list[dict] = []
+    layers = find_pointwise(model, info.resolution, info.source or "model")
+    kinds = {ly.name: ly.kind for ly in layers}
+    held: list[torch.Tensor] = []
+    train = data
+    if data is not None and len(data) >= 20:
+        train, held_data = data.split(cfg.held_fraction, seed=cfg.seed)
+        held = _batches(held_data, 512)
+    sig, curves, energies = sensitivity_inputs(model, layers, train, cfg)
+    timings["sensitivity_s"] = time.perf_counter() - t0
+    frag = {ly.name: 1.0 for ly in layers}
+    if cfg.fragility and train is not None and cfg.method == "hybrid":
+        t = time.perf_counter()
+        frag = layer_fragility(model, layers, train.normalized(slice(0, 32)), seed=cfg.seed)
+        timings["fragility_s"] = time.perf_counter() - t
+    plan = make_plan(model, info, layers, curves, energies, frag, cfg, plan_override)
+    meta: dict[str, Any] = {
+        "config": cfg.to_dict(), "plan": plan.to_dict(),
+        "sensitivity": {n: c.tolist() for n, c in curves.items()},
+        "budgets": list(cfg.budgets), "fragility": frag,
+        "layers": [ly.to_dict() for ly in layers],
+        "calibration": None if data is None else {"source": data.source, "n_images": len(data),
+                                                   "held_images": sum(x.shape[0] for x in held)},
+    }
+    if dry_run:
+        return None, meta
+    hybrid = build_hybrid(model, plan.layers, kinds)
+    # stage 1: one-shot fit of every layer against the original inputs (or weights)
+    t = time.perf_counter()
+    for ly in layers:
+        h = hybrid.get_submodule(ly.name)
+        w, b = layer_weight(model, ly.name), layer_bias(model, ly.name)
+        s = sig[ly.name]
+        stats = PairStats.identity(w, b) if s is None else _orig_pair_stats(w, b, s)
+        if cfg.method == "twn":
+            _twn_init(h, w)
+            fit_layer(h, stats, bias_correction=cfg.bias_correction, reinit_codes=False)
+        else:
+            fit_layer(h, stats, bias_correction=cfg.bias_correction)
+    timings["fit_s"] = time.perf_counter() - t
+    _stage(stages, "fit", hybrid, model, held, timings["fit_s"])
+    if cfg.reconstruct and train is not None:
+        t = time.perf_counter()
+        with progress.task("reconstruct", len(layers)) as bar:
+            recon = reconstruct(model, hybrid, layers, _batches(train, cfg.recon_images),
+                                cfg.per_image, cfg.seed, cfg.sequential, cfg.bias_correction,
+                                on_layer=lambda n, r: bar.advance(1, info=n))
+        timings["reconstruct_s"] = time.perf_counter() - t
+        meta["reconstruction"] = recon
+        _stage(stages, "sequential" if cfg.sequential else "reconstruct", hybrid, model, held,
+               timings["reconstruct_s"])
+    ft = cfg.finetune
+    if ft.steps > 0 and train is not None:
+        t = time.perf_counter()
+        with progress.task("fine-tune", ft.steps) as bar:
+            log = finetune(hybrid, model, train.images, train.labels, train.normalized, ft,
+                           checkpoint, resume, label_offset=info.label_offset,
+                           on_step=lambda s, lo, ag: bar.advance(
+                               1, info=f"loss {lo:.4f} agree {ag:.2f}"))
+        timings["finetune_s"] = time.perf_counter() - t
+        meta["finetune_log"] = log.to_dict()
+        _stage(stages, f"finetune_{ft.steps}", hybrid, model, held, timings["finetune_s"])
+    for m in hybrid.modules():
+        if isinstance(m, HybridPointwise):
+            m.freeze()
+    hybrid.eval()
+    timings["total_s"] = time.perf_counter() - t0
+    meta["stages"] = stages
+    meta["timings"] = timings
+    meta["final_agreement"] = stages[-1]["agreement"] if stages else None
+    meta["cost"] = model_cost(hybrid, info.resolution).to_dict()
+    meta["original_cost"] = model_cost(model, info.resolution).to_dict()
+    return hybrid, meta
+
+
+def _orig_pair_stats(w: torch.Tensor, b: torch.Tensor, sigma: torch.Tensor) -> PairStats:
+    """PairStats of (x, W x + b) from the original input's uncentered second moment Σ
+    (the mean is not tracked here, so the centered stats use mean 0)."""
+    w = w.double()
+    return PairStats(sigma.double(), sigma.double() @ w.T, torch.zeros(w.shape[1], dtype=torch.float64),
+                     b.double(), 1)
+
+
+def _stage(stages: list, name: str, hybrid: nn.Module, model: nn.Module, held: list,
+           seconds: float) -> None:
+    ag = agreement(hybrid, model, held) if held else None
+    stages.append({"stage": name, "agreement": ag, "seconds": round(seconds, 3)})
+    if ag is not None:
+        progress.info(f"  after {name}: agreement with original {ag:.4f} ({seconds:.1f} s)")

@@ -1,0 +1,185 @@
+"""Cost model: MULs, ADDs, parameters, bytes and energy per inference, per layer.
+
+Conventions (stated in every report):
+- A dense conv/linear output needs (fan_in) MULs and (fan_in - 1) ADDs; bias additions
+  are not counted (as in Howard et al.'s mult-add figures).
+- A hybrid layer: critical rows as above; the SPN bank needs r MULs (``a``), plus one
+  MUL per tolerant channel if it has a channel scale, and ADDs counted from the real
+  non-zeros: Σ_rows max(nnz(W_b row) - 1, 0) + Σ_rows max(nnz(W_c row) - 1, 0).
+- Bytes: full-precision weights at ``fp_bits`` (32 or 16), ternary weights at 2 bits
+  packed four per byte, biases and ``a`` at ``fp_bits``.
+- Energy: arithmetic only, from the 45 nm constants below (Horowitz, ISSCC 2014), plus
+  a separate figure that adds one DRAM read per 32-bit word of weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .hybrid import HybridPointwise
+
+# Horowitz, "Computing's energy problem", ISSCC 2014 (45 nm), picojoules per operation.
+ENERGY_PJ = {
+    "fp32_mul": 3.7,
+    "fp32_add": 0.9,
+    "fp16_mul": 1.1,
+    "fp16_add": 0.4,
+    "int32_mul": 3.1,
+    "int32_add": 0.1,
+    "int8_mul": 0.2,
+    "int8_add": 0.03,
+    "dram_read_32bit": 640.0,
+}
+ENERGY_SOURCE = "Horowitz, ISSCC 2014, 45 nm"
+TERNARY_BITS = 2
+
+
+@dataclass
+class LayerCost:
+    name: str
+    kind: str  # conv | depthwise | pointwise | linear | hybrid
+    muls: int
+    adds: int
+    params: int
+    bytes: float
+    pixels: int = 1
+    extra: dict = field(default_factory=dict)
+
+    def energy_pj(self, fp_bits: int = 32) -> float:
+        p = "fp32" if fp_bits == 32 else "fp16"
+        return self.muls * ENERGY_PJ[f"{p}_mul"] + self.adds * ENERGY_PJ[f"{p}_add"]
+
+
+@dataclass
+class ModelCost:
+    layers: list[LayerCost]
+    fp_bits: int = 32
+
+    @property
+    def muls(self) -> int:
+        return sum(c.muls for c in self.layers)
+
+    @property
+    def adds(self) -> int:
+        return sum(c.adds for c in self.layers)
+
+    @property
+    def params(self) -> int:
+        return sum(c.params for c in self.layers)
+
+    @property
+    def bytes(self) -> float:
+        return sum(c.bytes for c in self.layers)
+
+    @property
+    def energy_pj(self) -> float:
+        return sum(c.energy_pj(self.fp_bits) for c in self.layers)
+
+    @property
+    def energy_with_reads_pj(self) -> float:
+        return self.energy_pj + self.bytes / 4 * ENERGY_PJ["dram_read_32bit"]
+
+    def by_name(self) -> dict[str, LayerCost]:
+        return {c.name: c for c in self.layers}
+
+    def totals(self) -> dict:
+        return {
+            "muls": self.muls, "adds": self.adds, "params": self.params,
+            "bytes": self.bytes, "energy_pj": self.energy_pj,
+            "energy_with_weight_reads_pj": self.energy_with_reads_pj,
+            "fp_bits": self.fp_bits, "energy_constants": dict(ENERGY_PJ),
+            "energy_source": ENERGY_SOURCE,
+        }
+
+    def to_dict(self) -> dict:
+        return {"totals": self.totals(), "layers": [asdict(c) for c in self.layers]}
+
+
+def dense_cost(c_in: int, c_out: int, pixels: int, fp_bits: int = 32, bias: bool = False):
+    """MULs/ADDs/params/bytes of a dense pointwise layer over ``pixels`` positions."""
+    params = c_in * c_out + (c_out if bias else 0)
+    return pixels * c_in * c_out, pixels * c_out * (c_in - 1), params, params * fp_bits / 8
+
+
+def ternary_bytes(n: int) -> float:
+    return math.ceil(n * TERNARY_BITS / 8)
+
+
+def hybrid_cost(name: str, m: HybridPointwise, pixels: int, fp_bits: int = 32) -> LayerCost:
+    """Cost of one hybrid layer counted from its real ternary non-zeros."""
+    tb, _, tc = m.ternary_factors()
+    n_c, n_t, c_in, r = m.n_critical, m.n_tolerant, m.c_in, m.r
+    nnz_b = (tb != 0).sum(1) if n_t else torch.zeros(0)
+    nnz_c = (tc != 0).sum(1) if n_t else torch.zeros(0)
+    add_b = int((nnz_b - 1).clamp_min(0).sum())
+    add_c = int((nnz_c - 1).clamp_min(0).sum())
+    cs = n_t if m.channel_scale is not None else 0
+    muls = pixels * (n_c * c_in + r + cs)
+    adds = pixels * (n_c * (c_in - 1) + add_b + add_c)
+    fp_params = n_c * c_in + m.c_out + r + cs  # critical rows, bias, a, scales
+    tern = r * c_in + n_t * r
+    byts = fp_params * fp_bits / 8 + (ternary_bytes(r * c_in) + ternary_bytes(n_t * r))
+    return LayerCost(name, "hybrid", muls, adds, fp_params + tern, byts, pixels, {
+        "critical": n_c, "tolerant": n_t, "r": r, "c_in": c_in, "c_out": m.c_out,
+        "nnz_wb": int(nnz_b.sum()) if n_t else 0, "nnz_wc": int(nnz_c.sum()) if n_t else 0,
+        "adds_wb": pixels * add_b, "adds_wc": pixels * add_c,
+    })
+
+
+@torch.no_grad()
+def model_cost(model: nn.Module, resolution: int, fp_bits: int = 32,
+               count_conv_bias: bool = True) -> ModelCost:
+    """Walk one forward pass and cost every Conv2d, Linear and HybridPointwise."""
+    rows: list[LayerCost] = []
+    hooks = []
+    hybrids = {id(m) for m in model.modules() if isinstance(m, HybridPointwise)}
+    inside_hybrid = set()
+    for m in model.modules():
+        if isinstance(m, HybridPointwise):
+            inside_hybrid.update(id(x) for x in m.modules() if x is not m)
+
+    def make_hook(name: str, mod: nn.Module):
+        def hook(_m, inp, out):
+            if isinstance(mod, HybridPointwise):
+                shp = out.shape
+                pix = int(shp[2] * shp[3]) if out.dim() == 4 else int(out[0].numel() // shp[1])
+                rows.append(hybrid_cost(name, mod, pix, fp_bits))
+            elif isinstance(mod, nn.Conv2d):
+                pix = int(out.shape[2] * out.shape[3])
+                fan_in = mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
+                c_out = mod.out_channels
+                kind = "depthwise" if mod.groups == mod.in_channels and mod.groups > 1 else (
+                    "pointwise" if mod.kernel_size == (1, 1) and mod.groups == 1 else "conv")
+                has_b = mod.bias is not None and count_conv_bias
+                params = fan_in * c_out + (c_out if has_b else 0)
+                rows.append(LayerCost(name, kind, pix * fan_in * c_out, pix * c_out * (fan_in - 1),
+                                      params, params * fp_bits / 8, pix))
+            elif isinstance(mod, nn.Linear):
+                pix = int(out[0].numel() // out.shape[-1]) if out.dim() > 1 else 1
+                params = mod.in_features * mod.out_features + (
+                    mod.out_features if mod.bias is not None else 0)
+                rows.append(LayerCost(name, "linear", pix * mod.in_features * mod.out_features,
+                                      pix * mod.out_features * (mod.in_features - 1),
+                                      params, params * fp_bits / 8, pix))
+        return hook
+
+    for name, mod in model.named_modules():
+        if id(mod) in inside_hybrid:
+            continue
+        if isinstance(mod, (nn.Conv2d, nn.Linear)) or id(mod) in hybrids:
+            hooks.append(mod.register_forward_hook(make_hook(name, mod)))
+    was = model.training
+    model.eval()
+    try:
+        p = next(model.parameters(), None)
+        dev = p.device if p is not None else torch.device("cpu")
+        model(torch.zeros(1, 3, resolution, resolution, device=dev))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    return ModelCost(rows, fp_bits)

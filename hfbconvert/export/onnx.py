@@ -1,0 +1,366 @@
+"""ONNX export of plain and hybrid models.
+
+Every ``HybridPointwise`` becomes: a standard Conv/Gemm for the FP32 critical bank, ONE
+``hfb::StrassenPointwise`` node for the ternary bank (weights stored packed, uint8), then
+Concat + Gather(perm) to restore the channel order and Add bias. The model carries
+model-local FunctionProtos built from standard ops only, so a runtime without a native
+kernel (onnxruntime CPU, ``onnx.reference``) still runs it; the unpack subgraph depends
+only on initializers, so constant folding turns it into a float weight once, at session
+creation. Semantics: ``docs/onnx_ops.md``; keep both in step.
+
+Graph capture uses the TorchScript exporter (``dynamo=False``) because it honours
+``autograd.Function.symbolic``; it stops at opset 20, so higher opsets are reached with
+``onnx.version_converter`` before the hfb functions are attached.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import AttributeProto, FunctionProto, ModelProto, NodeProto, TensorProto, helper
+from torch import nn
+
+from ..errors import CheckFailed, InputError
+from ..fileio import atomic_write_bytes, check_output_path
+from ..hybrid import HybridPointwise
+from ..layers import set_submodule
+from ..ternary import pack_2bit, pack_base3
+
+DOMAIN = "hfb"
+DOMAIN_VERSION = 1
+OP_NAME = "StrassenPointwise"
+# packing name -> (unpack function name, base, codes per byte)
+PACKINGS: dict[str, tuple[str, int, int]] = {
+    "2bit": ("UnpackTernary2bit", 4, 4),
+    "base3": ("UnpackTernaryBase3", 3, 5),
+}
+
+
+def _ref(name: str, ref: str, type_: int = AttributeProto.INT) -> AttributeProto:
+    """An attribute whose value is the calling node's attribute ``ref``."""
+    a = AttributeProto()
+    a.name, a.ref_attr_name, a.type = name, ref, type_
+    return a
+
+
+def _const_ref(out: str, attr: str) -> NodeProto:
+    """Scalar int64 Constant taking its value from a function attribute."""
+    node = helper.make_node("Constant", [], [out])
+    node.attribute.append(_ref("value_int", attr))
+    return node
+
+
+def _const(out: str, value: np.ndarray) -> NodeProto:
+    return helper.make_node("Constant", [], [out], value=onnx.numpy_helper.from_array(value))
+
+
+def _opsets(opset: int) -> list:
+    return [helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)]
+
+
+def unpack_function(packing: str, opset: int) -> FunctionProto:
+    """``W = Unpack(packed) <rows, cols>``: uint8 bytes -> float [rows, cols] in {-1, 0, 1}.
+
+    code_i = (byte // base**i) % base for i in 0..per_byte-1; value = code - 1. For base 4
+    this is exactly the 2-bit layout (bits [2i, 2i+1]); for base 3 the base-3 layout.
+    """
+    name, base, per_byte = PACKINGS[packing]
+    pows = np.array([base**i for i in range(per_byte)], dtype=np.int32)
+    nodes = [
+        helper.make_node("Cast", ["packed"], ["p32"], to=TensorProto.INT32),
+        _const("ax1", np.array([1], dtype=np.int64)),
+        helper.make_node("Unsqueeze", ["p32", "ax1"], ["col"]),
+        _const("pows", pows),
+        helper.make_node("Div", ["col", "pows"], ["shifted"]),
+        _const("base", np.array(base, dtype=np.int32)),
+        helper.make_node("Mod", ["shifted", "base"], ["codes"]),
+        _const("flat_shape", np.array([-1], dtype=np.int64)),
+        helper.make_node("Reshape", ["codes", "flat_shape"], ["flat"]),
+        _const_ref("rows", "rows"),
+        _const_ref("cols", "cols"),
+        _const("ax0", np.array([0], dtype=np.int64)),
+        helper.make_node("Unsqueeze", ["rows", "ax0"], ["rows1"]),
+        helper.make_node("Unsqueeze", ["cols", "ax0"], ["cols1"]),
+        helper.make_node("Mul", ["rows1", "cols1"], ["count"]),
+        _const("zero1", np.array([0], dtype=np.int64)),
+        helper.make_node("Slice", ["flat", "zero1", "count"], ["head"]),  # drop padding codes
+        helper.make_node("Cast", ["head"], ["head_f"], to=TensorProto.FLOAT),
+        _const("one", np.array(1.0, dtype=np.float32)),
+        helper.make_node("Sub", ["head_f", "one"], ["values"]),
+        helper.make_node("Concat", ["rows1", "cols1"], ["shape"], axis=0),
+        helper.make_node("Reshape", ["values", "shape"], ["W"]),
+    ]
+    return helper.make_function(
+        DOMAIN, name, ["packed"], ["W"], nodes, _opsets(opset), attributes=["rows", "cols"],
+        doc_string=f"Unpack {packing} ternary codes to a float [rows, cols] matrix (row-major).",
+    )
+
+
+def _unpack_call(packing: str, src: str, out: str, rows: str, cols: str) -> NodeProto:
+    node = helper.make_node(PACKINGS[packing][0], [src], [out], domain=DOMAIN)
+    node.attribute.extend([_ref("rows", rows), _ref("cols", cols)])
+    return node
+
+
+def strassen_function(packing: str, opset: int, scaled: bool) -> FunctionProto:
+    """``Y = StrassenPointwise(X, Wb, Wc, a[, s]) <c_in, r, c_out, packing>``.
+
+    X is [N, c_in, *spatial] (NCHW conv or N x C linear); viewed as [N, c_in, P] so one
+    body serves both: Y = W_c · (a ⊙ (W_b · X)) (⊙ s), reshaped to [N, c_out, *spatial].
+    """
+    inputs = ["X", "Wb", "Wc", "a"] + (["s"] if scaled else [])
+    nodes = [
+        _unpack_call(packing, "Wb", "Wb_f", "r", "c_in"),
+        _unpack_call(packing, "Wc", "Wc_f", "c_out", "r"),
+        _const("ax0", np.array([0], dtype=np.int64)),
+        _const("ax1", np.array([1], dtype=np.int64)),
+        _const_ref("cin", "c_in"),
+        helper.make_node("Unsqueeze", ["cin", "ax0"], ["cin1"]),
+        _const("rest", np.array([-1], dtype=np.int64)),
+        helper.make_node("Concat", ["ax0", "cin1", "rest"], ["shape3"], axis=0),
+        helper.make_node("Reshape", ["X", "shape3"], ["X3"]),
+        helper.make_node("MatMul", ["Wb_f", "X3"], ["H"]),
+        helper.make_node("Unsqueeze", ["a", "ax1"], ["a2"]),
+        helper.make_node("Mul", ["H", "a2"], ["Ha"]),
+        helper.make_node("MatMul", ["Wc_f", "Ha"], ["Y3" if not scaled else "Y3u"]),
+    ]
+    if scaled:
+        nodes += [
+            helper.make_node("Unsqueeze", ["s", "ax1"], ["s2"]),
+            helper.make_node("Mul", ["Y3u", "s2"], ["Y3"]),
+        ]
+    nodes += [
+        helper.make_node("Shape", ["X"], ["n1"], start=0, end=1),
+        helper.make_node("Shape", ["X"], ["spatial"], start=2),
+        _const_ref("cout", "c_out"),
+        helper.make_node("Unsqueeze", ["cout", "ax0"], ["cout1"]),
+        helper.make_node("Concat", ["n1", "cout1", "spatial"], ["out_shape"], axis=0),
+        helper.make_node("Reshape", ["Y3", "out_shape"], ["Y"]),
+    ]
+    return helper.make_function(
+        DOMAIN, OP_NAME, inputs, ["Y"], nodes, _opsets(opset),
+        attributes=["c_in", "r", "c_out", "packing"],
+        doc_string="Ternary StrassenNets pointwise layer; see docs/onnx_ops.md.",
+    )
+
+
+def hfb_functions(packing: str, opset: int, scaled: bool) -> list[FunctionProto]:
+    """The functions a model with ``hfb::StrassenPointwise`` nodes must carry."""
+    return [unpack_function(packing, opset), strassen_function(packing, opset, scaled)]
+
+
+# ---------------------------------------------------------------------------- export
+
+SUPPORTED_OPSETS = (17, 18, 19, 20, 21, 22)
+TORCHSCRIPT_MAX_OPSET = 20  # the TorchScript exporter's ceiling; above it: version_converter
+INPUT_NAME, OUTPUT_NAME, BATCH_DIM = "input", "logits", "batch"
+_PACKERS = {"2bit": pack_2bit, "base3": pack_base3}
+
+
+class _StrassenFn(torch.autograd.Function):
+    """Ternary bank as one traced op: ``forward`` gives the tracer real values, ``symbolic``
+    emits the single ``hfb::StrassenPointwise`` node."""
+
+    @staticmethod
+    def forward(ctx, x, wb, wc, a, s, c_in: int, r: int, c_out: int, packing: str, conv: bool):  # type: ignore[override]
+        tb = _unpack_float(wb, r, c_in, packing)
+        tc = _unpack_float(wc, c_out, r, packing)
+        y = tc @ ((tb @ x.reshape(x.shape[0], c_in, -1)) * a[:, None])
+        if s is not None:
+            y = y * s[:, None]
+        return y.reshape(x.shape[0], c_out, *x.shape[2:])
+
+    @staticmethod
+    def symbolic(g, x, wb, wc, a, s, c_in, r, c_out, packing, conv):  # type: ignore[no-untyped-def]
+        args = [x, wb, wc, a] + ([s] if s is not None and not _is_none(s) else [])
+        out = g.op(f"{DOMAIN}::{OP_NAME}", *args, c_in_i=c_in, r_i=r, c_out_i=c_out,
+                   packing_s=packing)
+        # a declared type keeps the exporter from warning once per node about missing
+        # shape inference for the custom op (rank is known: NCHW conv or N x C linear)
+        sizes = [None, c_out] + ([None, None] if conv else [])
+        out.setType(x.type().with_dtype(torch.float32).with_sizes(sizes))
+        return out
+
+
+def _unpack_float(packed: torch.Tensor, rows: int, cols: int, packing: str) -> torch.Tensor:
+    """The unpack function body in torch. Builds its own constants: a module-level tensor
+    (as in ``ternary.unpack_base3``) breaks the TorchScript tracer inside ``forward``."""
+    _, base, per_byte = PACKINGS[packing]
+    pows = torch.tensor([base**i for i in range(per_byte)], dtype=torch.int32)
+    codes = (packed.to(torch.int32)[:, None] // pows) % base
+    return (codes.reshape(-1)[: rows * cols].float() - 1.0).reshape(rows, cols)
+
+
+def _is_none(v: Any) -> bool:
+    """A TorchScript value standing for Python ``None``."""
+    node = getattr(v, "node", None)
+    return node is not None and node().mustBeNone()
+
+
+class _ExportHybrid(nn.Module):
+    """Export-only stand-in for a frozen ``HybridPointwise``: buffers hold exactly the
+    tensors the ONNX file stores (packed codes, not int8), so they become the initializers."""
+
+    def __init__(self, h: HybridPointwise, packing: str, scaled: bool) -> None:
+        super().__init__()
+        pack = _PACKERS[packing]
+        self.conv = h.kind == "conv"
+        self.c_in, self.r, self.packing = h.c_in, h.r, packing
+        self.n_c, self.n_t = h.n_critical, h.n_tolerant
+        w = h.w_crit.detach().float().clone()
+        self.register_buffer("w_crit", w[:, :, None, None] if self.conv else w)
+        bias = h.bias.detach().float().clone()
+        if self.n_t == 0:
+            self.register_buffer("bias", bias)  # all critical: a plain conv/linear with bias
+        else:
+            self.register_buffer("bias", bias[None, :, None, None] if self.conv else bias)
+        self.register_buffer("wb_packed", pack(h.wb_codes.detach().cpu()))
+        self.register_buffer("wc_packed", pack(h.wc_codes.detach().cpu()))
+        self.register_buffer("a", h.a.detach().float().clone())
+        cs = h.channel_scale
+        if scaled and self.n_t:
+            cs = torch.ones(self.n_t) if cs is None else cs.detach().float().clone()
+            self.register_buffer("channel_scale", cs)
+        else:
+            self.channel_scale = None
+        self.register_buffer("perm", h.perm.detach().clone())
+
+    def _critical(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.conv:
+            return F.conv2d(x, self.w_crit, bias)
+        return F.linear(x, self.w_crit, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.n_t == 0:
+            return self._critical(x, self.bias)
+        yt = _StrassenFn.apply(x, self.wb_packed, self.wc_packed, self.a, self.channel_scale,
+                               self.c_in, self.r, self.n_t, self.packing, self.conv)
+        if self.n_c == 0:
+            return yt + self.bias
+        y = torch.cat([self._critical(x, None), yt], dim=1)
+        return y.index_select(1, self.perm) + self.bias
+
+
+def _export_ready(model: nn.Module, packing: str) -> tuple[nn.Module, int, bool]:
+    """Deep copy in deploy form with every hybrid layer swapped for its export stand-in."""
+    m = copy.deepcopy(model).cpu().float().eval()
+    hybrids = {n: h for n, h in m.named_modules() if isinstance(h, HybridPointwise)}
+    scaled = any(h.channel_scale is not None and h.n_tolerant for h in hybrids.values())
+    for name, h in hybrids.items():
+        h.freeze()
+        stand_in = _ExportHybrid(h, packing, scaled)
+        if name == "":
+            return stand_in, 1, scaled
+        set_submodule(m, name, stand_in)
+    n_tol = sum(1 for h in hybrids.values() if h.n_tolerant)
+    return m, n_tol, scaled
+
+
+def _torch_export(model: nn.Module, resolution: int, opset: int, dynamic_batch: bool,
+                  custom: bool) -> ModelProto:
+    buf = io.BytesIO()
+    dummy = torch.zeros(2, 3, resolution, resolution)
+    axes = {INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}} if dynamic_batch else None
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (dummy,), buf, dynamo=False, opset_version=opset,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=axes,
+            do_constant_folding=True, custom_opsets={DOMAIN: DOMAIN_VERSION} if custom else None,
+        )
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _convert_opset(mp: ModelProto, opset: int) -> ModelProto:
+    """Lift the default-domain opset past the TorchScript exporter's ceiling."""
+    from onnx import version_converter
+
+    out = version_converter.convert_version(mp, opset)
+    ir_needed = helper.find_min_ir_version_for([helper.make_opsetid("", opset)])
+    out.ir_version = max(out.ir_version, ir_needed)
+    return out
+
+
+def _attach_functions(mp: ModelProto, packing: str, opset: int, scaled: bool) -> None:
+    if not any(o.domain == DOMAIN for o in mp.opset_import):
+        mp.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+    mp.functions.extend(hfb_functions(packing, opset, scaled))
+
+
+def _validate_args(opset: int, pack: str, resolution: int) -> None:
+    if opset not in SUPPORTED_OPSETS:
+        lo, hi = SUPPORTED_OPSETS[0], SUPPORTED_OPSETS[-1]
+        raise InputError(f"--opset {opset} is not supported; choose {lo}..{hi}")
+    if pack not in PACKINGS:
+        raise InputError(f"--pack {pack!r} is not supported; choose from {', '.join(PACKINGS)}")
+    if int(resolution) < 1:
+        raise InputError(f"resolution must be a positive integer, got {resolution}")
+
+
+def build_onnx(model: nn.Module, resolution: int, opset: int = 17, pack: str = "2bit",
+               dynamic_batch: bool = True) -> ModelProto:
+    """The checked in-memory ONNX model (no file I/O); see :func:`export_onnx`."""
+    _validate_args(opset, pack, resolution)
+    ready, n_tol, scaled = _export_ready(model, pack)
+    try:
+        mp = _torch_export(ready, int(resolution), min(opset, TORCHSCRIPT_MAX_OPSET),
+                           dynamic_batch, custom=n_tol > 0)
+        if opset > TORCHSCRIPT_MAX_OPSET:
+            mp = _convert_opset(mp, opset)
+    except Exception as exc:  # torch raises many types for unexportable models
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"model cannot be exported to ONNX opset {opset}: {msg[:200]}") from None
+    if n_tol:
+        _attach_functions(mp, pack, opset, scaled)
+    try:
+        onnx.checker.check_model(mp, full_check=True)
+    except Exception as exc:
+        raise CheckFailed(f"exported ONNX model fails the ONNX checker: {exc}") from None
+    return mp
+
+
+def onnx_stats(mp: ModelProto, data: bytes) -> dict[str, Any]:
+    """Sizes and node counts of an exported model, for reports."""
+    ops = Counter(
+        (f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type)
+        for n in mp.graph.node
+    )
+    packed = sum(
+        len(t.raw_data) for t in mp.graph.initializer if t.data_type == TensorProto.UINT8
+    )
+    total_init = sum(onnx.numpy_helper.to_array(t).nbytes for t in mp.graph.initializer)
+    return {
+        "bytes": len(data),
+        "opset": next(o.version for o in mp.opset_import if o.domain in ("", "ai.onnx")),
+        "nodes": int(sum(ops.values())),
+        "node_counts": dict(sorted(ops.items())),
+        "custom_ops": int(sum(c for k, c in ops.items() if k.startswith(f"{DOMAIN}::"))),
+        "functions": [f"{f.domain}::{f.name}" for f in mp.functions],
+        "initializer_bytes": int(total_init),
+        "packed_bytes": int(packed),
+    }
+
+
+def export_onnx(model: nn.Module, path: str | Path, resolution: int, opset: int = 17,
+                pack: str = "2bit", dynamic_batch: bool = True,
+                force: bool = False) -> dict[str, Any]:
+    """Export ``model`` (plain or hybrid; hybrid layers are exported in deploy form) to
+    ``path`` atomically. Refuses to overwrite unless ``force``; returns :func:`onnx_stats`
+    plus ``packing`` and ``path``."""
+    dest = check_output_path(path, force)
+    _validate_args(opset, pack, resolution)
+    mp = build_onnx(model, resolution, opset, pack, dynamic_batch)
+    data = mp.SerializeToString()
+    atomic_write_bytes(dest, data)
+    stats = onnx_stats(mp, data)
+    stats.update(packing=pack if stats["custom_ops"] else None, path=str(dest))
+    return stats

@@ -1,0 +1,102 @@
+"""File I/O at the edges: atomic writes, refusal to overwrite, safe checkpoint reads.
+
+Every output goes through :func:`atomic_write` so that an interrupted run never leaves
+a half-written file where the user expects a good one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import InputError
+
+
+def check_output_path(path: str | os.PathLike, force: bool) -> Path:
+    """Validate an output path before any work is done (fail fast, lose nothing)."""
+    p = Path(path)
+    if p.exists() and not force:
+        raise InputError(f"{p}: already exists (pass --force to overwrite)")
+    if p.exists() and p.is_dir():
+        raise InputError(f"{p}: is a directory, expected a file path")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.exists():
+        raise InputError(f"{p}: output folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"{p}: output folder {parent} is not writable")
+    return p
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path in the destination folder; rename it over ``path`` on success."""
+    dest = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent or ".")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def atomic_write(path: str | os.PathLike, writer: Callable[[Path], Any]) -> Path:
+    """Run ``writer(tmp_path)`` and atomically move the result to ``path``."""
+    with atomic_path(path) as tmp:
+        writer(tmp)
+    return Path(path)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    return atomic_write(path, lambda p: p.write_bytes(data))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def save_torch(path: str | os.PathLike, obj: Any) -> Path:
+    """``torch.save`` to bytes first so the file on disk is always complete and identical
+    for identical content (no pickling of code: tensors and plain containers only)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def load_torch(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
+    """Load a checkpoint with ``weights_only=True`` unless the user explicitly trusts it.
+
+    Every failure becomes an :class:`InputError` naming the file and the problem.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file")
+    if p.is_dir():
+        raise InputError(f"{p}: is a directory, expected a checkpoint file")
+    if not os.access(p, os.R_OK):
+        raise InputError(f"{p}: not readable (permission denied)")
+    if p.stat().st_size == 0:
+        raise InputError(f"{p}: empty file, not a checkpoint")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=not trust_pickle)
+    except Exception as exc:  # torch raises many types for bad files
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        low = msg.lower()
+        if "weights_only" in low or "unsupported global" in low:
+            raise InputError(
+                f"{p}: contains pickled Python objects (e.g. a whole nn.Module); "
+                "pass --trust-pickle to load it (this runs code from the file)"
+            ) from None
+        if "zip" in low or "central directory" in low or "eof" in low or "truncat" in low:
+            raise InputError(f"{p}: truncated or corrupt checkpoint ({msg[:120]})") from None
+        raise InputError(f"{p}: not a readable PyTorch checkpoint ({msg[:120]})") from None

