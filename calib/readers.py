@@ -78,8 +78,9 @@ class CalibData:
             sl = slice(start, start + batch_size)
             yield self.normalized(sl), (None if self.labels is None else self.labels[sl])
 
-    def subset(self, idx: Sequence[int] | torch.Tensor) -> CalibData:
-        idx_t = torch.as_tensor(idx, dtype=torch.long)
+    def subset(self, idx: Sequence[int] | range | np.ndarray | torch.Tensor) -> CalibData:
+        """The images at ``idx`` (any integer sequence), labels and files alike."""
+        idx_t = torch.as_tensor(np.asarray(idx, dtype=np.int64).reshape(-1))
         return replace(
             self,
             images=self.images[idx_t],
@@ -354,7 +355,7 @@ def _decode_all(
                 ok[i] = True
             if progress is not None:
                 progress(i + 1, len(files))
-    return out[ok], ok, errors
+    return (out if ok.all() else out[ok]), ok, errors  # no 2x copy in the common case
 
 
 def _load_npz(

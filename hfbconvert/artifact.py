@@ -83,7 +83,8 @@ def build_compressed(obj: dict[str, Any], source: str = "artifact") -> tuple[nn.
         model.load_state_dict(obj["state_dict"], strict=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
-        raise InputError(f"{source}: compressed artifact does not match its layers ({first})") from None
+        raise InputError(
+            f"{source}: compressed artifact does not match its layers ({first})") from None
     model.eval()
     return model, info
 

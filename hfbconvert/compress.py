@@ -62,6 +62,13 @@ class CompressConfig:
         return d
 
 
+def normalizer(data: CalibData):
+    """uint8 NCHW -> normalized float input, with the data's mean/std."""
+    mean = torch.tensor(data.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(data.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    return lambda u8: (u8.float() - mean) / std
+
+
 def _batches(data: CalibData, n: int, bs: int = 64) -> list[torch.Tensor]:
     sub = data.subset(range(min(n, len(data))))
     return [x for x, _ in sub.batches(bs)]
@@ -261,11 +268,12 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
         meta["reconstruction"] = recon
         _stage(stages, "sequential" if cfg.sequential else "reconstruct", hybrid, model, held,
                timings["reconstruct_s"])
+    bank_before = bank_losses(hybrid, model, layers, sig)
     ft = cfg.finetune
     if ft.steps > 0 and train is not None:
         t = time.perf_counter()
         with progress.task("fine-tune", ft.steps) as bar:
-            log = finetune(hybrid, model, train.images, train.labels, train.normalized, ft,
+            log = finetune(hybrid, model, train.images, train.labels, normalizer(train), ft,
                            checkpoint, resume, label_offset=info.label_offset,
                            on_step=lambda s, lo, ag: bar.advance(
                                1, info=f"loss {lo:.4f} agree {ag:.2f}"))
@@ -276,6 +284,12 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
         if isinstance(m, HybridPointwise):
             m.freeze()
     hybrid.eval()
+    bank_after = bank_losses(hybrid, model, layers, sig)
+    out_err = output_errors(model, hybrid, [ly.name for ly in layers], held)
+    meta["layer_errors"] = {
+        ly.name: {"bank_loss_before_ft": bank_before.get(ly.name),
+                  "bank_loss_after_ft": bank_after.get(ly.name),
+                  "output_rel_err": out_err.get(ly.name)} for ly in layers}
     timings["total_s"] = time.perf_counter() - t0
     meta["stages"] = stages
     meta["timings"] = timings
@@ -285,11 +299,67 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
     return hybrid, meta
 
 
+@torch.no_grad()
+def bank_losses(hybrid: nn.Module, model: nn.Module, layers: list[PointwiseLayer],
+                sig: dict[str, torch.Tensor | None]) -> dict[str, float]:
+    """Relative loss of each tolerant bank against the original rows, in the Σ metric of
+    the original layer input (the L of METHOD.md §3 for the whole bank)."""
+    out = {}
+    for ly in layers:
+        h = hybrid.get_submodule(ly.name)
+        if not isinstance(h, HybridPointwise) or h.n_tolerant == 0:
+            continue
+        w = layer_weight(model, ly.name).double()[h.tolerant_idx]
+        wh = h.effective_weight().detach().double()[h.tolerant_idx]
+        s = sig.get(ly.name)
+        d = wh - w
+        if s is None:
+            out[ly.name] = float(d.pow(2).sum() / w.pow(2).sum().clamp_min(1e-30))
+        else:
+            s = s.double()
+            out[ly.name] = float(((d @ s) * d).sum() / ((w @ s) * w).sum().clamp_min(1e-30))
+    return out
+
+
+@torch.no_grad()
+def output_errors(model: nn.Module, hybrid: nn.Module, names: list[str],
+                  images: list[torch.Tensor]) -> dict[str, float]:
+    """‖y_hybrid − y_original‖² / ‖y_original‖² at each layer's output, end to end (the
+    hybrid layer sees the hybrid network's inputs: compounding included)."""
+    if not images:
+        return {}
+    acc: dict[str, list[float]] = {n: [0.0, 0.0] for n in names}
+
+    def grab(store: dict, n: str):
+        def hook(_m, _i, out):
+            store[n] = out.detach()
+        return hook
+
+    for x in images:
+        outs = []
+        for net in (model, hybrid):
+            store: dict[str, torch.Tensor] = {}
+            hs = [net.get_submodule(n).register_forward_hook(grab(store, n)) for n in names]
+            try:
+                net.eval()
+                net(x)
+            finally:
+                for h in hs:
+                    h.remove()
+            outs.append(store)
+        for n in names:
+            ref, got = outs[0][n], outs[1][n]
+            acc[n][0] += float((got - ref).pow(2).sum())
+            acc[n][1] += float(ref.pow(2).sum())
+    return {n: a / max(b, 1e-30) for n, (a, b) in acc.items()}
+
+
 def _orig_pair_stats(w: torch.Tensor, b: torch.Tensor, sigma: torch.Tensor) -> PairStats:
     """PairStats of (x, W x + b) from the original input's uncentered second moment Σ
     (the mean is not tracked here, so the centered stats use mean 0)."""
     w = w.double()
-    return PairStats(sigma.double(), sigma.double() @ w.T, torch.zeros(w.shape[1], dtype=torch.float64),
+    zero = torch.zeros(w.shape[1], dtype=torch.float64)
+    return PairStats(sigma.double(), sigma.double() @ w.T, zero,
                      b.double(), 1)
 
 

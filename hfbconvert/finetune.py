@@ -159,10 +159,10 @@ def finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
         opt.step()
         agree = float((s_logits.argmax(1) == t_logits.argmax(1)).float().mean())
         log.steps.append(step)
-        log.loss.append(float(loss))
+        log.loss.append(float(loss.detach()))
         log.agreement.append(agree)
         if on_step is not None:
-            on_step(step, float(loss), agree)
+            on_step(step, float(loss.detach()), agree)
         done = step + 1
         if ckpt_path is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
             last_good = {"step": done, "student": student.state_dict(),

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .hybrid import HybridPointwise
+from .linalg import solve
 from .sensitivity import fit_terms
 
 
@@ -50,7 +51,7 @@ class PairStats:
 def _ridge_solve(cov: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
     c = cov.shape[0]
     lam = ridge * float(torch.diagonal(cov).mean().clamp_min(1e-12))
-    return torch.linalg.solve(cov + lam * torch.eye(c, dtype=cov.dtype), rhs)
+    return solve(cov + lam * torch.eye(c, dtype=cov.dtype), rhs)
 
 
 def optimal_dense(stats: PairStats, ridge: float = 1e-4) -> torch.Tensor:
@@ -70,19 +71,21 @@ def init_bank(w_tol: torch.Tensor, sigma: torch.Tensor | None, r: int) -> tuple[
         raise ValueError(f"bank needs at least one hidden unit per tolerant filter (r={r} < {n})")
     k = r // n
     extra = r - k * n
-    fit = fit_terms(w_tol, sigma, k + (1 if extra else 0))
+    fit = fit_terms(w_tol, sigma, k + (1 if extra else 0), refine_upto=3)
     counts = torch.full((n,), k, dtype=torch.long)
     if extra:
         gain = fit.losses[:, k - 1] - fit.losses[:, k]  # loss removed by one more term
         counts[torch.argsort(gain, descending=True, stable=True)[:extra]] += 1
     # hidden unit list: for each filter its first counts[j] terms, in filter order
     owner = torch.repeat_interleave(torch.arange(n), counts)
-    slot = torch.cat([torch.arange(int(m)) for m in counts]) if n else torch.zeros(0, dtype=torch.long)
+    # position of each hidden unit within its filter's terms: 0..counts[j]-1
+    starts = torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+    slot = torch.arange(int(counts.sum())) - starts
     tb = fit.terms[owner, slot]
     # re-solve α of filters that did not take the extra term (their LS used k+1 terms)
     alphas = fit.alphas.clone()
     if extra:
-        refit = fit_terms(w_tol[counts == k], sigma, k) if k > 0 else None
+        refit = fit_terms(w_tol[counts == k], sigma, k, refine_upto=3) if k > 0 else None
         if refit is not None:
             alphas[counts == k, :k] = refit.alphas
     a = alphas[owner, slot].float()
@@ -106,7 +109,7 @@ def fit_a_ls(layer: HybridPointwise, target_w: torch.Tensor, cov: torch.Tensor,
     gram = (tc.T @ tc) * (bs @ tb.T)
     h = ((tc.T @ target_w.double()) * bs).sum(1)
     lam = ridge * float(torch.diagonal(gram).mean().clamp_min(1e-12))
-    a = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), h)
+    a = solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), h)
     layer.a.data.copy_(a.float())
 
 

@@ -8,8 +8,8 @@ Training form: latent full-precision ``wb_latent``/``wc_latent`` rounded to {-1,
 ±0.5 in the forward pass with a straight-through estimator. The threshold is fixed (not
 TWN's 0.7·mean|W|, which re-derives itself from the latents and lets a sparse W_c fill up
 with non-zeros, i.e. ADDs, during training); magnitudes live in ``a``, the only
-multiplication. Deploy form (after :meth:`freeze`): int8 codes and ``a``. Both forms run the *same* ops in the same order, so
-freezing changes nothing in the output.
+multiplication. Deploy form (after :meth:`freeze`): int8 codes and ``a``. Both forms run
+the *same* ops in the same order, so freezing changes nothing in the output.
 """
 
 from __future__ import annotations

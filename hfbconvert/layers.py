@@ -79,7 +79,8 @@ def trace_shapes(model: nn.Module, resolution: int, names: list[str]) -> dict[st
     return shapes
 
 
-def find_pointwise(model: nn.Module, resolution: int, source: str = "model") -> list[PointwiseLayer]:
+def find_pointwise(model: nn.Module, resolution: int,
+                   source: str = "model") -> list[PointwiseLayer]:
     """All pointwise layers in forward-execution order with their spatial sizes."""
     cands = [n for n, m in model.named_modules() if is_pointwise(m)]
     if not cands:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .linalg import make_psd, solve
+
 DEFAULT_BUDGETS = (1, 2, 4, 8, 16)
 
 
@@ -67,18 +69,37 @@ def _best_direction(e: torch.Tensor, g: torch.Tensor, sigma: torch.Tensor,
     return best, best_ts
 
 
+def _solve_alphas(t: torch.Tensor, ts: torch.Tensor, sw: torch.Tensor, wsw: torch.Tensor,
+                  ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Joint least-squares α for fixed directions; returns (α, relative loss)."""
+    k = t.shape[1]
+    gram = (ts @ t.transpose(1, 2)).double()
+    gram = 0.5 * (gram + gram.transpose(1, 2))
+    rhs = (t * sw[:, None, :]).sum(2).double()
+    eye = torch.eye(k, dtype=torch.float64, device=t.device)
+    scale = torch.diagonal(gram, dim1=1, dim2=2).mean(1).clamp_min(1e-30)
+    alpha = solve(gram + ridge * scale[:, None, None] * eye, rhs[..., None])[..., 0]
+    # loss = eᵀΣe = wᵀΣw - 2αᵀ(TΣw) + αᵀGα, exact from the small quantities
+    quad = (alpha[:, None, :] @ gram @ alpha[:, :, None])[:, 0, 0]
+    return alpha, ((wsw - 2 * (alpha * rhs).sum(1) + quad) / wsw).clamp_min(0)
+
+
 def fit_terms(w: torch.Tensor, sigma: torch.Tensor | None, k_max: int,
-              ridge: float = 1e-7) -> TermFit:
+              ridge: float = 1e-7, refine_upto: int = 0, sweeps: int = 1) -> TermFit:
     """Greedy k_max-term ternary approximation of every row of ``w`` (n, c).
 
-    Heavy products run in float32 (c² per filter per step, with tΣ cached per term);
-    the k×k least-squares solves run in float64."""
+    After adding term k (for k ≤ ``refine_upto``), ``sweeps`` alternating passes re-pick
+    each direction against the residual of the others and keep the change only where the
+    loss drops, which fixes most greedy mistakes at the small budgets the planner uses.
+    Heavy products run in float32 (tΣ cached per term); the k×k solves in float64."""
     w = w.float()
     n, c = w.shape
     dev = w.device
-    sig = torch.eye(c, device=dev) if sigma is None else sigma.to(dev, torch.float32)
-    sig = 0.5 * (sig + sig.T)
-    sig = sig / torch.diagonal(sig).mean().clamp_min(1e-30)  # scale-free, better conditioned
+    if sigma is None:
+        sig = torch.eye(c, device=dev)
+    else:  # PSD, scale-free (better conditioned), then float32 for the heavy products
+        sig = make_psd(sigma.to(dev))
+        sig = (sig / torch.diagonal(sig).mean()).float()
     d = torch.diagonal(sig).clamp_min(1e-6)
     sw = w @ sig
     wsw = (sw * w).sum(1).double().clamp_min(1e-30)
@@ -89,20 +110,29 @@ def fit_terms(w: torch.Tensor, sigma: torch.Tensor | None, k_max: int,
     e, g = w.clone(), sw.clone()
     for k in range(k_max):
         terms[:, k], tsig[:, k] = _best_direction(e, g, sig, d)
-        t, ts = terms[:, : k + 1], tsig[:, : k + 1]
-        gram = (ts @ t.transpose(1, 2)).double()
-        gram = 0.5 * (gram + gram.transpose(1, 2))
-        rhs = (t * sw[:, None, :]).sum(2).double()
-        eye = torch.eye(k + 1, dtype=torch.float64, device=dev)
-        scale = torch.diagonal(gram, dim1=1, dim2=2).mean(1).clamp_min(1e-30)
-        alpha = torch.linalg.solve(gram + ridge * scale[:, None, None] * eye, rhs[..., None])[..., 0]
+        alpha, loss = _solve_alphas(terms[:, : k + 1], tsig[:, : k + 1], sw, wsw, ridge)
+        if k < refine_upto and k > 0:
+            for _ in range(sweeps):
+                for j in range(k + 1):
+                    af = alpha.float()[:, :, None]
+                    others = torch.ones(k + 1, dtype=torch.bool, device=dev)
+                    others[j] = False
+                    ej = w - (af[:, others] * terms[:, : k + 1][:, others]).sum(1)
+                    gj = sw - (af[:, others] * tsig[:, : k + 1][:, others]).sum(1)
+                    tj, tsj = _best_direction(ej, gj, sig, d)
+                    t_new, ts_new = terms[:, : k + 1].clone(), tsig[:, : k + 1].clone()
+                    t_new[:, j], ts_new[:, j] = tj, tsj
+                    a_new, l_new = _solve_alphas(t_new, ts_new, sw, wsw, ridge)
+                    better = l_new < loss - 1e-12
+                    if bool(better.any()):
+                        terms[better, j], tsig[better, j] = tj[better], tsj[better]
+                        alpha = torch.where(better[:, None], a_new, alpha)
+                        loss = torch.where(better, l_new, loss)
         alphas[:, : k + 1] = alpha
+        losses[:, k] = loss
         af = alpha.float()[:, :, None]
-        e = w - (af * t).sum(1)
-        g = sw - (af * ts).sum(1)
-        # loss = eᵀΣe = wᵀΣw - 2αᵀ(TΣw) + αᵀGα, exact from the small quantities
-        quad = (alpha[:, None, :] @ gram @ alpha[:, :, None])[:, 0, 0]
-        losses[:, k] = (wsw - 2 * (alpha * rhs).sum(1) + quad) / wsw
+        e = w - (af * terms[:, : k + 1]).sum(1)
+        g = sw - (af * tsig[:, : k + 1]).sum(1)
     losses = torch.cummin(losses.clamp(0, 1), dim=1).values
     return TermFit(terms, alphas, losses)
 

@@ -62,8 +62,22 @@ def load_model(
     if spec.startswith("builtin:"):
         return _load_builtin(spec, arch)
     path = Path(spec)
-    obj = load_torch(path, trust_pickle=trust_pickle)
+    obj = _load_file(path, trust_pickle)
     return _from_object(obj, path, arch)
+
+
+def _load_file(path: Path, trust_pickle: bool) -> Any:
+    """``load_torch``, with torch's "Weights only load failed" (whose first line names
+    neither ``weights_only`` nor the global) also turned into the --trust-pickle hint."""
+    try:
+        return load_torch(path, trust_pickle=trust_pickle)
+    except InputError as exc:
+        if not trust_pickle and "weights only load failed" in str(exc).lower():
+            raise InputError(
+                f"{path}: contains pickled Python objects (e.g. a whole nn.Module); "
+                "pass --trust-pickle to load it (this runs code from the file)"
+            ) from None
+        raise
 
 
 # ---------------------------------------------------------------------------- sources
@@ -148,8 +162,8 @@ def _from_module(module: nn.Module, path: Path, arch: str | None) -> tuple[nn.Mo
         name = arch or _detect_arch(state)
         config = None
         if name is not None:
-            config = _infer_config(name, state)
-            if config is not None and _mismatches(name, config, state):
+            config, problems = _fit_config(name, state)
+            if problems:
                 config = None
         if config is None:
             info = _default_info("custom", {}, path)
@@ -209,11 +223,10 @@ def _from_state_dict(
     if name is None:
         # Report against the closest architecture so the message names real differences.
         name = max(ARCHS, key=lambda a: len(set(state) & set(_skeleton(a, {}).state_dict())))
-        problems = _mismatches(name, _infer_config(name, state) or {}, state)
+        problems = _fit_config(name, state)[1]
         raise InputError(f"{path}: keys fit no known architecture (vs {name}: {problems})")
-    config = _infer_config(name, state)
-    if config is None:
-        problems = _mismatches(name, {}, state)
+    config, problems = _fit_config(name, state)
+    if problems:
         raise InputError(f"{path}: keys do not fit {name} ({problems})")
     info = _default_info(name, config, path)
     return _build_and_load(info, state, path), info
@@ -242,26 +255,31 @@ def _classifier_key(arch: str) -> str:
     return "classifier.weight" if arch == "mobilenet_v1" else "classifier.1.weight"
 
 
-def _infer_config(arch: str, state: Mapping[str, torch.Tensor]) -> dict[str, Any] | None:
-    """Constructor kwargs that reproduce every tensor shape in ``state``, or None."""
+def _fit_config(arch: str, state: Mapping[str, torch.Tensor]) -> tuple[dict[str, Any], str]:
+    """The constructor kwargs that best reproduce the tensor shapes in ``state``, and the
+    remaining mismatches ('' when every key and shape fits)."""
+    base: dict[str, Any] = {}
     cls_w = state.get(_classifier_key(arch))
-    if not isinstance(cls_w, torch.Tensor) or cls_w.ndim != 2:
-        return None
-    base: dict[str, Any] = {"num_classes": int(cls_w.shape[0])}
+    if isinstance(cls_w, torch.Tensor) and cls_w.ndim == 2:
+        base["num_classes"] = int(cls_w.shape[0])
     if arch == "mobilenet_v1":
         folded = "conv_stem.bias" in state or "bn_stem.weight" not in state
         base.update(padding="pytorch", stem_stride=2, batchnorm="folded" if folded else "unfolded")
-        last = state.get("blocks.12.conv_pw.weight")
-        first = float(last.shape[0]) / 1024 if isinstance(last, torch.Tensor) else None
+        probe, base_ch = state.get("blocks.12.conv_pw.weight"), 1024
     else:
-        first_conv = state.get("features.0.0.weight")
-        first = float(first_conv.shape[0]) / 32 if isinstance(first_conv, torch.Tensor) else None
+        probe, base_ch = state.get("features.0.0.weight"), 32
+    first = float(probe.shape[0]) / base_ch if isinstance(probe, torch.Tensor) else None
     widths = ([first] if first else []) + [w for w in _COMMON_WIDTHS if w != first]
+    best: tuple[int, dict[str, Any], str] | None = None
     for w in widths:
         config = {"width_mult": w, **base}
-        if not _mismatches(arch, config, state):
-            return config
-    return None
+        count, problems = _mismatches(arch, config, state)
+        if count == 0:
+            return config, ""
+        if best is None or count < best[0]:
+            best = (count, config, problems)
+    assert best is not None
+    return best[1], best[2]
 
 
 def _skeleton(arch: str, config: Mapping[str, Any]) -> nn.Module:
@@ -270,12 +288,14 @@ def _skeleton(arch: str, config: Mapping[str, Any]) -> nn.Module:
         return ARCHS[arch](**config)
 
 
-def _mismatches(arch: str, config: Mapping[str, Any], state: Mapping[str, Any]) -> str:
-    """One-line summary of missing / unexpected / wrongly shaped keys ('' when it fits)."""
+def _mismatches(
+    arch: str, config: Mapping[str, Any], state: Mapping[str, Any]
+) -> tuple[int, str]:
+    """Number of missing / unexpected / wrongly shaped keys and a one-line summary."""
     try:
         want = _skeleton(arch, config).state_dict()
     except (TypeError, ValueError) as exc:
-        return f"bad config: {exc}"
+        return 1 << 30, f"bad config: {exc}"
     # Old checkpoints predate BN's num_batches_tracked; it is filled in, not required.
     missing = [k for k in want if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in want]
@@ -289,7 +309,7 @@ def _mismatches(arch: str, config: Mapping[str, Any], state: Mapping[str, Any]) 
         if items:
             more = f" (+{len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
             parts.append(f"{label} {len(items)}: " + ", ".join(items[:_MAX_LISTED]) + more)
-    return "; ".join(parts)
+    return len(missing) + len(unexpected) + len(shapes), "; ".join(parts)
 
 
 def _default_info(arch: str, config: dict[str, Any], path: Path) -> ModelInfo:
@@ -314,7 +334,7 @@ def _guess_num_classes(module: nn.Module, default: int) -> int:
 
 
 def _build_and_load(info: ModelInfo, state: Mapping[str, torch.Tensor], path: Path) -> nn.Module:
-    problems = _mismatches(info.arch, info.config, state)
+    _, problems = _mismatches(info.arch, info.config, state)
     if problems:
         raise InputError(f"{path}: checkpoint does not fit {info.arch} ({problems})")
     model = build_model(info)
@@ -324,7 +344,7 @@ def _build_and_load(info: ModelInfo, state: Mapping[str, torch.Tensor], path: Pa
             state[k] = torch.zeros_like(v)
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:  # pragma: no cover - _mismatches should have caught it
+    except RuntimeError as exc:  # pragma: no cover - _mismatches catches it first
         first = str(exc).strip().splitlines()[0]
         raise InputError(f"{path}: checkpoint does not fit {info.arch} ({first})") from None
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]

@@ -1,0 +1,93 @@
+"""Fine-tuning: resumable bit-identically, divergence handled, improves agreement."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from hfbconvert.compress import CompressConfig, build_hybrid, compress
+from hfbconvert.errors import CheckFailed
+from hfbconvert.finetune import FinetuneConfig, finetune
+from hfbconvert.layers import find_pointwise
+from hfbconvert.plan import uniform_plan
+
+from .tiny import TINY_RES, tiny_v1
+
+
+def _student(teacher):
+    layers = find_pointwise(teacher, TINY_RES)
+    curves = {ly.name: torch.rand(ly.c_out, 3) for ly in layers}
+    energies = {ly.name: torch.ones(ly.c_out) for ly in layers}
+    plans = uniform_plan(layers, curves, energies, (1, 2, 4), 0.5, 1.0)
+    h = build_hybrid(teacher, plans, {ly.name: ly.kind for ly in layers})
+    g = torch.Generator().manual_seed(0)
+    for m in h.modules():
+        if hasattr(m, "wb_latent") and m.wb_latent is not None:
+            with torch.no_grad():
+                m.wb_latent.uniform_(-1, 1, generator=g)
+                m.wc_latent.copy_(torch.eye(m.n_tolerant, m.r))
+                m.a.fill_(0.1)
+    return h
+
+
+def _images(n=40):
+    return torch.randint(0, 256, (n, 3, TINY_RES, TINY_RES), generator=torch.Generator()
+                         .manual_seed(1), dtype=torch.uint8)
+
+
+def _norm(u8):
+    return (u8.float() - 127.5) / 64
+
+
+def test_resume_after_interrupt_matches_uninterrupted(tmp_path):
+    teacher = tiny_v1()
+    cfg = FinetuneConfig(steps=16, batch_size=8, checkpoint_every=4, freeze_at=0.5, warmup=2)
+    imgs = _images()
+    ref = _student(teacher)
+    s1, s2 = copy.deepcopy(ref), copy.deepcopy(ref)
+    finetune(s1, teacher, imgs, None, _norm, cfg)
+    ckpt = tmp_path / "ft.ckpt"
+
+    def boom(step, loss, agree):
+        if step == 9:  # after the checkpoint at 8, past the freeze at 8
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(s2, teacher, imgs, None, _norm, cfg, checkpoint=ckpt, on_step=boom)
+    s3 = copy.deepcopy(ref)  # a fresh process: starts from the same initial student
+    finetune(s3, teacher, imgs, None, _norm, cfg, checkpoint=ckpt, resume=True)
+    sd1, sd3 = s1.state_dict(), s3.state_dict()
+    assert sd1.keys() == sd3.keys()
+    for k in sd1:
+        assert torch.equal(sd1[k], sd3[k]), k
+
+
+def test_non_finite_loss_stops_with_step(tmp_path):
+    teacher = tiny_v1()
+    student = _student(teacher)
+    cfg = FinetuneConfig(steps=6, batch_size=4, checkpoint_every=2, lr=1e30, latent_lr=1e30,
+                         warmup=1)
+    with pytest.raises(CheckFailed, match="non-finite loss at step"):
+        finetune(student, teacher, _images(), None, _norm, cfg, checkpoint=tmp_path / "c.ckpt")
+
+
+def test_compress_end_to_end_improves_over_stages():
+    """fit -> sequential reconstruction -> fine-tune on a tiny random net: agreement with
+    the original is recorded per stage and the final model is frozen (deploy form)."""
+    teacher = tiny_v1()
+    from calib.readers import CalibData
+
+    data = CalibData(_images(120), None, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25),
+                     [f"{i}" for i in range(120)], source="random")
+    from .tiny import tiny_info
+
+    cfg = CompressConfig(budget=0.6, recon_images=64, stats_images=64,
+                         finetune=FinetuneConfig(steps=20, batch_size=16))
+    hybrid, meta = compress(teacher, tiny_info(), data, cfg)
+    names = [s["stage"] for s in meta["stages"]]
+    assert names == ["fit", "sequential", "finetune_20"]
+    assert all(m.frozen for m in hybrid.modules() if hasattr(m, "frozen"))
+    assert meta["cost"]["totals"]["muls"] <= 0.6 * meta["original_cost"]["totals"]["muls"] * 1.001
+    assert meta["stages"][1]["agreement"] >= meta["stages"][0]["agreement"] - 0.05
