@@ -112,44 +112,35 @@ def _unpack_call(packing: str, src: str, out: str, rows: str, cols: str) -> Node
 
 
 def strassen_function(packing: str, opset: int, scaled: bool) -> FunctionProto:
-    """``Y = StrassenPointwise(X, Wb, Wc, a[, s]) <c_in, r, c_out, packing>``.
+    """``Y = StrassenPointwise(X, Wb, Wc, a[, s]) <c_in, r, c_out, packing>`` on NCHW X.
 
-    X is [N, c_in, *spatial] (NCHW conv or N x C linear); viewed as [N, c_in, P] so one
-    body serves both: Y = W_c · (a ⊙ (W_b · X)) (⊙ s), reshaped to [N, c_out, *spatial].
+    Y = W_c * (a ⊙ (W_b * X)) (⊙ s), both products 1x1 Convs. Conv rather than MatMul so
+    that, once the weights are folded, onnxruntime keeps its blocked (NCHWc) conv layout
+    through the layer; linear layers reach it as [N, C, 1, 1].
     """
     inputs = ["X", "Wb", "Wc", "a"] + (["s"] if scaled else [])
+    y_c = "Yu" if scaled else "Y"
     nodes = [
         _unpack_call(packing, "Wb", "Wb_f", "r", "c_in"),
         _unpack_call(packing, "Wc", "Wc_f", "c_out", "r"),
-        _const("ax0", np.array([0], dtype=np.int64)),
-        _const("ax1", np.array([1], dtype=np.int64)),
-        _const_ref("cin", "c_in"),
-        helper.make_node("Unsqueeze", ["cin", "ax0"], ["cin1"]),
-        _const("rest", np.array([-1], dtype=np.int64)),
-        helper.make_node("Concat", ["ax0", "cin1", "rest"], ["shape3"], axis=0),
-        helper.make_node("Reshape", ["X", "shape3"], ["X3"]),
-        helper.make_node("MatMul", ["Wb_f", "X3"], ["H"]),
-        helper.make_node("Unsqueeze", ["a", "ax1"], ["a2"]),
-        helper.make_node("Mul", ["H", "a2"], ["Ha"]),
-        helper.make_node("MatMul", ["Wc_f", "Ha"], ["Y3" if not scaled else "Y3u"]),
+        _const("hw", np.array([2, 3], dtype=np.int64)),
+        _const("chw", np.array([1, 2], dtype=np.int64)),
+        helper.make_node("Unsqueeze", ["Wb_f", "hw"], ["Wb_k"]),  # [r, c_in, 1, 1]
+        helper.make_node("Unsqueeze", ["Wc_f", "hw"], ["Wc_k"]),  # [c_out, r, 1, 1]
+        helper.make_node("Conv", ["X", "Wb_k"], ["H"], kernel_shape=[1, 1]),
+        helper.make_node("Unsqueeze", ["a", "chw"], ["a_k"]),  # [r, 1, 1]
+        helper.make_node("Mul", ["H", "a_k"], ["Ha"]),
+        helper.make_node("Conv", ["Ha", "Wc_k"], [y_c], kernel_shape=[1, 1]),
     ]
     if scaled:
         nodes += [
-            helper.make_node("Unsqueeze", ["s", "ax1"], ["s2"]),
-            helper.make_node("Mul", ["Y3u", "s2"], ["Y3"]),
+            helper.make_node("Unsqueeze", ["s", "chw"], ["s_k"]),  # [c_out, 1, 1]
+            helper.make_node("Mul", ["Yu", "s_k"], ["Y"]),
         ]
-    nodes += [
-        helper.make_node("Shape", ["X"], ["n1"], start=0, end=1),
-        helper.make_node("Shape", ["X"], ["spatial"], start=2),
-        _const_ref("cout", "c_out"),
-        helper.make_node("Unsqueeze", ["cout", "ax0"], ["cout1"]),
-        helper.make_node("Concat", ["n1", "cout1", "spatial"], ["out_shape"], axis=0),
-        helper.make_node("Reshape", ["Y3", "out_shape"], ["Y"]),
-    ]
     return helper.make_function(
         DOMAIN, OP_NAME, inputs, ["Y"], nodes, _opsets(opset),
         attributes=["c_in", "r", "c_out", "packing"],
-        doc_string="Ternary StrassenNets pointwise layer; see docs/onnx_ops.md.",
+        doc_string="Ternary StrassenNets 1x1 conv layer (NCHW); see docs/onnx_ops.md.",
     )
 
 
@@ -171,23 +162,21 @@ class _StrassenFn(torch.autograd.Function):
     emits the single ``hfb::StrassenPointwise`` node."""
 
     @staticmethod
-    def forward(ctx, x, wb, wc, a, s, c_in: int, r: int, c_out: int, packing: str, conv: bool):  # type: ignore[override]
-        tb = _unpack_float(wb, r, c_in, packing)
-        tc = _unpack_float(wc, c_out, r, packing)
-        y = tc @ ((tb @ x.reshape(x.shape[0], c_in, -1)) * a[:, None])
-        if s is not None:
-            y = y * s[:, None]
-        return y.reshape(x.shape[0], c_out, *x.shape[2:])
+    def forward(ctx, x, wb, wc, a, s, c_in: int, r: int, c_out: int, packing: str):  # type: ignore[override]
+        # same ops in the same order as HybridPointwise.forward (conv kind)
+        tb = _unpack_float(wb, r, c_in, packing)[:, :, None, None]
+        tc = _unpack_float(wc, c_out, r, packing)[:, :, None, None]
+        y = F.conv2d(F.conv2d(x, tb) * a[None, :, None, None], tc)
+        return y if s is None else y * s[None, :, None, None]
 
     @staticmethod
-    def symbolic(g, x, wb, wc, a, s, c_in, r, c_out, packing, conv):  # type: ignore[no-untyped-def]
+    def symbolic(g, x, wb, wc, a, s, c_in, r, c_out, packing):  # type: ignore[no-untyped-def]
         args = [x, wb, wc, a] + ([s] if s is not None and not _is_none(s) else [])
         out = g.op(f"{DOMAIN}::{OP_NAME}", *args, c_in_i=c_in, r_i=r, c_out_i=c_out,
                    packing_s=packing)
-        # a declared type keeps the exporter from warning once per node about missing
-        # shape inference for the custom op (rank is known: NCHW conv or N x C linear)
-        sizes = [None, c_out] + ([None, None] if conv else [])
-        out.setType(x.type().with_dtype(torch.float32).with_sizes(sizes))
+        # a declared type keeps the exporter from warning, once per node, that it cannot
+        # infer the custom op's shape
+        out.setType(x.type().with_dtype(torch.float32).with_sizes([None, c_out, None, None]))
         return out
 
 
@@ -242,8 +231,10 @@ class _ExportHybrid(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.n_t == 0:
             return self._critical(x, self.bias)
-        yt = _StrassenFn.apply(x, self.wb_packed, self.wc_packed, self.a, self.channel_scale,
-                               self.c_in, self.r, self.n_t, self.packing, self.conv)
+        x4 = x if self.conv else x[:, :, None, None]
+        yt = _StrassenFn.apply(x4, self.wb_packed, self.wc_packed, self.a, self.channel_scale,
+                               self.c_in, self.r, self.n_t, self.packing)
+        yt = yt if self.conv else yt.flatten(1)
         if self.n_c == 0:
             return yt + self.bias
         y = torch.cat([self._critical(x, None), yt], dim=1)
@@ -258,8 +249,8 @@ def _export_ready(model: nn.Module, packing: str) -> tuple[nn.Module, int, bool]
     for name, h in hybrids.items():
         h.freeze()
         stand_in = _ExportHybrid(h, packing, scaled)
-        if name == "":
-            return stand_in, 1, scaled
+        if name == "":  # the model is a single hybrid layer
+            return stand_in, int(h.n_tolerant > 0), scaled
         set_submodule(m, name, stand_in)
     n_tol = sum(1 for h in hybrids.values() if h.n_tolerant)
     return m, n_tol, scaled

@@ -1,0 +1,220 @@
+"""Check an exported ONNX file against the PyTorch model it came from.
+
+Two independent runtimes are compared with PyTorch: onnxruntime (CPU EP, no custom-op
+library, so the ``hfb`` function bodies run) on every image, and the pure-numpy
+``onnx.reference`` evaluator on a few images, which checks the file's semantics rather
+than one runtime's kernels. Pass: max|Δlogit| ≤ rtol_rel · max|logit| and identical top-1.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import CheckFailed, InputError
+from .hybrid import HybridPointwise
+
+WORST_ROWS = 10  # rows kept for the mismatch table
+
+
+@dataclass
+class MismatchRow:
+    index: int
+    max_abs_diff: float
+    torch_top1: int
+    onnx_top1: int
+
+
+@dataclass
+class Comparison:
+    """One runtime against PyTorch on ``n_images`` images."""
+
+    runtime: str
+    n_images: int
+    max_abs_diff: float
+    max_abs_logit: float
+    tolerance: float
+    top1_agreement: float
+    top1_mismatches: int
+    worst: list[MismatchRow] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= self.tolerance and self.top1_mismatches == 0
+
+
+@dataclass
+class VerifyResult:
+    onnx_path: str
+    rtol_rel: float
+    ort: Comparison
+    reference: Comparison | None  # None when reference_batch == 0
+
+    @property
+    def passed(self) -> bool:
+        return self.ort.passed and (self.reference is None or self.reference.passed)
+
+    @property
+    def worst(self) -> list[MismatchRow]:
+        return self.ort.worst
+
+    def summary(self) -> str:
+        parts = [_describe(self.ort)] + ([_describe(self.reference)] if self.reference else [])
+        return f"{'PASS' if self.passed else 'FAIL'}: " + "; ".join(parts)
+
+    def ensure_passed(self) -> None:
+        """Raise :class:`CheckFailed` (exit 1) when the file disagrees with PyTorch."""
+        if not self.passed:
+            raise CheckFailed(
+                f"{self.onnx_path}: ONNX output differs from PyTorch ({self.summary()})"
+            )
+
+    @property
+    def max_rel_diff(self) -> float:
+        """onnxruntime's max|Δlogit| / max|logit| (the quantity bounded by ``rtol_rel``)."""
+        m = self.ort.max_abs_logit
+        return self.ort.max_abs_diff / m if m > 0 else float(self.ort.max_abs_diff > 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data; the top-level keys summarize onnxruntime, the sub-dicts hold detail."""
+        d = asdict(self)
+        d.update(passed=self.passed, n_images=self.ort.n_images,
+                 max_abs_diff=self.ort.max_abs_diff, max_rel_diff=self.max_rel_diff,
+                 agreement=self.ort.top1_agreement, worst=d["ort"]["worst"])
+        d["ort"]["passed"] = self.ort.passed
+        if self.reference is not None:
+            d["reference"]["passed"] = self.reference.passed
+        return d
+
+
+def _describe(c: Comparison) -> str:
+    return (
+        f"{c.runtime}: max|Δ|={c.max_abs_diff:.3g} (tol {c.tolerance:.3g}), "
+        f"top-1 {c.top1_agreement:.2%} of {c.n_images}"
+    )
+
+
+def compare_logits(runtime: str, ref: np.ndarray, got: np.ndarray, rtol_rel: float) -> Comparison:
+    """Tolerance is relative to the largest PyTorch logit of the compared images."""
+    diff = np.abs(ref.astype(np.float64) - got.astype(np.float64)).reshape(len(ref), -1)
+    row_diff = diff.max(axis=1) if diff.size else np.zeros(len(ref))
+    t1, o1 = ref.reshape(len(ref), -1).argmax(1), got.reshape(len(got), -1).argmax(1)
+    mism = t1 != o1
+    max_logit = float(np.abs(ref).max()) if ref.size else 0.0
+    order = np.lexsort((-row_diff, ~mism))[:WORST_ROWS]  # mismatches first, then largest Δ
+    worst = [MismatchRow(int(i), float(row_diff[i]), int(t1[i]), int(o1[i])) for i in order]
+    return Comparison(
+        runtime=runtime, n_images=len(ref), max_abs_diff=float(row_diff.max(initial=0.0)),
+        max_abs_logit=max_logit, tolerance=rtol_rel * max_logit,
+        top1_agreement=float(1.0 - mism.mean()) if len(ref) else 1.0,
+        top1_mismatches=int(mism.sum()), worst=worst,
+    )
+
+
+def _deploy_copy(model: nn.Module) -> nn.Module:
+    """The deploy form the export wrote (freezing mutates, so work on a copy if needed)."""
+    hybrids = [m for m in model.modules() if isinstance(m, HybridPointwise)]
+    if any(not h.frozen for h in hybrids):
+        model = copy.deepcopy(model)
+        for h in (m for m in model.modules() if isinstance(m, HybridPointwise)):
+            h.freeze()
+    return model
+
+
+@torch.no_grad()
+def torch_logits(model: nn.Module, images: torch.Tensor, batch_size: int) -> np.ndarray:
+    model = _deploy_copy(model)
+    was_training = model.training
+    model.eval()
+    p = next(model.parameters(), None)
+    dev = p.device if p is not None else torch.device("cpu")
+    try:
+        outs = [model(images[i : i + batch_size].to(dev)).float().cpu()
+                for i in range(0, len(images), batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(outs).numpy()
+
+
+def _run_batched(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch_size: int,
+                 fixed_batch: int | None) -> np.ndarray:
+    """Run in chunks; a model exported with a fixed batch gets zero-padded chunks."""
+    step = fixed_batch or batch_size
+    outs = []
+    for i in range(0, len(x), step):
+        chunk = x[i : i + step]
+        n = len(chunk)
+        if fixed_batch and n < fixed_batch:
+            pad = np.zeros((fixed_batch - n, *chunk.shape[1:]), dtype=chunk.dtype)
+            chunk = np.concatenate([chunk, pad])
+        outs.append(np.asarray(run(chunk))[:n])
+    return np.concatenate(outs)
+
+
+def _fixed_batch(dim: Any) -> int | None:
+    return int(dim) if isinstance(dim, int) and dim > 0 else None
+
+
+def ort_session(path: str | Path, threads: int = 0) -> Any:
+    """onnxruntime CPU session with full graph optimization (folds the unpack subgraphs)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{path}: onnxruntime cannot load it ({msg[:200]})") from None
+
+
+def ort_logits(path: str | Path, x: np.ndarray, batch_size: int) -> np.ndarray:
+    sess = ort_session(path)
+    inp = sess.get_inputs()[0]
+    return _run_batched(lambda b: sess.run(None, {inp.name: b})[0], x, batch_size,
+                        _fixed_batch(inp.shape[0]))
+
+
+def reference_logits(path: str | Path, x: np.ndarray) -> np.ndarray:
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    mp = onnx.load(str(path))
+    ev = ReferenceEvaluator(mp)
+    inp = mp.graph.input[0]
+    dim = inp.type.tensor_type.shape.dim[0]
+    fixed = _fixed_batch(dim.dim_value if dim.HasField("dim_value") else None)
+    return _run_batched(lambda b: ev.run(None, {inp.name: b})[0], x, len(x), fixed)
+
+
+def verify_onnx(onnx_path: str | Path, model: nn.Module, images: torch.Tensor,
+                batch_size: int = 32, rtol_rel: float = 1e-4,
+                reference_batch: int = 2) -> VerifyResult:
+    """Compare onnxruntime (all images) and onnx.reference (first ``reference_batch``
+    images) with the PyTorch deploy-form ``model`` on normalized NCHW ``images``."""
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such ONNX file")
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or len(images) == 0:
+        raise InputError("verification images must be a non-empty float N x C x H x W tensor")
+    if batch_size < 1:
+        raise InputError(f"batch size must be >= 1, got {batch_size}")
+    images = images.detach().float().cpu()
+    ref = torch_logits(model, images, batch_size)
+    x = images.numpy()
+    ort_cmp = compare_logits("onnxruntime", ref, ort_logits(path, x, batch_size), rtol_rel)
+    ref_cmp = None
+    k = min(int(reference_batch), len(x))
+    if k > 0:
+        ref_cmp = compare_logits("onnx.reference", ref[:k], reference_logits(path, x[:k]),
+                                 rtol_rel)
+    return VerifyResult(str(path), rtol_rel, ort_cmp, ref_cmp)
