@@ -1,0 +1,83 @@
+"""``analyze``: per-filter sensitivity of every pointwise layer, as versioned JSON.
+
+The JSON is the contract ``compress`` reuses (``schema_version`` bumps on change).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from calib.readers import CalibData
+
+from . import __version__, progress
+from .costs import model_cost
+from .layers import find_pointwise, layer_weight
+from .models.info import ModelInfo
+from .sensitivity import loss_curves
+from .stats import collect_input_stats
+
+SCHEMA_VERSION = 1
+DEFAULT_THRESHOLD = 0.05  # a filter is critical if L_j(r_ref) exceeds this
+DEFAULT_THRESHOLD_BUDGET = 2  # r_ref: the poster's "2 hidden units"
+
+
+def _r6(x: float) -> float:
+    return float(f"{x:.6g}")
+
+
+def analyze(model: nn.Module, info: ModelInfo, data: CalibData | None,
+            budgets: tuple[int, ...] = (1, 2, 4, 8, 16), stats_images: int = 512,
+            threshold: float = DEFAULT_THRESHOLD, threshold_budget: int = DEFAULT_THRESHOLD_BUDGET,
+            seed: int = 0, source: str = "model") -> dict[str, Any]:
+    """Rank every pointwise filter by L_j(r) for each r in ``budgets``."""
+    model.eval()
+    layers = find_pointwise(model, info.resolution, source)
+    cost = model_cost(model, info.resolution)
+    total_muls = cost.muls
+    by = cost.by_name()
+    sig: dict[str, torch.Tensor | None] = {ly.name: None for ly in layers}
+    if data is not None:
+        sub = data.subset(range(min(stats_images, len(data))))
+        with progress.task("statistics", None):
+            st = collect_input_stats(model, [ly.name for ly in layers],
+                                     (x for x, _ in sub.batches(64)), seed=seed)
+        sig = {n: s.sigma for n, s in st.items()}
+    ref_col = min(range(len(budgets)), key=lambda i: abs(budgets[i] - threshold_budget))
+    out_layers = []
+    with progress.task("sensitivity", len(layers)) as bar:
+        for ly in layers:
+            w = layer_weight(model, ly.name).float()
+            curves = loss_curves(w, sig[ly.name], budgets)  # (c_out, len(budgets))
+            med = curves.median(0).values
+            p90 = torch.quantile(curves, 0.9, dim=0)
+            n_crit = int((curves[:, ref_col] > threshold).sum())
+            out_layers.append({
+                "name": ly.name, "kind": ly.kind, "c_in": ly.c_in, "c_out": ly.c_out,
+                "height": ly.height, "width": ly.width,
+                "muls": by[ly.name].muls, "mul_share": _r6(by[ly.name].muls / total_muls),
+                "median_loss": [_r6(v) for v in med.tolist()],
+                "p90_loss": [_r6(v) for v in p90.tolist()],
+                "critical_at_threshold": n_crit,
+                "ranking": torch.argsort(curves[:, ref_col], descending=True,
+                                         stable=True).tolist(),
+                "loss": [[_r6(v) for v in row] for row in curves.tolist()],
+            })
+            bar.advance(1, info=ly.name)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tool": f"hfbconvert {__version__}",
+        "kind": "sensitivity",
+        "model": {"source": source, "arch": info.arch, "resolution": info.resolution,
+                  "num_classes": info.num_classes},
+        "budgets": list(budgets),
+        "threshold": {"loss": threshold, "budget": budgets[ref_col]},
+        "activation_aware": data is not None,
+        "calibration": None if data is None else {
+            "source": data.source, "images": min(stats_images, len(data)), "seed": seed},
+        "totals": cost.totals(),
+        "pointwise_mul_share": _r6(sum(by[ly.name].muls for ly in layers) / total_muls),
+        "layers": out_layers,
+    }

@@ -1,0 +1,432 @@
+"""Command-line interface: parse, call the library, print, map errors to exit codes.
+
+Exit codes: 0 success, 1 a failed check (e.g. ONNX/PyTorch mismatch, collapsed model),
+2 usage or input error (one line naming the file and the problem, never a traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__, progress
+from .errors import HfbError, InputError
+
+JSON_SCHEMA_VERSION = 1
+
+
+class _Group(click.Group):
+    """Turns library errors into one-line messages with the right exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except HfbError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted (fine-tuning checkpoints, if any, are kept; use --resume)",
+                       err=True)
+            ctx.exit(130)
+
+
+def _common(f):
+    f = click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed for sampling and fitting; same inputs + seed = same bytes.")(f)
+    f = click.option("--quiet", "-q", is_flag=True, help="No progress bars or status lines.")(f)
+    return f
+
+
+def _model_opts(f):
+    f = click.option("--trust-pickle", is_flag=True,
+                     help="Allow loading a fully pickled nn.Module (runs code from the file).")(f)
+    f = click.option("--arch", type=click.Choice(["mobilenet_v1", "mobilenet_v2"]),
+                     default=None, help="Override architecture detection.")(f)
+    return f
+
+
+def _calib_opts(f):
+    f = click.option("--calib", "calib", default=None, metavar="PATH",
+                     help="Calibration images: ImageFolder tree, flat folder or .npz.")(f)
+    f = click.option("--calib-size", type=click.IntRange(min=1), default=None,
+                     help="Use a seeded random subset of N images.")(f)
+    f = click.option("--resolution", type=click.IntRange(8, 4096), default=None,
+                     help="Override the input resolution.")(f)
+    f = click.option("--preset", default=None,
+                     help="Preprocessing preset (torchvision-imagenet, tf-inception, cifar10).")(f)
+    return f
+
+
+def _setup(quiet: bool, seed: int) -> None:
+    import torch
+
+    progress.set_quiet(quiet)
+    torch.manual_seed(seed)
+
+
+def _load(model: str, arch: str | None, trust_pickle: bool):
+    from .models.loading import load_model
+
+    return load_model(model, arch=arch, trust_pickle=trust_pickle)
+
+
+def _load_calib(path: str | None, info, size: int | None, seed: int, resolution: int | None,
+                preset: str | None):
+    if path is None:
+        return None, info
+    from calib.presets import apply_overrides, preset_for
+    from calib.readers import load_images
+
+    prep = apply_overrides(preset_for(info), preset=preset, resolution=resolution)
+    if resolution is not None:
+        info.resolution = resolution
+    with progress.task("reading images", None):
+        data = load_images(path, prep, size=size, seed=seed)
+    if data.skipped:
+        progress.warn(f"{path}: skipped {data.skipped} unreadable image(s)"
+                      + (f", e.g. {data.skipped_examples[0]}" if data.skipped_examples else ""))
+    progress.info(f"calibration: {len(data)} images from {path}")
+    return data, info
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available")
+    return name
+
+
+def _emit_json(obj: dict) -> None:
+    click.echo(json.dumps(obj, indent=1, sort_keys=False))
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="hfbconvert")
+def main() -> None:
+    """Convert pretrained MobileNets to per-layer hybrid ternary filter banks."""
+
+
+# ------------------------------------------------------------------------ analyze
+@main.command()
+@click.argument("model")
+@_model_opts
+@_calib_opts
+@click.option("--budgets", default="1,2,4,8,16", show_default=True,
+              help="Hidden-unit budgets r per filter (comma-separated).")
+@click.option("--threshold", type=float, default=0.05, show_default=True,
+              help="A filter is critical when its loss at --threshold-budget exceeds this.")
+@click.option("--threshold-budget", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--stats-images", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Images used for the input statistics Σ.")
+@click.option("--json", "as_json", is_flag=True, help="Print the sensitivity JSON to stdout.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Write the sensitivity JSON here (reused by compress).")
+@click.option("--force", is_flag=True, help="Overwrite --output if it exists.")
+@_common
+def analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, budgets,
+            threshold, threshold_budget, stats_images, as_json, output, force, seed, quiet):
+    """Rank every pointwise filter's sensitivity to ternary StrassenNets approximation.
+
+    MODEL is a checkpoint path or builtin:mobilenet_v2."""
+    from .analysis import analyze as run_analyze
+    from .fileio import atomic_write_text, check_output_path
+    from .report.terminal import print_analysis
+    from .sensitivity import parse_budgets
+
+    _setup(quiet, seed)
+    try:
+        bud = parse_budgets(budgets)
+    except ValueError as exc:
+        raise InputError(f"--budgets: {exc}") from None
+    if output:
+        check_output_path(output, force)
+    net, info = _load(model, arch, trust_pickle)
+    data, info = _load_calib(calib, info, calib_size, seed, resolution, preset)
+    if data is None:
+        progress.warn("no --calib data: weight-space sensitivity (Σ = I), not activation-aware")
+    res = run_analyze(net, info, data, bud, stats_images, threshold, threshold_budget, seed,
+                      source=model)
+    text = json.dumps(res, indent=1)
+    if output:
+        atomic_write_text(output, text + "\n")
+        progress.info(f"wrote {output}")
+    if as_json:
+        click.echo(text)
+    else:
+        print_analysis(res)
+
+
+# ------------------------------------------------------------------------ compress
+@main.command()
+@click.argument("model")
+@_model_opts
+@_calib_opts
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Compressed model path (default: MODEL stem + .hfb.pt next to it).")
+@click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
+@click.option("--method", type=click.Choice(["hybrid", "twn", "strassen"]), default="hybrid",
+              show_default=True, help="hybrid filter banks, or a baseline.")
+@click.option("--budget", type=float, default=0.536, show_default=True,
+              help="Fraction of the original model's MULs the result may use, in (0, 1].")
+@click.option("--max-add-increase", type=float, default=0.48, show_default=True,
+              help="Allowed ADD increase relative to the original model.")
+@click.option("--critical-fraction", type=click.FloatRange(0, 1), default=None,
+              help="Paper-style uniform mode: this fraction of each layer stays FP.")
+@click.option("--hidden-units-ratio", type=click.FloatRange(min=1.0), default=1.0,
+              show_default=True, help="Hidden units per tolerant filter (uniform/strassen).")
+@click.option("--plan", "plan_file", type=click.Path(dir_okay=False), default=None,
+              help="JSON of per-layer overrides {layer: {critical|critical_idx, r}}.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and predicted costs; stop.")
+@click.option("--steps", type=click.IntRange(min=0), default=300, show_default=True,
+              help="Fine-tuning steps (0: none).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--no-reconstruct", is_flag=True, help="Skip sequential reconstruction.")
+@click.option("--no-sequential", is_flag=True,
+              help="Reconstruct against original inputs (one-shot) instead.")
+@click.option("--no-bias-correction", is_flag=True)
+@click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.9, show_default=True,
+              help="Exit 1 if held-apart agreement with the original ends below this.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted fine-tune.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu",
+              show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary to stdout.")
+@_common
+def compress(model, arch, trust_pickle, calib, calib_size, resolution, preset, output, force,
+             method, budget, max_add_increase, critical_fraction, hidden_units_ratio, plan_file,
+             dry_run, steps, batch_size, lr, no_reconstruct, no_sequential, no_bias_correction,
+             min_agreement, resume, device, as_json, seed, quiet):
+    """Split pointwise layers into FP critical + ternary banks under a MUL budget,
+    reconstruct layer by layer, and fine-tune briefly by distillation."""
+    import math
+
+    from .artifact import save_compressed
+    from .compress import CompressConfig
+    from .compress import compress as run_compress
+    from .errors import CheckFailed
+    from .fileio import check_output_path
+    from .finetune import FinetuneConfig
+    from .report.terminal import print_compress, print_plan
+
+    _setup(quiet, seed)
+    if not (math.isfinite(budget) and 0 < budget <= 1):
+        raise InputError(f"--budget must be a number in (0, 1], got {budget}")
+    out = Path(output) if output else _default_out(model)
+    if not dry_run and not (resume and out.exists() and force):
+        check_output_path(out, force)
+    override = None
+    if plan_file:
+        override = _read_json(plan_file)
+    net, info = _load(model, arch, trust_pickle)
+    data, info = _load_calib(calib, info, calib_size, seed, resolution, preset)
+    if data is None:
+        progress.warn("no --calib data: weight-space fit only, no reconstruction or fine-tune")
+    dev = _device(device)
+    cfg = CompressConfig(
+        method=method, budget=budget, critical_fraction=critical_fraction,
+        hidden_units_ratio=hidden_units_ratio, max_add_increase=max_add_increase,
+        reconstruct=not no_reconstruct, sequential=not no_sequential,
+        bias_correction=not no_bias_correction, min_agreement=min_agreement, seed=seed,
+        finetune=FinetuneConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                                device=dev))
+    ckpt = str(out) + ".ckpt"
+    hybrid, meta = run_compress(net, info, data, cfg, checkpoint=ckpt, resume=resume,
+                                plan_override=override, dry_run=dry_run)
+    if dry_run:
+        if as_json:
+            _emit_json({"schema_version": JSON_SCHEMA_VERSION, "plan": meta["plan"]})
+        else:
+            print_plan(meta["plan"])
+        return
+    timings = meta.pop("timings")
+    meta["source_model"] = model
+    meta["versions"] = _versions()
+    save_compressed(out, hybrid, info, meta)
+    Path(ckpt).unlink(missing_ok=True)
+    summary = {"schema_version": JSON_SCHEMA_VERSION, "output": str(out),
+               "stages": meta["stages"], "timings": timings,
+               "cost": meta["cost"]["totals"], "original_cost": meta["original_cost"]["totals"]}
+    if as_json:
+        _emit_json(summary)
+    else:
+        print_compress(meta, timings, str(out))
+    ag = meta.get("final_agreement")
+    if ag is not None and ag < min_agreement:
+        raise CheckFailed(f"{out}: agreement with the original on held-apart images is "
+                          f"{ag:.3f} < --min-agreement {min_agreement} (model written, "
+                          "but it does not behave like the original)")
+
+
+def _default_out(model: str) -> Path:
+    if model.startswith("builtin:"):
+        return Path(model.split(":", 1)[1] + ".hfb.pt")
+    p = Path(model)
+    return p.with_name(p.stem + ".hfb.pt")
+
+
+def _read_json(path: str) -> dict:
+    p = Path(path)
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{p}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{p}: not valid JSON ({exc})") from None
+
+
+def _versions() -> dict:
+    import onnx
+    import torch
+
+    return {"hfbconvert": __version__, "torch": torch.__version__, "onnx": onnx.__version__}
+
+
+# ------------------------------------------------------------------------ eval
+@main.command("eval")
+@click.argument("model")
+@_model_opts
+@click.option("--data", "data_path", required=True, help="Labelled ImageFolder or .npz.")
+@click.option("--size", type=click.IntRange(min=1), default=None, help="Seeded subset.")
+@click.option("--original", default=None,
+              help="Original model for agreement (default: the compressed model's source).")
+@click.option("--json", "as_json", is_flag=True)
+@_common
+def eval_cmd(model, arch, trust_pickle, data_path, size, original, as_json, seed, quiet):
+    """Top-1/top-5, and top-1 agreement with the original model."""
+    from calib.presets import preset_for
+    from calib.readers import load_images
+
+    from .artifact import build_compressed, is_compressed
+    from .evaluate import evaluate
+    from .fileio import load_torch
+
+    _setup(quiet, seed)
+    ref = None
+    obj = None if model.startswith("builtin:") else load_torch(model, trust_pickle)
+    if obj is not None and is_compressed(obj):
+        net, info = build_compressed(obj, model)
+        src = original or obj.get("meta", {}).get("source_model")
+        if src:
+            ref, _ = _load(src, None, trust_pickle)
+    else:
+        net, info = _load(model, arch, trust_pickle)
+        if original:
+            ref, _ = _load(original, None, trust_pickle)
+    data = load_images(data_path, preset_for(info), size=size, seed=seed)
+    res = evaluate(net, data, info.label_offset, reference=ref)
+    res["schema_version"] = JSON_SCHEMA_VERSION
+    if as_json:
+        _emit_json(res)
+    else:
+        parts = [f"{k} {v:.4f}" for k, v in res.items() if isinstance(v, float)]
+        click.echo(f"{model}: n {res['n']}  " + "  ".join(parts))
+
+
+# ------------------------------------------------------------------------ export
+@main.group()
+def export() -> None:
+    """Export a model to a deployment format."""
+
+
+@export.command("onnx")
+@click.argument("model")
+@_model_opts
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True)
+@click.option("--force", is_flag=True)
+@click.option("--opset", type=int, default=17, show_default=True)
+@click.option("--pack", type=click.Choice(["2bit", "base3"]), default="2bit", show_default=True)
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Compare onnxruntime with PyTorch on calibration images.")
+@click.option("--calib", default=None, help="Images for verification (default: random).")
+@click.option("--calib-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--report/--no-report", "write_report", default=True, show_default=True,
+              help="Write report.json/.md/.html next to the ONNX file.")
+@click.option("--json", "as_json", is_flag=True)
+@_common
+def export_onnx_cmd(model, arch, trust_pickle, output, force, opset, pack, verify, calib,
+                    calib_size, write_report, as_json, seed, quiet):
+    """Export a compressed (or plain) model to ONNX with hfb custom ops."""
+    import torch
+
+    from .artifact import build_compressed, is_compressed
+    from .errors import CheckFailed
+    from .fileio import check_output_path, load_torch
+
+    _setup(quiet, seed)
+    check_output_path(output, force)
+    obj = None if model.startswith("builtin:") else load_torch(model, trust_pickle)
+    meta = {}
+    if obj is not None and is_compressed(obj):
+        net, info = build_compressed(obj, model)
+        meta = obj.get("meta", {})
+    else:
+        net, info = _load(model, arch, trust_pickle)
+    from .export.onnx import export_onnx
+
+    stats = export_onnx(net, output, info.resolution, opset=opset, pack=pack, force=force)
+    result: dict[str, Any] = {"schema_version": JSON_SCHEMA_VERSION, "output": output,
+                              "export": stats}
+    if verify:
+        from .verify import verify_onnx
+
+        if calib:
+            data, _ = _load_calib(calib, info, calib_size, seed, None, None)
+            images = data.normalized()
+        else:
+            g = torch.Generator().manual_seed(seed)
+            images = torch.randn(calib_size, 3, info.resolution, info.resolution, generator=g)
+        vr = verify_onnx(output, net, images)
+        result["verify"] = vr.to_dict()
+    if write_report and meta:
+        from .report import write_reports
+
+        paths = write_reports(meta, info, Path(output).parent, export=result)
+        result["report"] = [str(p) for p in paths]
+    if as_json:
+        _emit_json(result)
+    else:
+        click.echo(f"wrote {output} ({stats.get('bytes', 0):,} bytes)")
+        if verify:
+            v = result["verify"]
+            click.echo(f"verify: {'PASS' if v['passed'] else 'FAIL'}  "
+                       f"max|Δ|/max|logit| {v.get('max_rel_diff', float('nan')):.2e}  "
+                       f"top-1 agreement {v.get('agreement', float('nan')):.4f}")
+    if verify and not result["verify"]["passed"]:
+        raise CheckFailed(f"{output}: onnxruntime output does not match PyTorch")
+
+
+# ------------------------------------------------------------------------ report
+@main.command()
+@click.argument("compressed")
+@click.option("-o", "--output-dir", type=click.Path(file_okay=False), default=None,
+              help="Write report.json/.md/.html into this folder.")
+@click.option("--json", "as_json", is_flag=True)
+@_common
+def report(compressed, output_dir, as_json, seed, quiet):
+    """Per-layer report of a compressed model (terminal table, or files)."""
+    from .artifact import load_compressed
+    from .report import build_report, write_reports
+    from .report.terminal import print_report
+
+    _setup(quiet, seed)
+    _, info, meta = load_compressed(compressed)
+    rep = build_report(meta, info)
+    if output_dir:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        for p in write_reports(meta, info, Path(output_dir)):
+            progress.info(f"wrote {p}")
+    if as_json:
+        _emit_json(rep)
+    else:
+        print_report(rep)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
