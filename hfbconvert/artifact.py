@@ -90,7 +90,14 @@ def build_compressed(obj: dict[str, Any], source: str = "artifact") -> tuple[nn.
 
 
 def load_compressed(path: str | os.PathLike) -> tuple[nn.Module, ModelInfo, dict[str, Any]]:
-    obj = load_torch(path)
+    try:
+        obj = load_torch(path)
+    except InputError as exc:
+        if "--trust-pickle" not in str(exc):
+            raise
+        # our artifacts never hold pickled code, and `report` has no --trust-pickle
+        raise InputError(f"{path}: not an hfbconvert compressed model (it contains pickled "
+                         "Python objects)") from None
     if not is_compressed(obj):
         raise InputError(f"{path}: not an hfbconvert compressed model (format {FORMAT})")
     model, info = build_compressed(obj, str(path))

@@ -28,6 +28,10 @@ class _Group(click.Group):
         except HfbError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except OSError as exc:  # e.g. disk full or permission denied while writing
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"error: {where}{exc.strerror or exc}", err=True)
+            ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted (fine-tuning checkpoints, if any, are kept; use --resume)",
                        err=True)
@@ -72,6 +76,22 @@ def _load(model: str, arch: str | None, trust_pickle: bool):
     from .models.loading import load_model
 
     return load_model(model, arch=arch, trust_pickle=trust_pickle)
+
+
+def _load_any(model: str, arch: str | None, trust_pickle: bool):
+    """``(net, info, meta)`` for a compressed artifact or any model ``_load`` accepts
+    (``meta`` None for the latter); the file is read once."""
+    if model.startswith("builtin:"):
+        return (*_load(model, arch, trust_pickle), None)
+    from .artifact import build_compressed, is_compressed
+    from .fileio import load_torch
+    from .models.loading import model_from_object
+
+    obj = load_torch(model, trust_pickle)
+    if is_compressed(obj):
+        net, info = build_compressed(obj, model)
+        return net, info, obj.get("meta") or {}
+    return (*model_from_object(obj, model, arch), None)
 
 
 def _load_calib(path: str | None, info, size: int | None, seed: int, resolution: int | None,
@@ -218,13 +238,12 @@ def compress(model, arch, trust_pickle, calib, calib_size, resolution, preset, o
     _setup(quiet, seed)
     if not (math.isfinite(budget) and 0 < budget <= 1):
         raise InputError(f"--budget must be a number in (0, 1], got {budget}")
+    override = _read_plan(plan_file) if plan_file else None
+    # the model first: a missing MODEL is reported as such, not as its default output
+    net, info = _load(model, arch, trust_pickle)
     out = Path(output) if output else _default_out(model)
     if not dry_run and not (resume and out.exists() and force):
         check_output_path(out, force)
-    override = None
-    if plan_file:
-        override = _read_json(plan_file)
-    net, info = _load(model, arch, trust_pickle)
     data, info = _load_calib(calib, info, calib_size, seed, resolution, preset)
     if data is None:
         progress.warn("no --calib data: weight-space fit only, no reconstruction or fine-tune")
@@ -237,8 +256,15 @@ def compress(model, arch, trust_pickle, calib, calib_size, resolution, preset, o
         finetune=FinetuneConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                                 device=dev))
     ckpt = str(out) + ".ckpt"
-    hybrid, meta = run_compress(net, info, data, cfg, checkpoint=ckpt, resume=resume,
-                                plan_override=override, dry_run=dry_run)
+    try:
+        hybrid, meta = run_compress(net, info, data, cfg, checkpoint=ckpt, resume=resume,
+                                    plan_override=override, dry_run=dry_run)
+    except InputError as exc:
+        # the library names the plan "plan file"; the user wants to know which file
+        msg = str(exc)
+        if plan_file and msg.startswith("plan file:"):
+            raise InputError(f"{plan_file}:{msg[len('plan file:'):]}") from None
+        raise
     if dry_run:
         if as_json:
             _emit_json({"schema_version": JSON_SCHEMA_VERSION, "plan": meta["plan"]})
@@ -248,7 +274,10 @@ def compress(model, arch, trust_pickle, calib, calib_size, resolution, preset, o
     timings = meta.pop("timings")
     meta["source_model"] = model
     meta["versions"] = _versions()
-    save_compressed(out, hybrid, info, meta)
+    # wall-clock seconds stay out of the file: same inputs + seed = same bytes
+    saved = dict(meta, stages=[{k: v for k, v in st.items() if k != "seconds"}
+                               for st in meta["stages"]])
+    save_compressed(out, hybrid, info, saved)
     Path(ckpt).unlink(missing_ok=True)
     summary = {"schema_version": JSON_SCHEMA_VERSION, "output": str(out),
                "stages": meta["stages"], "timings": timings,
@@ -258,6 +287,9 @@ def compress(model, arch, trust_pickle, calib, calib_size, resolution, preset, o
     else:
         print_compress(meta, timings, str(out))
     ag = meta.get("final_agreement")
+    if ag is None and min_agreement > 0:
+        progress.warn("agreement not measured (needs --calib with at least 20 images); "
+                      "--min-agreement was not checked")
     if ag is not None and ag < min_agreement:
         raise CheckFailed(f"{out}: agreement with the original on held-apart images is "
                           f"{ag:.3f} < --min-agreement {min_agreement} (model written, "
@@ -279,13 +311,52 @@ def _read_json(path: str) -> dict:
         raise InputError(f"{p}: no such file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{p}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise InputError(f"{p}: cannot read ({exc.strerror or exc})") from None
+
+
+_PLAN_KEYS = {"critical": "an integer", "critical_idx": "a list of integers",
+              "r": "an integer"}
+
+
+def _read_plan(path: str) -> dict:
+    """``--plan`` JSON, checked for shape here so that a bad file is one clear line."""
+    obj = _read_json(path)
+    entries = obj.get("layers", obj) if isinstance(obj, dict) else obj
+    if not isinstance(entries, dict):
+        raise InputError(f"{path}: expected a JSON object mapping layer names to settings, "
+                         f"got {type(entries).__name__}")
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for name, spec in entries.items():
+        if not isinstance(spec, dict):
+            raise InputError(f"{path}: {name}: expected an object like "
+                             f'{{"critical": 8, "r": 24}}, got {json.dumps(spec)[:40]}')
+        unknown = sorted(set(spec) - set(_PLAN_KEYS))
+        if unknown:
+            raise InputError(f"{path}: {name}: unknown key(s) {', '.join(unknown)}; "
+                             f"allowed: {', '.join(_PLAN_KEYS)}")
+        for key, what in _PLAN_KEYS.items():
+            if key not in spec:
+                continue
+            v = spec[key]
+            ok = (isinstance(v, list) and all(is_int(i) for i in v)) if key == "critical_idx" \
+                else is_int(v)
+            if not ok or (key != "critical_idx" and v < 0):
+                raise InputError(f"{path}: {name}: {key} must be {what} >= 0, got "
+                                 f"{json.dumps(v)[:40]}")
+    return obj
 
 
 def _versions() -> dict:
     import onnx
     import torch
 
-    return {"hfbconvert": __version__, "torch": torch.__version__, "onnx": onnx.__version__}
+    # str(): torch.__version__ is a TorchVersion, which weights-only loading refuses
+    return {"hfbconvert": __version__, "torch": str(torch.__version__),
+            "onnx": str(onnx.__version__)}
 
 
 # ------------------------------------------------------------------------ eval
@@ -303,22 +374,18 @@ def eval_cmd(model, arch, trust_pickle, data_path, size, original, as_json, seed
     from calib.presets import preset_for
     from calib.readers import load_images
 
-    from .artifact import build_compressed, is_compressed
     from .evaluate import evaluate
-    from .fileio import load_torch
 
     _setup(quiet, seed)
     ref = None
-    obj = None if model.startswith("builtin:") else load_torch(model, trust_pickle)
-    if obj is not None and is_compressed(obj):
-        net, info = build_compressed(obj, model)
-        src = original or obj.get("meta", {}).get("source_model")
-        if src:
-            ref, _ = _load(src, None, trust_pickle)
-    else:
-        net, info = _load(model, arch, trust_pickle)
-        if original:
-            ref, _ = _load(original, None, trust_pickle)
+    net, info, meta = _load_any(model, arch, trust_pickle)
+    src = original or (meta or {}).get("source_model")
+    if src and not original and not src.startswith("builtin:") and not Path(src).exists():
+        progress.warn(f"{model}: its source model {src} is not found from here; no agreement "
+                      "(pass --original)")
+        src = None
+    if src:
+        ref, _ = _load(src, None, trust_pickle)
     data = load_images(data_path, preset_for(info), size=size, seed=seed)
     res = evaluate(net, data, info.label_offset, reference=ref)
     res["schema_version"] = JSON_SCHEMA_VERSION
@@ -355,19 +422,13 @@ def export_onnx_cmd(model, arch, trust_pickle, output, force, opset, pack, verif
     """Export a compressed (or plain) model to ONNX with hfb custom ops."""
     import torch
 
-    from .artifact import build_compressed, is_compressed
     from .errors import CheckFailed
-    from .fileio import check_output_path, load_torch
+    from .fileio import check_output_path
 
     _setup(quiet, seed)
     check_output_path(output, force)
-    obj = None if model.startswith("builtin:") else load_torch(model, trust_pickle)
-    meta = {}
-    if obj is not None and is_compressed(obj):
-        net, info = build_compressed(obj, model)
-        meta = obj.get("meta", {})
-    else:
-        net, info = _load(model, arch, trust_pickle)
+    net, info, meta = _load_any(model, arch, trust_pickle)
+    meta = meta or {}
     from .export.onnx import export_onnx
 
     stats = export_onnx(net, output, info.resolution, opset=opset, pack=pack, force=force)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -94,13 +95,58 @@ def load_torch(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
     try:
         return torch.load(p, map_location="cpu", weights_only=not trust_pickle)
     except Exception as exc:  # torch raises many types for bad files
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        low = msg.lower()
-        if "weights_only" in low or "unsupported global" in low:
-            raise InputError(
-                f"{p}: contains pickled Python objects (e.g. a whole nn.Module); "
-                "pass --trust-pickle to load it (this runs code from the file)"
-            ) from None
-        if "zip" in low or "central directory" in low or "eof" in low or "truncat" in low:
-            raise InputError(f"{p}: truncated or corrupt checkpoint ({msg[:120]})") from None
-        raise InputError(f"{p}: not a readable PyTorch checkpoint ({msg[:120]})") from None
+        raise InputError(_load_error(p, exc, trust_pickle)) from None
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO = 0x80  # first byte of a protocol >= 2 pickle (legacy torch.save format)
+
+
+def _first_line(text: str) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text).strip()
+    return text.splitlines()[0].strip() if text else ""
+
+
+def _load_error(p: Path, exc: Exception, trust_pickle: bool) -> str:
+    """One line naming ``p`` and what is wrong with it, from whatever torch raised."""
+    full = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    low = full.lower()
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(512)
+    except OSError:
+        head = b""
+    is_zip = head.startswith(_ZIP_MAGIC)
+    is_pickle = bool(head) and head[0] == _PICKLE_PROTO
+    glob = re.search(r"unsupported global: global (\S+)", full, flags=re.IGNORECASE)
+    if not trust_pickle and glob:
+        return (f"{p}: contains pickled Python objects ({glob.group(1)}, e.g. a whole "
+                "nn.Module); pass --trust-pickle to load it (this runs code from the file)")
+    if is_zip and ("zip" in low or "central directory" in low or "truncat" in low):
+        return f"{p}: truncated or corrupt checkpoint (damaged zip archive)"
+    if not is_zip and not is_pickle:
+        if _looks_like_text(head):
+            return f"{p}: a text file, not a PyTorch checkpoint"
+        return f"{p}: not a PyTorch checkpoint (unrecognized contents, not a torch.save file)"
+    if not trust_pickle and "weights only load failed" in low:
+        return (f"{p}: pickled data that safe (weights-only) loading refuses; pass "
+                "--trust-pickle to load it if you trust the file (this runs code from it)")
+    if isinstance(exc, EOFError) or "ran out of input" in low or "truncat" in low \
+            or re.search(r"\beof\b", low):
+        return f"{p}: truncated or corrupt checkpoint (data ends early)"
+    detail = _first_line(full) or type(exc).__name__
+    return f"{p}: not a readable PyTorch checkpoint ({type(exc).__name__}: {detail[:100]})"
+
+
+def _looks_like_text(head: bytes) -> bool:
+    if not head or b"\x00" in head:
+        return False
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        # a multi-byte character may be cut at the end of the sample
+        try:
+            text = head[:-3].decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+    return all(c.isprintable() or c in "\t\r\n\f" for c in text)

