@@ -88,6 +88,13 @@ class CalibData:
             files=[self.files[i] for i in idx_t.tolist()],
         )
 
+    def sample(self, n: int, seed: int = 0) -> CalibData:
+        """A seeded random ``n`` of the images, in file order. Use this, never the first
+        n: folders are read class by class, and statistics from a few classes mislead."""
+        k = min(n, len(self))
+        idx = np.sort(np.random.default_rng(seed).permutation(len(self))[:k])
+        return self.subset(idx)
+
     def split(self, frac: float, seed: int = 0) -> tuple[CalibData, CalibData]:
         """``(rest, held)``: a seeded random ``frac`` of the images held apart (e.g. for
         agreement checks on images the calibration never saw). Both parts keep file

@@ -40,7 +40,7 @@ def analyze(model: nn.Module, info: ModelInfo, data: CalibData | None,
     by = cost.by_name()
     sig: dict[str, torch.Tensor | None] = {ly.name: None for ly in layers}
     if data is not None:
-        sub = data.subset(range(min(stats_images, len(data))))
+        sub = data.sample(stats_images, seed=seed)
         with progress.task("statistics", None):
             st = collect_input_stats(model, [ly.name for ly in layers],
                                      (x for x, _ in sub.batches(64)), seed=seed)

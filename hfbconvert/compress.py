@@ -69,9 +69,12 @@ def normalizer(data: CalibData):
     return lambda u8: (u8.float() - mean) / std
 
 
-def _batches(data: CalibData, n: int, bs: int = 64) -> list[torch.Tensor]:
-    sub = data.subset(range(min(n, len(data))))
-    return [x for x, _ in sub.batches(bs)]
+def _batches(data: CalibData, n: int, bs: int = 64, seed: int = 0) -> list[torch.Tensor]:
+    """Normalized batches of a seeded random sample of ``n`` images. Never the first n:
+    folders are read in class order, and statistics from a few classes mislead every fit
+    (measured: held agreement after reconstruction 0.37 with the first 256 of 5,000
+    class-sorted images, 0.57 with a random 256)."""
+    return [x for x, _ in data.sample(n, seed=seed).batches(bs)]
 
 
 @torch.no_grad()
@@ -191,7 +194,7 @@ def sensitivity_inputs(model: nn.Module, layers: list[PointwiseLayer],
     sig: dict[str, torch.Tensor | None] = {ly.name: None for ly in layers}
     if data is not None:
         st = collect_input_stats(model, [ly.name for ly in layers],
-                                 _batches(data, cfg.stats_images), seed=cfg.seed)
+                                 _batches(data, cfg.stats_images, seed=cfg.seed), seed=cfg.seed)
         sig = {n: s.sigma for n, s in st.items()}
     curves, energies = {}, {}
     with progress.task("sensitivity", len(layers)) as t:
@@ -230,7 +233,8 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
     frag = {ly.name: 1.0 for ly in layers}
     if cfg.fragility and train is not None and cfg.method == "hybrid":
         t = time.perf_counter()
-        frag = layer_fragility(model, layers, train.normalized(slice(0, 32)), seed=cfg.seed)
+        frag = layer_fragility(model, layers, torch.cat(_batches(train, 32, seed=cfg.seed + 2)),
+                               seed=cfg.seed)
         timings["fragility_s"] = time.perf_counter() - t
     plan = make_plan(model, info, layers, curves, energies, frag, cfg, plan_override)
     meta: dict[str, Any] = {
@@ -261,7 +265,8 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
     if cfg.reconstruct and train is not None:
         t = time.perf_counter()
         with progress.task("reconstruct", len(layers)) as bar:
-            recon = reconstruct(model, hybrid, layers, _batches(train, cfg.recon_images),
+            recon_batches = _batches(train, cfg.recon_images, seed=cfg.seed + 1)
+            recon = reconstruct(model, hybrid, layers, recon_batches,
                                 cfg.per_image, cfg.seed, cfg.sequential, cfg.bias_correction,
                                 on_layer=lambda n, r: bar.advance(1, info=n))
         timings["reconstruct_s"] = time.perf_counter() - t

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from calib import PRESETS, Preprocess, apply_overrides, get_preset, load_images, preset_for, readers
-from calib.readers import preprocess_image
+from calib.readers import CalibData, preprocess_image
 from hfbconvert.errors import InputError
 from hfbconvert.models import ModelInfo
 
@@ -286,3 +286,18 @@ def test_preset_for_and_overrides() -> None:
 def test_bad_overrides(kwargs: dict, match: str) -> None:
     with pytest.raises(InputError, match=match):
         apply_overrides(PRESETS["tf-inception"], **kwargs)
+
+
+def test_sample_is_seeded_spread_and_in_file_order():
+    """Statistics must come from a random sample, never the first n (class-sorted)."""
+    n = 100
+    data = CalibData(images=torch.zeros(n, 3, 2, 2, dtype=torch.uint8),
+                     labels=torch.arange(n) // 10, files=[f"f{i}" for i in range(n)],
+                     mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), source="mem")
+    a, b = data.sample(20, seed=3), data.sample(20, seed=3)
+    assert a.files == b.files and len(a) == 20
+    idx = [int(f[1:]) for f in a.files]
+    assert idx == sorted(idx) and len(set(idx)) == 20
+    assert len(set(a.labels.tolist())) >= 6  # spread over classes, not the first two
+    assert data.sample(20, seed=4).files != a.files
+    assert len(data.sample(500)) == n
