@@ -34,6 +34,7 @@ class FinetuneConfig:
     freeze_at: float = 0.6  # fraction of steps after which codes are frozen
     temperature: float = 1.0
     label_weight: float = 0.0  # cross-entropy weight when labels exist
+    feature_weight: float = 1.0  # weight of the per-layer feature-map distillation term
     flip: bool = True
     warmup: int = 20
     seed: int = 0
@@ -83,6 +84,37 @@ def _param_groups(model: nn.Module, cfg: FinetuneConfig) -> list[dict]:
     return groups
 
 
+class _FeatureTap:
+    """Captures the outputs of the hybrid layers and of the teacher's layers of the same
+    name, so the loss can match every intermediate feature map, not only the logits: with
+    a few thousand images, logits alone are too weak a signal to pull early layers back."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module) -> None:
+        self.names = [n for n, m in student.named_modules() if isinstance(m, HybridPointwise)]
+        self.s: dict[str, torch.Tensor] = {}
+        self.t: dict[str, torch.Tensor] = {}
+        self.hooks = []
+        for n in self.names:
+            self.hooks.append(student.get_submodule(n).register_forward_hook(self._grab(self.s, n)))
+            self.hooks.append(teacher.get_submodule(n).register_forward_hook(self._grab(self.t, n)))
+
+    @staticmethod
+    def _grab(store: dict, name: str):
+        def hook(_m, _i, out):
+            store[name] = out
+        return hook
+
+    def loss(self) -> torch.Tensor:
+        """Mean over layers of ‖s − t‖² / ‖t‖² (scale-free, so every layer counts)."""
+        terms = [(self.s[n] - self.t[n].detach()).pow(2).sum() / self.t[n].detach().pow(2)
+                 .sum().clamp_min(1e-12) for n in self.names if n in self.s and n in self.t]
+        return torch.stack(terms).mean() if terms else torch.zeros(())
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
 def _freeze_all(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, HybridPointwise):
@@ -129,6 +161,20 @@ def finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
     if state is not None:
         opt.load_state_dict(state["optimizer"])
     last_good = None
+    tap = _FeatureTap(student, teacher) if cfg.feature_weight > 0 else None
+    try:
+        _loop(student, teacher, images, labels, normalize, cfg, opt, start, freeze_step, log,
+              ckpt_path, on_step, label_offset, tap, last_good, dev)
+    finally:
+        if tap is not None:
+            tap.close()
+    _freeze_all(student)
+    student.eval()
+    return log
+
+
+def _loop(student, teacher, images, labels, normalize, cfg, opt, start, freeze_step, log,
+          ckpt_path, on_step, label_offset, tap, last_good, dev) -> None:
     for step in range(start, cfg.steps):
         if step == freeze_step and step > 0:
             _freeze_all(student)
@@ -143,6 +189,8 @@ def finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
         T = cfg.temperature
         loss = F.kl_div(F.log_softmax(s_logits / T, 1), F.log_softmax(t_logits / T, 1),
                         reduction="batchmean", log_target=True) * T * T
+        if tap is not None:
+            loss = loss + cfg.feature_weight * tap.loss()
         if cfg.label_weight > 0 and y is not None:
             loss = loss + cfg.label_weight * F.cross_entropy(s_logits, y.to(dev) + label_offset)
         if not torch.isfinite(loss):
@@ -169,6 +217,3 @@ def finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
                          "optimizer": opt.state_dict(), "frozen": _is_frozen(student),
                          "log": log.to_dict(), "config": cfg.to_dict()}
             save_torch(ckpt_path, last_good)
-    _freeze_all(student)
-    student.eval()
-    return log
