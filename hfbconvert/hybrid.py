@@ -92,6 +92,14 @@ class HybridPointwise(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.kind == "conv"
+        if self.training:
+            # Fine-tuning: one conv with the dense effective weight. Same function (up to
+            # float rounding) at the original layer's cost, instead of a W_b conv with up
+            # to 4x as many output channels plus a W_c conv; gradients reach the latents
+            # through the small W_c·diag(a)·W_b product. Eval runs the deploy form below.
+            w = self.effective_weight()
+            return F.conv2d(x, w[:, :, None, None], self.bias) if conv else F.linear(
+                x, w, self.bias)
         parts = []
         if self.n_critical:
             parts.append(

@@ -105,3 +105,22 @@ def test_init_bank_uses_exactly_r_hidden_units():
     assert sorted(tc.sum(1).tolist()) == [1] * 3 + [2] * 7
     with pytest.raises(ValueError):
         init_bank(w, None, 9)
+
+
+def test_training_form_matches_deploy_form_numerically():
+    """Train mode runs one dense conv (fast fine-tuning); eval runs the factorized deploy
+    form. Both must compute the same function."""
+    torch.manual_seed(0)
+    layer = HybridPointwise(24, 40, torch.arange(0, 40, 3), 60, "conv")
+    with torch.no_grad():
+        layer.wb_latent.uniform_(-1.2, 1.2)
+        layer.wc_latent.uniform_(-1.2, 1.2)
+        layer.a.uniform_(0.1, 1.0)
+        layer.w_crit.normal_()
+        layer.bias.normal_()
+    x = torch.randn(2, 24, 5, 5)
+    y_train = layer.train()(x)
+    y_eval = layer.eval()(x)
+    assert torch.allclose(y_train, y_eval, rtol=1e-5, atol=1e-5)
+    y_train.sum().backward()
+    assert layer.wb_latent.grad is not None and layer.wb_latent.grad.abs().sum() > 0
