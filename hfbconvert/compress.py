@@ -41,8 +41,8 @@ class CompressConfig:
     critical_fraction: float | None = None
     hidden_units_ratio: float = 1.0
     max_add_increase: float = 0.48
-    budgets: tuple[int, ...] = (1, 2, 4)
-    ratios: tuple[float, ...] = (1.0, 2.0)
+    budgets: tuple[int, ...] = (1, 2, 3, 4)
+    ratios: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0)
     reconstruct: bool = True
     sequential: bool = True
     bias_correction: bool = True
@@ -135,7 +135,8 @@ def build_hybrid(model: nn.Module, plans: list[LayerPlan], kinds: dict[str, str]
 def make_plan(model: nn.Module, info: ModelInfo, layers: list[PointwiseLayer],
               curves: dict[str, torch.Tensor], energies: dict[str, torch.Tensor],
               fragility: dict[str, float], cfg: CompressConfig,
-              plan_override: dict | None = None) -> Plan:
+              plan_override: dict | None = None,
+              densities: dict[str, torch.Tensor] | None = None) -> Plan:
     cost = model_cost(model, info.resolution)
     pw_names = {ly.name for ly in layers}
     fixed = sum(c.muls for c in cost.layers if c.name not in pw_names)
@@ -149,7 +150,7 @@ def make_plan(model: nn.Module, info: ModelInfo, layers: list[PointwiseLayer],
     else:
         plans = budget_plan(layers, curves, energies, fragility, cfg.budgets,
                             float(cfg.budget if cfg.budget is not None else 0.536), fixed,
-                            cost.muls, cost.adds, cfg.max_add_increase, cfg.ratios)
+                            cost.muls, cost.adds, cfg.max_add_increase, cfg.ratios, densities)
     if plan_override:
         plans = apply_plan_override(plans, plan_override, layers)
     return Plan(cfg.method, plans, cfg.budget if cfg.critical_fraction is None else None,
@@ -196,16 +197,17 @@ def sensitivity_inputs(model: nn.Module, layers: list[PointwiseLayer],
         st = collect_input_stats(model, [ly.name for ly in layers],
                                  _batches(data, cfg.stats_images, seed=cfg.seed), seed=cfg.seed)
         sig = {n: s.sigma for n, s in st.items()}
-    curves, energies = {}, {}
+    curves, energies, densities = {}, {}, {}
     with progress.task("sensitivity", len(layers)) as t:
         for ly in layers:
             w = layer_weight(model, ly.name).float()
             s = sig[ly.name]
-            curves[ly.name] = loss_curves(w, s, cfg.budgets)
+            curves[ly.name], densities[ly.name] = loss_curves(w, s, cfg.budgets,
+                                                              with_density=True)
             energies[ly.name] = ((w.double() @ s) * w.double()).sum(1) if s is not None else \
                 w.double().pow(2).sum(1)
             t.advance(1, info=ly.name)
-    return sig, curves, energies
+    return sig, curves, energies, densities
 
 
 def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: CompressConfig,
@@ -228,7 +230,7 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
     if data is not None and len(data) >= 20:
         train, held_data = data.split(cfg.held_fraction, seed=cfg.seed)
         held = _batches(held_data, 512)
-    sig, curves, energies = sensitivity_inputs(model, layers, train, cfg)
+    sig, curves, energies, densities = sensitivity_inputs(model, layers, train, cfg)
     timings["sensitivity_s"] = time.perf_counter() - t0
     frag = {ly.name: 1.0 for ly in layers}
     if cfg.fragility and train is not None and cfg.method == "hybrid":
@@ -236,7 +238,8 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
         frag = layer_fragility(model, layers, torch.cat(_batches(train, 32, seed=cfg.seed + 2)),
                                seed=cfg.seed)
         timings["fragility_s"] = time.perf_counter() - t
-    plan = make_plan(model, info, layers, curves, energies, frag, cfg, plan_override)
+    plan = make_plan(model, info, layers, curves, energies, frag, cfg, plan_override,
+                     densities)
     meta: dict[str, Any] = {
         "config": cfg.to_dict(), "plan": plan.to_dict(),
         "sensitivity": {n: c.tolist() for n, c in curves.items()},

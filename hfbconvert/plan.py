@@ -36,6 +36,7 @@ class LayerPlan:
     pixels: int = 1
     predicted_err: float = 0.0
     extra: dict = field(default_factory=dict)
+    density: float = ASSUMED_DENSITY  # W_b non-zero fraction the ADD prediction uses
 
     @property
     def n_tolerant(self) -> int:
@@ -44,7 +45,8 @@ class LayerPlan:
     def predicted_muls(self) -> int:
         return self.pixels * (self.n_critical * self.c_in + self.r)
 
-    def predicted_adds(self, density: float = ASSUMED_DENSITY) -> int:
+    def predicted_adds(self, density: float | None = None) -> int:
+        density = self.density if density is None else density
         n_t = self.n_tolerant
         per = self.n_critical * (self.c_in - 1)
         if n_t:
@@ -122,7 +124,8 @@ def budget_plan(layers: list[PointwiseLayer], curves: dict[str, torch.Tensor],
                 energies: dict[str, torch.Tensor], fragility: dict[str, float],
                 budgets: tuple[int, ...], budget: float, fixed_muls: int, original_muls: int,
                 original_adds: int, max_add_increase: float,
-                ratios: tuple[float, ...] = (1.0, 2.0)) -> list[LayerPlan]:
+                ratios: tuple[float, ...] = (1.0, 2.0),
+                densities: dict[str, torch.Tensor] | None = None) -> list[LayerPlan]:
     """Choose (n_c, ρ) per layer minimizing Σ λ·err under the MUL (and ADD) budget."""
     if not (0 < budget <= 1):
         raise InputError(f"--budget must be in (0, 1], got {budget}")
@@ -135,14 +138,19 @@ def budget_plan(layers: list[PointwiseLayer], curves: dict[str, torch.Tensor],
         for rho in ratios:
             col = _budget_column(budgets, rho)
             order, err = _ranked(curves[ly.name][:, col].double(), energies[ly.name].double())
+            dens = ASSUMED_DENSITY
+            if densities is not None and ly.name in densities:
+                # measured W_b density of the filters most likely tolerant (a little margin)
+                dens = min(1.0, 1.05 * float(densities[ly.name][:, col].mean()))
             grid = sorted({int(round(ly.c_out * i / CRITICAL_STEPS))
                            for i in range(CRITICAL_STEPS + 1)})
             for n_c in grid:
                 n_t = ly.c_out - n_c
                 r = int(math.ceil(rho * n_t)) if n_t else 0
-                lp = LayerPlan(ly.name, n_c, r, [], ly.c_in, ly.c_out, ly.pixels, float(err[n_c]))
+                lp = LayerPlan(ly.name, n_c, r, [], ly.c_in, ly.c_out, ly.pixels, float(err[n_c]),
+                               density=dens)
                 lo.append((lp.predicted_muls(), lp.predicted_adds(), lam * float(err[n_c]),
-                           n_c, r, order, float(err[n_c])))
+                           n_c, r, order, float(err[n_c]), dens))
         opts.append(lo)
     min_muls = sum(min(o[0] for o in lo) for lo in opts)
     if min_muls > limit:
@@ -202,7 +210,7 @@ def budget_plan(layers: list[PointwiseLayer], curves: dict[str, torch.Tensor],
             improved = True
     out = []
     for ly, o in zip(layers, sel):
-        _, _, _, n_c, r, order, err = o
+        _, _, _, n_c, r, order, err, dens = o
         out.append(LayerPlan(ly.name, n_c, r, sorted(order[:n_c].tolist()), ly.c_in, ly.c_out,
-                             ly.pixels, err, {"fragility": fragility.get(ly.name, 1.0)}))
+                             ly.pixels, err, {"fragility": fragility.get(ly.name, 1.0)}, dens))
     return out

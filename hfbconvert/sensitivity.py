@@ -138,14 +138,22 @@ def fit_terms(w: torch.Tensor, sigma: torch.Tensor | None, k_max: int,
 
 
 def loss_curves(w: torch.Tensor, sigma: torch.Tensor | None,
-                budgets: tuple[int, ...] = DEFAULT_BUDGETS, chunk: int = 256) -> torch.Tensor:
-    """L_j(r) for every filter j (rows of ``w``) and every r in ``budgets``: (n, len)."""
+                budgets: tuple[int, ...] = DEFAULT_BUDGETS, chunk: int = 256,
+                with_density: bool = False):
+    """L_j(r) for every filter j (rows of ``w``) and every r in ``budgets``: (n, len).
+
+    ``with_density`` also returns the mean non-zero fraction of the first r terms (n, len):
+    the ADDs a bank will cost, which the planner needs instead of a guessed density."""
     k_max = max(budgets)
-    out = []
+    cols = [b - 1 for b in budgets]
+    out, dens = [], []
     for s in range(0, w.shape[0], chunk):
         fit = fit_terms(w[s:s + chunk], sigma, k_max)
-        out.append(fit.losses[:, [b - 1 for b in budgets]])
-    return torch.cat(out).float()
+        out.append(fit.losses[:, cols])
+        nz = (fit.terms != 0).float().mean(2).cumsum(1)  # (n, k): summed density of 1..k
+        dens.append(nz[:, cols] / torch.tensor([b for b in budgets], dtype=nz.dtype))
+    curves = torch.cat(out).float()
+    return (curves, torch.cat(dens).float()) if with_density else curves
 
 
 def parse_budgets(text: str) -> tuple[int, ...]:

@@ -122,3 +122,16 @@ def test_parse_budgets_rejects_bad_input(bad):
 
 def test_parse_budgets_sorts_and_dedups():
     assert parse_budgets("8, 1,2,2") == (1, 2, 8)
+
+
+def test_loss_curves_density_matches_terms():
+    """The planner's ADD prediction uses the measured non-zero fraction of the terms."""
+    torch.manual_seed(0)
+    w = torch.zeros(16, 64)
+    w[:, :8] = torch.randn(16, 8)  # only 8 of 64 inputs used: terms must be sparse
+    curves, dens = loss_curves(w, None, (1, 2, 4), with_density=True)
+    assert curves.shape == dens.shape == (16, 3)
+    assert float(dens.max()) <= 8 / 64 + 1e-6 and float(dens.min()) > 0
+    wd = torch.randn(16, 64)
+    _, dd = loss_curves(wd, None, (1, 2, 4), with_density=True)
+    assert float(dd.mean()) > 3 * float(dens.mean())
