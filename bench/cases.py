@@ -1,0 +1,197 @@
+"""The benchmark matrix as data: methods, models and the two suites.
+
+Paths may contain ``{shared}`` (env ``HFB_SHARED``, default ``../shared`` relative to the
+repository root) and ``{cifar10}`` (the CIFAR-10 JPEG archive, extracted once into the
+cache folder: env ``HFB_CACHE`` or ``~/.cache/hfbconvert``; never into the repository or
+the read-only shared folder).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tarfile
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Method:
+    key: str
+    label: str
+    kind: str  # "original" | "compress" | "int8"
+    args: tuple[str, ...] = ()  # extra `hfbconvert compress` arguments
+    family: str = "baseline"  # "baseline" | "hybrid" (budget curve) | "hybrid-uniform"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["args"] = list(self.args)
+        return d
+
+
+METHODS: dict[str, Method] = {m.key: m for m in [
+    Method("original", "original FP32", "original"),
+    Method("twn", "TWN (all pointwise ternary)", "compress", ("--method", "twn")),
+    Method("strassen-r1", "StrassenNets r = 1×c_out", "compress",
+           ("--method", "strassen", "--hidden-units-ratio", "1")),
+    Method("strassen-r2", "StrassenNets r = 2×c_out", "compress",
+           ("--method", "strassen", "--hidden-units-ratio", "2")),
+    Method("hybrid-uniform-0.5", "hybrid uniform, 50% critical, r = 1×tolerant", "compress",
+           ("--method", "hybrid", "--critical-fraction", "0.5", "--hidden-units-ratio", "1"),
+           "hybrid-uniform"),
+    Method("hybrid-0.7", "hybrid, MUL budget 0.7", "compress",
+           ("--method", "hybrid", "--budget", "0.7"), "hybrid"),
+    Method("hybrid-0.536", "hybrid, MUL budget 0.536", "compress",
+           ("--method", "hybrid", "--budget", "0.536"), "hybrid"),
+    Method("hybrid-0.4", "hybrid, MUL budget 0.4", "compress",
+           ("--method", "hybrid", "--budget", "0.4"), "hybrid"),
+    Method("int8-ptq", "onnxruntime int8 PTQ (QDQ, per-channel, MinMax)", "int8"),
+]}
+# Table order. Run order (run.py) puts the most informative cells first, so that a run cut
+# short by the time budget still has them.
+TABLE_ORDER = list(METHODS)
+RUN_PRIORITY = ["original", "int8-ptq", "hybrid-0.536", "twn", "hybrid-0.7", "hybrid-0.4",
+                "hybrid-uniform-0.5", "strassen-r1", "strassen-r2"]
+ALL_METHODS = TABLE_ORDER
+
+# The paper's reported point (poster / arXiv 1911.01028) for MobileNetV1 width 0.5 on
+# ImageNet: 46.4% fewer MULs, +48% ADDs, 0.27 points top-1 loss. Drawn as a reference
+# marker relative to the *measured* original; never written into a table.
+PAPER_POINT = {"mul_reduction": 0.464, "add_increase": 0.48, "top1_drop_pp": 0.27,
+               "source": "Gope et al., arXiv 1911.01028 (poster)"}
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    key: str
+    title: str
+    model: str  # checkpoint path template or builtin:...
+    calib: str  # calibration folder template (never the eval split)
+    eval_data: str  # labelled evaluation folder template
+    calib_size: int | None = None  # seeded subset for compress (None: all)
+    eval_size: int | None = None  # seeded subset for eval (None: all)
+    eval_total: int | None = None  # size of the whole eval split, for the notes
+    steps: int = 50  # fine-tuning steps of every compress cell
+    int8_calib: int = 256  # calibration images of the int8 PTQ baseline
+    paper_reference: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+MODELS: dict[str, ModelCase] = {m.key: m for m in [
+    ModelCase("v1-0.5-160", "ImageNet MobileNetV1 0.5-160",
+              "{shared}/models/mobilenet_v1_0.5_160.pt",
+              "{shared}/data/imagenet/calib", "{shared}/data/imagenet/val",
+              calib_size=2000, eval_total=1300, steps=30, paper_reference=True),
+    ModelCase("cifar10-v1-0.5", "CIFAR-10 MobileNetV1 0.5",
+              "{shared}/models/mobilenet_v1_0.5_cifar10.pt",
+              "{cifar10}/train", "{cifar10}/test",
+              calib_size=5000, eval_total=10000, steps=100),
+    ModelCase("v2", "ImageNet MobileNetV2 1.0-224 (torchvision)", "builtin:mobilenet_v2",
+              "{shared}/data/imagenet/calib", "{shared}/data/imagenet/val",
+              calib_size=1000, eval_total=1300, steps=10),
+]}
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    models: tuple[str, ...]
+    methods: dict[str, tuple[str, ...]]  # model key -> method keys
+    overrides: dict[str, dict] = field(default_factory=dict)  # model key -> ModelCase fields
+    time_budget_min: float = 60.0
+    latency_repeats: tuple[int, int] = (30, 5)  # timed runs at batch 1, batch 32
+    # One thread each: on a 2-core machine shared with other jobs, two OpenMP threads per
+    # process made `hfbconvert compress` 2.6x slower (measured: 5.5 vs 2.1 min for
+    # MobileNetV1 0.5-160), and single-thread latencies are the least noisy.
+    torch_threads: int | None = 1
+    ort_threads: int = 1
+    notes: tuple[str, ...] = ()
+
+    def model_cases(self) -> list[ModelCase]:
+        return [replace(MODELS[k], **self.overrides.get(k, {})) for k in self.models]
+
+
+SUITES: dict[str, Suite] = {
+    # Sized for about 60 minutes on 2 CPU cores: fine-tuning steps are far below the
+    # CLI default (300) and the paper's schedule. Models run in order (MobileNetV1 0.5-160
+    # first), methods by RUN_PRIORITY; cells that would start after the time budget is
+    # spent are recorded as skipped, never silently dropped. MobileNetV2 (35 pointwise
+    # layers at 224 px) is the most expensive and the most likely to be cut short.
+    "full": Suite(
+        "full", ("v1-0.5-160", "cifar10-v1-0.5", "v2"),
+        {k: tuple(ALL_METHODS) for k in MODELS},
+        time_budget_min=60.0, latency_repeats=(30, 5),
+        notes=("Fine-tuning steps per model (30 / 100 / 10) are set to fit the suite into "
+               "about an hour on 2 CPU cores (CLI default: 300); accuracy after a longer "
+               "fine-tune may differ.",),
+    ),
+    "quick": Suite(
+        "quick", ("v1-0.5-160",),
+        {"v1-0.5-160": ("original", "twn", "hybrid-0.536", "int8-ptq")},
+        overrides={"v1-0.5-160": {"steps": 10, "calib_size": 1000}},
+        time_budget_min=10.0, latency_repeats=(20, 3),
+        notes=("Quick suite: MobileNetV1 0.5-160 only, 4 methods, 10 fine-tuning steps, "
+               "1000 calibration images; numbers are a smoke check, not the trade-off "
+               "table (run `make bench`).",),
+    ),
+}
+
+
+# ------------------------------------------------------------------------ paths
+
+
+def shared_dir() -> Path:
+    return (REPO / os.environ.get("HFB_SHARED", "../shared")).resolve()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HFB_CACHE") or Path.home() / ".cache" / "hfbconvert")
+
+
+def cifar10_dir() -> Path:
+    """The extracted CIFAR-10 JPEG tree (``train/``, ``test/``), extracting it on first use."""
+    root = cache_dir() / "cifar10-jpeg"
+    done = root / ".complete"
+    if done.is_file():
+        return root / "cifar10"
+    archive = shared_dir() / "data" / "cifar10-jpeg.tar.gz"
+    if not archive.is_file():
+        raise FileNotFoundError(f"{archive}: CIFAR-10 archive not found (set HFB_SHARED)")
+    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    print(f"extracting {archive} into {root} (once)", flush=True)
+    with tarfile.open(archive) as tf:
+        tf.extractall(tmp, filter="data")
+    (tmp / ".complete").write_text("ok\n")
+    if done.is_file():  # a concurrent run finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        shutil.rmtree(root, ignore_errors=True)  # a partial tree from elsewhere
+        tmp.rename(root)
+    return root / "cifar10"
+
+
+def resolve(template: str) -> str:
+    """Expand ``{shared}`` / ``{cifar10}``; ``builtin:`` specs pass through."""
+    if template.startswith("builtin:"):
+        return template
+    out = template
+    if "{shared}" in out:
+        out = out.replace("{shared}", str(shared_dir()))
+    if "{cifar10}" in out:
+        out = out.replace("{cifar10}", str(cifar10_dir()))
+    p = Path(out)
+    return str(p if p.is_absolute() else (Path.cwd() / p).resolve())
+
+
+def case_from_dict(d: dict) -> ModelCase:
+    """A model case from a ``--matrix`` JSON entry (unknown keys are refused)."""
+    known = set(ModelCase.__dataclass_fields__)
+    extra = set(d) - known
+    if extra:
+        raise ValueError(f"unknown model-case field(s): {', '.join(sorted(extra))}")
+    return ModelCase(**d)

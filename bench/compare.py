@@ -1,0 +1,134 @@
+"""Differences between two benchmark results files: ``python -m bench.compare [OLD NEW]``.
+
+Without arguments: the two latest files in bench/results (``--suite`` restricts the
+choice to one suite). Per cell (model × method): top-1 (points), MULs, ONNX bytes,
+conversion time and the batch-1 latency ratio, old → new.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .cases import REPO, TABLE_ORDER
+from .report import load_results, results_files
+
+
+def _get(cell: dict | None, key: str):
+    if cell is None:
+        return None
+    if key == "lat_b1":
+        return ((cell.get("latency") or {}).get("b1") or {}).get("ratio")
+    return cell.get(key)
+
+
+def _fmt(v, kind: str) -> str:
+    if v is None:
+        return "—"
+    if kind == "pct":
+        return f"{100 * v:.2f}"
+    if kind == "M":
+        return f"{v / 1e6:.2f}M"
+    if kind == "MB":
+        return f"{v / 1e6:.2f}MB"
+    if kind == "s":
+        return f"{v:.0f}s"
+    return f"{v:.2f}"
+
+
+def _delta(a, b, kind: str) -> str:
+    if a is None or b is None:
+        return ""
+    if kind == "pct":
+        return f"{100 * (b - a):+.2f}pp"
+    if kind == "s":
+        return f"{b - a:+.0f}s"
+    if kind == "x":
+        return f"{b - a:+.2f}"
+    return f"{100 * (b - a) / a:+.1f}%" if a else ""
+
+
+FIELDS = [("top-1", "top1", "pct"), ("MULs", "muls", "M"), ("ONNX", "onnx_bytes", "MB"),
+          ("convert", "convert_wall_s", "s"), ("b1 ratio", "lat_b1", "x")]
+
+
+def compare(old: dict, new: dict) -> list[str]:
+    lines = []
+    for tag, r in (("old", old), ("new", new)):
+        g = r.get("git", {})
+        lines.append(f"{tag}: {r.get('_path')}  suite {r['suite']}  {r.get('started')}  commit "
+                     f"{(g.get('commit') or '?')[:10]}{' (dirty)' if g.get('dirty') else ''}")
+    so, sn = old.get("settings", {}), new.get("settings", {})
+    for k in sorted(set(so) | set(sn)):
+        if so.get(k) != sn.get(k) and k != "notes":
+            lines.append(f"setting {k}: {so.get(k)} -> {sn.get(k)}")
+    mo = {m["key"]: m for m in old.get("models", [])}
+    for m in new.get("models", []):
+        o = mo.get(m["key"])
+        if o is None:
+            continue
+        for k in ("steps", "calib_size", "eval_size"):
+            if o.get(k) != m.get(k):
+                lines.append(f"{m['key']}: {k} {o.get(k)} -> {m.get(k)}")
+    lines.append("")
+    co = {(c["model"], c["method"]): c for c in old["cells"]}
+    cn = {(c["model"], c["method"]): c for c in new["cells"]}
+    models = list(dict.fromkeys([k[0] for k in cn] + [k[0] for k in co]))
+    rank = {m: i for i, m in enumerate(TABLE_ORDER)}
+    header = f"{'model':<16} {'method':<20} " + " ".join(f"{f[0]:>26}" for f in FIELDS)
+    lines.append(header)
+    lines.append("-" * len(header))
+    for model in models:
+        keys = sorted({k[1] for k in (*co, *cn) if k[0] == model},
+                      key=lambda m: rank.get(m, 99))
+        for meth in keys:
+            a, b = co.get((model, meth)), cn.get((model, meth))
+            cols = []
+            for _, key, kind in FIELDS:
+                va, vb = _get(a, key), _get(b, key)
+                txt = f"{_fmt(va, kind)} -> {_fmt(vb, kind)} {_delta(va, vb, kind)}"
+                cols.append(f"{txt.strip():>26}")
+            status = ""
+            if a is None:
+                status = "  (new cell)"
+            elif b is None:
+                status = "  (cell removed)"
+            elif a.get("status") != b.get("status"):
+                status = f"  ({a.get('status')} -> {b.get('status')})"
+            elif b.get("status") != "ok":
+                status = f"  ({b.get('status')})"
+            lines.append(f"{model:<16} {meth:<20} " + " ".join(cols) + status)
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__)
+    p.add_argument("files", nargs="*", type=Path, help="OLD NEW (default: the two latest)")
+    p.add_argument("--dir", type=Path, default=REPO / "bench" / "results")
+    p.add_argument("--suite", default=None, help="only consider results of this suite")
+    a = p.parse_args(argv)
+    if len(a.files) == 2:
+        paths = a.files
+    elif not a.files:
+        files = results_files(a.dir)
+        if a.suite:
+            files = [f for f in files if load_results(f)["suite"] == a.suite]
+        if len(files) < 2:
+            print(f"need two results files in {a.dir} (found {len(files)}); "
+                  "run `make bench-quick` twice, or pass OLD NEW", file=sys.stderr)
+            return 2
+        paths = files[-2:]
+    else:
+        p.error("give two files (OLD NEW) or none")
+    try:
+        old, new = (load_results(x) for x in paths)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(compare(old, new)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""The benchmark harness (bench/) end to end on the tiny model: one compressed cell run
+through the real CLI, the int8 baseline, a model whose files are missing (recorded as
+failed, not fatal), the results JSON, BENCHMARKS.md + plot, and bench.compare."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import RESULTS_SCHEMA, compare, run
+from bench.cases import METHODS, SUITES
+
+from .tiny import write_npz, write_reference_checkpoint
+
+
+def _matrix(tmp_path: Path) -> Path:
+    ckpt = write_reference_checkpoint(tmp_path / "tiny.pt")
+    calib = write_npz(tmp_path / "calib.npz", n=24, seed=0)
+    ev = write_npz(tmp_path / "eval.npz", n=32, seed=1)
+    spec = {
+        "name": "tiny",
+        "models": [
+            {"key": "tiny", "title": "tiny V1", "model": str(ckpt), "calib": str(calib),
+             "eval_data": str(ev), "int8_calib": 16, "paper_reference": True},
+            {"key": "gone", "title": "missing files", "model": str(tmp_path / "nope.pt"),
+             "calib": str(calib), "eval_data": str(ev)},
+        ],
+        # one compressed cell; reconstruction off to keep the test fast
+        "methods": [{"key": "twn-fast", "label": "TWN, no reconstruction", "kind": "compress",
+                     "args": ["--method", "twn", "--no-reconstruct"]}, "int8-ptq"],
+        "latency_repeats": [2, 1],
+    }
+    path = tmp_path / "matrix.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+@pytest.mark.slow
+def test_bench_end_to_end(tmp_path: Path, capsys) -> None:
+    out, md, plots = tmp_path / "results", tmp_path / "BENCHMARKS.md", tmp_path / "plots"
+    argv = ["--matrix", str(_matrix(tmp_path)), "--steps", "2", "--out", str(out),
+            "--markdown", str(md), "--plots", str(plots), "--threads", "1",
+            "--torch-threads", "1"]  # oversubscribed OpenMP threads are ~10x slower
+    assert run.main(argv) == 0
+
+    files = sorted(out.glob("*-tiny.json"))
+    assert len(files) == 1
+    assert not (out / "tmp").exists()  # artifacts cleaned up
+    res = json.loads(files[0].read_text())
+    assert res["schema"] == RESULTS_SCHEMA and res["complete"] is True
+    assert res["command"].startswith("python -m bench.run --matrix")
+    for key in ("python", "torch", "onnxruntime", "hfbconvert"):
+        assert res["versions"][key]
+    assert res["machine"]["cpus"] >= 1 and "commit" in res["git"]
+
+    cells = {(c["model"], c["method"]): c for c in res["cells"]}
+    assert set(cells) == {("tiny", "original"), ("tiny", "twn-fast"), ("tiny", "int8-ptq"),
+                          ("gone", "original"), ("gone", "twn-fast"), ("gone", "int8-ptq")}
+    for key in (("tiny", "original"), ("tiny", "twn-fast"), ("tiny", "int8-ptq")):
+        assert cells[key]["status"] == "ok", cells[key]["errors"]
+    orig, cell, q = cells["tiny", "original"], cells["tiny", "twn-fast"], cells["tiny", "int8-ptq"]
+    for k in ("top1", "top5", "agreement", "n_eval", "muls", "adds", "params", "cost_bytes",
+              "energy_pj", "onnx_bytes", "convert_wall_s", "convert_peak_rss_mb"):
+        assert cell[k] is not None, k
+    assert cell["n_eval"] == 32 and cell["steps_finetune"] == 2
+    assert cell["muls"] < orig["muls"]
+    assert cell["onnx_custom_ops"] > 0 and cell["verify"]["passed"]
+    assert [s["name"] for s in cell["steps"]] == ["compress", "eval", "export"]
+    assert cell["steps"][0]["command"].startswith("hfbconvert compress ")
+    for b in ("b1", "b32"):
+        assert cell["latency"][b]["ms"] > 0 and cell["latency"][b]["ratio"] > 0
+    assert q["top1"] is not None and q["onnx_bytes"] < orig["onnx_bytes"]
+    assert cells["gone", "twn-fast"]["status"] == "failed"
+    assert "not found" in cells["gone", "twn-fast"]["errors"][0]
+
+    text = md.read_text()
+    assert "## Tiny suite" in text and "python -m bench.run --matrix" in text
+    assert "| `twn-fast` |" in text and "| `original` |" in text
+    assert "`twn-fast` failed" in text  # the missing model's cells, with their error
+    assert (plots / "tiny-tiny.png").stat().st_size > 0
+    assert "plots/tiny-tiny.png" in text
+
+    # compare: the latest two files; a later copy with a better top-1
+    newer = json.loads(files[0].read_text())
+    for c in newer["cells"]:
+        if c["method"] == "twn-fast" and c["model"] == "tiny":
+            c["top1"] = cell["top1"] + 0.05
+    (out / "29991231T000000Z-tiny.json").write_text(json.dumps(newer))
+    capsys.readouterr()
+    assert compare.main(["--dir", str(out)]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "twn-fast" in ln]
+    assert any("+5.00pp" in ln for ln in lines)
+
+
+def test_suites_are_well_formed() -> None:
+    quick = SUITES["quick"]
+    assert quick.models == ("v1-0.5-160",)
+    assert set(quick.methods["v1-0.5-160"]) == {"original", "twn", "hybrid-0.536", "int8-ptq"}
+    full = SUITES["full"]
+    for model in full.models:
+        assert set(full.methods[model]) == set(METHODS)
+    args = run.build_parser().parse_args(["--suite", "full", "--methods", "twn"])
+    name, cases, methods, _ = run.plan(args)
+    assert name == "full" and len(cases) == 3
+    order = [(c.key, m.key) for c, m in run.schedule(cases, methods)]
+    assert order == [(k, m) for k in ("v1-0.5-160", "cifar10-v1-0.5", "v2")
+                     for m in ("original", "twn")]
+    assert all(m.key in ("original", "twn") for ms in methods.values() for m in ms)
+
+
+def test_dry_run_prints_matrix(capsys) -> None:
+    assert run.main(["--suite", "quick", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "hybrid-0.536" in text and "--budget 0.536" in text
+
+
+def test_time_budget_skips_cells(tmp_path: Path) -> None:
+    """Cells that would start after the budget are recorded as skipped, not dropped."""
+    out = tmp_path / "results"
+    argv = ["--matrix", str(_matrix(tmp_path)), "--out", str(out), "--no-report",
+            "--time-budget", "0.00001"]
+    assert run.main(argv) == 0
+    res = json.loads(next(out.glob("*-tiny.json")).read_text())
+    tiny = [c for c in res["cells"] if c["model"] == "tiny"]
+    assert len(tiny) == 3 and all(c["status"] == "skipped" for c in tiny)
+    assert "time budget" in tiny[0]["errors"][0]
