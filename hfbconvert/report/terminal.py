@@ -7,6 +7,7 @@ be piped, and they reuse the report's formatters so the terminal and the files a
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 
 from rich import box
@@ -33,7 +34,14 @@ _PLAN_FIELDS = {f.name for f in dataclasses.fields(LayerPlan)}
 
 
 def _console(console: Console | None) -> Console:
-    return console or Console(highlight=False)
+    """Stdout console; when stdout is a file or pipe (no terminal width to follow), tables
+    get 160 columns instead of rich's 80 so they stay readable in logs."""
+    if console is not None:
+        return console
+    c = Console(highlight=False)
+    if not c.is_terminal and "COLUMNS" not in os.environ:
+        c = Console(highlight=False, width=160)
+    return c
 
 
 def _table(title: str | None, head: Sequence[str], rows: Sequence[Sequence[str]],
