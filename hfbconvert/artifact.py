@@ -8,6 +8,11 @@ A ``torch.save``d dict of tensors and plain data only, loadable with
     layers        {module name: {c_in, c_out, kind, critical_idx: [..], r, channel_scale}}
     state_dict    the deploy-form state dict of the whole hybrid model
     meta          plan, costs, sensitivities, fine-tune log, versions (plain data)
+
+``meta["weight_bits"]`` (32 when absent) is the storage precision of the full-precision
+weights (``compress --weight-bits``): the state dict holds them fake-quantized (float32
+tensors with exactly the float16 / per-channel int8 values), and the rebuilt model is
+marked with it so that the ONNX exporter and the cost model store them at those bits.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from .fileio import load_torch, save_torch
 from .hybrid import HybridPointwise
 from .layers import set_submodule
 from .models.info import ModelInfo
+from .weightquant import WEIGHT_BITS, mark_weight_bits
 
 FORMAT = "hfbconvert-compressed/1"
 
@@ -85,6 +91,11 @@ def build_compressed(obj: dict[str, Any], source: str = "artifact") -> tuple[nn.
         first = str(exc).splitlines()[0]
         raise InputError(
             f"{source}: compressed artifact does not match its layers ({first})") from None
+    bits = (obj.get("meta") or {}).get("weight_bits", 32)
+    if bits not in WEIGHT_BITS:
+        raise InputError(f"{source}: unsupported weight_bits {bits!r} in the artifact's "
+                         "metadata (32, 16 or 8)")
+    mark_weight_bits(model, bits)
     model.eval()
     return model, info
 

@@ -6,8 +6,10 @@ Conventions (stated in every report):
 - A hybrid layer: critical rows as above; the SPN bank needs r MULs (``a``), plus one
   MUL per tolerant channel if it has a channel scale, and ADDs counted from the real
   non-zeros: Σ_rows max(nnz(W_b row) - 1, 0) + Σ_rows max(nnz(W_c row) - 1, 0).
-- Bytes: full-precision weights at ``fp_bits`` (32 or 16), ternary weights at 2 bits
-  packed four per byte, biases and ``a`` at ``fp_bits``.
+- Bytes: full-precision weights (critical rows, stem, depthwise, classifier) at their
+  storage ``weight_bits`` (32, 16, or 8 with one float32 scale per output channel;
+  ``compress --weight-bits``), ternary weights at 2 bits packed four per byte, biases and
+  ``a`` at ``fp_bits``. Weight-only storage: the arithmetic (energy) stays at ``fp_bits``.
 - Energy: arithmetic only, from the 45 nm constants below (Horowitz, ISSCC 2014), plus
   a separate figure that adds one DRAM read per 32-bit word of weights.
 """
@@ -58,6 +60,7 @@ class LayerCost:
 class ModelCost:
     layers: list[LayerCost]
     fp_bits: int = 32
+    weight_bits: int | None = None  # storage bits of FP weights; None: fp_bits
 
     @property
     def muls(self) -> int:
@@ -91,7 +94,9 @@ class ModelCost:
             "muls": self.muls, "adds": self.adds, "params": self.params,
             "bytes": self.bytes, "energy_pj": self.energy_pj,
             "energy_with_weight_reads_pj": self.energy_with_reads_pj,
-            "fp_bits": self.fp_bits, "energy_constants": dict(ENERGY_PJ),
+            "fp_bits": self.fp_bits,
+            "weight_bits": self.fp_bits if self.weight_bits is None else self.weight_bits,
+            "energy_constants": dict(ENERGY_PJ),
             "energy_source": ENERGY_SOURCE,
         }
 
@@ -109,8 +114,19 @@ def ternary_bytes(n: int) -> float:
     return math.ceil(n * TERNARY_BITS / 8)
 
 
-def hybrid_cost(name: str, m: HybridPointwise, pixels: int, fp_bits: int = 32) -> LayerCost:
-    """Cost of one hybrid layer counted from its real ternary non-zeros."""
+def weight_bytes(numel: int, channels: int, weight_bits: int) -> float:
+    """Storage of a full-precision weight tensor: ``weight_bits`` per value, plus one
+    float32 scale per output channel at 8 bits (per-channel int8)."""
+    if numel == 0:
+        return 0.0
+    return numel * weight_bits / 8 + (channels * 4 if weight_bits == 8 else 0)
+
+
+def hybrid_cost(name: str, m: HybridPointwise, pixels: int, fp_bits: int = 32,
+                weight_bits: int | None = None) -> LayerCost:
+    """Cost of one hybrid layer counted from its real ternary non-zeros; the critical rows
+    are stored at ``weight_bits`` (default ``fp_bits``)."""
+    wbits = fp_bits if weight_bits is None else weight_bits
     tb, _, tc = m.ternary_factors()
     n_c, n_t, c_in, r = m.n_critical, m.n_tolerant, m.c_in, m.r
     nnz_b = (tb != 0).sum(1) if n_t else torch.zeros(0)
@@ -122,18 +138,24 @@ def hybrid_cost(name: str, m: HybridPointwise, pixels: int, fp_bits: int = 32) -
     adds = pixels * (n_c * (c_in - 1) + add_b + add_c)
     fp_params = n_c * c_in + m.c_out + r + cs  # critical rows, bias, a, scales
     tern = r * c_in + n_t * r
-    byts = fp_params * fp_bits / 8 + (ternary_bytes(r * c_in) + ternary_bytes(n_t * r))
+    byts = (weight_bytes(n_c * c_in, n_c, wbits) + (m.c_out + r + cs) * fp_bits / 8
+            + ternary_bytes(r * c_in) + ternary_bytes(n_t * r))
     return LayerCost(name, "hybrid", muls, adds, fp_params + tern, byts, pixels, {
         "critical": n_c, "tolerant": n_t, "r": r, "c_in": c_in, "c_out": m.c_out,
         "nnz_wb": int(nnz_b.sum()) if n_t else 0, "nnz_wc": int(nnz_c.sum()) if n_t else 0,
-        "adds_wb": pixels * add_b, "adds_wc": pixels * add_c,
+        "adds_wb": pixels * add_b, "adds_wc": pixels * add_c, "weight_bits": wbits,
     })
 
 
 @torch.no_grad()
 def model_cost(model: nn.Module, resolution: int, fp_bits: int = 32,
-               count_conv_bias: bool = True) -> ModelCost:
-    """Walk one forward pass and cost every Conv2d, Linear and HybridPointwise."""
+               count_conv_bias: bool = True, weight_bits: int | None = None) -> ModelCost:
+    """Walk one forward pass and cost every Conv2d, Linear and HybridPointwise. Weights are
+    stored at ``weight_bits``: by default the model's own (``compress --weight-bits``, see
+    ``weightquant``), 32 for a model that was not rounded; ``fp_bits`` if given and lower."""
+    from .weightquant import model_weight_bits
+
+    wbits = weight_bits if weight_bits is not None else min(model_weight_bits(model), fp_bits)
     rows: list[LayerCost] = []
     hooks = []
     hybrids = {id(m) for m in model.modules() if isinstance(m, HybridPointwise)}
@@ -147,7 +169,7 @@ def model_cost(model: nn.Module, resolution: int, fp_bits: int = 32,
             if isinstance(mod, HybridPointwise):
                 shp = out.shape
                 pix = int(shp[2] * shp[3]) if out.dim() == 4 else int(out[0].numel() // shp[1])
-                rows.append(hybrid_cost(name, mod, pix, fp_bits))
+                rows.append(hybrid_cost(name, mod, pix, fp_bits, wbits))
             elif isinstance(mod, nn.Conv2d):
                 pix = int(out.shape[2] * out.shape[3])
                 fan_in = mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
@@ -156,15 +178,19 @@ def model_cost(model: nn.Module, resolution: int, fp_bits: int = 32,
                     "pointwise" if mod.kernel_size == (1, 1) and mod.groups == 1 else "conv")
                 has_b = mod.bias is not None and count_conv_bias
                 params = fan_in * c_out + (c_out if has_b else 0)
+                byts = weight_bytes(fan_in * c_out, c_out, wbits) + (
+                    c_out * fp_bits / 8 if has_b else 0)
                 rows.append(LayerCost(name, kind, pix * fan_in * c_out, pix * c_out * (fan_in - 1),
-                                      params, params * fp_bits / 8, pix))
+                                      params, byts, pix, {"weight_bits": wbits}))
             elif isinstance(mod, nn.Linear):
                 pix = int(out[0].numel() // out.shape[-1]) if out.dim() > 1 else 1
-                params = mod.in_features * mod.out_features + (
-                    mod.out_features if mod.bias is not None else 0)
+                n_b = mod.out_features if mod.bias is not None else 0
+                params = mod.in_features * mod.out_features + n_b
+                byts = weight_bytes(mod.in_features * mod.out_features, mod.out_features,
+                                    wbits) + n_b * fp_bits / 8
                 rows.append(LayerCost(name, "linear", pix * mod.in_features * mod.out_features,
                                       pix * mod.out_features * (mod.in_features - 1),
-                                      params, params * fp_bits / 8, pix))
+                                      params, byts, pix, {"weight_bits": wbits}))
         return hook
 
     for name, mod in model.named_modules():
@@ -182,4 +208,4 @@ def model_cost(model: nn.Module, resolution: int, fp_bits: int = 32,
         for h in hooks:
             h.remove()
         model.train(was)
-    return ModelCost(rows, fp_bits)
+    return ModelCost(rows, fp_bits, wbits)

@@ -184,12 +184,27 @@ def ort_logits(path: str | Path, x: np.ndarray, batch_size: int) -> np.ndarray:
                         _fixed_batch(inp.shape[0]))
 
 
+def _reference_new_ops(mp: Any) -> list:
+    """``onnx.reference`` implements DequantizeLinear from opset 19 only; for int8 weights
+    (``--weight-bits 8``) in an opset 13-18 file, reuse the version-19 kernel (same
+    semantics for int8 input and float32 scale)."""
+    opset = next((o.version for o in mp.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset >= 19 or not any(n.op_type == "DequantizeLinear" for n in mp.graph.node):
+        return []
+    from onnx.reference.ops.op_dequantize_linear import DequantizeLinear_19
+
+    def _run(self, x, x_scale, x_zero_point=None, axis=1, **_unused):  # type: ignore[no-untyped-def]
+        return DequantizeLinear_19._run(self, x, x_scale, x_zero_point, axis=axis)
+
+    return [type("DequantizeLinear", (DequantizeLinear_19,), {"op_domain": "", "_run": _run})]
+
+
 def reference_logits(path: str | Path, x: np.ndarray) -> np.ndarray:
     import onnx
     from onnx.reference import ReferenceEvaluator
 
     mp = onnx.load(str(path))
-    ev = ReferenceEvaluator(mp)
+    ev = ReferenceEvaluator(mp, new_ops=_reference_new_ops(mp) or None)
     inp = mp.graph.input[0]
     dim = inp.type.tensor_type.shape.dim[0]
     fixed = _fixed_batch(dim.dim_value if dim.HasField("dim_value") else None)

@@ -81,6 +81,8 @@ def fmt_pair(before: str, after: str) -> str:
     return f"{before} → {after}"
 
 
+WEIGHT_STORAGE = {32: "float32", 16: "float16",
+                  8: "int8 (per output channel, one fp32 scale each)"}
 FORMATTERS = {"muls": fmt_count, "adds": fmt_count, "params": fmt_count, "bytes": fmt_bytes,
               "energy_pj": fmt_energy, "energy_with_weight_reads_pj": fmt_energy}
 COST_LABELS = {"muls": "MULs", "adds": "ADDs", "params": "parameters", "bytes": "weight bytes",
@@ -176,6 +178,7 @@ def _layer_row(ly: dict, meta: dict, before: dict | None, after: dict | None,
     row["bank_loss_after_ft"] = _finite(errs.get("bank_loss_after_ft"))
     row["output_rel_err"] = _finite(errs.get("output_rel_err"))
     row["median_loss"] = _median_curve((meta.get("sensitivity") or {}).get(name))
+    row["weight_bits"] = ((after or {}).get("extra") or {}).get("weight_bits")
     return row
 
 
@@ -225,6 +228,7 @@ def _conventions(meta: dict) -> dict:
     return {
         "counting": _doc_bullets(costs.__doc__ or ""),
         "fp_bits": tot.get("fp_bits", 32),
+        "weight_bits": tot.get("weight_bits", meta.get("weight_bits", tot.get("fp_bits", 32))),
         "energy_constants_pj": dict(tot.get("energy_constants") or costs.ENERGY_PJ),
         "energy_source": tot.get("energy_source") or costs.ENERGY_SOURCE,
         "per_layer_energy": "MULs·E_mul + ADDs·E_add at fp_bits (arithmetic only); the total "
@@ -268,7 +272,7 @@ def _export(export: dict | None) -> dict | None:
     ver = export.get("verify") or {}
     return {"output": export.get("output"), "bytes": ex.get("bytes"),
             "packed_bytes": ex.get("packed_bytes"), "opset": ex.get("opset"),
-            "custom_ops": ex.get("custom_ops"),
+            "custom_ops": ex.get("custom_ops"), "weight_bits": ex.get("weight_bits"),
             "verify": None if not ver else {
                 "passed": ver.get("passed"), "max_rel_diff": _finite(ver.get("max_rel_diff")),
                 "agreement": _finite(ver.get("agreement"))}}
@@ -312,8 +316,8 @@ def build_report(meta: dict, info: ModelInfo | None, export: dict | None = None)
 # ------------------------------------------------------------------------ table content
 def layer_table(rep: dict) -> tuple[list[str], list[list[str]]]:
     """Header and text cells of the per-layer table (shared by Markdown, HTML, terminal)."""
-    head = ["layer", "c_in→c_out", "crit / tol", "r", "MULs", "ADDs", "bytes", "energy",
-            "pred. err", "bank loss pre → post FT", "output err"]
+    head = ["layer", "c_in→c_out", "crit / tol", "r", "MULs", "ADDs", "bytes", "FP weight bits",
+            "energy", "pred. err", "bank loss pre → post FT", "output err"]
     rows = []
     for r in rep.get("layers", []):
         b, a = r.get("before") or {}, r.get("after") or {}
@@ -325,8 +329,8 @@ def layer_table(rep: dict) -> tuple[list[str], list[list[str]]]:
             r["name"], f"{r.get('c_in', '?')}→{r.get('c_out', '?')}",
             f"{fmt_num(r.get('critical'), 'd')} / {fmt_num(r.get('tolerant'), 'd')}",
             fmt_num(r.get("r"), "d"), pair("muls", fmt_count), pair("adds", fmt_count),
-            pair("bytes", fmt_bytes), pair("energy_pj", fmt_energy),
-            fmt_num(r.get("predicted_err")),
+            pair("bytes", fmt_bytes), fmt_num(r.get("weight_bits"), "d"),
+            pair("energy_pj", fmt_energy), fmt_num(r.get("predicted_err")),
             fmt_pair(fmt_num(r.get("bank_loss_before_ft")), fmt_num(r.get("bank_loss_after_ft"))),
             fmt_num(r.get("output_rel_err")),
         ])
@@ -338,6 +342,7 @@ def layer_table(rep: dict) -> tuple[list[str], list[list[str]]]:
                      fmt_pair(fmt_count(b["muls"]), fmt_count(a["muls"])),
                      fmt_pair(fmt_count(b["adds"]), fmt_count(a["adds"])),
                      fmt_pair(fmt_bytes(b["bytes"]), fmt_bytes(a["bytes"])),
+                     fmt_num((rep.get("conventions") or {}).get("weight_bits"), "d"),
                      fmt_pair(fmt_energy(b["energy_pj"]), fmt_energy(a["energy_pj"])),
                      "", "", ""])
     return head, rows
@@ -388,6 +393,10 @@ def summary_lines(rep: dict) -> list[str]:
                                   "apart for agreement" if cal else "none (weight-space fit)"))
     out.append(f"final top-1 agreement with the original: "
                f"{fmt_num(rep.get('final_agreement'), '.4f')}")
+    wb = (rep.get("conventions") or {}).get("weight_bits")
+    if wb is not None:
+        out.append(f"full-precision weights stored at {WEIGHT_STORAGE.get(wb, f'{wb} bits')}; "
+                   "ternary banks at 2 bits; biases, BatchNorm and scales a at fp32")
     ex = rep.get("export")
     if ex:
         v = ex.get("verify") or {}

@@ -1,0 +1,178 @@
+"""Storage precision of the full-precision weights (``compress --weight-bits 32|16|8``).
+
+Everything a hybrid model keeps in full precision -- the critical filters (``w_crit``),
+the 3x3 stem conv, the depthwise convs, the classifier (or its critical part) and any
+other Conv2d/Linear weight -- can be stored at 16 or 8 bits. Biases, BatchNorm, the
+ternary banks' ``a`` and channel scales stay float32.
+
+* 16: every weight is rounded to float16 (``w.half().float()``).
+* 8: per-output-channel symmetric int8: ``scale = clip · max|w_row| / 127``, codes
+  ``round(w / scale)`` clamped to [-127, 127], ``w = codes · scale``; ``clip`` is chosen
+  per channel from :data:`CLIP_RATIOS` to minimise ``‖w − q(w)‖²``.
+
+The PyTorch model is *fake-quantized*: the weights stay float32 tensors holding exactly the
+representable values, so the model that is saved, evaluated and verified is the one the
+ONNX file computes. Weight-only: the arithmetic stays float32 (so does the energy model).
+
+Exactness: the scale is chosen so that ``fl(fl(127 · scale) / 127) == scale`` (nudged by an
+ulp where needed), hence :func:`int8_codes` re-derives the same scale and codes from the
+fake-quantized weights alone and ``codes · scale`` reproduces them bit for bit. Nothing but
+the bit width needs to be stored next to the weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import InputError
+from .hybrid import HybridPointwise
+
+WEIGHT_BITS = (32, 16, 8)
+INT8_MAX = 127
+# per-channel clipping ratios searched for the int8 scale (1.0 = no clipping)
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+ATTR = "hfb_weight_bits"  # set on the root module of a model whose weights were rounded
+
+
+def check_bits(bits: Any, what: str = "--weight-bits") -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in WEIGHT_BITS:
+        raise InputError(f"{what} {bits} is not supported; choose 32, 16 or 8")
+    return int(bits)
+
+
+# ---------------------------------------------------------------------------- int8
+def _rows(w: torch.Tensor) -> torch.Tensor:
+    return w.detach().to("cpu", torch.float32).reshape(w.shape[0], -1)
+
+
+def _stable_scale(s: torch.Tensor) -> torch.Tensor:
+    """Nudge each scale by ulps until ``fl(fl(127·s)/127) == s`` (almost always already)."""
+    s = s.clone()
+    for _ in range(8):
+        bad = (s * INT8_MAX) / INT8_MAX != s
+        if not bool(bad.any()):
+            return s
+        s[bad] = torch.nextafter(s[bad], torch.full_like(s[bad], float("inf")))
+    raise RuntimeError("no round-trip-stable int8 scale found")  # pragma: no cover
+
+
+def _quant_rows(rows: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    amax = rows.abs().amax(1)
+    scale = amax * ratio / INT8_MAX
+    # channels that are zero, or so small that the scale is not a normal float: all codes 0
+    zero = ~(scale >= torch.finfo(torch.float32).tiny)
+    scale = _stable_scale(torch.where(zero, torch.ones_like(scale), scale))
+    codes = torch.round(rows / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX)
+    codes[zero] = 0
+    return codes, scale
+
+
+def _sq_err(codes: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Per-channel ‖w − q(w)‖² of the float32 dequantized values, summed in float64."""
+    return ((codes * scale[:, None]).double() - rows.double()).pow(2).sum(1)
+
+
+def quantize_int8(w: torch.Tensor, clip_ratios: tuple[float, ...] = CLIP_RATIOS,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel (dim 0) symmetric int8: ``(codes int8 like w, scale float32 [C])``.
+
+    Each channel takes the clipping ratio with the smallest squared error; ties keep the
+    earlier (larger) ratio. An all-zero channel (or one whose scale would be subnormal,
+    |w| < 1e-36) gets scale 1 and codes 0."""
+    rows = _rows(w)
+    best_codes, best_scale = _quant_rows(rows, clip_ratios[0])
+    best_err = _sq_err(best_codes, best_scale, rows)
+    for ratio in clip_ratios[1:]:
+        codes, scale = _quant_rows(rows, ratio)
+        err = _sq_err(codes, scale, rows)
+        better = err < best_err
+        best_codes[better], best_scale[better], best_err[better] = \
+            codes[better], scale[better], err[better]
+    return best_codes.to(torch.int8).reshape(w.shape), best_scale
+
+
+def dequantize_int8(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    shape = (-1,) + (1,) * (codes.dim() - 1)
+    return codes.float() * scale.reshape(shape)
+
+
+def fake_quant(w: torch.Tensor, bits: int, clip_ratios: tuple[float, ...] = CLIP_RATIOS,
+               ) -> torch.Tensor:
+    """``w`` rounded to its storage precision, as float32 (on w's device)."""
+    if bits == 32:
+        return w.detach().float().clone()
+    if bits == 16:
+        return w.detach().half().float()
+    codes, scale = quantize_int8(w, clip_ratios)
+    return dequantize_int8(codes, scale).to(w.device)
+
+
+def int8_codes(w: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Re-derive ``(codes int8, scale float32)`` of fake-quantized float32 weights along
+    channel ``axis`` (the scale rule of :func:`quantize_int8` after clipping: the largest
+    code of a channel is ±127). Raises ``ValueError`` unless ``codes · scale == w`` exactly."""
+    w = np.asarray(w, dtype=np.float32)
+    moved = np.moveaxis(w, axis, 0)
+    rows = moved.reshape(moved.shape[0], -1)
+    amax = np.abs(rows).max(axis=1) if rows.size else np.zeros(rows.shape[0], np.float32)
+    scale = np.where(amax > 0, amax / np.float32(INT8_MAX), np.float32(1)).astype(np.float32)
+    codes = np.rint(rows / scale[:, None])
+    if np.abs(codes).max(initial=0) > INT8_MAX or not np.array_equal(
+            (codes.astype(np.float32) * scale[:, None]).astype(np.float32), rows):
+        raise ValueError("weights are not per-channel int8 values")
+    codes = np.moveaxis(codes.astype(np.int8).reshape(moved.shape), 0, axis)
+    return np.ascontiguousarray(codes), scale
+
+
+def is_fp16_exact(w: np.ndarray) -> bool:
+    w = np.asarray(w, dtype=np.float32)
+    return bool(np.array_equal(w.astype(np.float16).astype(np.float32), w))
+
+
+# ---------------------------------------------------------------------------- models
+def weight_params(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """``(full name, module, attribute)`` of every full-precision weight matrix/kernel:
+    Conv2d and Linear ``weight`` and HybridPointwise ``w_crit`` (not biases, BatchNorm,
+    ``a`` or channel scales)."""
+    out = []
+    for name, mod in model.named_modules():
+        attr = None
+        if isinstance(mod, HybridPointwise):
+            attr = "w_crit" if mod.n_critical else None
+        elif isinstance(mod, (nn.Conv2d, nn.Linear)):
+            attr = "weight"
+        if attr is not None and getattr(mod, attr, None) is not None:
+            out.append((f"{name}.{attr}" if name else attr, mod, attr))
+    return out
+
+
+def model_weight_bits(model: nn.Module) -> int:
+    """Storage bits of ``model``'s full-precision weights (32 unless it was rounded)."""
+    return int(getattr(model, ATTR, 32))
+
+
+def mark_weight_bits(model: nn.Module, bits: int) -> None:
+    setattr(model, ATTR, check_bits(bits, "weight bits"))
+
+
+@torch.no_grad()
+def apply_weight_bits(model: nn.Module, bits: int,
+                      clip_ratios: tuple[float, ...] = CLIP_RATIOS) -> dict[str, Any]:
+    """Round every full-precision weight of ``model`` in place to ``bits`` and mark the
+    model; returns per-weight statistics (plain data) for the artifact's metadata."""
+    bits = check_bits(bits)
+    stats: dict[str, Any] = {}
+    for name, mod, attr in weight_params(model):
+        p = getattr(mod, attr)
+        w = p.data
+        q = fake_quant(w, bits, clip_ratios).to(w.device, w.dtype)
+        d = (q.double() - w.double()).pow(2).sum()
+        stats[name] = {"channels": int(w.shape[0]), "numel": int(w.numel()),
+                       "rel_err": float(d / w.double().pow(2).sum().clamp_min(1e-30))}
+        p.data.copy_(q)
+    mark_weight_bits(model, bits)
+    return stats
