@@ -48,9 +48,16 @@ class PairStats:
                          torch.zeros(c, dtype=torch.float64), my, 1)
 
 
-def _ridge_solve(cov: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
+def _ridge_solve(cov: torch.Tensor, rhs: torch.Tensor, ridge: float,
+                 prior: torch.Tensor | None = None) -> torch.Tensor:
+    """(cov + λI)⁻¹(rhs + λ·prior): ridge that shrinks toward ``prior`` (c_in, c_out), the
+    original weights, not toward zero. Directions the calibration data barely excites
+    (dead or near-constant channels) then keep the original weights instead of being
+    zeroed, and with uncompressed inputs the original layer is recovered exactly."""
     c = cov.shape[0]
     lam = ridge * float(torch.diagonal(cov).mean().clamp_min(1e-12))
+    if prior is not None:
+        rhs = rhs + lam * prior.to(rhs.dtype)
     return solve(cov + lam * torch.eye(c, dtype=cov.dtype), rhs)
 
 
@@ -115,14 +122,16 @@ def fit_a_ls(layer: HybridPointwise, target_w: torch.Tensor, cov: torch.Tensor,
 
 @torch.no_grad()
 def fit_layer(layer: HybridPointwise, stats: PairStats, ridge: float = 1e-4,
-              bias_correction: bool = True, reinit_codes: bool = True) -> dict:
+              bias_correction: bool = True, reinit_codes: bool = True,
+              prior: torch.Tensor | None = None) -> dict:
     """Fit a hybrid layer to (compressed input, original output) statistics.
 
     Critical rows: least squares. Tolerant bank: W* projected onto the bank (codes from
     the greedy fitter in the Σ metric, then ``a`` by least squares). Bias: mean-shift
     correction. Returns the relative output errors before/after, in the Σ metric."""
     cov, cross = stats.centered()
-    w_star = _ridge_solve(cov, cross, ridge).T  # (c_out, c_in)
+    w_prior = None if prior is None else prior.double().T
+    w_star = _ridge_solve(cov, cross, ridge, w_prior).T  # (c_out, c_in)
     crit, tol = layer.critical_idx, layer.tolerant_idx
     layer.w_crit.data.copy_(w_star[crit].float())
     if layer.n_tolerant:

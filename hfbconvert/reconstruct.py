@@ -114,7 +114,7 @@ def reconstruct(original: nn.Module, hybrid: nn.Module, layers: list[PointwiseLa
         else:
             xq = xo[ly.name]
         stats = pair_stats(xq, ys)
-        res = fit_layer(mod, stats, bias_correction=bias_correction)
+        res = fit_layer(mod, stats, bias_correction=bias_correction, prior=w)
         results[ly.name] = res
         if on_layer is not None:
             on_layer(ly.name, res)
