@@ -95,15 +95,31 @@ def _load_any(model: str, arch: str | None, trust_pickle: bool):
 
 
 def _load_calib(path: str | None, info, size: int | None, seed: int, resolution: int | None,
-                preset: str | None):
+                preset: str | None, net=None):
+    """Calibration data for ``--calib``: real images, or ``synthetic[:N[:ITERATIONS]]``
+    distilled from ``net``'s BatchNorm statistics (N defaults to --calib-size, else 256;
+    with an explicit N, --calib-size picks a seeded subset as it does for real images)."""
     if path is None:
         return None, info
     from calib.presets import apply_overrides, preset_for
     from calib.readers import load_images
+    from calib.synthetic import DEFAULT_N, is_synthetic, parse_spec, synthesize
 
     prep = apply_overrides(preset_for(info), preset=preset, resolution=resolution)
     if resolution is not None:
         info.resolution = resolution
+    if is_synthetic(path):
+        n, iterations = parse_spec(path)
+        if net is None:
+            raise InputError(f"--calib {path}: synthetic images need the model's BatchNorm "
+                             "statistics, not available here; pass real images")
+        data = synthesize(net, prep, n or size or DEFAULT_N, seed, iterations=iterations,
+                          source=getattr(info, "source", ""))
+        if n is not None and size is not None and size < len(data):
+            import numpy as np
+
+            data = data.subset(np.sort(np.random.default_rng(seed).permutation(n)[:size]))
+        return data, info
     with progress.task("reading images", None):
         data = load_images(path, prep, size=size, seed=seed)
     if data.skipped:
@@ -168,7 +184,7 @@ def analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, bu
     if output:
         check_output_path(output, force)
     net, info = _load(model, arch, trust_pickle)
-    data, info = _load_calib(calib, info, calib_size, seed, resolution, preset)
+    data, info = _load_calib(calib, info, calib_size, seed, resolution, preset, net)
     if data is None:
         progress.warn("no --calib data: weight-space sensitivity (Σ = I), not activation-aware")
     res = run_analyze(net, info, data, bud, stats_images, threshold, threshold_budget, seed,
@@ -244,7 +260,7 @@ def compress(model, arch, trust_pickle, calib, calib_size, resolution, preset, o
     out = Path(output) if output else _default_out(model)
     if not dry_run and not (resume and out.exists() and force):
         check_output_path(out, force)
-    data, info = _load_calib(calib, info, calib_size, seed, resolution, preset)
+    data, info = _load_calib(calib, info, calib_size, seed, resolution, preset, net)
     if data is None:
         progress.warn("no --calib data: weight-space fit only, no reconstruction or fine-tune")
     dev = _device(device)
@@ -438,7 +454,7 @@ def export_onnx_cmd(model, arch, trust_pickle, output, force, opset, pack, verif
         from .verify import verify_onnx
 
         if calib:
-            data, _ = _load_calib(calib, info, calib_size, seed, None, None)
+            data, _ = _load_calib(calib, info, calib_size, seed, None, None, net)
             images = data.normalized()
         else:
             g = torch.Generator().manual_seed(seed)
