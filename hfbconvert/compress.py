@@ -30,6 +30,7 @@ from .reconstruct import reconstruct
 from .sensitivity import loss_curves
 from .stats import collect_input_stats
 from .ternary import twn_ternarize
+from .weightquant import apply_weight_bits, check_bits
 
 METHODS = ("hybrid", "twn", "strassen")
 
@@ -54,6 +55,7 @@ class CompressConfig:
     min_agreement: float = 0.9
     seed: int = 0
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    weight_bits: int = 32  # storage of the FP weights: 32, 16 or 8 (weightquant.py)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -202,8 +204,12 @@ def sensitivity_inputs(model: nn.Module, layers: list[PointwiseLayer],
         for ly in layers:
             w = layer_weight(model, ly.name).float()
             s = sig[ly.name]
-            curves[ly.name], densities[ly.name] = loss_curves(w, s, cfg.budgets,
-                                                              with_density=True)
+            if cfg.method == "hybrid" and cfg.critical_fraction != 0.0:
+                curves[ly.name], densities[ly.name] = loss_curves(w, s, cfg.budgets,
+                                                                  with_density=True)
+            else:  # no filter is ranked: TWN/StrassenNets everywhere need no curves
+                curves[ly.name] = torch.zeros(w.shape[0], len(cfg.budgets))
+                densities[ly.name] = torch.full_like(curves[ly.name], 0.7)
             energies[ly.name] = ((w.double() @ s) * w.double()).sum(1) if s is not None else \
                 w.double().pow(2).sum(1)
             t.advance(1, info=ly.name)
@@ -218,6 +224,7 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
     after planning and returns (None, metadata with the plan)."""
     if cfg.method not in METHODS:
         raise InputError(f"unknown --method {cfg.method!r}; choose from {', '.join(METHODS)}")
+    check_bits(cfg.weight_bits)
     torch.manual_seed(cfg.seed)
     model.eval()
     t0 = time.perf_counter()
@@ -260,9 +267,10 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
         stats = PairStats.identity(w, b) if s is None else _orig_pair_stats(w, b, s)
         if cfg.method == "twn":
             _twn_init(h, w)
-            fit_layer(h, stats, bias_correction=cfg.bias_correction, reinit_codes=False)
+            fit_layer(h, stats, bias_correction=cfg.bias_correction, reinit_codes=False,
+                      prior=w)
         else:
-            fit_layer(h, stats, bias_correction=cfg.bias_correction)
+            fit_layer(h, stats, bias_correction=cfg.bias_correction, prior=w)
     timings["fit_s"] = time.perf_counter() - t
     _stage(stages, "fit", hybrid, model, held, timings["fit_s"])
     if cfg.reconstruct and train is not None:
@@ -292,6 +300,14 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
         if isinstance(m, HybridPointwise):
             m.freeze()
     hybrid.eval()
+    meta["weight_bits"] = cfg.weight_bits
+    if cfg.weight_bits != 32:
+        # last stage: round every FP weight to its storage precision (weight-only)
+        t = time.perf_counter()
+        meta["weight_quant"] = apply_weight_bits(hybrid, cfg.weight_bits)
+        timings["weight_bits_s"] = time.perf_counter() - t
+        _stage(stages, f"weights_{cfg.weight_bits}bit", hybrid, model, held,
+               timings["weight_bits_s"])
     bank_after = bank_losses(hybrid, model, layers, sig)
     out_err = output_errors(model, hybrid, [ly.name for ly in layers], held)
     meta["layer_errors"] = {
