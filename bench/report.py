@@ -335,6 +335,9 @@ def render(latest: dict[str, dict], md_path: Path, plots_dir: Path) -> tuple[str
                 plots[case["key"]] = p
                 written.append(p)
         parts.append("\n".join(render_section(res, md_dir, plots)))
+    notes = REPO / "bench" / "ablation.md"  # hand-kept measured ablation, carried over as is
+    if notes.exists():
+        parts.append("\n" + notes.read_text())
     return "\n".join(parts), written
 
 
