@@ -32,13 +32,14 @@ ap.add_argument("--latent-lr", type=float, default=2e-3)
 ap.add_argument("--cf", type=float, default=None)
 ap.add_argument("--val", type=int, default=1300)
 ap.add_argument("--tag", default="x")
+ap.add_argument("--no-reconstruct", action="store_true")
 a = ap.parse_args()
 torch.manual_seed(0)
 net, info = load_model(a.model)
 prep = preset_for(info)
 data = load_images(os.path.join(SHARED, "data/imagenet/calib"), prep, size=a.n, seed=0)
 val = load_images(os.path.join(SHARED, "data/imagenet/val"), prep, size=a.val, seed=0)
-cfg = CompressConfig(budget=a.budget, critical_fraction=a.cf,
+cfg = CompressConfig(budget=a.budget, reconstruct=not a.no_reconstruct, critical_fraction=a.cf,
     ratios=tuple(float(x) for x in a.ratios.split(",")),
     budgets=tuple(int(x) for x in a.budgets.split(",")),
     finetune=FinetuneConfig(steps=a.steps, feature_weight=a.fw, lr=a.lr, latent_lr=a.latent_lr))

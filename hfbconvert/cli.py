@@ -226,7 +226,10 @@ def analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, bu
                    "on MobileNetV1-0.5-160, 40-200 CPU steps did not improve agreement.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--lr", type=float, default=1e-4, show_default=True)
-@click.option("--no-reconstruct", is_flag=True, help="Skip sequential reconstruction.")
+@click.option("--reconstruct/--no-reconstruct", default=False, show_default=True,
+              help="Sequential reconstruction: refit layers in order against the compressed "
+                   "network's own inputs. Off by default: on MobileNetV1-0.5-160 the one-shot "
+                   "activation-aware fit scored higher (see BENCHMARKS.md).")
 @click.option("--no-sequential", is_flag=True,
               help="Reconstruct against original inputs (one-shot) instead.")
 @click.option("--no-bias-correction", is_flag=True)
@@ -242,7 +245,7 @@ def analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, bu
 @_common
 def compress(model, arch, trust_pickle, calib, calib_size, resolution, preset, output, force,
              method, budget, max_add_increase, critical_fraction, hidden_units_ratio, plan_file,
-             dry_run, steps, batch_size, lr, no_reconstruct, no_sequential, no_bias_correction,
+             dry_run, steps, batch_size, lr, reconstruct, no_sequential, no_bias_correction,
              min_agreement, resume, device, weight_bits, as_json, seed, quiet):
     """Split pointwise layers into FP critical + ternary banks under a MUL budget,
     reconstruct layer by layer, and fine-tune briefly by distillation."""
@@ -274,7 +277,7 @@ def compress(model, arch, trust_pickle, calib, calib_size, resolution, preset, o
     cfg = CompressConfig(
         method=method, budget=budget, critical_fraction=critical_fraction,
         hidden_units_ratio=hidden_units_ratio, max_add_increase=max_add_increase,
-        reconstruct=not no_reconstruct, sequential=not no_sequential,
+        reconstruct=reconstruct, sequential=not no_sequential,
         bias_correction=not no_bias_correction, min_agreement=min_agreement, seed=seed,
         finetune=FinetuneConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                                 device=dev), weight_bits=weight_bits)

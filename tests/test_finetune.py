@@ -83,7 +83,7 @@ def test_compress_end_to_end_improves_over_stages():
                      [f"{i}" for i in range(120)], source="random")
     from .tiny import tiny_info
 
-    cfg = CompressConfig(budget=0.6, recon_images=64, stats_images=64,
+    cfg = CompressConfig(budget=0.6, reconstruct=True, recon_images=64, stats_images=64,
                          finetune=FinetuneConfig(steps=20, batch_size=16))
     hybrid, meta = compress(teacher, tiny_info(), data, cfg)
     names = [s["stage"] for s in meta["stages"]]
