@@ -238,7 +238,7 @@ def analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, bu
 @click.option("--resume", is_flag=True, help="Continue an interrupted fine-tune.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu",
               show_default=True)
-@click.option("--weight-bits", type=int, default=32, show_default=True,
+@click.option("--weight-bits", type=int, default=16, show_default=True,
               help="Storage of the full-precision weights (critical filters, stem, depthwise, "
                    "classifier): 32, 16 (float16) or 8 (per-channel int8). Biases stay fp32.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary to stdout.")

@@ -368,7 +368,7 @@ def test_compress_json_and_output(chain) -> None:
     summary = json.loads(res.stdout)  # progress lines did not leak into stdout
     assert summary["schema_version"] == cli.JSON_SCHEMA_VERSION
     assert summary["output"] == str(chain["out"]) and chain["out"].stat().st_size > 1000
-    assert [s["stage"] for s in summary["stages"]][-1] == "finetune_4"
+    assert [s["stage"] for s in summary["stages"]][-2:] == ["finetune_4", "weights_16bit"]
     assert summary["cost"]["muls"] < summary["original_cost"]["muls"]
     assert "agreement" in res.stderr  # progress lines went to stderr
     assert not Path(str(chain["out"]) + ".ckpt").exists()  # fine-tune checkpoint cleaned up

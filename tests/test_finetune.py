@@ -87,7 +87,7 @@ def test_compress_end_to_end_improves_over_stages():
                          finetune=FinetuneConfig(steps=20, batch_size=16))
     hybrid, meta = compress(teacher, tiny_info(), data, cfg)
     names = [s["stage"] for s in meta["stages"]]
-    assert names == ["fit", "sequential", "finetune_20"]
+    assert names == ["fit", "sequential", "finetune_20", "weights_16bit"]
     assert all(m.frozen for m in hybrid.modules() if hasattr(m, "frozen"))
     assert meta["cost"]["totals"]["muls"] <= 0.6 * meta["original_cost"]["totals"]["muls"] * 1.001
     assert meta["stages"][1]["agreement"] >= meta["stages"][0]["agreement"] - 0.05
