@@ -39,7 +39,8 @@ net, info = load_model(a.model)
 prep = preset_for(info)
 data = load_images(os.path.join(SHARED, "data/imagenet/calib"), prep, size=a.n, seed=0)
 val = load_images(os.path.join(SHARED, "data/imagenet/val"), prep, size=a.val, seed=0)
-cfg = CompressConfig(budget=a.budget, reconstruct=not a.no_reconstruct, critical_fraction=a.cf,
+cfg = CompressConfig(budget=a.budget, reconstruct=not a.no_reconstruct, weight_bits=32,
+                     critical_fraction=a.cf,
     ratios=tuple(float(x) for x in a.ratios.split(",")),
     budgets=tuple(int(x) for x in a.budgets.split(",")),
     finetune=FinetuneConfig(steps=a.steps, feature_weight=a.fw, lr=a.lr, latent_lr=a.latent_lr))
