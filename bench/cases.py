@@ -85,14 +85,14 @@ MODELS: dict[str, ModelCase] = {m.key: m for m in [
     ModelCase("v1-0.5-160", "ImageNet MobileNetV1 0.5-160",
               "{shared}/models/mobilenet_v1_0.5_160.pt",
               "{shared}/data/imagenet/calib", "{shared}/data/imagenet/val",
-              calib_size=2000, eval_total=1300, steps=30, paper_reference=True),
+              calib_size=2000, eval_total=1300, steps=0, paper_reference=True),
     ModelCase("cifar10-v1-0.5", "CIFAR-10 MobileNetV1 0.5",
               "{shared}/models/mobilenet_v1_0.5_cifar10.pt",
               "{cifar10}/train", "{cifar10}/test",
-              calib_size=5000, eval_total=10000, steps=100),
+              calib_size=5000, eval_total=10000, steps=0),
     ModelCase("v2", "ImageNet MobileNetV2 1.0-224 (torchvision)", "builtin:mobilenet_v2",
               "{shared}/data/imagenet/calib", "{shared}/data/imagenet/val",
-              calib_size=1000, eval_total=1300, steps=10),
+              calib_size=1000, eval_total=1300, steps=0),
 ]}
 
 
@@ -125,16 +125,15 @@ SUITES: dict[str, Suite] = {
         "full", ("v1-0.5-160", "cifar10-v1-0.5", "v2"),
         {k: tuple(ALL_METHODS) for k in MODELS},
         time_budget_min=60.0, latency_repeats=(30, 5),
-        notes=("Fine-tuning steps per model (30 / 100 / 10) are set to fit the suite into "
-               "about an hour on 2 CPU cores (CLI default: 300); accuracy after a longer "
-               "fine-tune may differ.",),
+        notes=("Every compress cell runs the CLI defaults (one-shot fit, no fine-tuning, "
+               "float16 full-precision weights); see the ablation for the other stages.",),
     ),
     "quick": Suite(
         "quick", ("v1-0.5-160",),
         {"v1-0.5-160": ("original", "twn", "hybrid-0.536", "int8-ptq")},
-        overrides={"v1-0.5-160": {"steps": 10, "calib_size": 1000}},
+        overrides={"v1-0.5-160": {"steps": 0, "calib_size": 1000}},
         time_budget_min=10.0, latency_repeats=(20, 3),
-        notes=("Quick suite: MobileNetV1 0.5-160 only, 4 methods, 10 fine-tuning steps, "
+        notes=("Quick suite: MobileNetV1 0.5-160 only, CLI defaults (no fine-tuning), "
                "1000 calibration images; numbers are a smoke check, not the trade-off "
                "table (run `make bench`).",),
     ),
