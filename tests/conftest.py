@@ -45,3 +45,15 @@ def cifar10_test_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         members = [m for m in tf if m.name.startswith("cifar10/test/")]
         tf.extractall(out, members=members, filter="data")
     return out / "cifar10" / "test"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module: two OpenMP threads on a busy 2-core machine ran
+    the CLI-heavy tests 10x slower than one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -34,13 +34,7 @@ FAST = ["--steps", "4", "--batch-size", "8"]  # a real (short) fine-tune
 FASTEST = ["--steps", "0", "--no-reconstruct"]  # fit only
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two OpenMP threads on a busy 2-core machine are 10x slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(*args: str | os.PathLike) -> Result:

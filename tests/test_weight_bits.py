@@ -42,12 +42,7 @@ from .tiny import TINY_RES, tiny_v1, write_npz
 FASTEST = ["--steps", "0", "--no-reconstruct", "--min-agreement", "0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- quantizer
