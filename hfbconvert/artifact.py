@@ -9,6 +9,11 @@ A ``torch.save``d dict of tensors and plain data only, loadable with
     state_dict    the deploy-form state dict of the whole hybrid model
     meta          plan, costs, sensitivities, fine-tune log, versions (plain data)
 
+``meta["activation_bits"]`` 8 (``compress --activation-bits 8``) rebuilds the activation
+quantizers (``actquant.attach``) and ``meta["bn_folded"]`` the folded layout (BNs as
+Identity, conv biases, channel scales) before the state dict, which holds their values,
+is loaded.
+
 ``meta["weight_bits"]`` (32 when absent) is the storage precision of the full-precision
 weights (``compress --weight-bits``): the state dict holds them fake-quantized (float32
 tensors with exactly the float16 / per-channel int8 values), and the rebuilt model is
@@ -23,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import actquant
+from .bnfold import prepare_structure
 from .errors import InputError
 from .fileio import load_torch, save_torch
 from .hybrid import HybridPointwise
@@ -85,6 +92,14 @@ def build_compressed(obj: dict[str, Any], source: str = "artifact") -> tuple[nn.
         h = hybrid_from_spec(spec)
         h.freeze()
         set_submodule(model, name, h)
+    meta = obj.get("meta") or {}
+    prepare_structure(model, [tuple(p) for p in meta.get("bn_folded") or []])
+    act_bits = meta.get("activation_bits", 32)
+    if act_bits not in actquant.ACT_BITS:
+        raise InputError(f"{source}: unsupported activation_bits {act_bits!r} in the "
+                         "artifact's metadata (32 or 8)")
+    if act_bits == 8:
+        actquant.attach(model)
     try:
         model.load_state_dict(obj["state_dict"], strict=True)
     except RuntimeError as exc:

@@ -238,19 +238,26 @@ def analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, bu
 @click.option("--resume", is_flag=True, help="Continue an interrupted fine-tune.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu",
               show_default=True)
-@click.option("--weight-bits", type=int, default=16, show_default=True,
-              help="Storage of the full-precision weights (critical filters, stem, depthwise, "
-                   "classifier): 32, 16 (float16) or 8 (per-channel int8). Biases stay fp32.")
+@click.option("--critical-bits", "--weight-bits", "weight_bits", type=int, default=None,
+              help="Bits of everything that stays full precision (critical filters, stem, "
+                   "depthwise, classifier): 32, 16 (float16) or 8 (per-channel symmetric "
+                   "int8). Biases stay fp32. [default: 16; 8 with --activation-bits 8]")
+@click.option("--activation-bits", type=int, default=32, show_default=True,
+              help="8: int8 activations. BatchNorms are folded, every conv/linear input and "
+                   "every ternary bank's hidden units are quantized to uint8 with ranges "
+                   "calibrated on --calib images (MSE-optimal clipping); export writes "
+                   "QuantizeLinear/DequantizeLinear. Needs --calib and 8-bit weights.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary to stdout.")
 @_common
 def compress(model, arch, trust_pickle, calib, calib_size, resolution, preset, output, force,
              method, budget, max_add_increase, critical_fraction, hidden_units_ratio, plan_file,
              dry_run, steps, batch_size, lr, reconstruct, no_sequential, no_bias_correction,
-             min_agreement, resume, device, weight_bits, as_json, seed, quiet):
+             min_agreement, resume, device, weight_bits, activation_bits, as_json, seed, quiet):
     """Split pointwise layers into FP critical + ternary banks under a MUL budget,
     reconstruct layer by layer, and fine-tune briefly by distillation."""
     import math
 
+    from .actquant import check_act_bits
     from .artifact import save_compressed
     from .compress import CompressConfig
     from .compress import compress as run_compress
@@ -263,7 +270,16 @@ def compress(model, arch, trust_pickle, calib, calib_size, resolution, preset, o
     _setup(quiet, seed)
     if not (math.isfinite(budget) and 0 < budget <= 1):
         raise InputError(f"--budget must be a number in (0, 1], got {budget}")
-    check_bits(weight_bits)
+    check_act_bits(activation_bits)
+    if weight_bits is None:
+        weight_bits = 8 if activation_bits == 8 else 16
+    check_bits(weight_bits, "--critical-bits/--weight-bits")
+    if activation_bits == 8 and weight_bits != 8:
+        raise InputError(f"--activation-bits 8 needs --critical-bits 8 (int8 kernels take "
+                         f"int8 weights), not {weight_bits}")
+    if activation_bits == 8 and calib is None:
+        raise InputError("--activation-bits 8 needs calibration images to set the "
+                         "activation ranges (give --calib DIR or --calib synthetic)")
     override = _read_plan(plan_file) if plan_file else None
     # the model first: a missing MODEL is reported as such, not as its default output
     net, info = _load(model, arch, trust_pickle)
@@ -280,7 +296,8 @@ def compress(model, arch, trust_pickle, calib, calib_size, resolution, preset, o
         reconstruct=reconstruct, sequential=not no_sequential,
         bias_correction=not no_bias_correction, min_agreement=min_agreement, seed=seed,
         finetune=FinetuneConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                                device=dev), weight_bits=weight_bits)
+                                device=dev), weight_bits=weight_bits,
+        activation_bits=activation_bits)
     ckpt = str(out) + ".ckpt"
     try:
         hybrid, meta = run_compress(net, info, data, cfg, checkpoint=ckpt, resume=resume,

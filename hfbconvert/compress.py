@@ -17,7 +17,8 @@ from torch import nn
 
 from calib.readers import CalibData
 
-from . import progress
+from . import actquant, progress
+from .bnfold import fold_batchnorms
 from .costs import model_cost
 from .errors import InputError
 from .finetune import FinetuneConfig, finetune
@@ -56,8 +57,11 @@ class CompressConfig:
     held_fraction: float = 0.1
     min_agreement: float = 0.9
     seed: int = 0
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    # no fine-tuning by default, as on the CLI: on 2 CPU cores it never beat the fit
+    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(steps=0))
     weight_bits: int = 16  # FP weight storage 32|16|8; fp16 measured lossless (V1-0.5-160)
+    activation_bits: int = 32  # 8: int8 activations (needs weight_bits 8 and calibration data)
+    act_calib_images: int = 128  # one forward pass as a single batch
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -227,6 +231,12 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
     if cfg.method not in METHODS:
         raise InputError(f"unknown --method {cfg.method!r}; choose from {', '.join(METHODS)}")
     check_bits(cfg.weight_bits)
+    actquant.check_act_bits(cfg.activation_bits)
+    if cfg.activation_bits == 8 and cfg.weight_bits != 8:
+        raise InputError(f"--activation-bits 8 needs --critical-bits 8 (int8 kernels take int8 "
+                         f"weights), not {cfg.weight_bits}")
+    if cfg.activation_bits == 8 and data is None:
+        raise InputError("--activation-bits 8 needs calibration images (give --calib)")
     torch.manual_seed(cfg.seed)
     model.eval()
     t0 = time.perf_counter()
@@ -309,6 +319,14 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
             m.freeze()
     hybrid.eval()
     meta["weight_bits"] = cfg.weight_bits
+    meta["activation_bits"] = cfg.activation_bits
+    bank_after, observe_at = None, {}
+    if cfg.activation_bits == 8:
+        bank_after = bank_losses(hybrid, model, layers, sig)  # before BN scales the rows
+        # int8 kernels fold BN into the weights before rounding them (as onnxruntime PTQ does)
+        pairs = fold_batchnorms(hybrid)
+        meta["bn_folded"] = [list(p) for p in pairs]
+        observe_at = dict(pairs)  # compare folded layers after their (now Identity) BN
     if cfg.weight_bits != 32:
         # last stage: round every FP weight to its storage precision (weight-only)
         t = time.perf_counter()
@@ -316,8 +334,19 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
         timings["weight_bits_s"] = time.perf_counter() - t
         _stage(stages, f"weights_{cfg.weight_bits}bit", hybrid, model, held,
                timings["weight_bits_s"])
-    bank_after = bank_losses(hybrid, model, layers, sig)
-    out_err = output_errors(model, hybrid, [ly.name for ly in layers], held)
+    if cfg.activation_bits == 8:
+        assert train is not None
+        t = time.perf_counter()
+        qs = actquant.attach(hybrid)
+        with progress.task("activation ranges", len(qs)) as bar:
+            meta["activation_ranges"] = actquant.calibrate(
+                hybrid, torch.cat(_batches(train, cfg.act_calib_images, seed=cfg.seed + 3)),
+                seed=cfg.seed, on_quantizer=lambda n: bar.advance(1, info=n))
+        timings["activation_bits_s"] = time.perf_counter() - t
+        _stage(stages, "activations_8bit", hybrid, model, held, timings["activation_bits_s"])
+    if bank_after is None:
+        bank_after = bank_losses(hybrid, model, layers, sig)
+    out_err = output_errors(model, hybrid, [ly.name for ly in layers], held, observe_at)
     meta["layer_errors"] = {
         ly.name: {"bank_loss_before_ft": bank_before.get(ly.name),
                   "bank_loss_after_ft": bank_after.get(ly.name),
@@ -328,6 +357,10 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
     meta["final_agreement"] = stages[-1]["agreement"] if stages else None
     meta["cost"] = model_cost(hybrid, info.resolution).to_dict()
     meta["original_cost"] = model_cost(model, info.resolution).to_dict()
+    if cfg.activation_bits == 8:
+        # what plain int8 PTQ of the original would cost: the baseline an int8 hybrid beats
+        meta["baselines"] = {"int8 (original at int8)": model_cost(
+            model, info.resolution, weight_bits=8, act_bits=8).to_dict()}
     return hybrid, meta
 
 
@@ -368,9 +401,13 @@ def bank_losses(hybrid: nn.Module, model: nn.Module, layers: list[PointwiseLayer
 
 @torch.no_grad()
 def output_errors(model: nn.Module, hybrid: nn.Module, names: list[str],
-                  images: list[torch.Tensor]) -> dict[str, float]:
+                  images: list[torch.Tensor], observe_at: dict[str, str] | None = None,
+                  ) -> dict[str, float]:
     """‖y_hybrid − y_original‖² / ‖y_original‖² at each layer's output, end to end (the
-    hybrid layer sees the hybrid network's inputs: compounding included)."""
+    hybrid layer sees the hybrid network's inputs: compounding included). ``observe_at``
+    maps a layer to the module whose output stands for it in both networks (the BN after
+    a layer whose BN was folded into it)."""
+    observe_at = observe_at or {}
     if not images:
         return {}
     acc: dict[str, list[float]] = {n: [0.0, 0.0] for n in names}
@@ -384,7 +421,8 @@ def output_errors(model: nn.Module, hybrid: nn.Module, names: list[str],
         outs = []
         for net in (model, hybrid):
             store: dict[str, torch.Tensor] = {}
-            hs = [net.get_submodule(n).register_forward_hook(grab(store, n)) for n in names]
+            hs = [net.get_submodule(observe_at.get(n, n)).register_forward_hook(grab(store, n))
+                  for n in names]
             try:
                 net.eval()
                 net(x)

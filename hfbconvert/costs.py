@@ -12,6 +12,13 @@ Conventions (stated in every report):
   ``a`` at ``fp_bits``. Weight-only storage: the arithmetic (energy) stays at ``fp_bits``.
 - Energy: arithmetic only, from the 45 nm constants below (Horowitz, ISSCC 2014), plus
   a separate figure that adds one DRAM read per 32-bit word of weights.
+- Int8 activations (``compress --activation-bits 8``, ``act_bits=8``): every
+  multiply-accumulate is an int8 MUL into an int32 ADD; the hybrid's ``a`` (one per hidden
+  unit) is the requantization of its int8 hidden units, an int32 MUL. Requantizing a
+  layer's outputs (one multiplier per output value, BN and channel scales folded into it)
+  is the same for every int8 model and not counted, so a hybrid with BN folded into its
+  tolerant channel scales counts no MUL for them. Hidden units quantized in G groups cost
+  G - 1 int32 MULs and ADDs per tolerant output (partial sums rescaled and added).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .actquant import hidden_groups, model_act_bits
 from .hybrid import HybridPointwise
 
 # Horowitz, "Computing's energy problem", ISSCC 2014 (45 nm), picojoules per operation.
@@ -50,8 +58,13 @@ class LayerCost:
     bytes: float
     pixels: int = 1
     extra: dict = field(default_factory=dict)
+    scale_muls: int = 0  # of ``muls``: per-hidden-unit/channel scales (``a``), not MACs
 
-    def energy_pj(self, fp_bits: int = 32) -> float:
+    def energy_pj(self, fp_bits: int = 32, act_bits: int = 32) -> float:
+        if act_bits == 8:
+            return ((self.muls - self.scale_muls) * ENERGY_PJ["int8_mul"]
+                    + self.scale_muls * ENERGY_PJ["int32_mul"]
+                    + self.adds * ENERGY_PJ["int32_add"])
         p = "fp32" if fp_bits == 32 else "fp16"
         return self.muls * ENERGY_PJ[f"{p}_mul"] + self.adds * ENERGY_PJ[f"{p}_add"]
 
@@ -61,6 +74,7 @@ class ModelCost:
     layers: list[LayerCost]
     fp_bits: int = 32
     weight_bits: int | None = None  # storage bits of FP weights; None: fp_bits
+    act_bits: int = 32  # 8: int8 arithmetic (see the module docstring)
 
     @property
     def muls(self) -> int:
@@ -80,11 +94,19 @@ class ModelCost:
 
     @property
     def energy_pj(self) -> float:
-        return sum(c.energy_pj(self.fp_bits) for c in self.layers)
+        return sum(c.energy_pj(self.fp_bits, self.act_bits) for c in self.layers)
 
     @property
     def energy_with_reads_pj(self) -> float:
         return self.energy_pj + self.bytes / 4 * ENERGY_PJ["dram_read_32bit"]
+
+    def muls_by_bits(self) -> dict[str, int]:
+        """Multiplications by arithmetic: MACs at the activation precision, and the scale
+        MULs (``a``), which are int32 requantizations with int8 activations."""
+        scale = sum(c.scale_muls for c in self.layers)
+        if self.act_bits == 8:
+            return {"int8": self.muls - scale, "int32": scale}
+        return {f"fp{self.fp_bits}": self.muls}
 
     def by_name(self) -> dict[str, LayerCost]:
         return {c.name: c for c in self.layers}
@@ -96,6 +118,8 @@ class ModelCost:
             "energy_with_weight_reads_pj": self.energy_with_reads_pj,
             "fp_bits": self.fp_bits,
             "weight_bits": self.fp_bits if self.weight_bits is None else self.weight_bits,
+            "activation_bits": self.act_bits,
+            "muls_by_bits": self.muls_by_bits(),
             "energy_constants": dict(ENERGY_PJ),
             "energy_source": ENERGY_SOURCE,
         }
@@ -123,9 +147,10 @@ def weight_bytes(numel: int, channels: int, weight_bits: int) -> float:
 
 
 def hybrid_cost(name: str, m: HybridPointwise, pixels: int, fp_bits: int = 32,
-                weight_bits: int | None = None) -> LayerCost:
+                weight_bits: int | None = None, act_bits: int = 32) -> LayerCost:
     """Cost of one hybrid layer counted from its real ternary non-zeros; the critical rows
-    are stored at ``weight_bits`` (default ``fp_bits``)."""
+    are stored at ``weight_bits`` (default ``fp_bits``). With int8 activations a channel
+    scale merges into the output requantization (no MUL counted)."""
     wbits = fp_bits if weight_bits is None else weight_bits
     tb, _, tc = m.ternary_factors()
     n_c, n_t, c_in, r = m.n_critical, m.n_tolerant, m.c_in, m.r
@@ -134,13 +159,17 @@ def hybrid_cost(name: str, m: HybridPointwise, pixels: int, fp_bits: int = 32,
     add_b = int((nnz_b - 1).clamp_min(0).sum())
     add_c = int((nnz_c - 1).clamp_min(0).sum())
     cs = n_t if m.channel_scale is not None else 0
-    muls = pixels * (n_c * c_in + r + cs)
-    adds = pixels * (n_c * (c_in - 1) + add_b + add_c)
+    cs_muls = 0 if act_bits == 8 else cs
+    # int8 hidden units in G groups: W_c sums each group apart, G - 1 MULs + ADDs per output
+    extra_g = max(hidden_groups(m.hidden_quant) - 1, 0) * n_t if act_bits == 8 else 0
+    muls = pixels * (n_c * c_in + r + cs_muls + extra_g)
+    adds = pixels * (n_c * (c_in - 1) + add_b + add_c + extra_g)
     fp_params = n_c * c_in + m.c_out + r + cs  # critical rows, bias, a, scales
     tern = r * c_in + n_t * r
     byts = (weight_bytes(n_c * c_in, n_c, wbits) + (m.c_out + r + cs) * fp_bits / 8
             + ternary_bytes(r * c_in) + ternary_bytes(n_t * r))
-    return LayerCost(name, "hybrid", muls, adds, fp_params + tern, byts, pixels, {
+    return LayerCost(name, "hybrid", muls, adds, fp_params + tern, byts, pixels, scale_muls=
+                     pixels * (r + cs_muls + extra_g), extra={
         "critical": n_c, "tolerant": n_t, "r": r, "c_in": c_in, "c_out": m.c_out,
         "nnz_wb": int(nnz_b.sum()) if n_t else 0, "nnz_wc": int(nnz_c.sum()) if n_t else 0,
         "adds_wb": pixels * add_b, "adds_wc": pixels * add_c, "weight_bits": wbits,
@@ -149,13 +178,16 @@ def hybrid_cost(name: str, m: HybridPointwise, pixels: int, fp_bits: int = 32,
 
 @torch.no_grad()
 def model_cost(model: nn.Module, resolution: int, fp_bits: int = 32,
-               count_conv_bias: bool = True, weight_bits: int | None = None) -> ModelCost:
+               count_conv_bias: bool = True, weight_bits: int | None = None,
+               act_bits: int | None = None) -> ModelCost:
     """Walk one forward pass and cost every Conv2d, Linear and HybridPointwise. Weights are
     stored at ``weight_bits``: by default the model's own (``compress --weight-bits``, see
-    ``weightquant``), 32 for a model that was not rounded; ``fp_bits`` if given and lower."""
+    ``weightquant``), 32 for a model that was not rounded; ``fp_bits`` if given and lower.
+    ``act_bits`` None: the model's own (8 after ``compress --activation-bits 8``)."""
     from .weightquant import model_weight_bits
 
     wbits = weight_bits if weight_bits is not None else min(model_weight_bits(model), fp_bits)
+    abits = model_act_bits(model) if act_bits is None else int(act_bits)
     rows: list[LayerCost] = []
     hooks = []
     hybrids = {id(m) for m in model.modules() if isinstance(m, HybridPointwise)}
@@ -169,7 +201,7 @@ def model_cost(model: nn.Module, resolution: int, fp_bits: int = 32,
             if isinstance(mod, HybridPointwise):
                 shp = out.shape
                 pix = int(shp[2] * shp[3]) if out.dim() == 4 else int(out[0].numel() // shp[1])
-                rows.append(hybrid_cost(name, mod, pix, fp_bits, wbits))
+                rows.append(hybrid_cost(name, mod, pix, fp_bits, wbits, abits))
             elif isinstance(mod, nn.Conv2d):
                 pix = int(out.shape[2] * out.shape[3])
                 fan_in = mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
@@ -208,4 +240,4 @@ def model_cost(model: nn.Module, resolution: int, fp_bits: int = 32,
         for h in hooks:
             h.remove()
         model.train(was)
-    return ModelCost(rows, fp_bits, wbits)
+    return ModelCost(rows, fp_bits, wbits, abits)

@@ -60,6 +60,10 @@ class HybridPointwise(nn.Module):
         self.register_buffer("wb_codes", torch.zeros(self.r, c_in, dtype=torch.int8))
         self.register_buffer("wc_codes", torch.zeros(n_t, self.r, dtype=torch.int8))
         self.frozen = False
+        # int8 activations (actquant.attach): the layer input, and the hidden units a ⊙ W_b x
+        # requantized once each so that W_c accumulates int8 values too
+        self.input_quant: nn.Module | None = None
+        self.hidden_quant: nn.Module | None = None
 
     # ------------------------------------------------------------------ structure
     @property
@@ -92,7 +96,9 @@ class HybridPointwise(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.kind == "conv"
-        if self.training:
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        if self.training and self.hidden_quant is None:
             # Fine-tuning: one conv with the dense effective weight. Same function (up to
             # float rounding) at the original layer's cost, instead of a W_b conv with up
             # to 4x as many output channels plus a W_c conv; gradients reach the latents
@@ -109,11 +115,15 @@ class HybridPointwise(nn.Module):
             tb, a, tc = self.ternary_factors()
             if conv:
                 h = F.conv2d(x, tb[:, :, None, None]) * a[None, :, None, None]
+                if self.hidden_quant is not None:
+                    h = self.hidden_quant(h)
                 yt = F.conv2d(h, tc[:, :, None, None])
                 if self.channel_scale is not None:
                     yt = yt * self.channel_scale[None, :, None, None]
             else:
                 h = F.linear(x, tb) * a
+                if self.hidden_quant is not None:
+                    h = self.hidden_quant(h)
                 yt = F.linear(h, tc)
                 if self.channel_scale is not None:
                     yt = yt * self.channel_scale

@@ -4,6 +4,15 @@ Two independent runtimes are compared with PyTorch: onnxruntime (CPU EP, no cust
 library, so the ``hfb`` function bodies run) on every image, and the pure-numpy
 ``onnx.reference`` evaluator on a few images, which checks the file's semantics rather
 than one runtime's kernels. Pass: max|Δlogit| ≤ rtol_rel · max|logit| and identical top-1.
+
+Models with int8 activations (``compress --activation-bits 8``) get a stated looser check,
+:data:`QUANTIZED_RTOL` and at most :data:`QUANTIZED_TOP1_MISMATCH` of the images with a
+different top-1: onnxruntime rewrites Q/DQ graphs into its own integer kernels and
+reorders float arithmetic (it folds ``a`` into W_b's conv), so values near a rounding
+boundary land one step away and the step travels through the network (measured on
+MobileNetV1-0.5-160: max|Δlogit| 3% of max|logit|, 1 of 64 top-1 decisions changed).
+onnx.reference, which runs the file's Q/DQ arithmetic as written, matches PyTorch to
+float rounding.
 """
 
 from __future__ import annotations
@@ -22,6 +31,9 @@ from .errors import CheckFailed, InputError
 from .hybrid import HybridPointwise
 
 WORST_ROWS = 10  # rows kept for the mismatch table
+FLOAT_RTOL = 1e-4
+QUANTIZED_RTOL = 0.05
+QUANTIZED_TOP1_MISMATCH = 0.03
 
 
 @dataclass
@@ -44,10 +56,12 @@ class Comparison:
     top1_agreement: float
     top1_mismatches: int
     worst: list[MismatchRow] = field(default_factory=list)
+    max_mismatch_frac: float = 0.0
 
     @property
     def passed(self) -> bool:
-        return self.max_abs_diff <= self.tolerance and self.top1_mismatches == 0
+        return (self.max_abs_diff <= self.tolerance
+                and self.top1_mismatches <= int(self.max_mismatch_frac * self.n_images))
 
 
 @dataclass
@@ -101,7 +115,8 @@ def _describe(c: Comparison) -> str:
     )
 
 
-def compare_logits(runtime: str, ref: np.ndarray, got: np.ndarray, rtol_rel: float) -> Comparison:
+def compare_logits(runtime: str, ref: np.ndarray, got: np.ndarray, rtol_rel: float,
+                   max_mismatch_frac: float = 0.0) -> Comparison:
     """Tolerance is relative to the largest PyTorch logit of the compared images."""
     diff = np.abs(ref.astype(np.float64) - got.astype(np.float64)).reshape(len(ref), -1)
     row_diff = diff.max(axis=1) if diff.size else np.zeros(len(ref))
@@ -114,7 +129,7 @@ def compare_logits(runtime: str, ref: np.ndarray, got: np.ndarray, rtol_rel: flo
         runtime=runtime, n_images=len(ref), max_abs_diff=float(row_diff.max(initial=0.0)),
         max_abs_logit=max_logit, tolerance=rtol_rel * max_logit,
         top1_agreement=float(1.0 - mism.mean()) if len(ref) else 1.0,
-        top1_mismatches=int(mism.sum()), worst=worst,
+        top1_mismatches=int(mism.sum()), worst=worst, max_mismatch_frac=max_mismatch_frac,
     )
 
 
@@ -187,9 +202,11 @@ def ort_logits(path: str | Path, x: np.ndarray, batch_size: int) -> np.ndarray:
 def _reference_new_ops(mp: Any) -> list:
     """``onnx.reference`` implements DequantizeLinear from opset 19 only; for int8 weights
     (``--weight-bits 8``) in an opset 13-18 file, reuse the version-19 kernel (same
-    semantics for int8 input and float32 scale)."""
+    semantics for int8/uint8 input and float32 scale); int8 activations put it in the hfb
+    functions too."""
     opset = next((o.version for o in mp.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset >= 19 or not any(n.op_type == "DequantizeLinear" for n in mp.graph.node):
+    nodes = [*mp.graph.node, *(n for f in mp.functions for n in f.node)]
+    if opset >= 19 or not any(n.op_type == "DequantizeLinear" for n in nodes):
         return []
     from onnx.reference.ops.op_dequantize_linear import DequantizeLinear_19
 
@@ -204,7 +221,17 @@ def reference_logits(path: str | Path, x: np.ndarray) -> np.ndarray:
     from onnx.reference import ReferenceEvaluator
 
     mp = onnx.load(str(path))
-    ev = ReferenceEvaluator(mp, new_ops=_reference_new_ops(mp) or None)
+    new_ops = _reference_new_ops(mp) or None
+
+    class _Evaluator(ReferenceEvaluator):
+        """Function bodies get their own evaluator of this class, which would otherwise
+        not see ``new_ops``."""
+
+        def __init__(self, proto: Any, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("new_ops", new_ops)
+            super().__init__(proto, *args, **kwargs)
+
+    ev = _Evaluator(mp)
     inp = mp.graph.input[0]
     dim = inp.type.tensor_type.shape.dim[0]
     fixed = _fixed_batch(dim.dim_value if dim.HasField("dim_value") else None)
@@ -212,10 +239,17 @@ def reference_logits(path: str | Path, x: np.ndarray) -> np.ndarray:
 
 
 def verify_onnx(onnx_path: str | Path, model: nn.Module, images: torch.Tensor,
-                batch_size: int = 32, rtol_rel: float = 1e-4,
+                batch_size: int = 32, rtol_rel: float | None = None,
                 reference_batch: int = 2) -> VerifyResult:
     """Compare onnxruntime (all images) and onnx.reference (first ``reference_batch``
-    images) with the PyTorch deploy-form ``model`` on normalized NCHW ``images``."""
+    images) with the PyTorch deploy-form ``model`` on normalized NCHW ``images``.
+    ``rtol_rel`` None: :data:`FLOAT_RTOL`, or :data:`QUANTIZED_RTOL` for int8 activations."""
+    from .actquant import model_act_bits
+
+    quantized = model_act_bits(model) == 8
+    if rtol_rel is None:
+        rtol_rel = QUANTIZED_RTOL if quantized else FLOAT_RTOL
+    frac = QUANTIZED_TOP1_MISMATCH if quantized else 0.0
     path = Path(onnx_path)
     if not path.is_file():
         raise InputError(f"{path}: no such ONNX file")
@@ -226,10 +260,11 @@ def verify_onnx(onnx_path: str | Path, model: nn.Module, images: torch.Tensor,
     images = images.detach().float().cpu()
     ref = torch_logits(model, images, batch_size)
     x = images.numpy()
-    ort_cmp = compare_logits("onnxruntime", ref, ort_logits(path, x, batch_size), rtol_rel)
+    ort_cmp = compare_logits("onnxruntime", ref, ort_logits(path, x, batch_size), rtol_rel,
+                             frac)
     ref_cmp = None
     k = min(int(reference_batch), len(x))
     if k > 0:
         ref_cmp = compare_logits("onnx.reference", ref[:k], reference_logits(path, x[:k]),
-                                 rtol_rel)
+                                 rtol_rel, frac)
     return VerifyResult(str(path), rtol_rel, ort_cmp, ref_cmp)

@@ -116,15 +116,23 @@ def _unpack_call(packing: str, src: str, out: str, rows: str, cols: str) -> Node
     return node
 
 
-def strassen_function(packing: str, opset: int, scaled: bool) -> FunctionProto:
-    """``Y = StrassenPointwise(X, Wb, Wc, a[, s]) <c_in, r, c_out, packing>`` on NCHW X.
+def strassen_function(packing: str, opset: int, scaled: bool,
+                      hidden_quant: bool = False) -> FunctionProto:
+    """``Y = StrassenPointwise(X, Wb, Wc, a[, s][, h_scale, h_zero_point])
+    <c_in, r, c_out, packing>`` on NCHW X.
 
     Y = W_c * (a ⊙ (W_b * X)) (⊙ s), both products 1x1 Convs. Conv rather than MatMul so
     that, once the weights are folded, onnxruntime keeps its blocked (NCHWc) conv layout
-    through the layer; linear layers reach it as [N, C, 1, 1].
+    through the layer; linear layers reach it as [N, C, 1, 1]. With int8 activations
+    (``hidden_quant``; ``s`` is then always present) the hidden units ``a ⊙ (W_b * X)`` pass
+    through uint8 quantization with h_scale [r], h_zero_point: uint8 [r] (QuantizeLinear +
+    DequantizeLinear semantics along axis 1, written out in arithmetic ops) before W_c; the
+    r pairs take a few distinct values (groups of hidden units).
     """
-    inputs = ["X", "Wb", "Wc", "a"] + (["s"] if scaled else [])
+    inputs = ["X", "Wb", "Wc", "a"] + (["s"] if scaled else []) + (
+        ["h_scale", "h_zero_point"] if hidden_quant else [])
     y_c = "Yu" if scaled else "Y"
+    ha = "Ha_f" if hidden_quant else "Ha"
     nodes = [
         _unpack_call(packing, "Wb", "Wb_f", "r", "c_in"),
         _unpack_call(packing, "Wc", "Wc_f", "c_out", "r"),
@@ -134,7 +142,26 @@ def strassen_function(packing: str, opset: int, scaled: bool) -> FunctionProto:
         helper.make_node("Unsqueeze", ["Wc_f", "hw"], ["Wc_k"]),  # [c_out, r, 1, 1]
         helper.make_node("Conv", ["X", "Wb_k"], ["H"], kernel_shape=[1, 1]),
         helper.make_node("Unsqueeze", ["a", "chw"], ["a_k"]),  # [r, 1, 1]
-        helper.make_node("Mul", ["H", "a_k"], ["Ha"]),
+        helper.make_node("Mul", ["H", "a_k"], [ha]),
+    ]
+    if hidden_quant:
+        # QuantizeLinear/DequantizeLinear(axis 1) arithmetic written out: onnxruntime would
+        # otherwise fuse W_b's conv and this per-channel Q into a QLinearConv, which takes a
+        # single output zero point only (it fails at run time)
+        nodes += [
+            helper.make_node("Unsqueeze", ["h_scale", "chw"], ["hs_k"]),  # [r, 1, 1]
+            helper.make_node("Cast", ["h_zero_point"], ["hz_f"], to=TensorProto.FLOAT),
+            helper.make_node("Unsqueeze", ["hz_f", "chw"], ["hz_k"]),
+            helper.make_node("Div", [ha, "hs_k"], ["Ha_s"]),
+            helper.make_node("Round", ["Ha_s"], ["Ha_r"]),  # half to even, as QuantizeLinear
+            helper.make_node("Add", ["Ha_r", "hz_k"], ["Ha_z"]),
+            _const("qmin", np.array(0.0, dtype=np.float32)),
+            _const("qmax", np.array(255.0, dtype=np.float32)),
+            helper.make_node("Clip", ["Ha_z", "qmin", "qmax"], ["Ha_q"]),
+            helper.make_node("Sub", ["Ha_q", "hz_k"], ["Ha_c"]),
+            helper.make_node("Mul", ["Ha_c", "hs_k"], ["Ha"]),
+        ]
+    nodes += [
         helper.make_node("Conv", ["Ha", "Wc_k"], [y_c], kernel_shape=[1, 1]),
     ]
     if scaled:
@@ -149,9 +176,11 @@ def strassen_function(packing: str, opset: int, scaled: bool) -> FunctionProto:
     )
 
 
-def hfb_functions(packing: str, opset: int, scaled: bool) -> list[FunctionProto]:
+def hfb_functions(packing: str, opset: int, scaled: bool,
+                  hidden_quant: bool = False) -> list[FunctionProto]:
     """The functions a model with ``hfb::StrassenPointwise`` nodes must carry."""
-    return [unpack_function(packing, opset), strassen_function(packing, opset, scaled)]
+    return [unpack_function(packing, opset),
+            strassen_function(packing, opset, scaled, hidden_quant)]
 
 
 # ---------------------------------------------------------------------------- export
@@ -167,22 +196,39 @@ class _StrassenFn(torch.autograd.Function):
     emits the single ``hfb::StrassenPointwise`` node."""
 
     @staticmethod
-    def forward(ctx, x, wb, wc, a, s, c_in: int, r: int, c_out: int, packing: str):  # type: ignore[override]
+    def forward(ctx, x, wb, wc, a, s, c_in: int, r: int, c_out: int, packing: str,  # type: ignore[override]
+                h_scale: tuple[float, ...] | None = None, h_zp: tuple[int, ...] = ()):
         # same ops in the same order as HybridPointwise.forward (conv kind)
         tb = _unpack_float(wb, r, c_in, packing)[:, :, None, None]
         tc = _unpack_float(wc, c_out, r, packing)[:, :, None, None]
-        y = F.conv2d(F.conv2d(x, tb) * a[None, :, None, None], tc)
+        h = F.conv2d(x, tb) * a[None, :, None, None]
+        if h_scale is not None:
+            h = _fake_quant_hidden(h, h_scale, h_zp)
+        y = F.conv2d(h, tc)
         return y if s is None else y * s[None, :, None, None]
 
     @staticmethod
-    def symbolic(g, x, wb, wc, a, s, c_in, r, c_out, packing):  # type: ignore[no-untyped-def]
+    def symbolic(g, x, wb, wc, a, s, c_in, r, c_out, packing, h_scale=None, h_zp=()):  # type: ignore[no-untyped-def]
         args = [x, wb, wc, a] + ([s] if s is not None and not _is_none(s) else [])
+        if h_scale is not None:
+            args += [g.op("Constant", value_t=torch.tensor(list(h_scale), dtype=torch.float32)),
+                     g.op("Constant", value_t=torch.tensor(list(h_zp), dtype=torch.uint8))]
         out = g.op(f"{DOMAIN}::{OP_NAME}", *args, c_in_i=c_in, r_i=r, c_out_i=c_out,
                    packing_s=packing)
         # a declared type keeps the exporter from warning, once per node, that it cannot
         # infer the custom op's shape
         out.setType(x.type().with_dtype(torch.float32).with_sizes([None, c_out, None, None]))
         return out
+
+
+def _fake_quant_hidden(h: torch.Tensor, scale: tuple[float, ...], zp: tuple[int, ...],
+                       ) -> torch.Tensor:
+    """``actquant.ActQuant``'s per-channel arithmetic on the hidden units (traced values
+    only; the symbolic emits QuantizeLinear/DequantizeLinear with axis 1)."""
+    from ..actquant import fake_quant_ref
+
+    return fake_quant_ref(h, torch.tensor(scale, dtype=torch.float32)[None, :, None, None],
+                          torch.tensor(zp, dtype=torch.float32)[None, :, None, None])
 
 
 def _unpack_float(packed: torch.Tensor, rows: int, cols: int, packing: str) -> torch.Tensor:
@@ -227,6 +273,14 @@ class _ExportHybrid(nn.Module):
         else:
             self.channel_scale = None
         self.register_buffer("perm", h.perm.detach().clone())
+        # int8 activations: the same quantizer modules (traced into QuantizeLinear/
+        # DequantizeLinear); the hidden one's parameters become function inputs
+        self.input_quant = copy.deepcopy(h.input_quant)
+        hq = h.hidden_quant if self.n_t else None
+        r = max(self.r, 1)
+        self.h_scale = None if hq is None else tuple(
+            float(v) for v in hq.scale.detach().float().expand(r))
+        self.h_zp = () if hq is None else tuple(int(v) for v in hq.zero_point.expand(r))
 
     def _critical(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.conv:
@@ -234,11 +288,14 @@ class _ExportHybrid(nn.Module):
         return F.linear(x, self.w_crit, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quant is not None:
+            x = self.input_quant(x)
         if self.n_t == 0:
             return self._critical(x, self.bias)
         x4 = x if self.conv else x[:, :, None, None]
         yt = _StrassenFn.apply(x4, self.wb_packed, self.wc_packed, self.a, self.channel_scale,
-                               self.c_in, self.r, self.n_t, self.packing)
+                               self.c_in, self.r, self.n_t, self.packing, self.h_scale,
+                               self.h_zp)
         yt = yt if self.conv else yt.flatten(1)
         if self.n_c == 0:
             return yt + self.bias
@@ -246,19 +303,24 @@ class _ExportHybrid(nn.Module):
         return y.index_select(1, self.perm) + self.bias
 
 
-def _export_ready(model: nn.Module, packing: str) -> tuple[nn.Module, int, bool]:
+def _export_ready(model: nn.Module, packing: str) -> tuple[nn.Module, int, bool, bool]:
     """Deep copy in deploy form with every hybrid layer swapped for its export stand-in."""
     m = copy.deepcopy(model).cpu().float().eval()
     hybrids = {n: h for n, h in m.named_modules() if isinstance(h, HybridPointwise)}
     scaled = any(h.channel_scale is not None and h.n_tolerant for h in hybrids.values())
+    hq = [h.hidden_quant is not None for h in hybrids.values() if h.n_tolerant]
+    if any(hq) and not all(hq):
+        raise InputError("hybrid layers mix float and int8 hidden units; re-run compress")
+    hidden_quant = bool(hq) and all(hq)
+    scaled = scaled or hidden_quant  # one function signature per model
     for name, h in hybrids.items():
         h.freeze()
         stand_in = _ExportHybrid(h, packing, scaled)
         if name == "":  # the model is a single hybrid layer
-            return stand_in, int(h.n_tolerant > 0), scaled
+            return stand_in, int(h.n_tolerant > 0), scaled, hidden_quant
         set_submodule(m, name, stand_in)
     n_tol = sum(1 for h in hybrids.values() if h.n_tolerant)
-    return m, n_tol, scaled
+    return m, n_tol, scaled, hidden_quant
 
 
 def _torch_export(model: nn.Module, resolution: int, opset: int, dynamic_batch: bool,
@@ -292,10 +354,11 @@ def _convert_opset(mp: ModelProto, opset: int) -> ModelProto:
     return out
 
 
-def _attach_functions(mp: ModelProto, packing: str, opset: int, scaled: bool) -> None:
+def _attach_functions(mp: ModelProto, packing: str, opset: int, scaled: bool,
+                      hidden_quant: bool = False) -> None:
     if not any(o.domain == DOMAIN for o in mp.opset_import):
         mp.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
-    mp.functions.extend(hfb_functions(packing, opset, scaled))
+    mp.functions.extend(hfb_functions(packing, opset, scaled, hidden_quant))
 
 
 # op type -> index of its weight input; the channel axis of that weight is below
@@ -422,7 +485,7 @@ def build_onnx(model: nn.Module, resolution: int, opset: int = 17, pack: str = "
     _validate_args(opset, pack, resolution)
     bits = model_weight_bits(model) if weight_bits is None else check_bits(
         weight_bits, "weight bits")
-    ready, n_tol, scaled = _export_ready(model, pack)
+    ready, n_tol, scaled, hidden_quant = _export_ready(model, pack)
     try:
         mp = _torch_export(ready, int(resolution), min(opset, TORCHSCRIPT_MAX_OPSET),
                            dynamic_batch, custom=n_tol > 0, fold_batchnorm=bits == 32)
@@ -433,7 +496,7 @@ def build_onnx(model: nn.Module, resolution: int, opset: int = 17, pack: str = "
         raise InputError(f"model cannot be exported to ONNX opset {opset}: {msg[:200]}") from None
     store_weights(mp, bits)
     if n_tol:
-        _attach_functions(mp, pack, opset, scaled)
+        _attach_functions(mp, pack, opset, scaled, hidden_quant)
     try:
         onnx.checker.check_model(mp, full_check=True)
     except Exception as exc:

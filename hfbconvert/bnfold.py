@@ -1,0 +1,96 @@
+"""Fold each BatchNorm2d into the conv or hybrid layer that feeds it.
+
+Int8 kernels take a conv's weights and bias and requantize its output once; a BatchNorm
+left between a conv and the next quantizer would run in float. Folding before the weights
+are rounded to int8 means the int8 codes are those of the folded weights (as onnxruntime's
+PTQ quantizes its BN-folded graph), so nothing is lost to a second rounding.
+
+For a hybrid layer the per-channel BN factor k = γ/√(σ²+ε) goes into the critical rows and
+into the tolerant bank's per-output-channel scale (``channel_scale``; in an int8 kernel it
+merges into the output requantization multiplier, as a BN factor does for any int8 conv),
+and the shift into the bias. Ternary codes and ``a`` are untouched.
+
+Pairs are found with ``torch.fx`` (a BN whose only input is a conv/hybrid layer used
+nowhere else), so any traceable model works; an untraceable one keeps its BatchNorms.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from .hybrid import HybridPointwise
+from .layers import set_submodule
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, HybridPointwise) or super().is_leaf_module(m, qualname)
+
+
+def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """``(layer name, BN name)`` for every BatchNorm2d fed only by a Conv2d or hybrid layer
+    whose output goes nowhere else; [] when the model cannot be traced."""
+    try:
+        graph = _Tracer().trace(model)
+    except Exception:  # noqa: BLE001 - any tracing failure just means "do not fold"
+        return []
+    mods = dict(model.named_modules())
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(mods.get(node.target), nn.BatchNorm2d):
+            continue
+        src = node.args[0] if node.args else None
+        if not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1:
+            continue
+        layer = mods.get(src.target)
+        if isinstance(layer, HybridPointwise) and layer.kind == "conv" or (
+                isinstance(layer, nn.Conv2d)):
+            pairs.append((str(src.target), str(node.target)))
+    return pairs
+
+
+def prepare_structure(model: nn.Module, pairs: list[tuple[str, str]]) -> None:
+    """The parameter layout of a folded model (for loading a saved state dict): every
+    paired conv has a bias, every paired hybrid layer with tolerant filters a channel
+    scale, and every paired BN is an Identity."""
+    for layer_name, bn_name in pairs:
+        layer = model.get_submodule(layer_name)
+        if isinstance(layer, HybridPointwise):
+            if layer.n_tolerant and layer.channel_scale is None:
+                layer.channel_scale = nn.Parameter(torch.ones(layer.n_tolerant))
+        elif layer.bias is None:
+            layer.bias = nn.Parameter(torch.zeros(layer.out_channels))
+        set_submodule(model, bn_name, nn.Identity())
+
+
+@torch.no_grad()
+def fold_batchnorms(model: nn.Module) -> list[tuple[str, str]]:
+    """Fold, in place, every BN :func:`conv_bn_pairs` finds; returns the pairs folded."""
+    pairs = conv_bn_pairs(model)
+    for layer_name, bn_name in pairs:
+        layer = model.get_submodule(layer_name)
+        bn = model.get_submodule(bn_name)
+        assert isinstance(bn, nn.BatchNorm2d)
+        k = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(
+            bn.running_var + bn.eps)
+        beta = bn.bias if bn.affine else torch.zeros_like(k)
+        if isinstance(layer, HybridPointwise):
+            layer.w_crit.mul_(k[layer.critical_idx][:, None])
+            if layer.n_tolerant:
+                kt = k[layer.tolerant_idx]
+                if layer.channel_scale is None:
+                    layer.channel_scale = nn.Parameter(kt.clone())
+                else:
+                    layer.channel_scale.mul_(kt)
+            layer.bias.copy_((layer.bias - bn.running_mean) * k + beta)
+        else:
+            layer.weight.mul_(k.reshape(-1, 1, 1, 1))
+            b = layer.bias if layer.bias is not None else torch.zeros_like(k)
+            new_b = (b - bn.running_mean) * k + beta
+            if layer.bias is None:
+                layer.bias = nn.Parameter(new_b.clone())
+            else:
+                layer.bias.copy_(new_b)
+        set_submodule(model, bn_name, nn.Identity())
+    return pairs
