@@ -23,7 +23,8 @@ class Method:
     label: str
     kind: str  # "original" | "compress" | "int8"
     args: tuple[str, ...] = ()  # extra `hfbconvert compress` arguments
-    family: str = "baseline"  # "baseline" | "hybrid" (budget curve) | "hybrid-uniform"
+    family: str = "baseline"  # "baseline" | "hybrid" (budget curve) | "hybrid-uniform" |
+    # "hybrid-int8"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -48,12 +49,15 @@ METHODS: dict[str, Method] = {m.key: m for m in [
     Method("hybrid-0.4", "hybrid, MUL budget 0.4", "compress",
            ("--method", "hybrid", "--budget", "0.4"), "hybrid"),
     Method("int8-ptq", "onnxruntime int8 PTQ (QDQ, per-channel, MinMax)", "int8"),
+    Method("hybrid-0.536-int8", "hybrid, MUL budget 0.536, int8 FP parts + int8 activations",
+           "compress", ("--method", "hybrid", "--budget", "0.536", "--activation-bits", "8"),
+           "hybrid-int8"),
 ]}
 # Table order. Run order (run.py) puts the most informative cells first, so that a run cut
 # short by the time budget still has them.
 TABLE_ORDER = list(METHODS)
 RUN_PRIORITY = ["original", "int8-ptq", "hybrid-0.536", "twn", "hybrid-0.7", "hybrid-0.4",
-                "hybrid-uniform-0.5", "strassen-r1", "strassen-r2"]
+                "hybrid-uniform-0.5", "strassen-r1", "strassen-r2", "hybrid-0.536-int8"]
 ALL_METHODS = TABLE_ORDER
 
 # The paper's reported point (poster / arXiv 1911.01028) for MobileNetV1 width 0.5 on
