@@ -169,24 +169,79 @@ def matched_stats(bn: nn.Module, orig: tuple[torch.Tensor, torch.Tensor],
     return m_new.to(dt), v_new.to(dt)
 
 
+def _set_matched(bn: nn.Module, ref: tuple[torch.Tensor, torch.Tensor],
+                 hyb: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """Apply :func:`matched_stats` to ``bn``; returns the mean |log(v_h / v_o)| over
+    channels before the change (how far off the BN's input scale was)."""
+    rm, rv = matched_stats(bn, ref, hyb)
+    bn.running_mean.copy_(rm)
+    bn.running_var.copy_(rv)
+    vo, vh = ref[1], hyb[1]
+    ok = (vo > 0) & (vh > 0)
+    return float((vh[ok] / vo[ok]).log().abs().mean()) if bool(ok.any()) else 0.0
+
+
+@torch.no_grad()
+def _peak_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the largest leaf-module output for the batch ``x`` (from a 1-image pass)."""
+    peak = [0]
+
+    def hook(_m, _i, out):
+        if isinstance(out, torch.Tensor):
+            peak[0] = max(peak[0], out.numel() * out.element_size())
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules()
+             if not list(m.children())]
+    was_training = model.training
+    model.eval()
+    try:
+        model(x[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return peak[0] * x.shape[0]
+
+
 @torch.no_grad()
 def match_bn(original: nn.Module, hybrid: nn.Module, names: list[str],
-             batches: list[torch.Tensor]) -> dict[str, float]:
+             batches: list[torch.Tensor], max_bytes: int = 1 << 30) -> dict[str, float]:
     """``match`` mode, in place on ``hybrid``: BN by BN in network order, the hybrid's
     BN input moments are measured with every earlier BN already adjusted, and the BN's
     running statistics are set by :func:`matched_stats`. Returns, per BN, the mean
-    |log(v_h / v_o)| over channels before the adjustment (how far off it was)."""
+    |log(v_h / v_o)| over channels before the adjustment (how far off it was).
+
+    When all images fit in one batch (its largest activation, x8 for the temporaries,
+    under ``max_bytes``) this is one forward pass: a pre-hook adjusts each BN from the
+    whole batch just before the BN runs, so every later BN already sees adjusted
+    inputs. Otherwise one (truncated) pass per BN: same result, more time."""
     ref = bn_input_moments(original, names, batches)
-    report = {}
+    report: dict[str, float] = {}
+    x_all = torch.cat(batches) if len(batches) > 1 else batches[0]
+    if 8 * _peak_activation_bytes(hybrid, x_all) <= max_bytes:
+        wanted = set(names)
+
+        def adjust(name: str):
+            def hook(m, inp):
+                if name in wanted and name not in report:
+                    acc = _Moments()
+                    acc.add(inp[0])
+                    report[name] = _set_matched(m, ref[name], acc.mean_var())
+            return hook
+
+        hooks = [hybrid.get_submodule(n).register_forward_pre_hook(adjust(n)) for n in names]
+        was_training = hybrid.training
+        hybrid.eval()
+        try:
+            hybrid(x_all)
+        finally:
+            for h in hooks:
+                h.remove()
+            hybrid.train(was_training)
+        return {n: report[n] for n in names}
     for name in names:
         hyb = bn_input_moments(hybrid, [name], batches, stop_after=name)[name]
-        bn = hybrid.get_submodule(name)
-        rm, rv = matched_stats(bn, ref[name], hyb)
-        bn.running_mean.copy_(rm)
-        bn.running_var.copy_(rv)
-        vo, vh = ref[name][1], hyb[1]
-        ok = (vo > 0) & (vh > 0)
-        report[name] = float((vh[ok] / vo[ok]).log().abs().mean()) if bool(ok.any()) else 0.0
+        report[name] = _set_matched(hybrid.get_submodule(name), ref[name], hyb)
     return report
 
 

@@ -108,15 +108,18 @@ def test_targets_are_the_bns_fed_by_pointwise_layers(model: nn.Module,
     assert every[0] == "bn_stem" and set(PW_BNS) < set(every) and len(every) == 27
 
 
-@pytest.mark.parametrize("scope", ["pointwise", "all"])
-def test_match_gives_original_bn_output_moments(model, fitted, data, scope) -> None:
+@pytest.mark.parametrize(("scope", "max_bytes"), [("pointwise", 1 << 30), ("all", 1 << 30),
+                                                  ("pointwise", 0)])
+def test_match_gives_original_bn_output_moments(model, fitted, data, scope,
+                                                max_bytes) -> None:
+    """One-pass (all images fit) and BN-by-BN passes (``max_bytes=0``) alike."""
     batches = [x for x, _ in data.batches(32)]
     names = bn_targets(model, batches[0][:2], [f"blocks.{i}.conv_pw" for i in range(13)],
                        scope)
     ref = bn_output_moments(model, names, batches)
     before = moment_gap(ref, bn_output_moments(fitted, names, batches))
     hybrid = copy.deepcopy(fitted)
-    match_bn(model, hybrid, names, batches)
+    match_bn(model, hybrid, names, batches, max_bytes=max_bytes)
     after = moment_gap(ref, bn_output_moments(hybrid, names, batches))
     assert before > 0.05, before  # the fit alone leaves visible moment errors
     assert after < 1e-3, (before, after)
