@@ -109,7 +109,8 @@ def test_targets_are_the_bns_fed_by_pointwise_layers(model: nn.Module,
 
 
 @pytest.mark.parametrize(("scope", "max_bytes"), [("pointwise", 1 << 30), ("all", 1 << 30),
-                                                  ("pointwise", 0)])
+                                                  ("pointwise", 0)],
+                         ids=["pointwise-one-pass", "all-one-pass", "pointwise-per-bn"])
 def test_match_gives_original_bn_output_moments(model, fitted, data, scope,
                                                 max_bytes) -> None:
     """One-pass (all images fit) and BN-by-BN passes (``max_bytes=0``) alike."""
@@ -162,12 +163,16 @@ def test_unknown_mode_is_an_input_error(model: nn.Module, data: CalibData) -> No
         compress(model, tiny_info(), data, CompressConfig(bn_adjust="yes"))
 
 
-def test_cli_flag(tmp_path: Path) -> None:
+def test_cli_flag_help_and_bad_value() -> None:
     runner = CliRunner()
     help_text = runner.invoke(main, ["compress", "--help"]).output
     assert "--bn-adjust" in help_text and "reestimate" in help_text
     bad = runner.invoke(main, ["compress", "m.pt", "--bn-adjust", "maybe"])
     assert bad.exit_code == 2 and "maybe" in bad.output
+
+
+def test_cli_flag_reaches_the_pipeline(tmp_path: Path) -> None:
+    runner = CliRunner()
     ckpt = write_reference_checkpoint(tmp_path / "tiny.pt")
     npz = write_npz(tmp_path / "c.npz", n=40)
     res = runner.invoke(main, ["compress", str(ckpt), "--calib", str(npz), "-o",
