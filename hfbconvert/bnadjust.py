@@ -251,6 +251,8 @@ def reestimate_bn(hybrid: nn.Module, names: list[str], batches: list[torch.Tenso
     statistics over ``batches`` in train-mode BN (``momentum=None``: a plain cumulative
     average, so the order of batches does not matter). Everything else stays in eval
     mode (hybrid layers keep their deploy-form forward)."""
+    if len(batches) > 1 and batches[-1].shape[0] == 1:  # train-mode BN needs 2+ values
+        batches = [*batches[:-2], torch.cat(batches[-2:])]
     bns = [hybrid.get_submodule(n) for n in names]
     saved = [(bn.momentum, bn.training) for bn in bns]
     was_training = hybrid.training

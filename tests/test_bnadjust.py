@@ -181,3 +181,24 @@ def test_cli_flag_reaches_the_pipeline(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     stages = [s["stage"] for s in json.loads(res.stdout)["stages"]]
     assert stages == ["fit", "bn_reestimate", "weights_16bit"]
+
+
+def test_linear_bn1d_and_a_one_image_last_batch() -> None:
+    """No MobileNet assumed: a Linear + BatchNorm1d pair is found and matched, and a
+    trailing 1-image batch (which train-mode BN cannot normalize) does not break
+    ``reestimate``."""
+    torch.manual_seed(0)
+    orig = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).eval()
+    batches = [torch.randn(5, 4), torch.randn(1, 4)]
+    assert bn_targets(orig, batches[0][:2], ["0"]) == ["1"]
+    hyb = copy.deepcopy(orig)
+    with torch.no_grad():
+        hyb[0].weight.mul_(1.5)
+        hyb[0].bias.add_(0.3)
+    match_bn(orig, hyb, ["1"], batches)
+    x = torch.cat(batches)
+    with torch.no_grad():
+        assert torch.allclose(hyb(x).mean(0), orig(x).mean(0), atol=1e-5)
+        assert torch.allclose(hyb(x).var(0), orig(x).var(0), rtol=1e-4)
+    reestimate_bn(hyb, ["1"], batches)
+    assert int(hyb[1].num_batches_tracked) == 1  # the 1-image batch joined the one before
