@@ -233,6 +233,17 @@ def analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, bu
 @click.option("--no-sequential", is_flag=True,
               help="Reconstruct against original inputs (one-shot) instead.")
 @click.option("--no-bias-correction", is_flag=True)
+@click.option("--bn-adjust", type=click.Choice(["off", "match", "reestimate"]), default="off",
+              show_default=True,
+              help="BatchNorm stage for models with BN after the pointwise layers (not "
+                   "folded): 'match' resets each such BN's running mean/variance so that, "
+                   "on the calibration images, the compressed network's normalized outputs "
+                   "have the original's per-channel mean and variance (BN by BN, in network "
+                   "order); 'reestimate' recomputes the BN statistics from the calibration "
+                   "images (train-mode BN). Free at inference (BN folds into the conv). "
+                   "Skipped, with a note, for BN-folded models. Off by default: on CIFAR-10 "
+                   "MobileNetV1-0.5 'match' changed top-1 by +0.05 points, 'reestimate' by "
+                   "-0.19 (see BENCHMARKS.md).")
 @click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.9, show_default=True,
               help="Exit 1 if held-apart agreement with the original ends below this.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted fine-tune.")
@@ -252,7 +263,8 @@ def analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, bu
 def compress(model, arch, trust_pickle, calib, calib_size, resolution, preset, output, force,
              method, budget, max_add_increase, critical_fraction, hidden_units_ratio, plan_file,
              dry_run, steps, batch_size, lr, reconstruct, no_sequential, no_bias_correction,
-             min_agreement, resume, device, weight_bits, activation_bits, as_json, seed, quiet):
+             bn_adjust, min_agreement, resume, device, weight_bits, activation_bits, as_json,
+             seed, quiet):
     """Split pointwise layers into FP critical + ternary banks under a MUL budget,
     reconstruct layer by layer, and fine-tune briefly by distillation."""
     import math
@@ -294,7 +306,8 @@ def compress(model, arch, trust_pickle, calib, calib_size, resolution, preset, o
         method=method, budget=budget, critical_fraction=critical_fraction,
         hidden_units_ratio=hidden_units_ratio, max_add_increase=max_add_increase,
         reconstruct=reconstruct, sequential=not no_sequential,
-        bias_correction=not no_bias_correction, min_agreement=min_agreement, seed=seed,
+        bias_correction=not no_bias_correction, bn_adjust=bn_adjust,
+        min_agreement=min_agreement, seed=seed,
         finetune=FinetuneConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                                 device=dev), weight_bits=weight_bits,
         activation_bits=activation_bits)

@@ -1,4 +1,5 @@
-"""The compress pipeline: sensitivity -> plan -> build -> reconstruct -> fine-tune.
+"""The compress pipeline: sensitivity -> plan -> build -> reconstruct -> fine-tune ->
+BatchNorm adjustment.
 
 Each stage is switchable (``CompressConfig``) and its effect on agreement with the
 original model, measured on held-apart calibration images, is recorded in the returned
@@ -18,6 +19,7 @@ from torch import nn
 from calib.readers import CalibData
 
 from . import actquant, progress
+from .bnadjust import BN_MODES, BN_SCOPES, bn_targets, match_bn, reestimate_bn
 from .bnfold import fold_batchnorms
 from .costs import model_cost
 from .errors import InputError
@@ -62,6 +64,13 @@ class CompressConfig:
     weight_bits: int = 16  # FP weight storage 32|16|8; fp16 measured lossless (V1-0.5-160)
     activation_bits: int = 32  # 8: int8 activations (needs weight_bits 8 and calibration data)
     act_calib_images: int = 128  # one forward pass as a single batch
+    # BatchNorm stage (bnadjust.py): "off" | "match" | "reestimate". Off by default: the
+    # V1-0.5-160 ImageNet model has its BN folded (stage skipped, nothing to gain), and on
+    # BN-unfolded CIFAR-10 V1-0.5 (10,000 test images) "match" moved top-1 by +0.05
+    # points (5 images) and "reestimate" cost 0.19 points (bench/ablation.md)
+    bn_adjust: str = "off"
+    bn_scope: str = "pointwise"  # "pointwise": BNs fed by a hybrid layer; "all": every BN
+    bn_images: int = 512
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -237,6 +246,11 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
                          f"weights), not {cfg.weight_bits}")
     if cfg.activation_bits == 8 and data is None:
         raise InputError("--activation-bits 8 needs calibration images (give --calib)")
+    if cfg.bn_adjust not in BN_MODES:
+        raise InputError(f"unknown --bn-adjust {cfg.bn_adjust!r}; choose from "
+                         f"{', '.join(BN_MODES)}")
+    if cfg.bn_scope not in BN_SCOPES:
+        raise InputError(f"unknown BN scope {cfg.bn_scope!r}; choose from {', '.join(BN_SCOPES)}")
     torch.manual_seed(cfg.seed)
     model.eval()
     t0 = time.perf_counter()
@@ -314,6 +328,8 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
         timings["finetune_s"] = time.perf_counter() - t
         meta["finetune_log"] = log.to_dict()
         _stage(stages, f"finetune_{ft.steps}", hybrid, model, held, timings["finetune_s"])
+    if cfg.bn_adjust != "off":
+        _bn_stage(model, hybrid, layers, train, cfg, meta, timings, stages, held)
     for m in hybrid.modules():
         if isinstance(m, HybridPointwise):
             m.freeze()
@@ -362,6 +378,35 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
         meta["baselines"] = {"int8 (original at int8)": model_cost(
             model, info.resolution, weight_bits=8, act_bits=8).to_dict()}
     return hybrid, meta
+
+
+def _bn_stage(model: nn.Module, hybrid: nn.Module, layers: list[PointwiseLayer],
+              train: CalibData | None, cfg: CompressConfig, meta: dict, timings: dict,
+              stages: list, held: list) -> None:
+    """Adjust BatchNorm statistics of ``hybrid`` (bnadjust.py) on training-split images,
+    or record in ``meta["bn_adjust_skipped"]`` why there was nothing to do."""
+    if train is None:
+        meta["bn_adjust_skipped"] = "no calibration images"
+        progress.warn("--bn-adjust needs --calib images; skipped")
+        return
+    t = time.perf_counter()
+    batches = _batches(train, cfg.bn_images, seed=cfg.seed + 3)
+    names = bn_targets(model, batches[0][:2], [ly.name for ly in layers], cfg.bn_scope)
+    if not names:
+        meta["bn_adjust_skipped"] = ("no BatchNorm after the pointwise layers (BN folded into "
+                                     "the convolutions?)" if cfg.bn_scope == "pointwise"
+                                     else "model has no BatchNorm with running statistics")
+        progress.info(f"  BN stage skipped: {meta['bn_adjust_skipped']}")
+        return
+    info: dict[str, Any] = {"mode": cfg.bn_adjust, "scope": cfg.bn_scope, "layers": names,
+                            "images": sum(x.shape[0] for x in batches)}
+    if cfg.bn_adjust == "match":
+        info["log_var_ratio_before"] = match_bn(model, hybrid, names, batches)
+    else:
+        reestimate_bn(hybrid, names, batches)
+    timings["bn_adjust_s"] = time.perf_counter() - t
+    meta["bn_adjust"] = info
+    _stage(stages, f"bn_{cfg.bn_adjust}", hybrid, model, held, timings["bn_adjust_s"])
 
 
 def _min_recon_images(layers: list[PointwiseLayer], cfg: CompressConfig) -> int:
