@@ -17,8 +17,8 @@ Conventions (stated in every report):
   unit) is the requantization of its int8 hidden units, an int32 MUL. Requantizing a
   layer's outputs (one multiplier per output value, BN and channel scales folded into it)
   is the same for every int8 model and not counted, so a hybrid with BN folded into its
-  tolerant channel scales counts no MUL for them. Hidden units quantized in G groups cost
-  G - 1 int32 MULs and ADDs per tolerant output (partial sums rescaled and added).
+  tolerant channel scales counts no MUL for them. Hidden-unit scales differ by powers of
+  two: one shift per hidden unit aligns the codes, counted as an ADD.
 """
 
 from __future__ import annotations
@@ -160,16 +160,16 @@ def hybrid_cost(name: str, m: HybridPointwise, pixels: int, fp_bits: int = 32,
     add_c = int((nnz_c - 1).clamp_min(0).sum())
     cs = n_t if m.channel_scale is not None else 0
     cs_muls = 0 if act_bits == 8 else cs
-    # int8 hidden units in G groups: W_c sums each group apart, G - 1 MULs + ADDs per output
-    extra_g = max(hidden_groups(m.hidden_quant) - 1, 0) * n_t if act_bits == 8 else 0
-    muls = pixels * (n_c * c_in + r + cs_muls + extra_g)
-    adds = pixels * (n_c * (c_in - 1) + add_b + add_c + extra_g)
+    # int8 hidden units with power-of-two scales: one shift per hidden unit, counted as an ADD
+    shifts = r if act_bits == 8 and hidden_groups(m.hidden_quant) > 1 else 0
+    muls = pixels * (n_c * c_in + r + cs_muls)
+    adds = pixels * (n_c * (c_in - 1) + add_b + add_c + shifts)
     fp_params = n_c * c_in + m.c_out + r + cs  # critical rows, bias, a, scales
     tern = r * c_in + n_t * r
     byts = (weight_bytes(n_c * c_in, n_c, wbits) + (m.c_out + r + cs) * fp_bits / 8
             + ternary_bytes(r * c_in) + ternary_bytes(n_t * r))
     return LayerCost(name, "hybrid", muls, adds, fp_params + tern, byts, pixels, scale_muls=
-                     pixels * (r + cs_muls + extra_g), extra={
+                     pixels * (r + cs_muls), extra={
         "critical": n_c, "tolerant": n_t, "r": r, "c_in": c_in, "c_out": m.c_out,
         "nnz_wb": int(nnz_b.sum()) if n_t else 0, "nnz_wc": int(nnz_c.sum()) if n_t else 0,
         "adds_wb": pixels * add_b, "adds_wc": pixels * add_c, "weight_bits": wbits,

@@ -185,6 +185,28 @@ def test_unreached_quantizer_is_an_input_error():
         actquant.calibrate(net, torch.randn(2, 3, 4, 4))
 
 
+def test_hidden_scales_are_powers_of_two_apart():
+    """Per-unit ranges spanning 2^10: every unit gets s_max · 2^-e with its values inside
+    its symmetric range (unless e is capped), and no unit is rounded away."""
+    q = ActQuant(channels=12)
+    g = torch.Generator().manual_seed(0)
+    ranges = 2.0 ** -torch.arange(12.0)
+    x = (torch.rand(64, 12, 3, 3, generator=g) * 2 - 1) * ranges[None, :, None, None]
+    rep = actquant._fit_pow2(q, x, lambda v: (*choose_range(v, float(v.min()),
+                                                            float(v.max())),
+                                              float(v.min()), float(v.max())))
+    e = torch.log2(q.scale[0] / q.scale)
+    assert torch.equal(e, torch.round(e)) and e.min() == 0 and e.max() <= 7
+    assert (q.zero_point == actquant.HIDDEN_ZERO_POINT).all()
+    assert sum(rep["units_per_shift"]) == 12
+    y = q(x)
+    amax = x.abs().amax(dim=(0, 2, 3))
+    fits = amax <= 127.5 * q.scale
+    assert fits[:8].all()  # units within 2^7 of the largest keep their whole range
+    rel = (y - x).pow(2).sum((0, 2, 3)) / x.pow(2).sum((0, 2, 3))
+    assert (rel[:8] < 1e-3).all()  # ≥ 64 levels each: nothing rounded away
+
+
 def test_int8_energy_constants():
     net = _with_hybrid()
     fold_batchnorms(net)
@@ -193,6 +215,7 @@ def test_int8_energy_constants():
     assert c.act_bits == 8
     h = next(r for r in c.layers if r.kind == "hybrid")
     assert h.scale_muls == h.pixels * h.extra["r"]  # the a's; BN scales: in the requant
+    assert h.muls == h.pixels * (h.extra["critical"] * h.extra["c_in"] + h.extra["r"])
     by = c.muls_by_bits()
     assert by["int8"] + by["int32"] == c.muls and by["int32"] == h.scale_muls
     want = (by["int8"] * ENERGY_PJ["int8_mul"] + by["int32"] * ENERGY_PJ["int32_mul"]

@@ -127,7 +127,7 @@ def strassen_function(packing: str, opset: int, scaled: bool,
     (``hidden_quant``; ``s`` is then always present) the hidden units ``a ⊙ (W_b * X)`` pass
     through uint8 quantization with h_scale [r], h_zero_point: uint8 [r] (QuantizeLinear +
     DequantizeLinear semantics along axis 1, written out in arithmetic ops) before W_c; the
-    r pairs take a few distinct values (groups of hidden units).
+    r pairs differ by powers of two (docs/onnx_ops.md).
     """
     inputs = ["X", "Wb", "Wc", "a"] + (["s"] if scaled else []) + (
         ["h_scale", "h_zero_point"] if hidden_quant else [])
