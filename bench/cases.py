@@ -132,6 +132,16 @@ SUITES: dict[str, Suite] = {
         notes=("Every compress cell runs the CLI defaults (one-shot fit, no fine-tuning, "
                "float16 full-precision weights); see the ablation for the other stages.",),
     ),
+    # Issue 8's table: the int8 hybrid against onnxruntime's int8 PTQ, measured in one run.
+    "int8": Suite(
+        "int8", ("v1-0.5-160", "cifar10-v1-0.5", "v2"),
+        {k: ("original", "int8-ptq", "hybrid-0.536-int8") for k in MODELS},
+        overrides={"v1-0.5-160": {"calib_size": 1000}, "cifar10-v1-0.5": {"calib_size": 2000}},
+        time_budget_min=45.0, latency_repeats=(20, 3),
+        notes=("int8 suite: `compress --activation-bits 8` (int8 critical/stem/depthwise/"
+               "classifier weights, uint8 activations, hidden units in 16 groups) against "
+               "onnxruntime int8 PTQ; energy of both rows with the int8 constants.",),
+    ),
     "quick": Suite(
         "quick", ("v1-0.5-160",),
         {"v1-0.5-160": ("original", "twn", "hybrid-0.536", "int8-ptq")},

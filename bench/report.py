@@ -14,7 +14,7 @@ from pathlib import Path
 from . import RESULTS_SCHEMA
 from .cases import PAPER_POINT, REPO, SUITES, TABLE_ORDER
 
-SECTION_ORDER = ["full", "quick"]
+SECTION_ORDER = ["full", "int8", "quick"]
 
 
 # ------------------------------------------------------------------------ loading
