@@ -46,6 +46,19 @@ def check_act_bits(bits: Any, what: str = "--activation-bits") -> int:
     return int(bits)
 
 
+def check_config(act_bits: Any, weight_bits: int, has_data: bool) -> int:
+    """Validate ``--activation-bits`` against the weight bits and the calibration data
+    (shared by the CLI, which checks before loading anything, and the library)."""
+    bits = check_act_bits(act_bits)
+    if bits == 8 and weight_bits != 8:
+        raise InputError(f"--activation-bits 8 needs --critical-bits 8 (int8 kernels take "
+                         f"int8 weights), not {weight_bits}")
+    if bits == 8 and not has_data:
+        raise InputError("--activation-bits 8 needs calibration images to set the "
+                         "activation ranges (give --calib DIR or --calib synthetic)")
+    return bits
+
+
 class ActQuant(nn.Module):
     """uint8 fake quantization with calibrated ``scale`` and ``zero_point``: per tensor, or
     (``channels``) one pair per channel of dim 1, as the hidden units' groups use."""

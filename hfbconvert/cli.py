@@ -269,7 +269,7 @@ def compress(model, arch, trust_pickle, calib, calib_size, resolution, preset, o
     reconstruct layer by layer, and fine-tune briefly by distillation."""
     import math
 
-    from .actquant import check_act_bits
+    from .actquant import check_act_bits, check_config
     from .artifact import save_compressed
     from .compress import CompressConfig
     from .compress import compress as run_compress
@@ -286,12 +286,7 @@ def compress(model, arch, trust_pickle, calib, calib_size, resolution, preset, o
     if weight_bits is None:
         weight_bits = 8 if activation_bits == 8 else 16
     check_bits(weight_bits, "--critical-bits/--weight-bits")
-    if activation_bits == 8 and weight_bits != 8:
-        raise InputError(f"--activation-bits 8 needs --critical-bits 8 (int8 kernels take "
-                         f"int8 weights), not {weight_bits}")
-    if activation_bits == 8 and calib is None:
-        raise InputError("--activation-bits 8 needs calibration images to set the "
-                         "activation ranges (give --calib DIR or --calib synthetic)")
+    check_config(activation_bits, weight_bits, calib is not None)
     override = _read_plan(plan_file) if plan_file else None
     # the model first: a missing MODEL is reported as such, not as its default output
     net, info = _load(model, arch, trust_pickle)

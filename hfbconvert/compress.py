@@ -240,12 +240,7 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
     if cfg.method not in METHODS:
         raise InputError(f"unknown --method {cfg.method!r}; choose from {', '.join(METHODS)}")
     check_bits(cfg.weight_bits)
-    actquant.check_act_bits(cfg.activation_bits)
-    if cfg.activation_bits == 8 and cfg.weight_bits != 8:
-        raise InputError(f"--activation-bits 8 needs --critical-bits 8 (int8 kernels take int8 "
-                         f"weights), not {cfg.weight_bits}")
-    if cfg.activation_bits == 8 and data is None:
-        raise InputError("--activation-bits 8 needs calibration images (give --calib)")
+    actquant.check_config(cfg.activation_bits, cfg.weight_bits, data is not None)
     if cfg.bn_adjust not in BN_MODES:
         raise InputError(f"unknown --bn-adjust {cfg.bn_adjust!r}; choose from "
                          f"{', '.join(BN_MODES)}")
