@@ -220,7 +220,7 @@ def test_cli_exports_are_smaller_and_verified(tiny, bits: int) -> None:
     size = {b: tiny[b]["onnx"].stat().st_size for b in (32, 16, 8)}
     assert size[8] < size[16] < size[32]
     fp = {b: _fp_bytes(onnx.load(str(tiny[b]["onnx"]))) for b in (32, bits)}
-    assert fp[bits] < fp[32] * (0.65 if bits == 16 else 0.45)  # BN stays fp32, unfolded
+    assert fp[bits] < fp[32] * (0.65 if bits == 16 else 0.5)  # BN stays fp32, unfolded
     mp = onnx.load(str(tiny[bits]["onnx"]))
     onnx.checker.check_model(mp, full_check=True)
     types = _init_types(mp)
@@ -234,7 +234,7 @@ def test_cli_int8_weights_are_exact(tiny) -> None:
     onnxruntime matches the rebuilt model."""
     net, _, meta = load_compressed(tiny[8]["pt"])
     assert meta["weight_bits"] == 8 and meta["config"]["weight_bits"] == 8
-    assert meta["stages"][-1]["stage"] == "weights_8bit"
+    assert [s["stage"] for s in meta["stages"]][-2:] == ["weights_8bit", "mean_shift"]
     mp = onnx.load(str(tiny[8]["onnx"]))
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in mp.graph.initializer}
     sd = net.state_dict()
