@@ -69,11 +69,15 @@ class ActQuant(nn.Module):
         self.register_buffer("scale", torch.ones(shape))
         self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
         self.observer: Callable[[torch.Tensor], None] | None = None  # set while calibrating
+        # ONNX form when traced: False writes the arithmetic (Div, Round, Add, Clip, Sub,
+        # Mul), which every runtime computes as PyTorch does; True writes QuantizeLinear/
+        # DequantizeLinear, which onnxruntime rewrites into its int8 kernels
+        self.export_qdq = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer is not None:
             self.observer(x)  # sets scale/zero_point, then clears itself
-        if torch.jit.is_tracing() and self.scale.dim() == 0:
+        if self.export_qdq and torch.jit.is_tracing() and self.scale.dim() == 0:
             # the exporter turns this into QuantizeLinear/DequantizeLinear
             return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point,
                                                          QMIN, QMAX)

@@ -7,13 +7,10 @@ than one runtime's kernels. Pass: max|Δlogit| ≤ rtol_rel · max|logit| and id
 
 Models with int8 activations (``compress --activation-bits 8``) get a stated looser check,
 :data:`QUANTIZED_RTOL` and at most :data:`QUANTIZED_TOP1_MISMATCH` of the images with a
-different top-1: onnxruntime rewrites Q/DQ graphs into its own integer kernels and
-reorders float arithmetic (it folds ``a`` into W_b's conv), so values near a rounding
-boundary land one step away and the step travels through the network (measured on
-MobileNetV1-0.5-160, 64 images, two conversions: max|Δlogit| 2.6% and 3.0% of max|logit|,
-2 and 1 of 64 top-1 decisions changed).
-onnx.reference, which runs the file's Q/DQ arithmetic as written, matches PyTorch to
-float rounding.
+different top-1: onnxruntime's graph optimizations reorder float arithmetic (and, for
+``--qdq`` files, requantize in integer kernels), so a value near a rounding boundary can
+land one step away and the step travels through the network. onnx.reference, which runs
+the file as written, matches PyTorch to float rounding.
 """
 
 from __future__ import annotations

@@ -236,11 +236,14 @@ def a8(tmp_path_factory: pytest.TempPathFactory) -> dict:
     pt, onx = d / "a8.hfb.pt", d / "a8.onnx"
     res = ok(run("compress", model, "--calib", npz, *FASTEST, "--activation-bits", "8",
                  "-o", pt, "--json", "-q"))
-    # --no-verify: onnxruntime's rewrites of Q/DQ graphs move rounding boundaries, and the
-    # tiny random net's logits are near-tied (max 0.25), so its top-1 flips; the file's
-    # semantics are checked against onnx.reference below, onnxruntime on the real model
-    exp = ok(run("export", "onnx", pt, "-o", onx, "--no-verify", "--json", "-q"))
-    return {"dir": d, "calib": npz, "model": model, "pt": pt, "onnx": onx,
+    # default export: quantizers as arithmetic, verified against PyTorch by the CLI
+    exp = ok(run("export", "onnx", pt, "-o", onx, "--calib", npz, "--json", "-q"))
+    # --qdq: standard Q/DQ; onnxruntime's rewrites move rounding boundaries and the tiny
+    # random net's logits are near-tied (max 0.25), so only the file's semantics are checked
+    # (against onnx.reference) for it
+    qdq = d / "a8.qdq.onnx"
+    ok(run("export", "onnx", pt, "-o", qdq, "--qdq", "--no-verify", "-q"))
+    return {"dir": d, "calib": npz, "model": model, "pt": pt, "onnx": onx, "qdq": qdq,
             "compress": json.loads(res.stdout), "export": json.loads(exp.stdout)}
 
 
@@ -255,7 +258,12 @@ def test_cli_int8_activations_end_to_end(a8):
     assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
     assert all(m.hidden_quant is not None for m in net.modules()
                if isinstance(m, HybridPointwise) and m.n_tolerant)
-    mp = onnx.load(str(a8["onnx"]))
+    ver = a8["export"]["verify"]
+    assert ver["passed"] and ver["agreement"] == 1.0 and ver["max_rel_diff"] <= 0.05
+    plain = onnx.load(str(a8["onnx"]))
+    assert {"Round", "Clip"} <= {n.op_type for n in plain.graph.node}
+    assert "QuantizeLinear" not in {n.op_type for n in plain.graph.node}
+    mp = onnx.load(str(a8["qdq"]))
     onnx.checker.check_model(mp, full_check=True)
     graph_ops = {n.op_type for n in mp.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= graph_ops
@@ -264,7 +272,7 @@ def test_cli_int8_activations_end_to_end(a8):
     assert list(fn.input)[-2:] == ["h_scale", "h_zero_point"]
     assert {"Round", "Clip"} <= {n.op_type for n in fn.node}  # the hidden-unit quantizer
     x = torch.randn(8, 3, TINY_RES, TINY_RES, generator=torch.Generator().manual_seed(5))
-    res = verify_onnx(a8["onnx"], net, x, reference_batch=4)
+    res = verify_onnx(a8["qdq"], net, x, reference_batch=4)
     assert res.reference is not None and res.reference.top1_mismatches == 0
     assert res.reference.max_abs_diff <= 1e-5 * res.reference.max_abs_logit  # file semantics
     assert res.ort.n_images == 8 and np.isfinite(res.ort.max_abs_diff)  # runs unmodified

@@ -142,7 +142,9 @@ def strassen_function(packing: str, opset: int, scaled: bool,
         helper.make_node("Unsqueeze", ["Wc_f", "hw"], ["Wc_k"]),  # [c_out, r, 1, 1]
         helper.make_node("Conv", ["X", "Wb_k"], ["H"], kernel_shape=[1, 1]),
         helper.make_node("Unsqueeze", ["a", "chw"], ["a_k"]),  # [r, 1, 1]
-        helper.make_node("Mul", ["H", "a_k"], [ha]),
+        # a first: onnxruntime folds a Conv -> Mul(X, constant) into the conv weights, which
+        # reorders the float products and moves hidden-unit rounding boundaries
+        helper.make_node("Mul", ["a_k", "H"], [ha]),
     ]
     if hidden_quant:
         # QuantizeLinear/DequantizeLinear(axis 1) arithmetic written out: onnxruntime would
@@ -303,9 +305,16 @@ class _ExportHybrid(nn.Module):
         return y.index_select(1, self.perm) + self.bias
 
 
-def _export_ready(model: nn.Module, packing: str) -> tuple[nn.Module, int, bool, bool]:
-    """Deep copy in deploy form with every hybrid layer swapped for its export stand-in."""
+def _export_ready(model: nn.Module, packing: str, qdq: bool = False,
+                  ) -> tuple[nn.Module, int, bool, bool]:
+    """Deep copy in deploy form with every hybrid layer swapped for its export stand-in;
+    activation quantizers written as Q/DQ (``qdq``) or as arithmetic."""
+    from ..actquant import ActQuant
+
     m = copy.deepcopy(model).cpu().float().eval()
+    for q in m.modules():
+        if isinstance(q, ActQuant):
+            q.export_qdq = qdq
     hybrids = {n: h for n, h in m.named_modules() if isinstance(h, HybridPointwise)}
     scaled = any(h.channel_scale is not None and h.n_tolerant for h in hybrids.values())
     hq = [h.hidden_quant is not None for h in hybrids.values() if h.n_tolerant]
@@ -478,14 +487,15 @@ def _validate_args(opset: int, pack: str, resolution: int) -> None:
 
 
 def build_onnx(model: nn.Module, resolution: int, opset: int = 17, pack: str = "2bit",
-               dynamic_batch: bool = True, weight_bits: int | None = None) -> ModelProto:
+               dynamic_batch: bool = True, weight_bits: int | None = None,
+               qdq: bool = False) -> ModelProto:
     """The checked in-memory ONNX model (no file I/O); see :func:`export_onnx`.
     ``weight_bits`` None: the model's own storage bits (32 unless it was rounded by
     ``compress --weight-bits``)."""
     _validate_args(opset, pack, resolution)
     bits = model_weight_bits(model) if weight_bits is None else check_bits(
         weight_bits, "weight bits")
-    ready, n_tol, scaled, hidden_quant = _export_ready(model, pack)
+    ready, n_tol, scaled, hidden_quant = _export_ready(model, pack, qdq)
     try:
         mp = _torch_export(ready, int(resolution), min(opset, TORCHSCRIPT_MAX_OPSET),
                            dynamic_batch, custom=n_tol > 0, fold_batchnorm=bits == 32)
@@ -532,13 +542,14 @@ def onnx_stats(mp: ModelProto, data: bytes) -> dict[str, Any]:
 
 def export_onnx(model: nn.Module, path: str | Path, resolution: int, opset: int = 17,
                 pack: str = "2bit", dynamic_batch: bool = True,
-                force: bool = False, weight_bits: int | None = None) -> dict[str, Any]:
+                force: bool = False, weight_bits: int | None = None,
+                qdq: bool = False) -> dict[str, Any]:
     """Export ``model`` (plain or hybrid; hybrid layers are exported in deploy form) to
     ``path`` atomically. Refuses to overwrite unless ``force``; returns :func:`onnx_stats`
     plus ``packing`` and ``path``. ``weight_bits``: see :func:`build_onnx`."""
     dest = check_output_path(path, force)
     _validate_args(opset, pack, resolution)
-    mp = build_onnx(model, resolution, opset, pack, dynamic_batch, weight_bits)
+    mp = build_onnx(model, resolution, opset, pack, dynamic_batch, weight_bits, qdq)
     data = mp.SerializeToString()
     atomic_write_bytes(dest, data)
     stats = onnx_stats(mp, data)
