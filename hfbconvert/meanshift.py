@@ -63,16 +63,7 @@ def match_output_means(model: nn.Module, reference: nn.Module, images: torch.Ten
             target[name] = _channel_mean(out)
         return hook
 
-    hs = [reference.get_submodule(ref).register_forward_hook(grab(name))
-          for name, ref in layers.items()]
-    was_ref = reference.training
-    reference.eval()
-    try:
-        reference(images)
-    finally:
-        for h in hs:
-            h.remove()
-        reference.train(was_ref)
+    _run_hooked(reference, images, {ref: grab(name) for name, ref in layers.items()})
     report: dict[str, float | None] = {}
 
     def correct(name: str):
@@ -90,13 +81,19 @@ def match_output_means(model: nn.Module, reference: nn.Module, images: torch.Ten
             return out + delta.reshape(shape)
         return hook
 
-    hs = [model.get_submodule(name).register_forward_hook(correct(name)) for name in layers]
-    was = model.training
-    model.eval()
+    _run_hooked(model, images, {name: correct(name) for name in layers})
+    return report
+
+
+def _run_hooked(net: nn.Module, images: torch.Tensor, hooks: dict) -> None:
+    """One eval-mode forward pass with forward hooks on the named modules (removed after,
+    training flag restored)."""
+    hs = [net.get_submodule(name).register_forward_hook(h) for name, h in hooks.items()]
+    was = net.training
+    net.eval()
     try:
-        model(images)
+        net(images)
     finally:
         for h in hs:
             h.remove()
-        model.train(was)
-    return report
+        net.train(was)
