@@ -30,6 +30,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .layers import hooked_eval
+
 BN_MODES = ("off", "match", "reestimate")
 BN_SCOPES = ("pointwise", "all")
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -79,14 +81,8 @@ def bn_targets(model: nn.Module, example: torch.Tensor, pointwise: Iterable[str]
             hooks.append(m.register_forward_hook(after_pw(name)))
         elif _is_bn(m):
             hooks.append(m.register_forward_pre_hook(before_bn(name)))
-    was_training = model.training
-    model.eval()
-    try:
+    with hooked_eval(model, hooks):
         model(example)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
     return order
 
 
@@ -129,18 +125,12 @@ def bn_input_moments(model: nn.Module, names: list[str], batches: list[torch.Ten
 
     for n in names:
         hooks.append(model.get_submodule(n).register_forward_pre_hook(grab(n)))
-    was_training = model.training
-    model.eval()
-    try:
+    with hooked_eval(model, hooks):
         for x in batches:
             try:
                 model(x)
             except _Stop:
                 pass
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
     return {n: a.mean_var() for n, a in acc.items()}
 
 
@@ -230,14 +220,8 @@ def match_bn(original: nn.Module, hybrid: nn.Module, names: list[str],
             return hook
 
         hooks = [hybrid.get_submodule(n).register_forward_pre_hook(adjust(n)) for n in names]
-        was_training = hybrid.training
-        hybrid.eval()
-        try:
+        with hooked_eval(hybrid, hooks):
             hybrid(x_all)
-        finally:
-            for h in hooks:
-                h.remove()
-            hybrid.train(was_training)
         return {n: report[n] for n in names}
     for name in names:
         hyb = bn_input_moments(hybrid, [name], batches, stop_after=name)[name]

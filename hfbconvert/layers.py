@@ -7,6 +7,8 @@ particular architecture.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -45,6 +47,20 @@ def is_pointwise(m: nn.Module) -> bool:
         and tuple(m.dilation) == (1, 1)
         and (m.padding == (0, 0) or m.padding == "valid")
     )
+
+
+@contextmanager
+def hooked_eval(model: nn.Module, handles: Iterable) -> Iterator[nn.Module]:
+    """``model`` in eval mode while its hooks (``handles``) are registered; afterwards the
+    hooks are removed and the training flag restored, even if the forward pass raised."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
 
 
 def get_submodule(model: nn.Module, name: str) -> nn.Module:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .layers import hooked_eval
+
 
 def _channel_mean(y: torch.Tensor) -> torch.Tensor:
     dims = [d for d in range(y.dim()) if d != 1] if y.dim() > 2 else [0]
@@ -88,12 +90,6 @@ def match_output_means(model: nn.Module, reference: nn.Module, images: torch.Ten
 def _run_hooked(net: nn.Module, images: torch.Tensor, hooks: dict) -> None:
     """One eval-mode forward pass with forward hooks on the named modules (removed after,
     training flag restored)."""
-    hs = [net.get_submodule(name).register_forward_hook(h) for name, h in hooks.items()]
-    was = net.training
-    net.eval()
-    try:
+    with hooked_eval(net, [net.get_submodule(name).register_forward_hook(h)
+                           for name, h in hooks.items()]):
         net(images)
-    finally:
-        for h in hs:
-            h.remove()
-        net.train(was)

@@ -16,7 +16,7 @@ from torch import nn
 
 from .fitting import PairStats, fit_layer
 from .hybrid import HybridPointwise
-from .layers import PointwiseLayer, layer_bias, layer_weight
+from .layers import PointwiseLayer, hooked_eval, layer_bias, layer_weight
 
 
 class _Stop(Exception):
@@ -60,19 +60,13 @@ def capture_rows(model: nn.Module, names: list[str], batches: list[torch.Tensor]
             if _n == stop_at:
                 raise _Stop
         hooks.append(model.get_submodule(n).register_forward_pre_hook(hook))
-    was = model.training
-    model.eval()
-    try:
+    with hooked_eval(model, hooks):
         for b, x in enumerate(batches):
             state["b"] = b
             try:
                 model(x)
             except _Stop:
                 pass
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was)
     return out
 
 
