@@ -139,8 +139,9 @@ SUITES: dict[str, Suite] = {
         overrides={"v1-0.5-160": {"calib_size": 1000}, "cifar10-v1-0.5": {"calib_size": 2000}},
         time_budget_min=45.0, latency_repeats=(20, 3),
         notes=("int8 suite: `compress --activation-bits 8` (int8 critical/stem/depthwise/"
-               "classifier weights, uint8 activations, hidden units in 16 groups) against "
-               "onnxruntime int8 PTQ; energy of both rows with the int8 constants.",),
+               "classifier weights, uint8 activations, int32 ternary-bank hidden units, "
+               "--hidden-bits 32) against onnxruntime int8 PTQ; energy of both rows with the "
+               "int8 constants.",),
     ),
     "quick": Suite(
         "quick", ("v1-0.5-160",),

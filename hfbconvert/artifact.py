@@ -99,7 +99,12 @@ def build_compressed(obj: dict[str, Any], source: str = "artifact") -> tuple[nn.
         raise InputError(f"{source}: unsupported activation_bits {act_bits!r} in the "
                          "artifact's metadata (32 or 8)")
     if act_bits == 8:
-        actquant.attach(model)
+        # artifacts from before --hidden-bits always had uint8 hidden units
+        hidden_bits = meta.get("hidden_bits", 8)
+        if hidden_bits not in actquant.HIDDEN_BITS:
+            raise InputError(f"{source}: unsupported hidden_bits {hidden_bits!r} in the "
+                             "artifact's metadata (32 or 8)")
+        actquant.attach(model, hidden_bits)
     try:
         model.load_state_dict(obj["state_dict"], strict=True)
     except RuntimeError as exc:

@@ -258,13 +258,19 @@ def analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, bu
                    "every ternary bank's hidden units are quantized to uint8 with ranges "
                    "calibrated on --calib images (MSE-optimal clipping); export writes "
                    "QuantizeLinear/DequantizeLinear. Needs --calib and 8-bit weights.")
+@click.option("--hidden-bits", type=int, default=32, show_default=True,
+              help="With --activation-bits 8: the ternary banks' hidden units a*(W_b x). "
+                   "32: int32 at one common fixed-point scale (exact; W_c adds int32 "
+                   "values, no extra operation). 8: requantized to uint8 with power-of-two "
+                   "scales, for targets that keep every stored activation 8-bit (measured: "
+                   "-0.6 points top-1 on MobileNetV1-0.5-160).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary to stdout.")
 @_common
 def compress(model, arch, trust_pickle, calib, calib_size, resolution, preset, output, force,
              method, budget, max_add_increase, critical_fraction, hidden_units_ratio, plan_file,
              dry_run, steps, batch_size, lr, reconstruct, no_sequential, no_bias_correction,
-             bn_adjust, min_agreement, resume, device, weight_bits, activation_bits, as_json,
-             seed, quiet):
+             bn_adjust, min_agreement, resume, device, weight_bits, activation_bits, hidden_bits,
+             as_json, seed, quiet):
     """Split pointwise layers into FP critical + ternary banks under a MUL budget,
     reconstruct layer by layer, and fine-tune briefly by distillation."""
     import math
@@ -286,7 +292,7 @@ def compress(model, arch, trust_pickle, calib, calib_size, resolution, preset, o
     if weight_bits is None:
         weight_bits = 8 if activation_bits == 8 else 16
     check_bits(weight_bits, "--critical-bits/--weight-bits")
-    check_config(activation_bits, weight_bits, calib is not None)
+    check_config(activation_bits, weight_bits, calib is not None, hidden_bits)
     override = _read_plan(plan_file) if plan_file else None
     # the model first: a missing MODEL is reported as such, not as its default output
     net, info = _load(model, arch, trust_pickle)
@@ -305,7 +311,7 @@ def compress(model, arch, trust_pickle, calib, calib_size, resolution, preset, o
         min_agreement=min_agreement, seed=seed,
         finetune=FinetuneConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                                 device=dev), weight_bits=weight_bits,
-        activation_bits=activation_bits)
+        activation_bits=activation_bits, hidden_bits=hidden_bits)
     ckpt = str(out) + ".ckpt"
     try:
         hybrid, meta = run_compress(net, info, data, cfg, checkpoint=ckpt, resume=resume,

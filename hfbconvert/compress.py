@@ -64,6 +64,9 @@ class CompressConfig:
     finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(steps=0))
     weight_bits: int = 16  # FP weight storage 32|16|8; fp16 measured lossless (V1-0.5-160)
     activation_bits: int = 32  # 8: int8 activations (needs weight_bits 8 and calibration data)
+    # with int8 activations: ternary-bank hidden units int32 (exact; default) or uint8
+    # (power-of-two scales); see actquant.attach
+    hidden_bits: int = 32
     act_calib_images: int = 128  # one forward pass as a single batch
     mean_shift: bool = True  # after rounding to 8 bits: match per-layer output means
     # BatchNorm stage (bnadjust.py): "off" | "match" | "reestimate". Off by default: the
@@ -242,7 +245,8 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
     if cfg.method not in METHODS:
         raise InputError(f"unknown --method {cfg.method!r}; choose from {', '.join(METHODS)}")
     check_bits(cfg.weight_bits)
-    actquant.check_config(cfg.activation_bits, cfg.weight_bits, data is not None)
+    actquant.check_config(cfg.activation_bits, cfg.weight_bits, data is not None,
+                          cfg.hidden_bits)
     if cfg.bn_adjust not in BN_MODES:
         raise InputError(f"unknown --bn-adjust {cfg.bn_adjust!r}; choose from "
                          f"{', '.join(BN_MODES)}")
@@ -333,6 +337,8 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
     hybrid.eval()
     meta["weight_bits"] = cfg.weight_bits
     meta["activation_bits"] = cfg.activation_bits
+    if cfg.activation_bits == 8:
+        meta["hidden_bits"] = cfg.hidden_bits
     bank_after, observe_at = None, {}
     if cfg.activation_bits == 8:
         bank_after = bank_losses(hybrid, model, layers, sig)  # before BN scales the rows
@@ -350,7 +356,7 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
     if cfg.activation_bits == 8:
         assert train is not None
         t = time.perf_counter()
-        qs = actquant.attach(hybrid)
+        qs = actquant.attach(hybrid, cfg.hidden_bits)
         with progress.task("activation ranges", len(qs)) as bar:
             meta["activation_ranges"] = actquant.calibrate(
                 hybrid, torch.cat(_batches(train, cfg.act_calib_images, seed=cfg.seed + 3)),

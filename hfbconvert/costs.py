@@ -14,11 +14,12 @@ Conventions (stated in every report):
   a separate figure that adds one DRAM read per 32-bit word of weights.
 - Int8 activations (``compress --activation-bits 8``, ``act_bits=8``): every
   multiply-accumulate is an int8 MUL into an int32 ADD; the hybrid's ``a`` (one per hidden
-  unit) is the requantization of its int8 hidden units, an int32 MUL. Requantizing a
+  unit) is an int32 MUL that brings the hidden unit to the scale W_c sums at (int32 hidden
+  units, the default) or requantizes it to uint8 (``--hidden-bits 8``). Requantizing a
   layer's outputs (one multiplier per output value, BN and channel scales folded into it)
   is the same for every int8 model and not counted, so a hybrid with BN folded into its
-  tolerant channel scales counts no MUL for them. Hidden-unit scales differ by powers of
-  two: one shift per hidden unit aligns the codes, counted as an ADD.
+  tolerant channel scales counts no MUL for them. uint8 hidden-unit scales differ by
+  powers of two: one shift per hidden unit aligns the codes, counted as an ADD.
 """
 
 from __future__ import annotations

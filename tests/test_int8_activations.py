@@ -159,9 +159,10 @@ def test_bn_free_model_has_nothing_to_fold():
 def test_calibration_is_one_pass_and_sequential():
     net = _with_hybrid()
     fold_batchnorms(net)
-    qs = actquant.attach(net)
+    assert len(actquant.attach(copy.deepcopy(net))) == len(actquant.quant_sites(net))
+    qs = actquant.attach(net, hidden_bits=8)
     assert len(qs) == len(actquant.quant_sites(net)) + 1  # + the hidden units of one bank
-    assert actquant.attach(net) == []  # idempotent
+    assert actquant.attach(net, hidden_bits=8) == []  # idempotent
     x = torch.randn(16, 3, TINY_RES, TINY_RES, generator=torch.Generator().manual_seed(3))
     rep = actquant.calibrate(net, x)
     assert set(rep) == {n for n, _ in actquant.quantizers(net)}
@@ -211,6 +212,35 @@ def test_hidden_scales_are_powers_of_two_apart():
     assert (rel[:8] < 1e-3).all()  # ≥ 64 levels each: nothing rounded away
 
 
+def test_int32_hidden_units_are_the_integer_pipeline():
+    """Default int32 hidden units: uint8 input codes, integer W_b accumulation, one
+    fixed-point multiplier per hidden unit (a_k · s_x, at a common scale), integer W_c
+    sums. The float layer the model runs equals that pipeline to float32 precision, so
+    the exported float graph is the int32 kernel's arithmetic."""
+    torch.manual_seed(0)
+    net = _with_hybrid()
+    h = next(m for m in net.modules() if isinstance(m, HybridPointwise))
+    actquant.attach(net)
+    assert h.hidden_quant is None and h.input_quant is not None
+    x = torch.randn(4, h.c_in, 5, 5, generator=torch.Generator().manual_seed(1)) * 3
+    h.input_quant.scale.fill_(0.05)
+    h.input_quant.zero_point.fill_(100)
+    with torch.no_grad():
+        want = h(x)[:, h.tolerant_idx]
+        tb, a, tc = h.ternary_factors()
+        q = torch.clamp(torch.round(x / 0.05) + 100, 0, 255).to(torch.int64) - 100
+        acc = torch.einsum("rc,nchw->nrhw", tb.to(torch.int64), q)  # exact integers
+        common = float((a.abs() * 0.05).max()) / 2**20  # one fixed-point scale for all units
+        mult = torch.round(a.double() * 0.05 / common).to(torch.int64)  # the int32 MUL
+        hidden = acc * mult[None, :, None, None]
+        assert hidden.abs().max() < 2**31  # fits the int32 accumulator
+        y = torch.einsum("tr,nrhw->nthw", tc.to(torch.int64), hidden).double() * common
+        if h.channel_scale is not None:
+            y = y * h.channel_scale.double()[None, :, None, None]
+        y = y + h.bias.double()[h.tolerant_idx][None, :, None, None]
+    torch.testing.assert_close(y.float(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
 def test_int8_energy_constants():
     net = _with_hybrid()
     fold_batchnorms(net)
@@ -243,8 +273,17 @@ def a8(tmp_path_factory: pytest.TempPathFactory) -> dict:
     # (against onnx.reference) for it
     qdq = d / "a8.qdq.onnx"
     ok(run("export", "onnx", pt, "-o", qdq, "--qdq", "--no-verify", "-q"))
+    # uint8 hidden units (power-of-two scales), exported and verified the same way
+    pt8, onx8 = d / "h8.hfb.pt", d / "h8.onnx"
+    res8 = ok(run("compress", model, "--calib", npz, *FASTEST, "--activation-bits", "8",
+                  "--hidden-bits", "8", "-o", pt8, "--json", "-q"))
+    exp8 = ok(run("export", "onnx", pt8, "-o", onx8, "--calib", npz, "--json", "-q"))
+    qdq8 = d / "h8.qdq.onnx"
+    ok(run("export", "onnx", pt8, "-o", qdq8, "--qdq", "--no-verify", "-q"))
     return {"dir": d, "calib": npz, "model": model, "pt": pt, "onnx": onx, "qdq": qdq,
-            "compress": json.loads(res.stdout), "export": json.loads(exp.stdout)}
+            "compress": json.loads(res.stdout), "export": json.loads(exp.stdout),
+            "pt8": pt8, "onnx8": onx8, "qdq8": qdq8, "compress8": json.loads(res8.stdout),
+            "export8": json.loads(exp8.stdout)}
 
 
 def test_cli_int8_activations_end_to_end(a8):
@@ -256,8 +295,8 @@ def test_cli_int8_activations_end_to_end(a8):
     assert meta["activation_bits"] == 8 and meta["bn_folded"]
     assert "int8 (original at int8)" in meta["baselines"]
     assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
-    assert all(m.hidden_quant is not None for m in net.modules()
-               if isinstance(m, HybridPointwise) and m.n_tolerant)
+    assert meta["hidden_bits"] == 32
+    assert all(m.hidden_quant is None for m in net.modules() if isinstance(m, HybridPointwise))
     ver = a8["export"]["verify"]
     assert ver["passed"] and ver["agreement"] == 1.0 and ver["max_rel_diff"] <= 0.05
     plain = onnx.load(str(a8["onnx"]))
@@ -269,13 +308,40 @@ def test_cli_int8_activations_end_to_end(a8):
     assert {"QuantizeLinear", "DequantizeLinear"} <= graph_ops
     assert "BatchNormalization" not in graph_ops
     fn = next(f for f in mp.functions if f.name == "StrassenPointwise")
-    assert list(fn.input)[-2:] == ["h_scale", "h_zero_point"]
-    assert {"Round", "Clip"} <= {n.op_type for n in fn.node}  # the hidden-unit quantizer
+    assert "h_scale" not in list(fn.input)  # int32 hidden units: no quantizer inside
+    assert not {"Round", "Clip"} & {n.op_type for n in fn.node}
     x = torch.randn(8, 3, TINY_RES, TINY_RES, generator=torch.Generator().manual_seed(5))
     res = verify_onnx(a8["qdq"], net, x, reference_batch=4)
     assert res.reference is not None and res.reference.top1_mismatches == 0
     assert res.reference.max_abs_diff <= 1e-5 * res.reference.max_abs_logit  # file semantics
     assert res.ort.n_images == 8 and np.isfinite(res.ort.max_abs_diff)  # runs unmodified
+
+
+def test_cli_uint8_hidden_units_end_to_end(a8):
+    """``--hidden-bits 8``: every bank's hidden units quantized (power-of-two scales), the
+    function takes their scales and zero points, the export verifies, and each hidden
+    unit's alignment shift is counted as an ADD on top of the int32-hidden model."""
+    net, _, meta = load_compressed(a8["pt8"])
+    assert meta["hidden_bits"] == 8
+    banks = [m for m in net.modules() if isinstance(m, HybridPointwise) and m.n_tolerant]
+    assert banks and all(m.hidden_quant is not None for m in banks)
+    ver = a8["export8"]["verify"]
+    assert ver["passed"] and ver["max_rel_diff"] <= 0.05
+    mp = onnx.load(str(a8["qdq8"]))
+    fn = next(f for f in mp.functions if f.name == "StrassenPointwise")
+    assert list(fn.input)[-2:] == ["h_scale", "h_zero_point"]
+    assert {"Round", "Clip"} <= {n.op_type for n in fn.node}  # the hidden-unit quantizer
+    x = torch.randn(8, 3, TINY_RES, TINY_RES, generator=torch.Generator().manual_seed(5))
+    res = verify_onnx(a8["qdq8"], net, x, reference_batch=4)
+    assert res.reference is not None and res.reference.top1_mismatches == 0
+    assert res.reference.max_abs_diff <= 1e-5 * res.reference.max_abs_logit
+    c32, c8 = a8["compress"]["cost"], a8["compress8"]["cost"]
+    assert c8["muls"] == c32["muls"]
+    pixels = {r["name"]: r["pixels"] for r in meta["cost"]["layers"]}
+    names = {id(m): n for n, m in net.named_modules()}
+    shifted = [m for m in banks if actquant.hidden_groups(m.hidden_quant) > 1]
+    assert c8["adds"] - c32["adds"] == sum(pixels[names[id(m)]] * m.r for m in shifted)
+    assert shifted
 
 
 def test_cli_int8_artifact_is_deterministic(a8, tmp_path):
@@ -292,6 +358,7 @@ def test_cli_int8_artifact_is_deterministic(a8, tmp_path):
     (["--activation-bits", "4"], ["--activation-bits 4", "32 (float) or 8"]),
     (["--activation-bits", "8", "--critical-bits", "16"], ["--critical-bits 8"]),
     (["--activation-bits", "8", "--no-calib"], ["needs calibration images"]),
+    (["--activation-bits", "8", "--hidden-bits", "16"], ["--hidden-bits 16", "32", "8"]),
 ])
 def test_cli_bad_int8_input(a8, tmp_path: Path, args: list[str], needles: list[str]):
     out = tmp_path / "x.pt"
