@@ -73,6 +73,31 @@ def test_non_finite_loss_stops_with_step(tmp_path):
         finetune(student, teacher, _images(), None, _norm, cfg, checkpoint=tmp_path / "c.ckpt")
 
 
+def test_default_finetune_keeps_codes_and_lowers_the_loss():
+    """The default schedule trains only continuous parameters: the ternary codes the fit
+    chose (and so the ADD count the plan was made for) come out unchanged, while the
+    distillation loss falls and every layer outside the banks learns too."""
+    from hfbconvert.hybrid import HybridPointwise
+
+    teacher = tiny_v1()
+    student = _student(teacher)  # training form, as compress hands it over
+    fitted = copy.deepcopy(student)
+    for m in fitted.modules():
+        if isinstance(m, HybridPointwise):
+            m.freeze()
+    codes = {n: (m.wb_codes.clone(), m.wc_codes.clone()) for n, m in fitted.named_modules()
+             if isinstance(m, HybridPointwise)}
+    dw_before = student.blocks[0].conv_dw.weight.detach().clone()
+    log = finetune(student, teacher, _images(), None, _norm,
+                   FinetuneConfig(steps=30, batch_size=8, lr=1e-3))
+    for n, m in student.named_modules():
+        if isinstance(m, HybridPointwise):
+            assert torch.equal(m.wb_codes, codes[n][0]) and torch.equal(m.wc_codes, codes[n][1])
+    assert not torch.equal(student.blocks[0].conv_dw.weight, dw_before)
+    first, last = sum(log.loss[:5]) / 5, sum(log.loss[-5:]) / 5
+    assert last < 0.9 * first
+
+
 def test_compress_end_to_end_improves_over_stages():
     """fit -> sequential reconstruction -> fine-tune on a tiny random net: agreement with
     the original is recorded per stage and the final model is frozen (deploy form)."""

@@ -1,0 +1,62 @@
+"""Fine-tuning ablation: the whole ``compress`` (library API) at several fine-tune lengths,
+top-1 and agreement on labelled eval images, compress wall time; writes
+bench/results/finetune-TAG.json. One compress per length, so every row is what a user gets
+from ``compress --steps N`` (fit, fine-tune, freeze, storage rounding).
+
+    OMP_NUM_THREADS=1 python -m bench.finetune_curve --tag v1-s0 --steps 0,100,300,1000
+"""
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from calib.presets import preset_for
+from calib.readers import load_images
+from hfbconvert.compress import CompressConfig, compress
+from hfbconvert.evaluate import evaluate
+from hfbconvert.finetune import FinetuneConfig
+from hfbconvert.models.loading import load_model
+
+SHARED = os.environ.get("HFB_SHARED", "../shared")
+ap = argparse.ArgumentParser()
+ap.add_argument("--model", default=os.path.join(SHARED, "models/mobilenet_v1_0.5_160.pt"))
+ap.add_argument("--calib", default=os.path.join(SHARED, "data/imagenet/calib"))
+ap.add_argument("--eval", default=os.path.join(SHARED, "data/imagenet/val"))
+ap.add_argument("--n", type=int, default=2000, help="calibration images (seeded sample)")
+ap.add_argument("--val", type=int, default=1300, help="eval images (seeded sample)")
+ap.add_argument("--budget", type=float, default=0.536)
+ap.add_argument("--steps", default="0,100,300,1000")
+ap.add_argument("--lr", type=float, default=FinetuneConfig.lr)
+ap.add_argument("--freeze-at", type=float, default=FinetuneConfig.freeze_at)
+ap.add_argument("--seed", type=int, default=0, help="calibration sample and compress seed")
+ap.add_argument("--tag", default="x")
+a = ap.parse_args()
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+net, info = load_model(a.model)
+prep = preset_for(info)
+data = load_images(a.calib, prep, size=a.n, seed=a.seed, classes=info.classes)
+val = load_images(a.eval, prep, size=a.val, seed=0, classes=info.classes)
+orig = evaluate(net, val, info.label_offset)["top1"]
+rows = []
+out = f"bench/results/finetune-{a.tag}.json"
+os.makedirs("bench/results", exist_ok=True)
+for steps in (int(s) for s in a.steps.split(",")):
+    cfg = CompressConfig(budget=a.budget, seed=a.seed, finetune=FinetuneConfig(
+        steps=steps, lr=a.lr, freeze_at=a.freeze_at, seed=a.seed))
+    t = time.perf_counter()
+    h, meta = compress(net, info, data, cfg)
+    wall = time.perf_counter() - t
+    ev = evaluate(h, val, info.label_offset, reference=net)
+    c, o = meta["cost"]["totals"], meta["original_cost"]["totals"]
+    rows.append({"steps": steps, "top1": ev["top1"], "drop_points": 100 * (orig - ev["top1"]),
+                 "agreement": ev["agreement"], "compress_s": wall,
+                 "finetune_s": meta["timings"].get("finetune_s", 0.0),
+                 "held_agreement": meta["stages"][-1]["agreement"],
+                 "mul_ratio": c["muls"] / o["muls"], "add_ratio": c["adds"] / o["adds"]})
+    print(json.dumps(rows[-1]), flush=True)
+    with open(out, "w") as f:  # after every row: a killed run keeps what it measured
+        json.dump({"tag": a.tag, "args": vars(a), "top1_original": orig, "n_eval": len(val),
+                   "threads": torch.get_num_threads(), "rows": rows}, f, indent=1)
