@@ -144,6 +144,23 @@ def _emit_json(obj: dict) -> None:
     click.echo(json.dumps(obj, indent=1, sort_keys=False))
 
 
+class StepsType(click.ParamType):
+    """A non-negative step count or 'auto'."""
+
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+            return None
+        try:
+            n = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a step count or 'auto'", param, ctx)
+        if n < 0:
+            self.fail(f"{n} is negative", param, ctx)
+        return n
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="hfbconvert")
 def main() -> None:
@@ -221,9 +238,12 @@ def analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, bu
 @click.option("--plan", "plan_file", type=click.Path(dir_okay=False), default=None,
               help="JSON of per-layer overrides {layer: {critical|critical_idx, r}}.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and predicted costs; stop.")
-@click.option("--steps", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Distillation fine-tuning steps after reconstruction. Off by default: "
-                   "on MobileNetV1-0.5-160, 40-200 CPU steps did not improve agreement.")
+@click.option("--steps", type=StepsType(), default="auto", show_default=True,
+              help="Distillation fine-tuning steps (ternary codes kept, every continuous "
+                   "parameter trained). 'auto': the compute of 300 batches of 32 on "
+                   "MobileNetV1-0.5-160 (fewer steps for bigger models), at most 300 and at "
+                   "most 6 passes over the calibration images; 0 turns it off. Measured on "
+                   "MobileNetV1-0.5-160: 300 steps +0.9 points top-1 over the fit alone.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--lr", type=float, default=1e-4, show_default=True)
 @click.option("--reconstruct/--no-reconstruct", default=False, show_default=True,

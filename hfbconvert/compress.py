@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -23,7 +23,7 @@ from .bnadjust import BN_MODES, BN_SCOPES, bn_targets, match_bn, reestimate_bn
 from .bnfold import fold_batchnorms
 from .costs import model_cost
 from .errors import InputError
-from .finetune import FinetuneConfig, finetune
+from .finetune import FinetuneConfig, auto_steps, finetune
 from .fitting import PairStats, fit_layer
 from .hybrid import HybridPointwise
 from .layers import PointwiseLayer, find_pointwise, layer_bias, layer_weight, set_submodule
@@ -60,8 +60,8 @@ class CompressConfig:
     held_fraction: float = 0.1
     min_agreement: float = 0.9
     seed: int = 0
-    # no fine-tuning by default, as on the CLI: on 2 CPU cores it never beat the fit
-    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(steps=0))
+    # steps None: auto_steps (bounded compute and epochs), as on the CLI
+    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(steps=None))
     weight_bits: int = 16  # FP weight storage 32|16|8; fp16 measured lossless (V1-0.5-160)
     activation_bits: int = 32  # 8: int8 activations (needs weight_bits 8 and calibration data)
     # with int8 activations: ternary-bank hidden units int32 (exact; default) or uint8
@@ -319,6 +319,11 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
                timings["reconstruct_s"])
     bank_before = bank_losses(hybrid, model, layers, sig)
     ft = cfg.finetune
+    if ft.steps is None:
+        macs = model_cost(model, info.resolution).totals()["muls"]
+        ft = replace(ft, steps=0 if train is None else auto_steps(macs, len(train),
+                                                                  ft.batch_size))
+        meta["finetune_steps_auto"] = ft.steps
     if ft.steps > 0 and train is not None:
         t = time.perf_counter()
         with progress.task("fine-tune", ft.steps) as bar:

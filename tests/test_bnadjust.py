@@ -177,7 +177,7 @@ def test_cli_flag_reaches_the_pipeline(tmp_path: Path) -> None:
     npz = write_npz(tmp_path / "c.npz", n=40)
     res = runner.invoke(main, ["compress", str(ckpt), "--calib", str(npz), "-o",
                                str(tmp_path / "o.pt"), "--bn-adjust", "reestimate", "--json",
-                               "-q", "--min-agreement", "0"])
+                               "-q", "--min-agreement", "0", "--steps", "0"])
     assert res.exit_code == 0, res.output
     stages = [s["stage"] for s in json.loads(res.stdout)["stages"]]
     assert stages == ["fit", "bn_reestimate", "weights_16bit"]
