@@ -77,7 +77,7 @@ class ModelCase:
     calib_size: int | None = None  # seeded subset for compress (None: all)
     eval_size: int | None = None  # seeded subset for eval (None: all)
     eval_total: int | None = None  # size of the whole eval split, for the notes
-    steps: int = 50  # fine-tuning steps of every compress cell
+    steps: int | str = 50  # fine-tuning steps of every compress cell, or "auto"
     int8_calib: int = 256  # calibration images of the int8 PTQ baseline
     paper_reference: bool = False
 
@@ -136,7 +136,10 @@ SUITES: dict[str, Suite] = {
     "int8": Suite(
         "int8", ("v1-0.5-160", "cifar10-v1-0.5", "v2"),
         {k: ("original", "int8-ptq", "hybrid-0.536-int8") for k in MODELS},
-        overrides={"v1-0.5-160": {"calib_size": 1000}, "cifar10-v1-0.5": {"calib_size": 2000}},
+        # the CLI default fine-tune (--steps auto), as a user runs it
+        overrides={"v1-0.5-160": {"calib_size": 1000, "steps": "auto"},
+                   "cifar10-v1-0.5": {"calib_size": 2000, "steps": "auto"},
+                   "v2": {"steps": "auto"}},
         time_budget_min=45.0, latency_repeats=(20, 3),
         notes=("int8 suite: `compress --activation-bits 8` (int8 critical/stem/depthwise/"
                "classifier weights, uint8 activations, int32 ternary-bank hidden units, "

@@ -210,7 +210,7 @@ def render_section(res: dict, md_dir: Path, plots: dict[str, Path]) -> list[str]
         out.append(f"Model `{_disp(case.get('model'))}`; eval: {n_eval or '?'} images of "
                    f"`{_disp(case.get('eval_data'))}`{subset}; calibration: "
                    f"{case.get('calib_size') or 'all'} images of `{_disp(case.get('calib'))}`; "
-                   f"fine-tuning: {case.get('steps')} steps per compressed cell; int8 PTQ "
+                   f"fine-tuning: `--steps {case.get('steps')}` per compressed cell; int8 PTQ "
                    f"calibration: {case.get('int8_calib')} images.")
         out.append("")
         lines, notes = model_table(res, key)

@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=None, help="comma-separated method keys to run "
                    "instead of the suite's (the original is always measured: it is every "
                    f"cell's reference); known: {', '.join(METHODS)}")
-    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps for every cell")
+    p.add_argument("--steps", type=lambda v: v if v == "auto" else int(v), default=None,
+                   help="fine-tuning steps for every cell (N or auto)")
     p.add_argument("--eval-size", type=int, default=None, help="seeded eval subset per model")
     p.add_argument("--calib-size", type=int, default=None, help="calibration images per model")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
