@@ -32,6 +32,8 @@ ap.add_argument("--steps", default="0,100,300,1000")
 ap.add_argument("--lr", type=float, default=FinetuneConfig.lr)
 ap.add_argument("--freeze-at", type=float, default=FinetuneConfig.freeze_at)
 ap.add_argument("--seed", type=int, default=0, help="calibration sample and compress seed")
+ap.add_argument("--stats-images", type=int, default=CompressConfig.stats_images,
+                help="images behind each layer's input statistics (CompressConfig)")
 ap.add_argument("--tag", default="x")
 a = ap.parse_args()
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -44,8 +46,8 @@ rows = []
 out = f"bench/results/finetune-{a.tag}.json"
 os.makedirs("bench/results", exist_ok=True)
 for steps in (int(s) for s in a.steps.split(",")):
-    cfg = CompressConfig(budget=a.budget, seed=a.seed, finetune=FinetuneConfig(
-        steps=steps, lr=a.lr, freeze_at=a.freeze_at, seed=a.seed))
+    ft = FinetuneConfig(steps=steps, lr=a.lr, freeze_at=a.freeze_at, seed=a.seed)
+    cfg = CompressConfig(budget=a.budget, seed=a.seed, stats_images=a.stats_images, finetune=ft)
     t = time.perf_counter()
     h, meta = compress(net, info, data, cfg)
     wall = time.perf_counter() - t
