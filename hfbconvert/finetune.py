@@ -149,9 +149,11 @@ def _is_frozen(model: nn.Module) -> bool:
 
 
 def _set_bn_eval(model: nn.Module) -> None:
-    """Keep BN on running statistics: calibration batches are small and few."""
+    """Keep BN on running statistics (calibration batches are small and few) and dropout
+    off: the student learns the teacher's eval-mode function. (Dropout left on in
+    MobileNetV2's classifier made 76 steps lower held agreement 0.95 -> 0.92.)"""
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout)):
             m.eval()
 
 
@@ -180,6 +182,7 @@ def finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
         log = FinetuneLog(**state["log"])
     elif freeze_step <= 0:
         _freeze_all(student)
+    grad_flags = [(p, p.requires_grad) for p in teacher.parameters()]
     for p in teacher.parameters():
         p.requires_grad_(False)
     opt = torch.optim.Adam(_param_groups(student, cfg))
@@ -193,6 +196,8 @@ def finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
     finally:
         if tap is not None:
             tap.close()
+        for p, flag in grad_flags:  # the caller's model comes back as it was given
+            p.requires_grad_(flag)
     _freeze_all(student)
     student.eval()
     return log

@@ -137,3 +137,27 @@ def test_fit_keeps_original_weights_in_unexcited_directions():
     fit_layer(layer, stats, prior=w.float())
     assert torch.allclose(layer.w_crit.double(), w, atol=1e-4)
     assert torch.allclose(layer.bias.double(), b, atol=1e-4)
+
+
+def test_harmful_finetune_is_reverted_to_the_fit():
+    """A fine-tune that raises the held-apart KL (here: a learning rate far too high) is
+    undone: the shipped model is bit-identical to the one without fine-tuning, and the
+    metadata says why."""
+    from calib.readers import CalibData
+
+    from .tiny import tiny_info
+
+    teacher = tiny_v1()
+    original = copy.deepcopy(teacher.state_dict())
+    data = CalibData(_images(120), None, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25),
+                     [f"{i}" for i in range(120)], source="random")
+    fit_only, _ = compress(teacher, tiny_info(), data,
+                           CompressConfig(budget=0.6, finetune=FinetuneConfig(steps=0)))
+    # compress never touches the user's model (the fragility probe once left 1-ulp changes)
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in original.items())
+    bad = CompressConfig(budget=0.6, finetune=FinetuneConfig(steps=10, batch_size=16, lr=0.3))
+    hybrid, meta = compress(teacher, tiny_info(), data, bad)
+    kl = meta["finetune_held_kl"]
+    assert kl["after"] > kl["before"] and "kept the fit" in meta["finetune_reverted"]
+    a, b = fit_only.state_dict(), hybrid.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
