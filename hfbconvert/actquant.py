@@ -42,17 +42,20 @@ SAMPLE_VALUES = 1 << 18  # values per tensor the clipping search is run on
 ATTR = "hfb_activation_bits"
 
 
-def check_act_bits(bits: Any, what: str = "--activation-bits") -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in ACT_BITS:
-        raise InputError(f"{what} {bits} is not supported; choose 32 (float) or 8")
+def _check_bits(bits: Any, allowed: tuple[int, ...], message: str) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in allowed:
+        raise InputError(message)
     return int(bits)
+
+
+def check_act_bits(bits: Any, what: str = "--activation-bits") -> int:
+    return _check_bits(bits, ACT_BITS, f"{what} {bits} is not supported; choose 32 (float) "
+                                       "or 8")
 
 
 def check_hidden_bits(bits: Any) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in HIDDEN_BITS:
-        raise InputError(f"--hidden-bits {bits} is not supported; choose 32 (int32 hidden "
-                         "units) or 8")
-    return int(bits)
+    return _check_bits(bits, HIDDEN_BITS, f"--hidden-bits {bits} is not supported; choose "
+                                          "32 (int32 hidden units) or 8")
 
 
 def check_config(act_bits: Any, weight_bits: int, has_data: bool,
