@@ -57,7 +57,9 @@ for steps in (int(s) for s in a.steps.split(",")):
                  "agreement": ev["agreement"], "compress_s": wall,
                  "finetune_s": meta["timings"].get("finetune_s", 0.0),
                  "held_agreement": meta["stages"][-1]["agreement"],
-                 "mul_ratio": c["muls"] / o["muls"], "add_ratio": c["adds"] / o["adds"]})
+                 "mul_ratio": c["muls"] / o["muls"], "add_ratio": c["adds"] / o["adds"],
+                 "held_kl": meta.get("finetune_held_kl"),
+                 "reverted": meta.get("finetune_reverted")})
     print(json.dumps(rows[-1]), flush=True)
     with open(out, "w") as f:  # after every row: a killed run keeps what it measured
         json.dump({"tag": a.tag, "args": vars(a), "top1_original": orig, "n_eval": len(val),
