@@ -102,15 +102,21 @@ def _batches(data: CalibData, n: int, bs: int = 64, seed: int = 0) -> list[torch
     return [x for x, _ in data.sample(n, seed=seed).batches(bs)]
 
 
+def _paired_logits(student: nn.Module, teacher: nn.Module, images: list[torch.Tensor]):
+    """(student logits, teacher logits) per batch, both networks in eval mode."""
+    student.eval()
+    teacher.eval()
+    for x in images:
+        yield student(x), teacher(x)
+
+
 @torch.no_grad()
 def agreement(student: nn.Module, teacher: nn.Module, images: list[torch.Tensor]) -> float:
     """Top-1 agreement of ``student`` with ``teacher`` (labels not needed)."""
-    student.eval()
-    teacher.eval()
     hit = tot = 0
-    for x in images:
-        hit += int((student(x).argmax(1) == teacher(x).argmax(1)).sum())
-        tot += x.shape[0]
+    for s, t in _paired_logits(student, teacher, images):
+        hit += int((s.argmax(1) == t.argmax(1)).sum())
+        tot += s.shape[0]
     return hit / max(tot, 1)
 
 
@@ -119,14 +125,11 @@ def held_kl(student: nn.Module, teacher: nn.Module, images: list[torch.Tensor]) 
     """Mean KL(teacher || student) of the logits on held-apart images: the distillation
     objective measured where the fine-tune did not train, far less noisy than top-1
     agreement on a hundred images."""
-    student.eval()
-    teacher.eval()
     tot, n = 0.0, 0
-    for x in images:
-        t = torch.log_softmax(teacher(x).double(), 1)
-        s = torch.log_softmax(student(x).double(), 1)
-        tot += float((t.exp() * (t - s)).sum())
-        n += x.shape[0]
+    for s, t in _paired_logits(student, teacher, images):
+        lt, ls = torch.log_softmax(t.double(), 1), torch.log_softmax(s.double(), 1)
+        tot += float((lt.exp() * (lt - ls)).sum())
+        n += s.shape[0]
     return tot / max(n, 1)
 
 
@@ -278,6 +281,7 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
     timings: dict[str, float] = {}
     stages: list[dict] = []
     layers = find_pointwise(model, info.resolution, info.source or "model")
+    original_cost = model_cost(model, info.resolution)  # the model is never modified
     kinds = {ly.name: ly.kind for ly in layers}
     held: list[torch.Tensor] = []
     train = data
@@ -340,7 +344,7 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
     bank_before = bank_losses(hybrid, model, layers, sig)
     ft = cfg.finetune
     if ft.steps is None:
-        macs = model_cost(model, info.resolution).totals()["muls"]
+        macs = original_cost.totals()["muls"]
         ft = replace(ft, steps=0 if train is None else auto_steps(macs, len(train),
                                                                   ft.batch_size))
         meta["finetune_steps_auto"] = ft.steps
@@ -421,7 +425,7 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
     meta["timings"] = timings
     meta["final_agreement"] = stages[-1]["agreement"] if stages else None
     meta["cost"] = model_cost(hybrid, info.resolution).to_dict()
-    meta["original_cost"] = model_cost(model, info.resolution).to_dict()
+    meta["original_cost"] = original_cost.to_dict()
     if cfg.activation_bits == 8:
         # what plain int8 PTQ of the original would cost: the baseline an int8 hybrid beats
         meta["baselines"] = {"int8 (original at int8)": model_cost(
