@@ -34,6 +34,11 @@ ap.add_argument("--freeze-at", type=float, default=FinetuneConfig.freeze_at)
 ap.add_argument("--seed", type=int, default=0, help="calibration sample and compress seed")
 ap.add_argument("--stats-images", type=int, default=CompressConfig.stats_images,
                 help="images behind each layer's input statistics (CompressConfig)")
+ap.add_argument("--size-budget", type=float, default=None,
+                help="cap on stored bytes, fraction of the FP32 weights (CompressConfig)")
+ap.add_argument("--energy-budget", type=float, default=None,
+                help="cap on arithmetic energy, fraction of the original's (CompressConfig)")
+ap.add_argument("--activation-bits", type=int, default=32, help="8: int8 (weights int8 too)")
 ap.add_argument("--tag", default="x")
 a = ap.parse_args()
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -47,7 +52,10 @@ out = f"bench/results/finetune-{a.tag}.json"
 os.makedirs("bench/results", exist_ok=True)
 for steps in (int(s) for s in a.steps.split(",")):
     ft = FinetuneConfig(steps=steps, lr=a.lr, freeze_at=a.freeze_at, seed=a.seed)
-    cfg = CompressConfig(budget=a.budget, seed=a.seed, stats_images=a.stats_images, finetune=ft)
+    cfg = CompressConfig(budget=a.budget, seed=a.seed, stats_images=a.stats_images, finetune=ft,
+                         size_budget=a.size_budget, energy_budget=a.energy_budget,
+                         activation_bits=a.activation_bits,
+                         weight_bits=8 if a.activation_bits == 8 else CompressConfig.weight_bits)
     t = time.perf_counter()
     h, meta = compress(net, info, data, cfg)
     wall = time.perf_counter() - t
@@ -58,6 +66,7 @@ for steps in (int(s) for s in a.steps.split(",")):
                  "finetune_s": meta["timings"].get("finetune_s", 0.0),
                  "held_agreement": meta["stages"][-1]["agreement"],
                  "mul_ratio": c["muls"] / o["muls"], "add_ratio": c["adds"] / o["adds"],
+                 "bytes_ratio": c["bytes"] / o["bytes"], "energy_pj": c["energy_pj"],
                  "held_kl": meta.get("finetune_held_kl"),
                  "reverted": meta.get("finetune_reverted")})
     print(json.dumps(rows[-1]), flush=True)

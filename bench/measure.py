@@ -28,7 +28,9 @@ import numpy as np
 from .cases import Method, ModelCase
 
 EVAL_BATCH = 64
-VERIFY_IMAGES = 16  # random images for `export onnx --verify` (a correctness check only)
+# calibration images for `export onnx --verify`: real ones, since random noise puts an int8
+# model outside the activation ranges it was calibrated on (a correctness check only)
+VERIFY_IMAGES = 64
 
 
 # ------------------------------------------------------------------------ subprocesses
@@ -290,9 +292,9 @@ def _eval_args(ctx: ModelContext, model_path: str) -> list[str]:
     return args
 
 
-def _export_args(model_path: str, onnx_path: Path) -> list[str]:
+def _export_args(model_path: str, onnx_path: Path, calib: str) -> list[str]:
     return ["export", "onnx", model_path, "-o", str(onnx_path), "--force", "--json",
-            "--no-report", "--calib-size", str(VERIFY_IMAGES), "--seed", "0"]
+            "--no-report", "--calib", calib, "--calib-size", str(VERIFY_IMAGES), "--seed", "0"]
 
 
 def _remaining(deadline: float | None) -> float | None:
@@ -359,7 +361,8 @@ def original_cell(ctx: ModelContext, method: Method, deadline: float | None) -> 
         return cell
     onnx_path = ctx.work / ctx.case.key / "original.onnx"
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
-    r = run_cli("export", _export_args(ctx.model, onnx_path), logs, _remaining(deadline), ctx.env)
+    r = run_cli("export", _export_args(ctx.model, onnx_path, ctx.calib), logs,
+                _remaining(deadline), ctx.env)
     if _record(cell, r):
         cell["onnx_bytes"] = (r.json.get("export") or {}).get("bytes")
         cell["verify"] = _verify_summary(r.json.get("verify"))
@@ -405,7 +408,8 @@ def compress_cell(ctx: ModelContext, method: Method, deadline: float | None) -> 
     if _record(cell, r):
         _eval_into(cell, r)
 
-    r = run_cli("export", _export_args(str(pt), onnx_path), logs, _remaining(deadline), ctx.env)
+    r = run_cli("export", _export_args(str(pt), onnx_path, ctx.calib), logs,
+                _remaining(deadline), ctx.env)
     exported = _record(cell, r)
     if r.json:
         cell["onnx_bytes"] = (r.json.get("export") or {}).get("bytes")

@@ -231,6 +231,13 @@ def analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, bu
               help="Fraction of the original model's MULs the result may use, in (0, 1].")
 @click.option("--max-add-increase", type=float, default=0.48, show_default=True,
               help="Allowed ADD increase relative to the original model.")
+@click.option("--size-budget", type=float, default=None,
+              help="Cap on stored bytes as a fraction of the original float32 weights, "
+                   "in (0, 1]; the planner trades hidden units and critical rows for it.")
+@click.option("--energy-budget", type=float, default=None,
+              help="Cap on arithmetic energy (cost model) as a fraction of the original "
+                   "model's at the same activation bits, in (0, 1]; with "
+                   "--activation-bits 8, 1.0 means no more than int8 PTQ.")
 @click.option("--critical-fraction", type=click.FloatRange(0, 1), default=None,
               help="Paper-style uniform mode: this fraction of each layer stays FP.")
 @click.option("--hidden-units-ratio", type=click.FloatRange(min=1.0), default=1.0,
@@ -287,10 +294,10 @@ def analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, bu
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary to stdout.")
 @_common
 def compress(model, arch, trust_pickle, calib, calib_size, resolution, preset, output, force,
-             method, budget, max_add_increase, critical_fraction, hidden_units_ratio, plan_file,
-             dry_run, steps, batch_size, lr, reconstruct, no_sequential, no_bias_correction,
-             bn_adjust, min_agreement, resume, device, weight_bits, activation_bits, hidden_bits,
-             as_json, seed, quiet):
+             method, budget, max_add_increase, size_budget, energy_budget, critical_fraction,
+             hidden_units_ratio, plan_file, dry_run, steps, batch_size, lr, reconstruct,
+             no_sequential, no_bias_correction, bn_adjust, min_agreement, resume, device,
+             weight_bits, activation_bits, hidden_bits, as_json, seed, quiet):
     """Split pointwise layers into FP critical + ternary banks under a MUL budget,
     reconstruct layer by layer, and fine-tune briefly by distillation."""
     import math
@@ -308,6 +315,9 @@ def compress(model, arch, trust_pickle, calib, calib_size, resolution, preset, o
     _setup(quiet, seed)
     if not (math.isfinite(budget) and 0 < budget <= 1):
         raise InputError(f"--budget must be a number in (0, 1], got {budget}")
+    for flag, frac in (("--size-budget", size_budget), ("--energy-budget", energy_budget)):
+        if frac is not None and not (math.isfinite(frac) and 0 < frac <= 1):
+            raise InputError(f"{flag} must be a number in (0, 1], got {frac}")
     check_act_bits(activation_bits)
     if weight_bits is None:
         weight_bits = 8 if activation_bits == 8 else 16
@@ -326,7 +336,8 @@ def compress(model, arch, trust_pickle, calib, calib_size, resolution, preset, o
     cfg = CompressConfig(
         method=method, budget=budget, critical_fraction=critical_fraction,
         hidden_units_ratio=hidden_units_ratio, max_add_increase=max_add_increase,
-        reconstruct=reconstruct, sequential=not no_sequential,
+        size_budget=size_budget, energy_budget=energy_budget, reconstruct=reconstruct,
+        sequential=not no_sequential,
         bias_correction=not no_bias_correction, bn_adjust=bn_adjust,
         min_agreement=min_agreement, seed=seed,
         finetune=FinetuneConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed,

@@ -46,6 +46,12 @@ class CompressConfig:
     critical_fraction: float | None = None
     hidden_units_ratio: float = 1.0
     max_add_increase: float = 0.48
+    # cap on stored bytes, as a fraction of the original model's float32 bytes (cost
+    # model: weights and biases); None: no cap, the MUL budget alone decides
+    size_budget: float | None = None
+    # cap on arithmetic energy (cost model), as a fraction of the original model's at the
+    # same activation bits: with int8 activations 1.0 means "no more than int8 PTQ"
+    energy_budget: float | None = None
     budgets: tuple[int, ...] = (1, 2, 3, 4)
     ratios: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0)
     # off by default: measured on MobileNetV1-0.5-160 (budget 0.536, 1000 images) the
@@ -193,9 +199,35 @@ def make_plan(model: nn.Module, info: ModelInfo, layers: list[PointwiseLayer],
         plans = uniform_plan(layers, curves, energies, cfg.budgets, cfg.critical_fraction,
                              cfg.hidden_units_ratio)
     else:
-        plans = budget_plan(layers, curves, energies, fragility, cfg.budgets,
-                            float(cfg.budget if cfg.budget is not None else 0.536), fixed,
-                            cost.muls, cost.adds, cfg.max_add_increase, cfg.ratios, densities)
+        caps: dict = {}
+        for frac, flag in ((cfg.size_budget, "--size-budget"),
+                           (cfg.energy_budget, "--energy-budget")):
+            if frac is not None and not 0 < frac <= 1:
+                raise InputError(f"{flag} must be in (0, 1], got {frac:g}")
+        if cfg.size_budget is not None or cfg.energy_budget is not None:
+            stored = model_cost(model, info.resolution, weight_bits=cfg.weight_bits,
+                                act_bits=cfg.activation_bits)
+            outside = [c for c in stored.layers if c.name not in pw_names]
+            if cfg.size_budget is not None:
+                caps.update(max_bytes=cfg.size_budget * cost.bytes,
+                            fixed_bytes=sum(c.bytes for c in outside))
+            if cfg.energy_budget is not None:
+                caps.update(max_energy_pj=cfg.energy_budget * stored.energy_pj,
+                            fixed_energy_pj=sum(c.energy_pj(stored.fp_bits, stored.act_bits)
+                                                for c in outside))
+        try:
+            plans = budget_plan(layers, curves, energies, fragility, cfg.budgets,
+                                float(cfg.budget if cfg.budget is not None else 0.536), fixed,
+                                cost.muls, cost.adds, cfg.max_add_increase, cfg.ratios,
+                                densities, weight_bits=cfg.weight_bits,
+                                act_bits=cfg.activation_bits, **caps)
+        except InputError as exc:
+            msg = str(exc)
+            for frac, flag, cap in ((cfg.size_budget, "--size-budget", "size budget"),
+                                    (cfg.energy_budget, "--energy-budget", "energy budget")):
+                if frac is not None and cap in msg:
+                    raise InputError(f"{flag} {frac:g}: {msg}") from None
+            raise
     if plan_override:
         plans = apply_plan_override(plans, plan_override, layers)
     return Plan(cfg.method, plans, cfg.budget if cfg.critical_fraction is None else None,

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import torch
 
+from .costs import LayerCost, ternary_bytes, weight_bytes
 from .errors import InputError
 from .layers import PointwiseLayer
 
@@ -52,6 +54,19 @@ class LayerPlan:
         if n_t:
             per += self.r * max(density * self.c_in - 1, 0) + max(self.r - n_t, 0)
         return int(self.pixels * per)
+
+    def predicted_bytes(self, weight_bits: int = 32, fp_bits: int = 32) -> float:
+        """Stored bytes as ``costs.hybrid_cost`` counts them (no channel scales)."""
+        n_t = self.n_tolerant
+        return (weight_bytes(self.n_critical * self.c_in, self.n_critical, weight_bits)
+                + (self.c_out + self.r) * fp_bits / 8
+                + ternary_bytes(self.r * self.c_in) + ternary_bytes(n_t * self.r))
+
+    def predicted_energy_pj(self, fp_bits: int = 32, act_bits: int = 32) -> float:
+        """Arithmetic energy as ``costs.LayerCost.energy_pj`` prices it (ADDs predicted)."""
+        scale = self.pixels * self.r
+        return LayerCost(self.name, "hybrid", self.predicted_muls(), self.predicted_adds(), 0,
+                         0.0, self.pixels, scale_muls=scale).energy_pj(fp_bits, act_bits)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,18 +135,50 @@ def _budget_column(budgets: tuple[int, ...], ratio: float) -> int:
     return best
 
 
+class _Opt(NamedTuple):
+    muls: int
+    adds: int
+    bytes: float
+    energy: float  # pJ of arithmetic per inference
+    werr: float  # fragility-weighted predicted error
+    n_c: int
+    r: int
+    order: torch.Tensor
+    err: float
+    density: float
+
+    def use(self, k: int) -> float:
+        """Resource k of the caps: 0 ADDs, 1 bytes, 2 energy."""
+        return (self.adds, self.bytes, self.energy)[k]
+
+
+CAP_NAMES = ("ADD cap", "size budget", "energy budget")
+
+
 def budget_plan(layers: list[PointwiseLayer], curves: dict[str, torch.Tensor],
                 energies: dict[str, torch.Tensor], fragility: dict[str, float],
                 budgets: tuple[int, ...], budget: float, fixed_muls: int, original_muls: int,
                 original_adds: int, max_add_increase: float,
                 ratios: tuple[float, ...] = (1.0, 2.0),
-                densities: dict[str, torch.Tensor] | None = None) -> list[LayerPlan]:
-    """Choose (n_c, ρ) per layer minimizing Σ λ·err under the MUL (and ADD) budget."""
+                densities: dict[str, torch.Tensor] | None = None, *,
+                max_bytes: float | None = None, fixed_bytes: float = 0.0,
+                weight_bits: int = 32, fp_bits: int = 32,
+                max_energy_pj: float | None = None, fixed_energy_pj: float = 0.0,
+                act_bits: int = 32) -> list[LayerPlan]:
+    """Choose (n_c, ρ) per layer minimizing Σ λ·err under the MUL budget and three caps:
+    ADDs; with ``max_bytes`` the whole model's stored bytes (``fixed_bytes``: layers outside
+    the plan; critical rows at ``weight_bits``, biases and ``a`` at ``fp_bits``, ternary at
+    2 bits, as ``costs.hybrid_cost`` counts them); with ``max_energy_pj`` its arithmetic
+    energy at ``act_bits`` (int8: an ``a`` costs an int32 MUL, 15x an int8 MAC's MUL, so
+    hidden units that save MULs can cost energy)."""
     if not (0 < budget <= 1):
         raise InputError(f"--budget must be in (0, 1], got {budget}")
     limit = budget * original_muls - fixed_muls
-    add_limit = (1 + max_add_increase) * original_adds
-    opts = []  # per layer: list of (muls, adds, weighted err, n_c, r, order, err)
+    fixed_adds = original_adds - sum(ly.pixels * ly.c_out * (ly.c_in - 1) for ly in layers)
+    caps = [(1 + max_add_increase) * original_adds - fixed_adds,
+            math.inf if max_bytes is None else max_bytes - fixed_bytes,
+            math.inf if max_energy_pj is None else max_energy_pj - fixed_energy_pj]
+    opts: list[list[_Opt]] = []
     for ly in layers:
         lam = fragility.get(ly.name, 1.0)
         lo = []
@@ -149,44 +196,66 @@ def budget_plan(layers: list[PointwiseLayer], curves: dict[str, torch.Tensor],
                 r = int(math.ceil(rho * n_t)) if n_t else 0
                 lp = LayerPlan(ly.name, n_c, r, [], ly.c_in, ly.c_out, ly.pixels, float(err[n_c]),
                                density=dens)
-                lo.append((lp.predicted_muls(), lp.predicted_adds(), lam * float(err[n_c]),
-                           n_c, r, order, float(err[n_c]), dens))
+                lo.append(_Opt(lp.predicted_muls(), lp.predicted_adds(),
+                               lp.predicted_bytes(weight_bits, fp_bits),
+                               lp.predicted_energy_pj(fp_bits, act_bits), lam * float(err[n_c]),
+                               n_c, r, order, float(err[n_c]), dens))
         opts.append(lo)
-    min_muls = sum(min(o[0] for o in lo) for lo in opts)
+    min_muls = sum(min(o.muls for o in lo) for lo in opts)
     if min_muls > limit:
         smallest = (min_muls + fixed_muls) / original_muls
         raise InputError(
             f"--budget {budget:g} is unreachable: the smallest reachable budget is "
             f"{math.ceil(smallest * 1000) / 1000:.3f} (non-pointwise layers alone use "
             f"{fixed_muls / original_muls:.3f} of the MULs)")
+    for k, (cap, fixed, unit) in ((1, (max_bytes, fixed_bytes, "bytes")),
+                                  (2, (max_energy_pj, fixed_energy_pj, "pJ"))):
+        least = sum(min(o.use(k) for o in lo) for lo in opts)
+        if cap is not None and least > caps[k]:
+            raise InputError(
+                f"the {CAP_NAMES[k]} ({cap:,.0f} {unit}) is unreachable: the smallest plan "
+                f"needs {least + fixed:,.0f} {unit} ({fixed:,.0f} of them in layers that "
+                f"are not planned)")
 
-    def choose(price: float, add_price: float) -> list[tuple]:
-        return [min(lo, key=lambda o: o[2] + price * o[0] + add_price * o[1]) for lo in opts]
+    def choose(price: float, prices: list[float]) -> list[_Opt]:
+        return [min(lo, key=lambda o: o.werr + price * o.muls
+                    + sum(p * o.use(k) for k, p in enumerate(prices) if p)) for lo in opts]
 
-    def solve(add_price: float) -> list[tuple]:
+    def solve(prices: list[float]) -> list[_Opt]:
         lo_p, hi_p = 0.0, 1.0
-        while sum(o[0] for o in choose(hi_p, add_price)) > limit:
+        while sum(o.muls for o in choose(hi_p, prices)) > limit:
             hi_p *= 4
             if hi_p > 1e30:
                 break
         for _ in range(80):
             mid = (lo_p + hi_p) / 2
-            if sum(o[0] for o in choose(mid, add_price)) > limit:
+            if sum(o.muls for o in choose(mid, prices)) > limit:
                 lo_p = mid
             else:
                 hi_p = mid
-        return choose(hi_p, add_price)
+        return choose(hi_p, prices)
 
-    add_price = 0.0
-    sel = solve(add_price)
-    fixed_adds = original_adds - sum(ly.pixels * ly.c_out * (ly.c_in - 1) for ly in layers)
-    for _ in range(40):
-        if fixed_adds + sum(o[1] for o in sel) <= add_limit:
+    def over(sel: list[_Opt]) -> list[bool]:
+        return [sum(o.use(k) for o in sel) > caps[k] for k in range(len(caps))]
+
+    prices = [0.0] * len(caps)
+    sel = solve(prices)
+    for _ in range(200):  # raise the price of whichever cap is exceeded
+        exceeded = over(sel)
+        if not any(exceeded):
             break
-        add_price = add_price * 2 if add_price else 1e-12
-        sel = solve(add_price)
+        prices = [(p * 2 if p else 1e-12) if x else p for p, x in zip(prices, exceeded)]
+        sel = solve(prices)
+    exceeded = over(sel)
+    if exceeded[1] or exceeded[2]:
+        k = 1 if exceeded[1] else 2
+        raise InputError(
+            f"the {CAP_NAMES[k]} cannot be met together with --budget {budget:g} and the "
+            f"other caps: the closest plan needs "
+            f"{sum(o.use(k) for o in sel) + (fixed_bytes, fixed_energy_pj)[k - 1]:,.0f} "
+            f"{('bytes', 'pJ')[k - 1]}; raise it or --budget")
     # greedy fill: spend leftover MULs on the best error reduction per MUL
-    used = sum(o[0] for o in sel)
+    used = sum(o.muls for o in sel)
     improved = True
     while improved:
         improved = False
@@ -194,23 +263,23 @@ def budget_plan(layers: list[PointwiseLayer], curves: dict[str, torch.Tensor],
         for i, lo in enumerate(opts):
             cur = sel[i]
             for o in lo:
-                dm = o[0] - cur[0]
-                de = cur[2] - o[2]
+                dm = o.muls - cur.muls
+                de = cur.werr - o.werr
                 if de > 0 and used + dm <= limit and (dm <= 0 or de / dm > best_gain):
-                    adds = fixed_adds + sum(s[1] for s in sel) - cur[1] + o[1]
-                    if adds > add_limit:
+                    trial = sel[:i] + [o] + sel[i + 1:]
+                    if any(over(trial)):
                         continue
                     gain = float("inf") if dm <= 0 else de / dm
                     if best is None or gain > best_gain:
                         best, best_gain = (i, o), gain
         if best is not None:
             i, o = best
-            used += o[0] - sel[i][0]
+            used += o.muls - sel[i].muls
             sel[i] = o
             improved = True
     out = []
     for ly, o in zip(layers, sel):
-        _, _, _, n_c, r, order, err, dens = o
-        out.append(LayerPlan(ly.name, n_c, r, sorted(order[:n_c].tolist()), ly.c_in, ly.c_out,
-                             ly.pixels, err, {"fragility": fragility.get(ly.name, 1.0)}, dens))
+        out.append(LayerPlan(ly.name, o.n_c, o.r, sorted(o.order[:o.n_c].tolist()), ly.c_in,
+                             ly.c_out, ly.pixels, o.err, {"fragility": fragility.get(ly.name, 1.0)},
+                             o.density))
     return out

@@ -300,6 +300,55 @@ def test_unreachable_budget_names_the_smallest_reachable(inputs, tmp_path) -> No
     assert not (tmp_path / "o.pt").exists()
 
 
+@pytest.mark.parametrize("flag", ["--size-budget", "--energy-budget"])
+@pytest.mark.parametrize("value", ["0", "-0.2", "1.5", "nan"])
+def test_cap_out_of_range(inputs, tmp_path, flag, value) -> None:
+    one_error(run("compress", inputs["model"], flag, value, "-o", tmp_path / "o.pt"), flag,
+              "(0, 1]")
+
+
+def test_size_budget_caps_stored_bytes(inputs, tmp_path) -> None:
+    """The planner meets the byte cap (cost model) as well as the MUL budget, or refuses."""
+    def plan(*extra: str) -> dict:
+        res = ok(run("compress", inputs["model"], "--calib", inputs["calib"], "--dry-run",
+                     "--json", "-q", "--critical-bits", "8", *extra))
+        return json.loads(res.stdout)["plan"]
+
+    free = plan()
+    cap = plan("--size-budget", "0.2")
+    assert free != cap
+    assert cap["predicted_muls"] <= 0.536 * cap["original_muls"] + 1
+    res = run("compress", inputs["model"], "--calib", inputs["calib"], "--critical-bits", "8",
+              "--size-budget", "0.01", "-o", tmp_path / "o.pt", "-q")
+    one_error(res, "--size-budget 0.01", "unreachable", "smallest plan needs")
+    out = tmp_path / "c.pt"
+    summary = json.loads(ok(run("compress", inputs["model"], "--calib", inputs["calib"],
+                                *FASTEST, "--critical-bits", "8", "--size-budget", "0.2",
+                                "--min-agreement", "0", "-o", out, "--json", "-q")).stdout)
+    assert summary["cost"]["bytes"] <= 0.2 * summary["original_cost"]["bytes"]
+
+
+def test_energy_budget_caps_int8_energy(inputs, tmp_path) -> None:
+    """int8: --energy-budget 1 keeps the arithmetic energy at or below the int8 original's
+    (int8 PTQ under the same cost model), which the MUL budget alone does not."""
+    from hfbconvert.costs import model_cost
+    from hfbconvert.models.loading import load_model
+
+    net, info = load_model(str(inputs["model"]))
+    int8_original = model_cost(net, info.resolution, act_bits=8).energy_pj
+    energy = {}
+    for cap in ([], ["--energy-budget", "1"], ["--energy-budget", "0.9"]):
+        out = tmp_path / f"e{len(energy)}.pt"
+        summary = json.loads(ok(run(
+            "compress", inputs["model"], "--calib", inputs["calib"], *FASTEST,
+            "--activation-bits", "8", *cap, "--min-agreement", "0", "-o", out, "--json",
+            "-q")).stdout)
+        energy[tuple(cap)] = summary["cost"]["energy_pj"]
+    assert energy[()] > int8_original
+    assert energy[("--energy-budget", "1")] <= int8_original
+    assert energy[("--energy-budget", "0.9")] <= 0.9 * int8_original
+
+
 @pytest.mark.parametrize("content,needle", [
     ("{not json", "not valid JSON"),
     ('[1, 2]', "expected a JSON object"),

@@ -16,7 +16,7 @@ from hfbconvert.errors import CheckFailed, InputError
 from hfbconvert.export import SUPPORTED_OPSETS, build_onnx, export_onnx
 from hfbconvert.hybrid import HybridPointwise
 from hfbconvert.layers import set_submodule
-from hfbconvert.verify import ort_session, verify_onnx
+from hfbconvert.verify import compare_logits, ort_session, verify_onnx
 
 RES = 16
 
@@ -107,6 +107,11 @@ def test_round_trip_agrees(tmp_path: Path, case: str, pack: str) -> None:
     assert res.passed, res.summary()
     assert res.ort.max_abs_diff <= 1e-4 * res.ort.max_abs_logit
     assert res.reference is not None and res.reference.passed
+    # channel-order indices are stored as int32 (half the bytes of int64)
+    inits = {t.name: t for t in mp.graph.initializer}
+    gathers = [n.input[1] for n in mp.graph.node if n.op_type == "Gather"]
+    assert all(inits[g].data_type == onnx.TensorProto.INT32 for g in gathers if g in inits)
+    assert case not in ("mixed", "linear") or any(g in inits for g in gathers)
 
 
 def test_dynamic_batch(tmp_path: Path) -> None:
@@ -257,6 +262,31 @@ def test_verify_detects_mismatch(tmp_path: Path) -> None:
     json.dumps(res.to_dict())
     with pytest.raises(CheckFailed):
         res.ensure_passed()
+
+
+def _logits_with_outliers(n: int, n_bad: int, flip: bool) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(n, 10)).astype(np.float32)
+    ref[:, 0] += 10.0  # class 0 wins clearly: max|logit| about 12
+    got = ref + rng.normal(scale=1e-3, size=ref.shape).astype(np.float32)
+    got[:n_bad, 1] += 1.0  # over 5% of max|logit| ...
+    if flip:
+        got[:n_bad, 2] += 30.0  # ... or a different top-1
+    return ref, got
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_quantized_check_bounds_how_often_not_the_worst(flip: bool) -> None:
+    """int8 models: up to 5% of the images (at least one) may be over the tolerance or flip;
+    float models: none."""
+    for n, n_bad, ok in [(16, 0, True), (16, 1, True), (16, 2, False), (64, 3, True),
+                         (64, 4, False), (64, 40, False)]:
+        ref, got = _logits_with_outliers(n, n_bad, flip)
+        c = compare_logits("ort", ref, got, 0.05, 0.05)
+        assert c.passed == ok, (n, n_bad, c)
+        assert c.n_over_tolerance == n_bad
+        assert c.top1_mismatches == (n_bad if flip else 0)
+        assert compare_logits("ort", ref, got, 0.05, 0.0).passed == (n_bad == 0)
 
 
 def test_verify_bad_inputs(tmp_path: Path) -> None:

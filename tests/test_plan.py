@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hfbconvert.costs import ENERGY_PJ, hybrid_cost
 from hfbconvert.errors import InputError
+from hfbconvert.hybrid import HybridPointwise
 from hfbconvert.layers import PointwiseLayer
-from hfbconvert.plan import Plan, budget_plan, uniform_plan
+from hfbconvert.plan import LayerPlan, Plan, budget_plan, uniform_plan
 
 
 def _setup(seed=0):
@@ -74,3 +76,75 @@ def test_plan_roundtrips_through_dict():
     plans = budget_plan(layers, curves, energies, {}, (1, 2, 4), 0.5, fixed, orig, adds, 0.48)
     p = Plan("hybrid", plans, 0.5, fixed, orig, adds)
     assert Plan.from_dict(p.to_dict()).to_dict() == p.to_dict()
+
+
+def _caps(kind: str, frac_of_free: float, free: list, bits: int) -> dict:
+    if kind == "bytes":
+        used = sum(lp.predicted_bytes(bits) for lp in free)
+        return {"max_bytes": 1000.0 + frac_of_free * used, "fixed_bytes": 1000.0,
+                "weight_bits": bits}
+    used = sum(lp.predicted_energy_pj(32, bits) for lp in free)
+    return {"max_energy_pj": 1e4 + frac_of_free * used, "fixed_energy_pj": 1e4, "act_bits": bits}
+
+
+def _used(kind: str, plans: list, bits: int) -> float:
+    if kind == "bytes":
+        return sum(lp.predicted_bytes(bits) for lp in plans)
+    return sum(lp.predicted_energy_pj(32, bits) for lp in plans)
+
+
+@pytest.mark.parametrize("kind,bits", [("bytes", 8), ("bytes", 16), ("bytes", 32),
+                                       ("energy", 8), ("energy", 32)])
+def test_caps_are_met_and_cost_predicted_accuracy(kind, bits):
+    """Size and energy caps: met by the plan (with the MUL budget), or refused; a much
+    tighter cap predicts a worse model (the planner is a heuristic, so not step by step)."""
+    layers, curves, energies, fixed, orig, adds = _setup()
+    ratios = (1.0, 2.0, 4.0)
+    free_kw = {"weight_bits": bits} if kind == "bytes" else {"act_bits": bits}
+    free = budget_plan(layers, curves, energies, {}, (1, 2, 4), 0.5, fixed, orig, adds, 0.48,
+                       ratios, **free_kw)
+    free_err = sum(lp.predicted_err for lp in free)
+    met, err = 0, free_err
+    for frac in (0.95, 0.8, 0.6, 0.4):
+        caps = _caps(kind, frac, free, bits)
+        limit = caps.get("max_bytes", caps.get("max_energy_pj"))
+        try:
+            plans = budget_plan(layers, curves, energies, {}, (1, 2, 4), 0.5, fixed, orig, adds,
+                                0.48, ratios, **caps)
+        except InputError as exc:  # a cap no plan meets is refused, never bent
+            assert ("size budget" if kind == "bytes" else "energy budget") in str(exc)
+            break
+        met += 1
+        assert 1000.0 * (kind == "bytes") + 1e4 * (kind == "energy") + _used(
+            kind, plans, bits) <= limit
+        assert Plan("hybrid", plans, 0.5, fixed, orig, adds).predicted_muls() <= 0.5 * orig
+        err = sum(lp.predicted_err for lp in plans)
+    assert met >= 2
+    assert err > free_err
+
+
+def test_int8_energy_prices_a_as_an_int32_mul():
+    """With int8 activations an ``a`` costs an int32 MUL (3.1 pJ) and a MAC an int8 MUL
+    plus an int32 ADD; the planner's figure is the cost model's arithmetic."""
+    lp = LayerPlan("x", 5, 22, list(range(5)), 24, 16, 4)
+    e = ENERGY_PJ
+    assert lp.predicted_energy_pj(32, 8) == pytest.approx(
+        4 * 5 * 24 * e["int8_mul"] + 4 * 22 * e["int32_mul"] + lp.predicted_adds() * e["int32_add"])
+    assert lp.predicted_energy_pj(32, 32) == pytest.approx(
+        lp.predicted_muls() * e["fp32_mul"] + lp.predicted_adds() * e["fp32_add"])
+
+
+def test_size_budget_below_the_smallest_plan_is_refused():
+    layers, curves, energies, fixed, orig, adds = _setup()
+    with pytest.raises(InputError, match="size budget .* is unreachable: the smallest plan needs"):
+        budget_plan(layers, curves, energies, {}, (1, 2, 4), 0.5, fixed, orig, adds, 0.48,
+                    max_bytes=100.0, fixed_bytes=50.0)
+
+
+def test_predicted_bytes_match_the_cost_model():
+    """The planner's byte count is the cost model's, for a real hybrid layer."""
+    torch.manual_seed(0)
+    lp = LayerPlan("x", 5, 22, list(range(5)), 24, 16, 4)
+    m = HybridPointwise(24, 16, torch.tensor(lp.critical_idx), lp.r)
+    for wbits in (8, 16, 32):
+        assert hybrid_cost("x", m, 4, 32, wbits).bytes == lp.predicted_bytes(wbits)

@@ -274,7 +274,8 @@ class _ExportHybrid(nn.Module):
             self.register_buffer("channel_scale", cs)
         else:
             self.channel_scale = None
-        self.register_buffer("perm", h.perm.detach().clone())
+        # int32 indices (ONNX Gather takes int32 or int64): half the bytes of int64
+        self.register_buffer("perm", h.perm.detach().to(torch.int32).clone())
         # int8 activations: the same quantizer modules (traced into QuantizeLinear/
         # DequantizeLinear); the hidden one's parameters become function inputs
         self.input_quant = copy.deepcopy(h.input_quant)
