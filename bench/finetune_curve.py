@@ -34,6 +34,10 @@ ap.add_argument("--freeze-at", type=float, default=FinetuneConfig.freeze_at)
 ap.add_argument("--seed", type=int, default=0, help="calibration sample and compress seed")
 ap.add_argument("--stats-images", type=int, default=CompressConfig.stats_images,
                 help="images behind each layer's input statistics (CompressConfig)")
+ap.add_argument("--critical-fraction", type=float, default=None,
+                help="paper-style uniform plan: this fraction of every layer stays FP")
+ap.add_argument("--hidden-units-ratio", type=float, default=1.0,
+                help="uniform plan: hidden units per tolerant filter")
 ap.add_argument("--size-budget", type=float, default=None,
                 help="cap on stored bytes, fraction of the FP32 weights (CompressConfig)")
 ap.add_argument("--energy-budget", type=float, default=None,
@@ -53,7 +57,9 @@ os.makedirs("bench/results", exist_ok=True)
 for steps in (int(s) for s in a.steps.split(",")):
     ft = FinetuneConfig(steps=steps, lr=a.lr, freeze_at=a.freeze_at, seed=a.seed)
     cfg = CompressConfig(budget=a.budget, seed=a.seed, stats_images=a.stats_images, finetune=ft,
-                         size_budget=a.size_budget, energy_budget=a.energy_budget,
+                         critical_fraction=a.critical_fraction,
+                         hidden_units_ratio=a.hidden_units_ratio, size_budget=a.size_budget,
+                         energy_budget=a.energy_budget,
                          activation_bits=a.activation_bits,
                          weight_bits=8 if a.activation_bits == 8 else CompressConfig.weight_bits)
     t = time.perf_counter()

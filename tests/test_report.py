@@ -159,6 +159,29 @@ def test_missing_optional_keys():
     assert build_report({}, None)["layers"] == []
 
 
+@pytest.mark.parametrize("act_bits", [32, 8])
+def test_size_and_energy_caps_are_reported(act_bits):
+    """The summary names each cap and how much of it the model uses; the energy cap is
+    measured against the original at the compressed model's activation bits."""
+    from hfbconvert.costs import ENERGY_PJ
+
+    meta, info = fake_meta()
+    comp, orig = meta["cost"]["totals"], meta["original_cost"]["totals"]
+    comp["activation_bits"] = act_bits
+    ref = (orig["muls"] * ENERGY_PJ["int8_mul"] + orig["adds"] * ENERGY_PJ["int32_add"]
+           if act_bits == 8 else orig["energy_pj"])
+    meta["config"].update(size_budget=0.9, energy_budget=0.01)
+    rep = build_report(meta, info)
+    bud = rep["totals"]["budget"]
+    assert bud["size_fraction_used"] == pytest.approx(comp["bytes"] / orig["bytes"])
+    assert bud["energy_fraction_used"] == pytest.approx(comp["energy_pj"] / ref)
+    md = render_markdown(rep)
+    assert "size budget 90.0% (stored bytes" in md
+    assert re.search(r"energy budget 1\.0% .*used \d+\.\d%.*\(OVER BUDGET\)", md)
+    meta["config"].pop("size_budget")
+    assert "size budget" not in render_markdown(build_report(meta, info))
+
+
 def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which(
         "google-chrome")

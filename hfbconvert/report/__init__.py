@@ -217,8 +217,27 @@ def model_totals(meta: dict) -> dict:
         else comp["muls"] / orig["muls"],
         "max_add_increase": cfg.get("max_add_increase"),
         "add_increase": _rel(comp.get("adds"), orig.get("adds")),
+        "size_budget": cfg.get("size_budget"),
+        "size_fraction_used": _frac(comp.get("bytes"), orig.get("bytes")),
+        "energy_budget": cfg.get("energy_budget"),
+        "energy_fraction_used": _frac(comp.get("energy_pj"), _same_bits_energy(orig, comp)),
     }
     return out
+
+
+def _frac(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def _same_bits_energy(orig: dict, comp: dict) -> float | None:
+    """The original's arithmetic energy at the compressed model's activation bits (what
+    ``--energy-budget`` is a fraction of): int8 MUL + int32 ADD per MAC with int8."""
+    if comp.get("activation_bits") != 8:
+        return orig.get("energy_pj")
+    if orig.get("muls") is None or orig.get("adds") is None:
+        return None
+    e = costs.ENERGY_PJ
+    return orig["muls"] * e["int8_mul"] + orig["adds"] * e["int32_add"]
 
 
 def _conventions(meta: dict) -> dict:
@@ -387,6 +406,13 @@ def summary_lines(rep: dict) -> list[str]:
         out.append(f"ADDs {fmt_change(inc)} vs the original"
                    + (f" (allowed {fmt_change(lim)}{', OVER THE LIMIT' if over else ''})"
                       if lim is not None else ""))
+    for key, what in (("size", "stored bytes, of the float32 weights"),
+                      ("energy", "arithmetic energy, of the original's at the same bits")):
+        cap, used = bud.get(f"{key}_budget"), bud.get(f"{key}_fraction_used")
+        if cap is not None:
+            over = used is not None and used > cap + 1e-9
+            out.append(f"{key} budget {cap:.1%} ({what}), used {fmt_num(used, '.1%')}"
+                       + (" (OVER BUDGET)" if over else ""))
     cal = rep.get("calibration")
     out.append("calibration: " + (f"{cal.get('n_images', NA)} images from "
                                   f"{cal.get('source', NA)}, {cal.get('held_images', NA)} held "
