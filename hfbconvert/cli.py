@@ -304,7 +304,7 @@ def compress(model, arch, trust_pickle, calib, calib_size, resolution, preset, o
 
     from .actquant import check_act_bits, check_config
     from .artifact import save_compressed
-    from .compress import CompressConfig
+    from .compress import CompressConfig, check_caps
     from .compress import compress as run_compress
     from .errors import CheckFailed
     from .fileio import check_output_path
@@ -315,9 +315,7 @@ def compress(model, arch, trust_pickle, calib, calib_size, resolution, preset, o
     _setup(quiet, seed)
     if not (math.isfinite(budget) and 0 < budget <= 1):
         raise InputError(f"--budget must be a number in (0, 1], got {budget}")
-    for flag, frac in (("--size-budget", size_budget), ("--energy-budget", energy_budget)):
-        if frac is not None and not (math.isfinite(frac) and 0 < frac <= 1):
-            raise InputError(f"{flag} must be a number in (0, 1], got {frac}")
+    check_caps(method, critical_fraction, size_budget, energy_budget)
     check_act_bits(activation_bits)
     if weight_bits is None:
         weight_bits = 8 if activation_bits == 8 else 16

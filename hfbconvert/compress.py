@@ -9,6 +9,7 @@ metadata, so an ablation is a matter of flags.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -183,6 +184,18 @@ def build_hybrid(model: nn.Module, plans: list[LayerPlan], kinds: dict[str, str]
     return hybrid
 
 
+def check_caps(method: str, critical_fraction: float | None, size_budget: float | None,
+               energy_budget: float | None) -> None:
+    """Size/energy caps are fractions in (0, 1] and steer only the budget planner."""
+    for flag, frac in (("--size-budget", size_budget), ("--energy-budget", energy_budget)):
+        if frac is not None and not (math.isfinite(frac) and 0 < frac <= 1):
+            raise InputError(f"{flag} must be a number in (0, 1], got {frac}")
+    if (size_budget is not None or energy_budget is not None) and (
+            method != "hybrid" or critical_fraction is not None):
+        raise InputError("--size-budget/--energy-budget steer the budget planner; they do not "
+                         "apply to --critical-fraction or --method twn|strassen")
+
+
 def make_plan(model: nn.Module, info: ModelInfo, layers: list[PointwiseLayer],
               curves: dict[str, torch.Tensor], energies: dict[str, torch.Tensor],
               fragility: dict[str, float], cfg: CompressConfig,
@@ -191,6 +204,8 @@ def make_plan(model: nn.Module, info: ModelInfo, layers: list[PointwiseLayer],
     cost = model_cost(model, info.resolution)
     pw_names = {ly.name for ly in layers}
     fixed = sum(c.muls for c in cost.layers if c.name not in pw_names)
+    caps: dict = {}  # the planner's size/energy caps (budget mode only)
+    check_caps(cfg.method, cfg.critical_fraction, cfg.size_budget, cfg.energy_budget)
     if cfg.method == "twn":
         plans = uniform_plan(layers, curves, energies, cfg.budgets, 0.0, 1.0, "twn")
     elif cfg.method == "strassen":
@@ -199,11 +214,6 @@ def make_plan(model: nn.Module, info: ModelInfo, layers: list[PointwiseLayer],
         plans = uniform_plan(layers, curves, energies, cfg.budgets, cfg.critical_fraction,
                              cfg.hidden_units_ratio)
     else:
-        caps: dict = {}
-        for frac, flag in ((cfg.size_budget, "--size-budget"),
-                           (cfg.energy_budget, "--energy-budget")):
-            if frac is not None and not 0 < frac <= 1:
-                raise InputError(f"{flag} must be in (0, 1], got {frac:g}")
         if cfg.size_budget is not None or cfg.energy_budget is not None:
             stored = model_cost(model, info.resolution, weight_bits=cfg.weight_bits,
                                 act_bits=cfg.activation_bits)
@@ -228,10 +238,23 @@ def make_plan(model: nn.Module, info: ModelInfo, layers: list[PointwiseLayer],
                 if frac is not None and cap in msg:
                     raise InputError(f"{flag} {frac:g}: {msg}") from None
             raise
+    notes = []
+    if caps:
+        if "max_bytes" in caps:
+            b = caps["fixed_bytes"] + sum(lp.predicted_bytes(cfg.weight_bits) for lp in plans)
+            notes.append(f"size budget {cfg.size_budget:.1%}: {b:,.0f} of "
+                         f"{caps['max_bytes']:,.0f} bytes predicted ({b / cost.bytes:.1%} of "
+                         "the float32 weights)")
+        if "max_energy_pj" in caps:
+            e = caps["fixed_energy_pj"] + sum(lp.predicted_energy_pj(32, cfg.activation_bits)
+                                              for lp in plans)
+            notes.append(f"energy budget {cfg.energy_budget:.1%}: {e / 1e6:,.2f} of "
+                         f"{caps['max_energy_pj'] / 1e6:,.2f} uJ predicted (ADDs at the "
+                         f"predicted W_b density)")
     if plan_override:
         plans = apply_plan_override(plans, plan_override, layers)
     return Plan(cfg.method, plans, cfg.budget if cfg.critical_fraction is None else None,
-                fixed, cost.muls, cost.adds)
+                fixed, cost.muls, cost.adds, notes)
 
 
 def apply_plan_override(plans: list[LayerPlan], override: dict, layers: list[PointwiseLayer],
