@@ -19,7 +19,7 @@ from torch import nn
 
 from calib.readers import CalibData
 
-from . import actquant, progress
+from . import actquant, progress, weightquant
 from .bnadjust import BN_MODES, BN_SCOPES, bn_targets, match_bn, reestimate_bn
 from .bnfold import fold_batchnorms
 from .costs import model_cost
@@ -403,28 +403,11 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
         ft = replace(ft, steps=0 if train is None else auto_steps(macs, len(train),
                                                                   ft.batch_size))
         meta["finetune_steps_auto"] = ft.steps
-    if ft.steps > 0 and train is not None:
-        t = time.perf_counter()
-        before = copy.deepcopy(hybrid) if held else None  # training form, latents included
-        kl_before = held_kl(hybrid, model, held) if held else None
-        with progress.task("fine-tune", ft.steps) as bar:
-            log = finetune(hybrid, model, train.images, train.labels, normalizer(train), ft,
-                           checkpoint, resume, label_offset=info.label_offset,
-                           on_step=lambda s, lo, ag: bar.advance(
-                               1, info=f"loss {lo:.4f} agree {ag:.2f}"))
-        meta["finetune_log"] = log.to_dict()
-        if held and before is not None:
-            # never ship a fine-tune that made the held-apart images worse: back to the fit
-            kl_after = held_kl(hybrid, model, held)
-            meta["finetune_held_kl"] = {"before": kl_before, "after": kl_after}
-            if kl_before is not None and kl_after > kl_before:
-                hybrid = before
-                meta["finetune_reverted"] = (
-                    f"held-apart KL rose {kl_before:.4g} -> {kl_after:.4g}; kept the fit")
-                progress.warn(f"fine-tuning made the held-apart images worse (KL "
-                              f"{kl_before:.4g} -> {kl_after:.4g}); kept the model before it")
-        timings["finetune_s"] = time.perf_counter() - t
-        _stage(stages, f"finetune_{ft.steps}", hybrid, model, held, timings["finetune_s"])
+    # int8 activations: fine-tune once, after quantization, with the quantizers in the loop
+    qat = cfg.activation_bits == 8
+    if ft.steps > 0 and train is not None and not qat:
+        hybrid = _guarded_finetune(hybrid, model, train, held, ft, checkpoint, resume, info,
+                                   meta, timings, stages, f"finetune_{ft.steps}")
     if cfg.bn_adjust != "off":
         _bn_stage(model, hybrid, layers, train, cfg, meta, timings, stages, held)
     for m in hybrid.modules():
@@ -468,6 +451,17 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
             layers_at, owners)
         timings["mean_shift_s"] = time.perf_counter() - t
         _stage(stages, "mean_shift", hybrid, model, held, timings["mean_shift_s"])
+    if qat and ft.steps > 0 and train is not None:
+        # weights (int8 STE parametrization) and activations (ActQuant's STE) quantized in
+        # the forward; the BN the student folded is matched at the teacher's BN output
+        weightquant.attach_int8_ste(hybrid)
+        try:
+            hybrid = _guarded_finetune(hybrid, model, train, held, ft, checkpoint, resume,
+                                       info, meta, timings, stages,
+                                       f"finetune_int8_{ft.steps}", teacher_at=observe_at)
+        finally:
+            weightquant.detach_int8_ste(hybrid)
+        bank_after = {}  # the banks now carry folded BN: no longer comparable (report n/a)
     if bank_after is None:
         bank_after = bank_losses(hybrid, model, layers, sig)
     out_err = output_errors(model, hybrid, [ly.name for ly in layers], held, observe_at)
@@ -597,6 +591,35 @@ def _orig_pair_stats(w: torch.Tensor, b: torch.Tensor, sigma: torch.Tensor) -> P
     zero = torch.zeros(w.shape[1], dtype=torch.float64)
     return PairStats(sigma.double(), sigma.double() @ w.T, zero,
                      b.double(), 1)
+
+
+def _guarded_finetune(hybrid: nn.Module, model: nn.Module, train: CalibData, held: list,
+                      ft: FinetuneConfig, checkpoint: str | None, resume: bool,
+                      info: ModelInfo, meta: dict, timings: dict, stages: list, stage: str,
+                      teacher_at: dict[str, str] | None = None) -> nn.Module:
+    """Distill, and never ship a fine-tune that made the held-apart images worse: then the
+    model from before it comes back (``meta["finetune_reverted"]``)."""
+    t = time.perf_counter()
+    before = copy.deepcopy(hybrid) if held else None  # training form, latents included
+    kl_before = held_kl(hybrid, model, held) if held else None
+    with progress.task("fine-tune", ft.steps) as bar:
+        log = finetune(hybrid, model, train.images, train.labels, normalizer(train), ft,
+                       checkpoint, resume, label_offset=info.label_offset,
+                       on_step=lambda s, lo, ag: bar.advance(
+                           1, info=f"loss {lo:.4f} agree {ag:.2f}"), teacher_at=teacher_at)
+    meta["finetune_log"] = log.to_dict()
+    if held and before is not None:
+        kl_after = held_kl(hybrid, model, held)
+        meta["finetune_held_kl"] = {"before": kl_before, "after": kl_after}
+        if kl_before is not None and kl_after > kl_before:
+            hybrid = before
+            meta["finetune_reverted"] = (
+                f"held-apart KL rose {kl_before:.4g} -> {kl_after:.4g}; kept the fit")
+            progress.warn(f"fine-tuning made the held-apart images worse (KL "
+                          f"{kl_before:.4g} -> {kl_after:.4g}); kept the model before it")
+    timings["finetune_s"] = time.perf_counter() - t
+    _stage(stages, stage, hybrid, model, held, timings["finetune_s"])
+    return hybrid
 
 
 def _stage(stages: list, name: str, hybrid: nn.Module, model: nn.Module, held: list,

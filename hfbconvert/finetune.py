@@ -112,14 +112,20 @@ class _FeatureTap:
     name, so the loss can match every intermediate feature map, not only the logits: with
     a few thousand images, logits alone are too weak a signal to pull early layers back."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module) -> None:
+    def __init__(self, student: nn.Module, teacher: nn.Module,
+                 teacher_at: dict[str, str] | None = None) -> None:
+        """``teacher_at``: the teacher module whose output a student layer matches, where
+        it is not the layer of the same name (a BN folded into the student's layer: the
+        teacher's BN after it)."""
+        teacher_at = teacher_at or {}
         self.names = [n for n, m in student.named_modules() if isinstance(m, HybridPointwise)]
         self.s: dict[str, torch.Tensor] = {}
         self.t: dict[str, torch.Tensor] = {}
         self.hooks = []
         for n in self.names:
+            t_mod = teacher.get_submodule(teacher_at.get(n, n))
             self.hooks.append(student.get_submodule(n).register_forward_hook(self._grab(self.s, n)))
-            self.hooks.append(teacher.get_submodule(n).register_forward_hook(self._grab(self.t, n)))
+            self.hooks.append(t_mod.register_forward_hook(self._grab(self.t, n)))
 
     @staticmethod
     def _grab(store: dict, name: str):
@@ -161,8 +167,9 @@ def finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
              labels: torch.Tensor | None, normalize: Callable[[torch.Tensor], torch.Tensor],
              cfg: FinetuneConfig, checkpoint: str | os.PathLike | None = None,
              resume: bool = False, on_step: Callable[[int, float, float], None] | None = None,
-             label_offset: int = 0) -> FinetuneLog:
-    """Distill ``teacher`` into ``student`` in place; returns the loss/agreement log."""
+             label_offset: int = 0, teacher_at: dict[str, str] | None = None) -> FinetuneLog:
+    """Distill ``teacher`` into ``student`` in place; returns the loss/agreement log.
+    ``teacher_at``: see :class:`_FeatureTap`."""
     if cfg.steps is None:
         raise ValueError("FinetuneConfig.steps is None (auto): resolve it with auto_steps")
     dev = torch.device(cfg.device)
@@ -189,7 +196,7 @@ def finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
     if state is not None:
         opt.load_state_dict(state["optimizer"])
     last_good = None
-    tap = _FeatureTap(student, teacher) if cfg.feature_weight > 0 else None
+    tap = _FeatureTap(student, teacher, teacher_at) if cfg.feature_weight > 0 else None
     try:
         _loop(student, teacher, images, labels, normalize, cfg, opt, start, freeze_step, log,
               ckpt_path, on_step, label_offset, tap, last_good, dev)

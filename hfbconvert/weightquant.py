@@ -176,3 +176,38 @@ def apply_weight_bits(model: nn.Module, bits: int,
         p.data.copy_(q)
     mark_weight_bits(model, bits)
     return stats
+
+
+# ------------------------------------------------------------- training with int8 in the loop
+class Int8STE(nn.Module):
+    """Parametrization: the forward sees the per-channel int8 value of the latent weight
+    (max-abs scale, no clip search, the rule :func:`int8_codes` re-derives), the backward
+    passes the gradient straight through, so fine-tuning learns weights that survive
+    rounding. Applied to weights that are already int8 values, it is the identity."""
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            q = fake_quant(w, 8, (1.0,)).to(w.dtype)
+        return w + (q - w).detach()
+
+
+def attach_int8_ste(model: nn.Module) -> int:
+    """Put :class:`Int8STE` on every full-precision weight; returns how many."""
+    from torch.nn.utils import parametrize
+
+    sites = weight_params(model)
+    for _, mod, attr in sites:
+        parametrize.register_parametrization(mod, attr, Int8STE())
+    return len(sites)
+
+
+@torch.no_grad()
+def detach_int8_ste(model: nn.Module) -> None:
+    """Back to plain weights holding exact int8 values (what the export re-derives)."""
+    from torch.nn.utils import parametrize
+
+    for mod in list(model.modules()):
+        for attr in ("weight", "w_crit"):
+            if parametrize.is_parametrized(mod, attr):
+                parametrize.remove_parametrizations(mod, attr, leave_parametrized=True)
+    apply_weight_bits(model, 8, clip_ratios=(1.0,))

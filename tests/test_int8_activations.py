@@ -399,3 +399,41 @@ def test_mean_shift_restores_every_layer_mean():
             h.remove()
     for n in layers:
         torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------- fine-tuning with int8 in the loop
+def test_int8_ste_is_identity_on_int8_weights_and_passes_gradients():
+    from hfbconvert.weightquant import Int8STE, fake_quant
+
+    g = torch.Generator().manual_seed(0)
+    w = fake_quant(torch.randn(6, 5, generator=g), 8, (1.0,))
+    assert torch.equal(Int8STE()(w), w)  # already int8: unchanged
+    lat = (w + 1e-3 * torch.randn(6, 5, generator=g)).requires_grad_(True)
+    out = Int8STE()(lat)
+    assert torch.equal(out.detach(), fake_quant(lat.detach(), 8, (1.0,)))
+    (out * torch.arange(30.0).view(6, 5)).sum().backward()
+    assert torch.equal(lat.grad, torch.arange(30.0).view(6, 5))  # straight through
+
+
+def test_cli_int8_fine_tunes_with_quantizers_in_the_loop(a8, tmp_path):
+    """--activation-bits 8 with fine-tuning: one fine-tune, after quantization; the result
+    holds exact int8 weights (no parametrization left) and exports verified."""
+    from torch.nn.utils import parametrize
+
+    from hfbconvert.weightquant import int8_codes, weight_params
+
+    pt, onx = tmp_path / "q.hfb.pt", tmp_path / "q.onnx"
+    res = json.loads(ok(run("compress", a8["model"], "--calib", a8["calib"], "--steps", "6",
+                            "--batch-size", "8", "--activation-bits", "8", "--min-agreement",
+                            "0", "-o", pt, "--json", "-q")).stdout)
+    stages = [s["stage"] for s in res["stages"]]
+    assert stages == ["fit", "weights_8bit", "activations_8bit", "mean_shift",
+                      "finetune_int8_6"]
+    net, _, meta = load_compressed(pt)
+    assert meta["finetune_held_kl"]["before"] > 0
+    for name, mod, attr in weight_params(net):
+        assert not parametrize.is_parametrized(mod, attr), name
+        int8_codes(getattr(mod, attr).detach().numpy())  # raises unless exact int8 values
+    exp = json.loads(ok(run("export", "onnx", pt, "-o", onx, "--calib", a8["calib"], "--json",
+                            "-q")).stdout)
+    assert exp["verify"]["passed"]
