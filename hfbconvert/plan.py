@@ -260,14 +260,15 @@ def budget_plan(layers: list[PointwiseLayer], curves: dict[str, torch.Tensor],
     while improved:
         improved = False
         best, best_gain = None, 0.0
+        totals = [sum(o.use(k) for o in sel) for k in range(len(caps))]  # once per round
         for i, lo in enumerate(opts):
             cur = sel[i]
             for o in lo:
                 dm = o.muls - cur.muls
                 de = cur.werr - o.werr
                 if de > 0 and used + dm <= limit and (dm <= 0 or de / dm > best_gain):
-                    trial = sel[:i] + [o] + sel[i + 1:]
-                    if any(over(trial)):
+                    if any(totals[k] - cur.use(k) + o.use(k) > caps[k]
+                           for k in range(len(caps))):
                         continue
                     gain = float("inf") if dm <= 0 else de / dm
                     if best is None or gain > best_gain:

@@ -231,13 +231,13 @@ def _frac(a: float | None, b: float | None) -> float | None:
 
 def _same_bits_energy(orig: dict, comp: dict) -> float | None:
     """The original's arithmetic energy at the compressed model's activation bits (what
-    ``--energy-budget`` is a fraction of): int8 MUL + int32 ADD per MAC with int8."""
+    ``--energy-budget`` is a fraction of), priced by the cost model itself."""
     if comp.get("activation_bits") != 8:
         return orig.get("energy_pj")
     if orig.get("muls") is None or orig.get("adds") is None:
         return None
-    e = costs.ENERGY_PJ
-    return orig["muls"] * e["int8_mul"] + orig["adds"] * e["int32_add"]
+    return costs.LayerCost("original", "dense", orig["muls"], orig["adds"], 0, 0.0
+                           ).energy_pj(act_bits=8)
 
 
 def _conventions(meta: dict) -> dict:
