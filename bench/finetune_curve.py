@@ -30,6 +30,8 @@ ap.add_argument("--val", type=int, default=1300, help="eval images (seeded sampl
 ap.add_argument("--budget", type=float, default=0.536)
 ap.add_argument("--steps", default="0,100,300,1000")
 ap.add_argument("--lr", type=float, default=FinetuneConfig.lr)
+ap.add_argument("--feature-weight", type=float, default=FinetuneConfig.feature_weight,
+                help="weight of the per-layer feature-map term (0: logits only)")
 ap.add_argument("--freeze-at", type=float, default=FinetuneConfig.freeze_at)
 ap.add_argument("--seed", type=int, default=0, help="calibration sample and compress seed")
 ap.add_argument("--stats-images", type=int, default=CompressConfig.stats_images,
@@ -55,7 +57,8 @@ rows = []
 out = f"bench/results/finetune-{a.tag}.json"
 os.makedirs("bench/results", exist_ok=True)
 for steps in (int(s) for s in a.steps.split(",")):
-    ft = FinetuneConfig(steps=steps, lr=a.lr, freeze_at=a.freeze_at, seed=a.seed)
+    ft = FinetuneConfig(steps=steps, lr=a.lr, freeze_at=a.freeze_at, seed=a.seed,
+                        feature_weight=a.feature_weight)
     cfg = CompressConfig(budget=a.budget, seed=a.seed, stats_images=a.stats_images, finetune=ft,
                          critical_fraction=a.critical_fraction,
                          hidden_units_ratio=a.hidden_units_ratio, size_budget=a.size_budget,

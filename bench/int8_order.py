@@ -1,0 +1,98 @@
+"""Int8 post-training stages applied to the *original* model, in a chosen order: which
+stage costs what, and where the mean-shift correction belongs. Writes
+bench/results/int8-order-TAG.json.
+
+A variant is a string of stage letters run left to right after BN folding:
+``w`` per-channel int8 weights (MSE clip search), ``X`` the same with max-abs scales,
+``a`` uint8 activations (``compress``'s calibration), ``s`` the mean-shift correction;
+flags anywhere in it: ``m`` MinMax activation ranges instead of the clip search, ``L``
+no mean shift on Linear layers. ``wsa`` is what ``compress --activation-bits 8`` does.
+
+    OMP_NUM_THREADS=1 python -m bench.int8_order --model builtin:mobilenet_v2 \\
+        --variants w,a,ws,wa,was,wsa --tag v2
+"""
+
+import argparse
+import copy
+import json
+import os
+import time
+
+import torch
+
+from calib.presets import preset_for
+from calib.readers import load_images
+from hfbconvert import actquant
+from hfbconvert.bnfold import fold_batchnorms
+from hfbconvert.compress import CompressConfig, normalizer
+from hfbconvert.evaluate import evaluate
+from hfbconvert.meanshift import correction_sites, match_output_means
+from hfbconvert.models.loading import load_model
+from hfbconvert.weightquant import CLIP_RATIOS as W_CLIP
+from hfbconvert.weightquant import apply_weight_bits
+
+SHARED = os.environ.get("HFB_SHARED", "../shared")
+ap = argparse.ArgumentParser()
+ap.add_argument("--model", default=os.path.join(SHARED, "models/mobilenet_v1_0.5_160.pt"))
+ap.add_argument("--calib", default=os.path.join(SHARED, "data/imagenet/calib"))
+ap.add_argument("--eval", default=os.path.join(SHARED, "data/imagenet/val"))
+ap.add_argument("--n", type=int, default=1000, help="calibration images (seeded sample)")
+ap.add_argument("--val", type=int, default=1300, help="eval images (seeded sample)")
+ap.add_argument("--variants", default="w,a,ws,wa,was,wsa")
+ap.add_argument("--seed", type=int, default=0)
+ap.add_argument("--tag", default="x")
+a = ap.parse_args()
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+net, info = load_model(a.model)
+net.eval()
+prep = preset_for(info)
+cal = load_images(a.calib, prep, size=a.n, seed=a.seed, classes=info.classes)
+val = load_images(a.eval, prep, size=a.val, seed=0, classes=info.classes)
+norm = normalizer(cal)
+n_act = CompressConfig.act_calib_images
+
+
+def sample(seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return norm(cal.images[torch.randperm(len(cal), generator=g)[:n_act]])
+
+
+def mean_shift(m: torch.nn.Module, pairs: list, variant: str) -> None:
+    layers, owners = correction_sites(m, [tuple(p) for p in pairs])
+    if "L" in variant:
+        for k in [k for k, o in owners.items() if isinstance(o, torch.nn.Linear)]:
+            layers.pop(k)
+            owners.pop(k)
+    match_output_means(m, net, sample(a.seed + 4), layers, owners)
+
+
+rows = []
+for v in a.variants.split(","):
+    t = time.perf_counter()
+    m = copy.deepcopy(net).eval()
+    pairs = fold_batchnorms(m)
+    ranges = (1.0,) if "m" in v else actquant.CLIP_RATIOS
+    for stage in v:
+        if stage in "wX":
+            apply_weight_bits(m, 8, clip_ratios=(1.0,) if stage == "X" else W_CLIP)
+        elif stage == "a":
+            actquant.attach(m)
+            saved = actquant.choose_range.__defaults__
+            actquant.choose_range.__defaults__ = (ranges,)
+            try:
+                actquant.calibrate(m, sample(a.seed + 3), seed=a.seed)
+            finally:
+                actquant.choose_range.__defaults__ = saved
+        elif stage == "s":
+            mean_shift(m, pairs, v)
+    r = evaluate(m, val, info.label_offset, reference=net)
+    rows.append({"variant": v, "top1": r["top1"], "agreement": r["agreement"],
+                 "seconds": round(time.perf_counter() - t, 1)})
+    print(json.dumps(rows[-1]), flush=True)
+orig = evaluate(net, val, info.label_offset)["top1"]
+os.makedirs("bench/results", exist_ok=True)
+out = f"bench/results/int8-order-{a.tag}.json"
+with open(out, "w") as f:
+    json.dump({"tag": a.tag, "args": vars(a), "top1_original": orig, "n_eval": len(val),
+               "rows": rows}, f, indent=1)
+print(out)
