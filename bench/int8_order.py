@@ -77,12 +77,7 @@ for v in a.variants.split(","):
             apply_weight_bits(m, 8, clip_ratios=(1.0,) if stage == "X" else W_CLIP)
         elif stage == "a":
             actquant.attach(m)
-            saved = actquant.choose_range.__defaults__
-            actquant.choose_range.__defaults__ = (ranges,)
-            try:
-                actquant.calibrate(m, sample(a.seed + 3), seed=a.seed)
-            finally:
-                actquant.choose_range.__defaults__ = saved
+            actquant.calibrate(m, sample(a.seed + 3), seed=a.seed, clip_ratios=ranges)
         elif stage == "s":
             mean_shift(m, pairs, v)
     r = evaluate(m, val, info.label_offset, reference=net)

@@ -247,11 +247,13 @@ def quantizers(model: nn.Module) -> list[tuple[str, ActQuant]]:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, images: torch.Tensor, seed: int = 0,
-              on_quantizer: Callable[[str], None] | None = None) -> dict[str, dict]:
+              on_quantizer: Callable[[str], None] | None = None,
+              clip_ratios: tuple[float, ...] = CLIP_RATIOS) -> dict[str, dict]:
     """Calibrate every quantizer of ``model`` (after :func:`attach`) in ONE forward pass
     over ``images`` (one batch): each quantizer picks its range from the tensor it receives,
     then quantizes it, so every later quantizer sees the int8 network's activations.
-    Returns per-quantizer ranges (plain data for the report).
+    Returns per-quantizer ranges (plain data for the report). ``clip_ratios`` ``(1.0,)``
+    is MinMax calibration (for comparisons; the search includes it).
 
     Raises :class:`InputError` when a quantizer sees no activations (no calibration image
     reaches that layer)."""
@@ -266,7 +268,7 @@ def calibrate(model: nn.Module, images: torch.Tensor, seed: int = 0,
         if flat.numel() > SAMPLE_VALUES:
             idx = torch.randint(flat.numel(), (SAMPLE_VALUES,), generator=gen)
             flat = flat[idx.to(flat.device)]
-        return (*choose_range(flat.cpu(), lo, hi), lo, hi)
+        return (*choose_range(flat.cpu(), lo, hi, clip_ratios), lo, hi)
 
     def observer(name: str, q: ActQuant) -> Callable[[torch.Tensor], None]:
         def observe(x: torch.Tensor) -> None:
