@@ -7,7 +7,16 @@ import sys
 from collections.abc import Iterator
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
 
 _STATE = {"quiet": False}
 
@@ -22,6 +31,18 @@ def stderr_console() -> Console:
 
 def enabled() -> bool:
     return not _STATE["quiet"] and sys.stderr.isatty()
+
+
+class CountColumn(ProgressColumn):
+    """``done/total``, or just ``done`` while the total is unknown (``total=None``).
+
+    rich keeps ``task.total`` as None for an indeterminate task; a format spec such as
+    ``{task.total:.0f}`` raises on None, which crashed every run in a real terminal.
+    """
+
+    def render(self, task: Task) -> Text:
+        done = f"{task.completed:.0f}"
+        return Text(done if task.total is None else f"{done}/{task.total:.0f}")
 
 
 class _NullTask:
@@ -44,15 +65,17 @@ class _Task:
 
 
 @contextlib.contextmanager
-def task(description: str, total: float | None) -> Iterator[_Task | _NullTask]:
-    """A single progress bar; a no-op object when progress is disabled."""
-    if not enabled():
+def task(description: str, total: float | None,
+         console: Console | None = None) -> Iterator[_Task | _NullTask]:
+    """A single progress bar (``total`` None: unknown length, a pulsing bar); a no-op
+    object when progress is disabled. ``console`` is for tests that render to a buffer."""
+    if console is None and not enabled():
         yield _NullTask()
         return
     cols = [TextColumn("[bold]{task.description}"), BarColumn(),
-            TextColumn("{task.completed:.0f}/{task.total:.0f}"), TextColumn("{task.fields[info]}"),
+            CountColumn(), TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*cols, console=stderr_console(), transient=True) as p:
+    with Progress(*cols, console=console or stderr_console(), transient=True) as p:
         tid = p.add_task(description, total=total, info="")
         yield _Task(p, tid)
 
