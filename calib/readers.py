@@ -95,16 +95,17 @@ class CalibData:
         idx = np.sort(np.random.default_rng(seed).permutation(len(self))[:k])
         return self.subset(idx)
 
-    def split(self, frac: float, seed: int = 0) -> tuple[CalibData, CalibData]:
-        """``(rest, held)``: a seeded random ``frac`` of the images held apart (e.g. for
-        agreement checks on images the calibration never saw). Both parts keep file
-        order and are non-empty when there are at least 2 images."""
+    def split(self, frac: float, seed: int = 0,
+              count: int | None = None) -> tuple[CalibData, CalibData]:
+        """``(rest, held)``: a seeded random ``frac`` of the images (or exactly ``count``)
+        held apart (e.g. for agreement checks on images the calibration never saw). Both
+        parts keep file order and are non-empty when there are at least 2 images."""
         n = len(self)
         if not 0.0 < frac < 1.0:
             raise ValueError(f"frac must be in (0, 1), got {frac}")
         if n < 2:
             raise InputError(f"{self.source}: need at least 2 images to split, have {n}")
-        n_held = min(max(1, round(frac * n)), n - 1)
+        n_held = min(max(1, round(frac * n) if count is None else count), n - 1)
         perm = np.random.default_rng(seed).permutation(n)
         held = np.sort(perm[:n_held])
         rest = np.sort(perm[n_held:])

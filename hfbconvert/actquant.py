@@ -66,7 +66,7 @@ def check_config(act_bits: Any, weight_bits: int, has_data: bool,
     check_hidden_bits(hidden_bits)
     bits = check_act_bits(act_bits)
     if bits == 8 and weight_bits != 8:
-        raise InputError(f"--activation-bits 8 needs --critical-bits 8 (int8 kernels take "
+        raise InputError(f"--activation-bits 8 needs --weight-bits 8 (int8 kernels take "
                          f"int8 weights), not {weight_bits}")
     if bits == 8 and not has_data:
         raise InputError("--activation-bits 8 needs calibration images to set the "

@@ -63,7 +63,7 @@ def hybrid_layers(model: nn.Module) -> dict[str, HybridPointwise]:
 
 
 def save_compressed(path: str | os.PathLike, model: nn.Module, info: ModelInfo,
-                    meta: dict[str, Any]) -> None:
+                    meta: dict[str, Any], overwrite: bool = True) -> None:
     """Freeze every hybrid layer (deploy form) and write the artifact atomically."""
     layers = hybrid_layers(model)
     for m in layers.values():
@@ -75,7 +75,7 @@ def save_compressed(path: str | os.PathLike, model: nn.Module, info: ModelInfo,
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
         "meta": meta,
     }
-    save_torch(path, obj)
+    save_torch(path, obj, overwrite)
 
 
 def is_compressed(obj: Any) -> bool:

@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 a failed check (e.g. ONNX/PyTorch mismatch, collapsed m
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,29 @@ JSON_SCHEMA_VERSION = 1
 
 
 class _Group(click.Group):
-    """Turns library errors into one-line messages with the right exit code."""
+    """Turns library errors and click's usage errors into one-line messages with the right
+    exit code (click's own form is three lines: usage, a hint, the error)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None,  # type: ignore[override]
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            click.echo(exc.ctx.get_help() if exc.ctx else "", err=True)
+            rv = 2
+        except click.UsageError as exc:
+            click.echo(f"error: {_one_line(exc.format_message())} "
+                       "(see --help)", err=True)
+            rv = exc.exit_code
+        except click.ClickException as exc:
+            click.echo(f"error: {_one_line(exc.format_message())}", err=True)
+            rv = exc.exit_code
+        except click.Abort:
+            click.echo("aborted", err=True)
+            rv = 1
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -38,18 +61,73 @@ class _Group(click.Group):
             ctx.exit(130)
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _quiet(f):
+    return click.option("--quiet", "-q", is_flag=True,
+                        help="No progress bars or status lines (warnings and errors stay).")(f)
+
+
 def _common(f):
     f = click.option("--seed", type=int, default=0, show_default=True,
                      help="Seed for sampling and fitting; same inputs + seed = same bytes.")(f)
-    f = click.option("--quiet", "-q", is_flag=True, help="No progress bars or status lines.")(f)
-    return f
+    return _quiet(f)
+
+
+class FiniteFloat(click.ParamType):
+    """A finite float in a range. ``click.FloatRange`` lets NaN through (every comparison
+    with NaN is false), and a NaN cap silently turned the cap off."""
+
+    name = "float"
+
+    def __init__(self, lo: float | None = None, hi: float | None = None,
+                 lo_open: bool = False) -> None:
+        self.lo, self.hi, self.lo_open = lo, hi, lo_open
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        if isinstance(value, float):
+            x = value
+        else:
+            try:
+                x = float(value)
+            except (TypeError, ValueError):
+                self.fail(f"{value!r} is not a number", param, ctx)
+        low_bad = self.lo is not None and (x <= self.lo if self.lo_open else x < self.lo)
+        if not math.isfinite(x) or low_bad or (self.hi is not None and x > self.hi):
+            self.fail(f"{value} is not a finite number in {self._range()}", param, ctx)
+        return x
+
+    def _range(self) -> str:
+        lo = "-inf" if self.lo is None else f"{self.lo:g}"
+        hi = "inf" if self.hi is None else f"{self.hi:g}"
+        return f"{'(' if self.lo_open or self.lo is None else '['}{lo}, {hi}" \
+               f"{']' if self.hi is not None else ')'}"
+
+
+def _explicit(ctx: click.Context, name: str) -> bool:
+    """Whether the user typed option ``name`` (not its default)."""
+    src = ctx.get_parameter_source(name)
+    return src is not None and src.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _outputs(paths: list[Path], force: bool, inputs: list[str]) -> list[Path]:
+    """Check every output before any work: none is an input, a non-regular file, or an
+    existing file without --force, and each folder takes a new file."""
+    from .fileio import check_output_path
+
+    files = [i for i in inputs if i and not str(i).startswith(("builtin:", "synthetic"))]
+    return [check_output_path(p, force, inputs=files) for p in paths]
 
 
 def _model_opts(f):
     f = click.option("--trust-pickle", is_flag=True,
                      help="Allow loading a fully pickled nn.Module (runs code from the file).")(f)
     f = click.option("--arch", type=click.Choice(["mobilenet_v1", "mobilenet_v2"]),
-                     default=None, help="Override architecture detection.")(f)
+                     default=None,
+                     help="Architecture of a state_dict MODEL (default: detected from its "
+                          "keys).")(f)
     return f
 
 
@@ -58,9 +136,9 @@ def _calib_opts(f):
                      help="Calibration images: ImageFolder tree, flat folder, .npz, or "
                           "synthetic[:N[:ITERATIONS]] (from BatchNorm statistics).")(f)
     f = click.option("--calib-size", type=click.IntRange(min=1), default=None,
-                     help="Use a seeded random subset of N images.")(f)
+                     help="Use a seeded random subset of N of the --calib images.")(f)
     f = click.option("--resolution", type=click.IntRange(8, 4096), default=None,
-                     help="Override the input resolution.")(f)
+                     help="Input side in pixels (default: the model's own).")(f)
     f = click.option("--preset", default=None,
                      help="Preprocessing preset (torchvision-imagenet, tf-inception, cifar10).")(f)
     return f
@@ -174,9 +252,11 @@ def main() -> None:
 @_calib_opts
 @click.option("--budgets", default="1,2,4,8,16", show_default=True,
               help="Hidden-unit budgets r per filter (comma-separated).")
-@click.option("--threshold", type=float, default=0.05, show_default=True,
+@click.option("--threshold", type=FiniteFloat(0.0), default=0.05, show_default=True,
               help="A filter is critical when its loss at --threshold-budget exceeds this.")
-@click.option("--threshold-budget", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--threshold-budget", type=click.IntRange(min=1), default=2, show_default=True,
+              help="The hidden-unit budget r (one of --budgets) at which --threshold "
+                   "classifies filters as critical.")
 @click.option("--stats-images", type=click.IntRange(min=1), default=512, show_default=True,
               help="Images used for the input statistics Σ.")
 @click.option("--json", "as_json", is_flag=True, help="Print the sensitivity JSON to stdout.")
@@ -184,14 +264,12 @@ def main() -> None:
               help="Write the sensitivity JSON here (reused by compress).")
 @click.option("--force", is_flag=True, help="Overwrite --output if it exists.")
 @_common
-def analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, budgets,
+@click.pass_context
+def analyze(ctx, model, arch, trust_pickle, calib, calib_size, resolution, preset, budgets,
             threshold, threshold_budget, stats_images, as_json, output, force, seed, quiet):
     """Rank every pointwise filter's sensitivity to ternary StrassenNets approximation.
 
     MODEL is a checkpoint path or builtin:mobilenet_v2."""
-    from .analysis import analyze as run_analyze
-    from .fileio import atomic_write_text, check_output_path
-    from .report.terminal import print_analysis
     from .sensitivity import parse_budgets
 
     _setup(quiet, seed)
@@ -199,17 +277,38 @@ def analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, bu
         bud = parse_budgets(budgets)
     except ValueError as exc:
         raise InputError(f"--budgets: {exc}") from None
+    if threshold_budget not in bud:
+        if _explicit(ctx, "threshold_budget"):
+            raise InputError(f"--threshold-budget {threshold_budget} is not among --budgets "
+                             f"{budgets}; add it there or choose one of them")
+        near = min(bud, key=lambda r: (abs(r - threshold_budget), r))
+        progress.warn(f"--threshold-budget {threshold_budget} (default) is not among --budgets "
+                      f"{budgets}; critical filters are counted at r={near}")
+        threshold_budget = near
     if output:
-        check_output_path(output, force)
+        _outputs([Path(output)], force, [model, calib])
+    from .fileio import output_lock
+
+    with output_lock([output] if output else []):
+        _analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, bud,
+                 threshold, threshold_budget, stats_images, as_json, output, force, seed)
+
+
+def _analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, bud,
+             threshold, threshold_budget, stats_images, as_json, output, force, seed) -> None:
+    from .analysis import analyze as run_analyze
+    from .fileio import atomic_write_text
+    from .report.terminal import print_analysis
+
     net, info = _load(model, arch, trust_pickle)
     data, info = _load_calib(calib, info, calib_size, seed, resolution, preset, net)
     if data is None:
         progress.warn("no --calib data: weight-space sensitivity (Σ = I), not activation-aware")
     res = run_analyze(net, info, data, bud, stats_images, threshold, threshold_budget, seed,
                       source=model)
-    text = json.dumps(res, indent=1)
+    text = json.dumps(res, indent=1, allow_nan=False)
     if output:
-        atomic_write_text(output, text + "\n")
+        atomic_write_text(output, text + "\n", overwrite=force)
         progress.info(f"wrote {output}")
     if as_json:
         click.echo(text)
@@ -223,24 +322,28 @@ def analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, bu
 @_model_opts
 @_calib_opts
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-              help="Compressed model path (default: MODEL stem + .hfb.pt next to it).")
-@click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
+              help="Compressed model path. Default: next to MODEL, its stem + .hfb.pt "
+                   "(builtin:NAME: NAME.hfb.pt in the working folder).")
+@click.option("--force", is_flag=True,
+              help="Overwrite the output if it is an existing regular file (never the input).")
 @click.option("--method", type=click.Choice(["hybrid", "twn", "strassen"]), default="hybrid",
               show_default=True, help="hybrid filter banks, or a baseline.")
-@click.option("--budget", type=float, default=0.536, show_default=True,
-              help="Fraction of the original model's MULs the result may use, in (0, 1].")
-@click.option("--max-add-increase", type=float, default=0.48, show_default=True,
-              help="Allowed ADD increase relative to the original model.")
-@click.option("--size-budget", type=float, default=None,
+@click.option("--budget", type=FiniteFloat(0.0, 1.0, lo_open=True), default=None,
+              help="Fraction of the original model's MULs the result may use, in (0, 1]. "
+                   "[default: 0.536; not with --critical-fraction]")
+@click.option("--max-add-increase", type=FiniteFloat(0.0), default=0.48, show_default=True,
+              help="Allowed ADD increase relative to the original model (>= 0; 0.48 = +48%).")
+@click.option("--size-budget", type=FiniteFloat(0.0, 1.0, lo_open=True), default=None,
               help="Cap on stored bytes as a fraction of the original float32 weights, "
                    "in (0, 1]; the planner trades hidden units and critical rows for it.")
-@click.option("--energy-budget", type=float, default=None,
+@click.option("--energy-budget", type=FiniteFloat(0.0, 1.0, lo_open=True), default=None,
               help="Cap on arithmetic energy (cost model) as a fraction of the original "
                    "model's at the same activation bits, in (0, 1]; with "
                    "--activation-bits 8, 1.0 means no more than int8 PTQ.")
-@click.option("--critical-fraction", type=click.FloatRange(0, 1), default=None,
-              help="Paper-style uniform mode: this fraction of each layer stays FP.")
-@click.option("--hidden-units-ratio", type=click.FloatRange(min=1.0), default=1.0,
+@click.option("--critical-fraction", type=FiniteFloat(0.0, 1.0), default=None,
+              help="Paper-style uniform mode: this fraction of each layer stays full "
+                   "precision (replaces --budget; the two are refused together).")
+@click.option("--hidden-units-ratio", type=FiniteFloat(1.0), default=1.0,
               show_default=True, help="Hidden units per tolerant filter (uniform/strassen).")
 @click.option("--plan", "plan_file", type=click.Path(dir_okay=False), default=None,
               help="JSON of per-layer overrides {layer: {critical|critical_idx, r}}.")
@@ -251,15 +354,19 @@ def analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, bu
                    "MobileNetV1-0.5-160 (fewer steps for bigger models), at most 300 and at "
                    "most 6 passes over the calibration images; 0 turns it off. Measured on "
                    "MobileNetV1-0.5-160: 300 steps +0.9 points top-1 over the fit alone.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Images per fine-tuning step.")
+@click.option("--lr", type=FiniteFloat(0.0, lo_open=True), default=1e-4, show_default=True,
+              help="Fine-tuning learning rate (Adam), > 0.")
 @click.option("--reconstruct/--no-reconstruct", default=False, show_default=True,
               help="Sequential reconstruction: refit layers in order against the compressed "
                    "network's own inputs. Off by default: on MobileNetV1-0.5-160 the one-shot "
                    "activation-aware fit scored higher (see BENCHMARKS.md).")
-@click.option("--no-sequential", is_flag=True,
-              help="Reconstruct against original inputs (one-shot) instead.")
-@click.option("--no-bias-correction", is_flag=True)
+@click.option("--sequential/--no-sequential", default=True, show_default=True,
+              help="With --reconstruct: each layer sees the compressed network's inputs "
+                   "(sequential) or the original's (one-shot).")
+@click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
+              help="With --reconstruct: correct each layer's output mean after its refit.")
 @click.option("--bn-adjust", type=click.Choice(["off", "match", "reestimate"]), default="off",
               show_default=True,
               help="BatchNorm stage for models with BN after the pointwise layers (not "
@@ -271,76 +378,96 @@ def analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, bu
                    "Skipped, with a note, for BN-folded models. Off by default: on CIFAR-10 "
                    "MobileNetV1-0.5 'match' changed top-1 by +0.05 points, 'reestimate' by "
                    "-0.19 (see BENCHMARKS.md).")
-@click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.9, show_default=True,
-              help="Exit 1 if held-apart agreement with the original ends below this.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted fine-tune.")
+@click.option("--min-agreement", type=FiniteFloat(0.0, 1.0), default=0.75, show_default=True,
+              help="Exit 1 when the top-1 agreement with the original on the held-apart "
+                   "calibration images is below this with 95% confidence (its Wilson "
+                   "interval lies wholly below). At the default the gate needs at least "
+                   "200 held-apart images (a fifth of --calib, at most); typed explicitly "
+                   "it gates on any number. Good conversions measured 0.82-0.96.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted fine-tune from OUTPUT.ckpt (same options only).")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu",
-              show_default=True)
-@click.option("--critical-bits", "--weight-bits", "weight_bits", type=int, default=None,
+              show_default=True,
+              help="Where fine-tuning runs ('auto': CUDA when available).")
+@click.option("--weight-bits", "weight_bits", type=click.Choice(["32", "16", "8"]),
+              default=None,
               help="Bits of everything that stays full precision (critical filters, stem, "
                    "depthwise, classifier): 32, 16 (float16) or 8 (per-channel symmetric "
                    "int8). Biases stay fp32. [default: 16; 8 with --activation-bits 8]")
-@click.option("--activation-bits", type=int, default=32, show_default=True,
-              help="8: int8 activations. BatchNorms are folded, every conv/linear input and "
-                   "every ternary bank's hidden units are quantized to uint8 with ranges "
-                   "calibrated on --calib images (MSE-optimal clipping); export writes "
-                   "QuantizeLinear/DequantizeLinear. Needs --calib and 8-bit weights.")
-@click.option("--hidden-bits", type=int, default=32, show_default=True,
+@click.option("--activation-bits", type=click.Choice(["32", "8"]), default="32",
+              show_default=True,
+              help="8: int8 activations. BatchNorms are folded, every conv/linear input is "
+                   "quantized to uint8 with ranges calibrated on --calib images (MSE-optimal "
+                   "clipping), the ternary banks' hidden units stay int32 (--hidden-bits), "
+                   "and fine-tuning runs with the quantizers in the loop. Export writes the "
+                   "quantizers as float arithmetic (--qdq for QuantizeLinear/Dequantize"
+                   "Linear). Needs --calib and 8-bit weights.")
+@click.option("--hidden-bits", type=click.Choice(["32", "8"]), default="32",
+              show_default=True,
               help="With --activation-bits 8: the ternary banks' hidden units a*(W_b x). "
                    "32: int32 at one common fixed-point scale (exact; W_c adds int32 "
                    "values, no extra operation). 8: requantized to uint8 with power-of-two "
                    "scales, for targets that keep every stored activation 8-bit (measured: "
                    "-0.6 points top-1 on MobileNetV1-0.5-160).")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary to stdout.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a JSON summary to stdout (schema: docs/schemas/compress.json).")
 @_common
-def compress(model, arch, trust_pickle, calib, calib_size, resolution, preset, output, force,
-             method, budget, max_add_increase, size_budget, energy_budget, critical_fraction,
-             hidden_units_ratio, plan_file, dry_run, steps, batch_size, lr, reconstruct,
-             no_sequential, no_bias_correction, bn_adjust, min_agreement, resume, device,
-             weight_bits, activation_bits, hidden_bits, as_json, seed, quiet):
-    """Split pointwise layers into FP critical + ternary banks under a MUL budget,
-    reconstruct layer by layer, and fine-tune briefly by distillation."""
-    import math
-
-    from .actquant import check_act_bits, check_config
-    from .artifact import save_compressed
+@click.pass_context
+def compress(ctx, model, arch, trust_pickle, calib, calib_size, resolution, preset, output,
+             force, method, budget, max_add_increase, size_budget, energy_budget,
+             critical_fraction, hidden_units_ratio, plan_file, dry_run, steps, batch_size, lr,
+             reconstruct, sequential, bias_correction, bn_adjust, min_agreement, resume,
+             device, weight_bits, activation_bits, hidden_bits, as_json, seed, quiet):
+    """Split pointwise layers into full-precision critical filters + ternary banks under a
+    MUL budget (activation-aware fit), then fine-tune briefly by distillation."""
+    from .actquant import check_config
     from .compress import CompressConfig, check_caps
-    from .compress import compress as run_compress
-    from .errors import CheckFailed
-    from .fileio import check_output_path
+    from .fileio import output_lock
     from .finetune import FinetuneConfig
-    from .report.terminal import print_compress, print_plan
     from .weightquant import check_bits
 
     _setup(quiet, seed)
-    if not (math.isfinite(budget) and 0 < budget <= 1):
-        raise InputError(f"--budget must be a number in (0, 1], got {budget}")
+    if critical_fraction is not None and budget is not None:
+        raise InputError("--critical-fraction replaces --budget (uniform mode); give one")
+    budget = 0.536 if budget is None else budget
     check_caps(method, critical_fraction, size_budget, energy_budget)
-    check_act_bits(activation_bits)
-    if weight_bits is None:
-        weight_bits = 8 if activation_bits == 8 else 16
-    check_bits(weight_bits, "--critical-bits/--weight-bits")
+    activation_bits, hidden_bits = int(activation_bits), int(hidden_bits)
+    if hidden_bits != 32 and activation_bits != 8:
+        raise InputError("--hidden-bits applies only with --activation-bits 8")
+    weight_bits = (8 if activation_bits == 8 else 16) if weight_bits is None else int(weight_bits)
+    check_bits(weight_bits, "--weight-bits")
     check_config(activation_bits, weight_bits, calib is not None, hidden_bits)
     override = _read_plan(plan_file) if plan_file else None
     # the model first: a missing MODEL is reported as such, not as its default output
     net, info = _load(model, arch, trust_pickle)
     out = Path(output) if output else _default_out(model)
     if not dry_run and not (resume and out.exists() and force):
-        check_output_path(out, force)
-    data, info = _load_calib(calib, info, calib_size, seed, resolution, preset, net)
-    if data is None:
-        progress.warn("no --calib data: weight-space fit only, no reconstruction or fine-tune")
-    dev = _device(device)
+        _outputs([out], force, [model, calib, plan_file])
     cfg = CompressConfig(
         method=method, budget=budget, critical_fraction=critical_fraction,
         hidden_units_ratio=hidden_units_ratio, max_add_increase=max_add_increase,
         size_budget=size_budget, energy_budget=energy_budget, reconstruct=reconstruct,
-        sequential=not no_sequential,
-        bias_correction=not no_bias_correction, bn_adjust=bn_adjust,
+        sequential=sequential, bias_correction=bias_correction, bn_adjust=bn_adjust,
         min_agreement=min_agreement, seed=seed,
         finetune=FinetuneConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                                device=dev), weight_bits=weight_bits,
+                                device=_device(device)), weight_bits=weight_bits,
         activation_bits=activation_bits, hidden_bits=hidden_bits)
+    with output_lock([] if dry_run else [out]):
+        data, info = _load_calib(calib, info, calib_size, seed, resolution, preset, net)
+        if data is None:
+            progress.warn("no --calib data: weight-space fit only, no reconstruction or "
+                          "fine-tune")
+        _compress(net, info, data, cfg, model, out, force, resume, override, plan_file,
+                  dry_run, as_json, gate_always=_explicit(ctx, "min_agreement"))
+
+
+def _compress(net, info, data, cfg, model: str, out: Path, force: bool, resume: bool,
+              override, plan_file, dry_run: bool, as_json: bool, gate_always: bool) -> None:
+    """Run the conversion, write the artifact, print, and apply the agreement gate."""
+    from .artifact import save_compressed
+    from .compress import compress as run_compress
+    from .report.terminal import print_compress, print_plan
+
     ckpt = str(out) + ".ckpt"
     try:
         hybrid, meta = run_compress(net, info, data, cfg, checkpoint=ckpt, resume=resume,
@@ -363,23 +490,48 @@ def compress(model, arch, trust_pickle, calib, calib_size, resolution, preset, o
     # wall-clock seconds stay out of the file: same inputs + seed = same bytes
     saved = dict(meta, stages=[{k: v for k, v in st.items() if k != "seconds"}
                                for st in meta["stages"]])
-    save_compressed(out, hybrid, info, saved)
+    save_compressed(out, hybrid, info, saved, overwrite=force)
     Path(ckpt).unlink(missing_ok=True)
     summary = {"schema_version": JSON_SCHEMA_VERSION, "output": str(out),
                "stages": meta["stages"], "timings": timings,
-               "cost": meta["cost"]["totals"], "original_cost": meta["original_cost"]["totals"]}
+               "cost": meta["cost"]["totals"], "original_cost": meta["original_cost"]["totals"],
+               "final_agreement": meta.get("final_agreement"),
+               "final_agreement_interval": meta.get("final_agreement_interval")}
     if as_json:
         _emit_json(summary)
     else:
         print_compress(meta, timings, str(out))
-    ag = meta.get("final_agreement")
-    if ag is None and min_agreement > 0:
+    _agreement_gate(meta, cfg.min_agreement, gate_always, out)
+
+
+GATE_MIN_IMAGES = 200
+
+
+def _agreement_gate(meta: dict, threshold: float, gate_always: bool, out: Path) -> None:
+    """Exit 1 only when the held-apart agreement is below ``threshold`` beyond its 95%
+    interval, on enough images to mean something (or on any number when asked)."""
+    from .errors import CheckFailed
+
+    ag, iv = meta.get("final_agreement"), meta.get("final_agreement_interval")
+    if threshold <= 0:
+        return
+    if ag is None or not iv:
         progress.warn("agreement not measured (needs --calib with at least 20 images); "
                       "--min-agreement was not checked")
-    if ag is not None and ag < min_agreement:
-        raise CheckFailed(f"{out}: agreement with the original on held-apart images is "
-                          f"{ag:.3f} < --min-agreement {min_agreement} (model written, "
-                          "but it does not behave like the original)")
+        return
+    n, (lo, hi) = iv["n"], iv["ci95"]
+    if n < GATE_MIN_IMAGES and not gate_always:
+        progress.warn(f"agreement {ag:.3f} on only {n} held-apart images (95% interval "
+                      f"{lo:.2f}-{hi:.2f}); too few to gate on, --min-agreement {threshold} "
+                      f"not checked (give >= {GATE_MIN_IMAGES * 5} --calib images, or type "
+                      "--min-agreement to gate anyway)")
+        return
+    if hi < threshold:
+        raise CheckFailed(
+            f"{out}: the compressed model changes the original's top-1 answer on about "
+            f"{1 - ag:.0%} of {n} held-apart images (agreement {ag:.3f}, 95% interval "
+            f"{lo:.2f}-{hi:.2f}, below --min-agreement {threshold}); the file was written, "
+            "but try a larger --budget, more --calib images or more --steps")
 
 
 def _default_out(model: str) -> Path:
@@ -491,91 +643,127 @@ def export() -> None:
 @export.command("onnx")
 @click.argument("model")
 @_model_opts
-@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True)
-@click.option("--force", is_flag=True)
-@click.option("--opset", type=int, default=17, show_default=True)
-@click.option("--pack", type=click.Choice(["2bit", "base3"]), default="2bit", show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True,
+              help="The .onnx file to write (written only once it verifies).")
+@click.option("--force", is_flag=True,
+              help="Overwrite the output and its report files if they are existing regular "
+                   "files (never the input).")
+@click.option("--opset", type=click.IntRange(17, 22), default=17, show_default=True,
+              help="ONNX opset of the default domain, 17-22.")
+@click.option("--pack", type=click.Choice(["2bit", "base3"]), default="2bit", show_default=True,
+              help="Storage of the ternary codes: 2bit = four codes per byte (2.0 bits each, "
+                   "simplest to unpack); base3 = five codes per byte (1.6 bits each, ~20% "
+                   "smaller ternary weights, a few more ops to unpack).")
 @click.option("--verify/--no-verify", default=True, show_default=True,
-              help="Compare onnxruntime with PyTorch on calibration images.")
+              help="Compare onnxruntime with PyTorch on calibration images before the file "
+                   "takes its name; a failing file is kept as NAME.unverified.onnx.")
 @click.option("--qdq/--no-qdq", default=False, show_default=True,
               help="int8-activation models: write the activation quantizers as standard "
                    "QuantizeLinear/DequantizeLinear (onnxruntime runs its int8 kernels, but "
                    "its rewrites move rounding boundaries: measured 3.6-5.3% logit "
                    "differences, so verification may fail) instead of the same arithmetic "
                    "as plain float ops (matches PyTorch).")
-@click.option("--calib", default=None, help="Images for verification (default: random).")
-@click.option("--calib-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--calib", default=None, metavar="PATH",
+              help="Images for verification (default: seeded random inputs).")
+@click.option("--calib-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Verification images (a seeded subset of --calib).")
 @click.option("--report/--no-report", "write_report", default=True, show_default=True,
-              help="Write report.json/.md/.html next to the ONNX file.")
-@click.option("--json", "as_json", is_flag=True)
+              help="Write report.json/.md/.html next to the ONNX file (compressed models).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print export statistics and verification as JSON to stdout.")
 @_common
 def export_onnx_cmd(model, arch, trust_pickle, output, force, opset, pack, verify, qdq, calib,
                     calib_size, write_report, as_json, seed, quiet):
-    """Export a compressed (or plain) model to ONNX with hfb custom ops."""
+    """Export a compressed (or plain) model to ONNX with hfb custom ops (ONNX functions,
+    so stock onnxruntime runs the file unmodified)."""
     import torch
 
     from .errors import CheckFailed
-    from .fileio import check_output_path
+    from .fileio import output_lock
 
     _setup(quiet, seed)
-    check_output_path(output, force)
+    out = Path(output)
+    _outputs([out], force, [model, calib])
     net, info, meta = _load_any(model, arch, trust_pickle)
     meta = meta or {}
-    from .export.onnx import export_onnx
+    reports = [out.parent / f"report.{ext}" for ext in ("json", "md", "html")] \
+        if write_report and meta else []
+    _outputs(reports, force, [model, calib])
+    with output_lock([out, *reports]):
+        images = None
+        if verify:  # every input is read and checked before anything is written
+            if calib:
+                data, _ = _load_calib(calib, info, calib_size, seed, None, None, net)
+                images = data.normalized()
+            else:
+                g = torch.Generator().manual_seed(seed)
+                images = torch.randn(calib_size, 3, info.resolution, info.resolution,
+                                     generator=g)
+        from .export.onnx import export_onnx
 
-    stats = export_onnx(net, output, info.resolution, opset=opset, pack=pack, force=force,
-                        qdq=qdq)
-    result: dict[str, Any] = {"schema_version": JSON_SCHEMA_VERSION, "output": output,
-                              "export": stats}
-    if verify:
-        from .verify import verify_onnx
+        stats = export_onnx(net, out, info.resolution, opset=opset, pack=pack, force=force,
+                            qdq=qdq, verify_images=images)
+        result: dict[str, Any] = {"schema_version": JSON_SCHEMA_VERSION,
+                                  "output": stats["path"], "export": stats}
+        if "verify" in stats:
+            result["verify"] = stats.pop("verify")
+        if reports:
+            from .report import write_reports
 
-        if calib:
-            data, _ = _load_calib(calib, info, calib_size, seed, None, None, net)
-            images = data.normalized()
-        else:
-            g = torch.Generator().manual_seed(seed)
-            images = torch.randn(calib_size, 3, info.resolution, info.resolution, generator=g)
-        vr = verify_onnx(output, net, images)
-        result["verify"] = vr.to_dict()
-    if write_report and meta:
-        from .report import write_reports
-
-        paths = write_reports(meta, info, Path(output).parent, export=result)
-        result["report"] = [str(p) for p in paths]
+            paths = write_reports(meta, info, out.parent, export=result, overwrite=force)
+            result["report"] = [str(p) for p in paths]
+    passed = result.get("verify", {}).get("passed", True)
     if as_json:
         _emit_json(result)
     else:
-        click.echo(f"wrote {output} ({stats.get('bytes', 0):,} bytes)")
-        if verify:
+        where = stats["path"] or f"nothing ({out.name.removesuffix('.onnx')}.unverified.onnx " \
+                                  "exists; --force replaces it)"
+        click.echo(f"wrote {where} ({stats.get('bytes', 0):,} bytes)")
+        if "verify" in result:
             v = result["verify"]
             click.echo(f"verify: {'PASS' if v['passed'] else 'FAIL'}  "
                        f"max|Δ|/max|logit| {v.get('max_rel_diff', float('nan')):.2e}  "
                        f"top-1 agreement {v.get('agreement', float('nan')):.4f}")
-    if verify and not result["verify"]["passed"]:
-        raise CheckFailed(f"{output}: onnxruntime output does not match PyTorch")
+    if not passed:
+        raise CheckFailed(f"{output}: onnxruntime output does not match PyTorch; not written "
+                          f"there (kept as {stats['path'] or 'nothing'})")
 
 
 # ------------------------------------------------------------------------ report
 @main.command()
 @click.argument("compressed")
-@click.option("-o", "--output-dir", type=click.Path(file_okay=False), default=None,
-              help="Write report.json/.md/.html into this folder.")
-@click.option("--json", "as_json", is_flag=True)
-@_common
-def report(compressed, output_dir, as_json, seed, quiet):
+@click.option("--output-dir", type=click.Path(file_okay=False), default=None,
+              help="Write report.json/.md/.html into this folder (created if missing).")
+@click.option("--force", is_flag=True,
+              help="Overwrite existing report files in --output-dir.")
+@click.option("--trust-pickle", is_flag=True,
+              help="Accepted for a uniform command line; a compressed artifact never holds "
+                   "pickled code, so report never unpickles anything.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the report as JSON to stdout (schema_version inside).")
+@_quiet
+def report(compressed, output_dir, force, trust_pickle, as_json, quiet):
     """Per-layer report of a compressed model (terminal table, or files)."""
     from .artifact import load_compressed
+    from .fileio import output_lock
     from .report import build_report, write_reports
     from .report.terminal import print_report
 
-    _setup(quiet, seed)
+    progress.set_quiet(quiet)
+    paths = []
+    if output_dir:
+        d = Path(output_dir)
+        if d.exists() and not d.is_dir():
+            raise InputError(f"{d}: is not a folder (--output-dir)")
+        d.mkdir(parents=True, exist_ok=True)
+        paths = _outputs([d / f"report.{ext}" for ext in ("json", "md", "html")], force,
+                         [compressed])
     _, info, meta = load_compressed(compressed)
     rep = build_report(meta, info)
-    if output_dir:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        for p in write_reports(meta, info, Path(output_dir)):
-            progress.info(f"wrote {p}")
+    with output_lock(paths):
+        if output_dir:
+            for p in write_reports(meta, info, Path(output_dir), overwrite=force):
+                progress.info(f"wrote {p}")
     if as_json:
         _emit_json(rep)
     else:

@@ -7,11 +7,13 @@ a half-written file where the user expects a good one.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import os
 import re
+import stat
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,24 +22,122 @@ import torch
 from .errors import InputError
 
 
-def check_output_path(path: str | os.PathLike, force: bool) -> Path:
-    """Validate an output path before any work is done (fail fast, lose nothing)."""
+def _describe(p: Path) -> str:
+    """What kind of non-regular thing ``p`` is, for a one-line refusal."""
+    st = p.lstat()
+    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket")):
+        if test(st.st_mode):
+            return name
+    return "not a regular file"
+
+
+def _same_file(a: Path, b: str | os.PathLike) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output_path(path: str | os.PathLike, force: bool,
+                      inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """Validate an output path before any work is done (fail fast, lose nothing).
+
+    Refuses: an existing file without ``force``; anything that is not a regular file (a
+    device such as /dev/null, a directory, a symlink, a pipe), even with ``force``; one of
+    the command's ``inputs``, even with ``force``; a folder that does not exist, is not a
+    folder, or where a file cannot actually be created (probed, so /proc or a read-only
+    mount is caught here and not after the whole conversion).
+    """
     p = Path(path)
-    if p.exists() and not force:
-        raise InputError(f"{p}: already exists (pass --force to overwrite)")
-    if p.exists() and p.is_dir():
-        raise InputError(f"{p}: is a directory, expected a file path")
+    for inp in inputs:
+        if _same_file(p, inp):
+            raise InputError(f"{p}: is the input {inp}; choose another output path "
+                             "(--force never replaces an input)")
+    if os.path.lexists(p):
+        if not stat.S_ISREG(p.lstat().st_mode):
+            raise InputError(f"{p}: exists and is {_describe(p)}; hfbconvert only writes "
+                             "regular files and never replaces anything else")
+        if not force:
+            raise InputError(f"{p}: already exists (pass --force to overwrite)")
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.exists():
         raise InputError(f"{p}: output folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"{p}: output folder {parent} is not writable")
+    if not parent.is_dir():
+        raise InputError(f"{p}: {parent} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".probe", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(f"{p}: cannot write in {parent} "
+                         f"({exc.strerror or type(exc).__name__})") from None
     return p
 
 
+class LockHeld(InputError):
+    """Another run holds the output lock."""
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path in the destination folder; rename it over ``path`` on success."""
+def output_lock(paths: Iterable[str | os.PathLike]) -> Iterator[None]:
+    """Hold an exclusive lock on each output path for the whole run.
+
+    The lock is ``flock`` on a sibling ``.NAME.lock`` file, so two runs writing the same
+    output (or its fine-tuning checkpoint) cannot interleave: the second stops at once
+    with one line instead of silently losing one result. The lock file is removed on
+    release; a run that finds its lock file replaced under it retries on the new one.
+    """
+    held: list[tuple[int, Path]] = []
+    try:
+        for path in sorted({Path(p).resolve() for p in paths}):
+            held.append((_acquire(path), path))
+        yield
+    finally:
+        for fd, path in reversed(held):
+            with contextlib.suppress(OSError):
+                os.unlink(_lock_name(path))
+            os.close(fd)
+
+
+def _lock_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.lock")
+
+
+def _acquire(path: Path) -> int:
+    lock = _lock_name(path)
+    for _ in range(100):
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise InputError(f"{path}: cannot create its lock file {lock} "
+                             f"({exc.strerror or exc})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LockHeld(f"{path}: another hfbconvert run is writing it (lock {lock}); "
+                           "wait for that run or choose another output") from None
+        try:  # the holder before us may have unlinked the file we locked: retry
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+    raise InputError(f"{path}: could not take its lock {lock}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temp path in the destination folder; move it to ``path`` on success.
+
+    With ``overwrite`` False the move is a hard link, which fails if ``path`` appeared
+    while the run worked (checked again at the rename, not only up front). Even with
+    ``overwrite`` only a regular file is ever replaced: a device, folder or symlink that
+    appeared at ``path`` is refused.
+    """
     dest = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent or ".")
     os.close(fd)
@@ -48,34 +148,45 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp_path, 0o666 & ~umask)
-        os.replace(tmp_path, dest)
+        if os.path.lexists(dest) and not stat.S_ISREG(dest.lstat().st_mode):
+            raise InputError(f"{dest}: is {_describe(dest)} now; not replaced")
+        if overwrite:
+            os.replace(tmp_path, dest)
+        else:
+            try:
+                os.link(tmp_path, dest)
+            except FileExistsError:
+                raise InputError(f"{dest}: appeared while this run worked; not overwritten "
+                                 "(pass --force to overwrite)") from None
+            tmp_path.unlink()
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
 
 
-def atomic_write(path: str | os.PathLike, writer: Callable[[Path], Any]) -> Path:
+def atomic_write(path: str | os.PathLike, writer: Callable[[Path], Any],
+                 overwrite: bool = True) -> Path:
     """Run ``writer(tmp_path)`` and atomically move the result to ``path``."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, overwrite) as tmp:
         writer(tmp)
     return Path(path)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    return atomic_write(path, lambda p: p.write_bytes(data))
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = True) -> Path:
+    return atomic_write(path, lambda p: p.write_bytes(data), overwrite)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = True) -> Path:
+    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"), overwrite)
 
 
-def save_torch(path: str | os.PathLike, obj: Any) -> Path:
+def save_torch(path: str | os.PathLike, obj: Any, overwrite: bool = True) -> Path:
     """``torch.save`` to bytes first so the file on disk is always complete and identical
     for identical content (no pickling of code: tensors and plain containers only)."""
     buf = io.BytesIO()
     torch.save(obj, buf)
-    return atomic_write_bytes(path, buf.getvalue())
+    return atomic_write_bytes(path, buf.getvalue(), overwrite)
 
 
 def load_torch(path: str | os.PathLike, trust_pickle: bool = False) -> Any:

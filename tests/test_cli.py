@@ -311,7 +311,7 @@ def test_size_budget_caps_stored_bytes(inputs, tmp_path) -> None:
     """The planner meets the byte cap (cost model) as well as the MUL budget, or refuses."""
     def plan(*extra: str) -> dict:
         res = ok(run("compress", inputs["model"], "--calib", inputs["calib"], "--dry-run",
-                     "--json", "-q", "--critical-bits", "8", *extra))
+                     "--json", "-q", "--weight-bits", "8", *extra))
         return json.loads(res.stdout)["plan"]
 
     free = plan()
@@ -322,12 +322,12 @@ def test_size_budget_caps_stored_bytes(inputs, tmp_path) -> None:
                   "--critical-fraction", "0.5", "--size-budget", "0.5"),
               "--size-budget/--energy-budget", "--critical-fraction")
     assert cap["predicted_muls"] <= 0.536 * cap["original_muls"] + 1
-    res = run("compress", inputs["model"], "--calib", inputs["calib"], "--critical-bits", "8",
+    res = run("compress", inputs["model"], "--calib", inputs["calib"], "--weight-bits", "8",
               "--size-budget", "0.01", "-o", tmp_path / "o.pt", "-q")
     one_error(res, "--size-budget 0.01", "unreachable", "smallest plan needs")
     out = tmp_path / "c.pt"
     summary = json.loads(ok(run("compress", inputs["model"], "--calib", inputs["calib"],
-                                *FASTEST, "--critical-bits", "8", "--size-budget", "0.2",
+                                *FASTEST, "--weight-bits", "8", "--size-budget", "0.2",
                                 "--min-agreement", "0", "-o", out, "--json", "-q")).stdout)
     assert summary["cost"]["bytes"] <= 0.2 * summary["original_cost"]["bytes"]
 
@@ -445,7 +445,7 @@ def test_export_onnx_verifies_and_is_deterministic(chain, tmp_path) -> None:
 
 
 def test_report_and_eval(chain, inputs, tmp_path) -> None:
-    res = ok(run("report", chain["out"], "--json", "-o", tmp_path / "rep", "-q"))
+    res = ok(run("report", chain["out"], "--json", "--output-dir", tmp_path / "rep", "-q"))
     rep = json.loads(res.stdout)
     assert len(rep["layers"]) == 14  # 13 pointwise + classifier
     assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == [
@@ -462,9 +462,9 @@ def test_min_agreement_failure_exits_1(inputs, tmp_path) -> None:
     out = tmp_path / "twn.pt"
     res = run("compress", inputs["model"], "--calib", inputs["calib"], "--method", "twn",
               *FASTEST, "-o", out, "--min-agreement", "1.0", "-q")
-    msg = one_error(res, str(out), "--min-agreement 1.0", "agreement", code=1,
-                    stdout=True)
-    assert float(msg.split("images is ")[1].split()[0]) < 1.0
+    msg = one_error(res, str(out), "--min-agreement 1.0", "agreement", "95% interval",
+                    code=1, stdout=True)
+    assert float(msg.split("(agreement ")[1].split(",")[0]) < 1.0
     assert out.exists()  # the model is written; the check failed
     assert temp_leftovers(tmp_path) == []
 

@@ -272,14 +272,14 @@ def a8(tmp_path_factory: pytest.TempPathFactory) -> dict:
     # random net's logits are near-tied (max 0.25), so only the file's semantics are checked
     # (against onnx.reference) for it
     qdq = d / "a8.qdq.onnx"
-    ok(run("export", "onnx", pt, "-o", qdq, "--qdq", "--no-verify", "-q"))
+    ok(run("export", "onnx", pt, "-o", qdq, "--qdq", "--no-verify", "--no-report", "-q"))
     # uint8 hidden units (power-of-two scales), exported and verified the same way
     pt8, onx8 = d / "h8.hfb.pt", d / "h8.onnx"
     res8 = ok(run("compress", model, "--calib", npz, *FASTEST, "--activation-bits", "8",
                   "--hidden-bits", "8", "-o", pt8, "--json", "-q"))
-    exp8 = ok(run("export", "onnx", pt8, "-o", onx8, "--calib", npz, "--json", "-q"))
+    exp8 = ok(run("export", "onnx", pt8, "-o", onx8, "--calib", npz, "--json", "--no-report", "-q"))
     qdq8 = d / "h8.qdq.onnx"
-    ok(run("export", "onnx", pt8, "-o", qdq8, "--qdq", "--no-verify", "-q"))
+    ok(run("export", "onnx", pt8, "-o", qdq8, "--qdq", "--no-verify", "--no-report", "-q"))
     return {"dir": d, "calib": npz, "model": model, "pt": pt, "onnx": onx, "qdq": qdq,
             "compress": json.loads(res.stdout), "export": json.loads(exp.stdout),
             "pt8": pt8, "onnx8": onx8, "qdq8": qdq8, "compress8": json.loads(res8.stdout),
@@ -366,7 +366,7 @@ def test_cli_int8_artifact_is_deterministic(a8, tmp_path):
 
 @pytest.mark.parametrize("args,needles", [
     (["--activation-bits", "4"], ["--activation-bits 4", "32 (float) or 8"]),
-    (["--activation-bits", "8", "--critical-bits", "16"], ["--critical-bits 8"]),
+    (["--activation-bits", "8", "--weight-bits", "16"], ["--weight-bits 8"]),
     (["--activation-bits", "8", "--no-calib"], ["needs calibration images"]),
     (["--activation-bits", "8", "--hidden-bits", "16"], ["--hidden-bits 16", "32", "8"]),
 ])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -34,7 +35,7 @@ from onnx import AttributeProto, FunctionProto, ModelProto, NodeProto, TensorPro
 from torch import nn
 
 from ..errors import CheckFailed, InputError
-from ..fileio import atomic_write_bytes, check_output_path
+from ..fileio import atomic_path, atomic_write_bytes, check_output_path
 from ..hybrid import HybridPointwise
 from ..layers import set_submodule
 from ..ternary import pack_2bit, pack_base3
@@ -544,15 +545,45 @@ def onnx_stats(mp: ModelProto, data: bytes) -> dict[str, Any]:
 def export_onnx(model: nn.Module, path: str | Path, resolution: int, opset: int = 17,
                 pack: str = "2bit", dynamic_batch: bool = True,
                 force: bool = False, weight_bits: int | None = None,
-                qdq: bool = False) -> dict[str, Any]:
+                qdq: bool = False, verify_images: torch.Tensor | None = None) -> dict[str, Any]:
     """Export ``model`` (plain or hybrid; hybrid layers are exported in deploy form) to
     ``path`` atomically. Refuses to overwrite unless ``force``; returns :func:`onnx_stats`
-    plus ``packing`` and ``path``. ``weight_bits``: see :func:`build_onnx`."""
+    plus ``packing`` and ``path``. ``weight_bits``: see :func:`build_onnx`.
+
+    With ``verify_images`` (normalized NCHW) the file is compared with PyTorch in
+    onnxruntime *before* it takes ``path``: only a verified file ever lands there. A file
+    that fails is kept for inspection as ``NAME.unverified.onnx`` (``stats["verify"]``
+    says why, ``stats["path"]`` where it went), so a rerun needs no --force.
+    """
+    from ..verify import verify_onnx
+
     dest = check_output_path(path, force)
     _validate_args(opset, pack, resolution)
     mp = build_onnx(model, resolution, opset, pack, dynamic_batch, weight_bits, qdq)
     data = mp.SerializeToString()
-    atomic_write_bytes(dest, data)
     stats = onnx_stats(mp, data)
     stats.update(packing=pack if stats["custom_ops"] else None, path=str(dest))
+    failed = None
+    try:
+        with atomic_path(dest, overwrite=force) as tmp:
+            tmp.write_bytes(data)
+            if verify_images is not None:
+                vr = verify_onnx(tmp, model, verify_images)
+                vr.onnx_path = str(dest)
+                stats["verify"] = vr.to_dict()
+                if not vr.passed:
+                    raise _Unverified
+    except _Unverified:
+        failed = dest.with_name(dest.name.removesuffix(".onnx") + ".unverified.onnx")
+        if os.path.lexists(failed) and not force:
+            stats["path"] = None
+        else:
+            check_output_path(failed, True)
+            atomic_write_bytes(failed, data)
+            stats["path"] = str(failed)
+            stats["verify"]["onnx_path"] = str(failed)
     return stats
+
+
+class _Unverified(Exception):
+    """Internal: verification failed, so the temporary file must not take the name."""
