@@ -16,17 +16,19 @@ budget: flipped codes undo the fit and change the ADD count the plan was made fo
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import CheckFailed
+from .errors import CheckFailed, InputError
 from .fileio import load_torch, save_torch
 from .hybrid import HybridPointwise
 
@@ -63,6 +65,31 @@ class FinetuneConfig:
     seed: int = 0
     checkpoint_every: int = 50
     device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        """Refuse nonsense before any work: a NaN lr used to train NaN weights for the
+        whole run."""
+        def bad(name: str, ok: bool, want: str) -> None:
+            if not ok:
+                raise InputError(f"{name} must be {want}, got {getattr(self, name)!r}")
+
+        def num(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        def count(v: Any, least: int) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+        bad("steps", self.steps is None or count(self.steps, 0), "an integer >= 0 or None")
+        bad("batch_size", count(self.batch_size, 1), "an integer >= 1")
+        for name in ("lr", "latent_lr", "temperature"):
+            bad(name, num(getattr(self, name)) and getattr(self, name) > 0,
+                "a finite number > 0")
+        for name in ("label_weight", "feature_weight"):
+            bad(name, num(getattr(self, name)) and getattr(self, name) >= 0,
+                "a finite number >= 0")
+        bad("freeze_at", num(self.freeze_at) and 0 <= self.freeze_at <= 1, "in [0, 1]")
+        bad("warmup", count(self.warmup, 0), "an integer >= 0")
+        bad("checkpoint_every", count(self.checkpoint_every, 1), "an integer >= 1")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -195,11 +222,10 @@ def finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
     opt = torch.optim.Adam(_param_groups(student, cfg))
     if state is not None:
         opt.load_state_dict(state["optimizer"])
-    last_good = None
     tap = _FeatureTap(student, teacher, teacher_at) if cfg.feature_weight > 0 else None
     try:
         _loop(student, teacher, images, labels, normalize, cfg, opt, start, freeze_step, log,
-              ckpt_path, on_step, label_offset, tap, last_good, dev)
+              ckpt_path, on_step, label_offset, tap, state is not None, dev)
     finally:
         if tap is not None:
             tap.close()
@@ -210,8 +236,19 @@ def finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
     return log
 
 
+def _snapshot(student: nn.Module, opt: torch.optim.Optimizer, done: int, log: FinetuneLog,
+              cfg: FinetuneConfig) -> dict:
+    """Copies, not references: the live tensors move on with the next step, and a
+    snapshot written later (after a divergence) must still hold this step's state."""
+    return {"step": done,
+            "student": {k: v.detach().clone() for k, v in student.state_dict().items()},
+            "optimizer": copy.deepcopy(opt.state_dict()), "frozen": _is_frozen(student),
+            "log": copy.deepcopy(log.to_dict()), "config": cfg.to_dict()}
+
+
 def _loop(student, teacher, images, labels, normalize, cfg, opt, start, freeze_step, log,
-          ckpt_path, on_step, label_offset, tap, last_good, dev) -> None:
+          ckpt_path, on_step, label_offset, tap, resumed, dev) -> None:
+    last_good = None  # the newest checkpoint written by this run
     for step in range(start, cfg.steps):
         if step == freeze_step and step > 0:
             _freeze_all(student)
@@ -233,9 +270,12 @@ def _loop(student, teacher, images, labels, normalize, cfg, opt, start, freeze_s
         if not torch.isfinite(loss):
             if ckpt_path is not None and last_good is not None:
                 save_torch(ckpt_path, last_good)
+            # only a checkpoint of this run (or the one it resumed) that is really there
+            kept = ckpt_path is not None and (last_good is not None or resumed) \
+                and ckpt_path.exists()
             raise CheckFailed(
                 f"fine-tuning diverged: non-finite loss at step {step}"
-                + (f"; last good checkpoint kept at {ckpt_path}" if ckpt_path else ""))
+                + (f"; last good checkpoint kept at {ckpt_path}" if kept else ""))
         fac = _lr_factor(step, cfg)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * fac
@@ -250,7 +290,5 @@ def _loop(student, teacher, images, labels, normalize, cfg, opt, start, freeze_s
             on_step(step, float(loss.detach()), agree)
         done = step + 1
         if ckpt_path is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            last_good = {"step": done, "student": student.state_dict(),
-                         "optimizer": opt.state_dict(), "frozen": _is_frozen(student),
-                         "log": log.to_dict(), "config": cfg.to_dict()}
+            last_good = _snapshot(student, opt, done, log, cfg)
             save_torch(ckpt_path, last_good)
