@@ -24,7 +24,7 @@ from .bnadjust import BN_MODES, BN_SCOPES, bn_targets, match_bn, reestimate_bn
 from .bnfold import fold_batchnorms
 from .costs import model_cost
 from .errors import InputError
-from .finetune import FinetuneConfig, auto_steps, finetune
+from .finetune import FinetuneConfig, auto_steps, finetune, fingerprint
 from .fitting import PairStats, fit_layer
 from .hybrid import HybridPointwise
 from .layers import PointwiseLayer, find_pointwise, layer_bias, layer_weight, set_submodule
@@ -99,6 +99,24 @@ class CompressConfig:
         d["budgets"] = list(self.budgets)
         d["ratios"] = list(self.ratios)
         return d
+
+
+# a check once the model is built; changing it does not change the weights
+RESUME_MAY_DIFFER = ("min_agreement",)
+
+
+def resume_identity(cfg: CompressConfig, plan: Plan, data: CalibData) -> dict[str, Any]:
+    """The options that decide the student a fine-tune starts from, for its checkpoint
+    (the fine-tune adds its own options and the model/image fingerprints): a resume with
+    other ones would continue this run's weights under the new options' name."""
+    ident = {k: v for k, v in cfg.to_dict().items()
+             if k != "finetune" and k not in RESUME_MAY_DIFFER}
+    ident["normalization"] = {"mean": list(data.mean), "std": list(data.std)}
+    # the layout the weights fit, whichever way it was chosen (budget, --plan file, ...)
+    ident["plan"] = fingerprint((f"{lp.name}|r={lp.r}",
+                                 torch.tensor(lp.critical_idx, dtype=torch.long))
+                                for lp in plan.layers)
+    return ident
 
 
 def normalizer(data: CalibData):
@@ -419,9 +437,11 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
         meta["finetune_steps_auto"] = ft.steps
     # int8 activations: fine-tune once, after quantization, with the quantizers in the loop
     qat = cfg.activation_bits == 8
+    ident = resume_identity(cfg, plan, train) if train is not None and checkpoint else None
     if ft.steps > 0 and train is not None and not qat:
         hybrid = _guarded_finetune(hybrid, model, train, held, ft, checkpoint, resume, info,
-                                   meta, timings, stages, f"finetune_{ft.steps}")
+                                   meta, timings, stages, f"finetune_{ft.steps}",
+                                   identity=ident)
     if cfg.bn_adjust != "off":
         _bn_stage(model, hybrid, layers, train, cfg, meta, timings, stages, held)
     for m in hybrid.modules():
@@ -476,7 +496,8 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
         try:
             hybrid = _guarded_finetune(hybrid, model, train, held, ft, checkpoint, resume,
                                        info, meta, timings, stages,
-                                       f"finetune_int8_{ft.steps}", teacher_at=observe_at)
+                                       f"finetune_int8_{ft.steps}", teacher_at=observe_at,
+                                       identity=ident)
         finally:
             weightquant.detach_int8_ste(hybrid)
         bank_after = {}  # the banks now carry folded BN: no longer comparable (report n/a)
@@ -619,7 +640,8 @@ def _orig_pair_stats(w: torch.Tensor, b: torch.Tensor, sigma: torch.Tensor) -> P
 def _guarded_finetune(hybrid: nn.Module, model: nn.Module, train: CalibData, held: list,
                       ft: FinetuneConfig, checkpoint: str | None, resume: bool,
                       info: ModelInfo, meta: dict, timings: dict, stages: list, stage: str,
-                      teacher_at: dict[str, str] | None = None) -> nn.Module:
+                      teacher_at: dict[str, str] | None = None,
+                      identity: dict[str, Any] | None = None) -> nn.Module:
     """Distill, and never ship a fine-tune that made the held-apart images worse: then the
     model from before it comes back (``meta["finetune_reverted"]``)."""
     t = time.perf_counter()
@@ -629,7 +651,8 @@ def _guarded_finetune(hybrid: nn.Module, model: nn.Module, train: CalibData, hel
         log = finetune(hybrid, model, train.images, train.labels, normalizer(train), ft,
                        checkpoint, resume, label_offset=info.label_offset,
                        on_step=lambda s, lo, ag: bar.advance(
-                           1, info=f"loss {lo:.4f} agree {ag:.2f}"), teacher_at=teacher_at)
+                           1, info=f"loss {lo:.4f} agree {ag:.2f}"), teacher_at=teacher_at,
+                       identity=identity)
     meta["finetune_log"] = log.to_dict()
     if held and before is not None:
         kl_after = held_kl(hybrid, model, held)

@@ -2,7 +2,10 @@
 
 Deterministic and resumable: the batch and augmentation of step s depend only on
 (seed, s), and a checkpoint holds the student, optimizer and step, so a run that is
-killed and resumed ends bit-identical to one that was not.
+killed and resumed ends bit-identical to one that was not. The checkpoint also records
+what the result depends on (options, teacher weights, training images, student layout), and
+a resume with anything else is refused: it would otherwise continue one run's weights under
+another run's options.
 
 By default the ternary codes stay as the fit chose them (``freeze_at`` 0) and only the
 continuous parameters learn: ``a``, biases, the critical rows and every layer outside the
@@ -16,17 +19,22 @@ budget: flipped codes undo the fit and change the ADD count the plan was made fo
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import CheckFailed
+from . import progress
+from .errors import CheckFailed, InputError
 from .fileio import load_torch, save_torch
 from .hybrid import HybridPointwise
 
@@ -64,8 +72,98 @@ class FinetuneConfig:
     checkpoint_every: int = 50
     device: str = "cpu"
 
+    def __post_init__(self) -> None:
+        """Refuse nonsense before any work: a NaN lr used to train NaN weights for the
+        whole run."""
+        def bad(name: str, ok: bool, want: str) -> None:
+            if not ok:
+                raise InputError(f"{name} must be {want}, got {getattr(self, name)!r}")
+
+        def num(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        def count(v: Any, least: int) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+        bad("steps", self.steps is None or count(self.steps, 0), "an integer >= 0 or None")
+        bad("batch_size", count(self.batch_size, 1), "an integer >= 1")
+        for name in ("lr", "latent_lr", "temperature"):
+            bad(name, num(getattr(self, name)) and getattr(self, name) > 0,
+                "a finite number > 0")
+        for name in ("label_weight", "feature_weight"):
+            bad(name, num(getattr(self, name)) and getattr(self, name) >= 0,
+                "a finite number >= 0")
+        bad("freeze_at", num(self.freeze_at) and 0 <= self.freeze_at <= 1, "in [0, 1]")
+        bad("warmup", count(self.warmup, 0), "an integer >= 0")
+        bad("checkpoint_every", count(self.checkpoint_every, 1), "an integer >= 1")
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# how a run is carried out, not what it computes: may differ between a run and its resume
+RESUME_MAY_DIFFER = ("device", "checkpoint_every")
+
+
+def fingerprint(tensors: Iterable[tuple[str, torch.Tensor | None]]) -> str:
+    """Short sha256 over named tensors (name, dtype, shape, bytes), in order."""
+    h = hashlib.sha256()
+    for name, t in tensors:
+        h.update(f"{name}|".encode())
+        if t is None:
+            h.update(b"None;")
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}|{tuple(t.shape)};".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def layout_fingerprint(model: nn.Module) -> str:
+    """Parameter/buffer names, dtypes and shapes only: the values are replaced on resume,
+    the layout must fit."""
+    return fingerprint((f"{k}|{v.dtype}|{tuple(v.shape)}", None)
+                       for k, v in model.state_dict().items())
+
+
+def _plain(value: Any) -> Any:
+    """JSON-shaped copy (tuples become lists), so the value survives a weights-only load
+    and compares equal after it."""
+    return json.loads(json.dumps(value))
+
+
+def run_identity(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
+                 labels: torch.Tensor | None, cfg: FinetuneConfig, label_offset: int,
+                 extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What the fine-tuned weights depend on, field by field; ``extra``: the caller's
+    (e.g. compress's options, which decide the starting student)."""
+    ident: dict[str, Any] = dict(_plain(dict(extra or {})))
+    ident.update({f"finetune.{k}": v for k, v in _plain(cfg.to_dict()).items()
+                  if k not in RESUME_MAY_DIFFER})
+    ident["label_offset"] = int(label_offset)
+    ident["source model weights"] = fingerprint(teacher.state_dict().items())
+    ident["calibration images"] = fingerprint([("images", images), ("labels", labels)])
+    ident["student layout"] = layout_fingerprint(student)
+    return ident
+
+
+def _show(v: Any) -> str:
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+def check_identity(path: Path, recorded: Any, now: Mapping[str, Any]) -> None:
+    """Refuse to resume a checkpoint made with other options or inputs, naming each."""
+    if not isinstance(recorded, dict):
+        raise InputError(f"{path}: checkpoint does not record the options it was made with "
+                         "(older hfbconvert?); delete it or run without --resume")
+    diffs = [f"{k}: checkpoint {_show(recorded.get(k))}, now {_show(now.get(k))}"
+             for k in list(recorded) + [k for k in now if k not in recorded]
+             if recorded.get(k) != now.get(k)]
+    if diffs:
+        raise InputError(f"{path}: checkpoint made with other options or inputs, not "
+                         f"resuming ({'; '.join(diffs)}); rerun with the checkpoint's "
+                         "options, or without --resume to start over")
 
 
 @dataclass
@@ -167,25 +265,36 @@ def finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
              labels: torch.Tensor | None, normalize: Callable[[torch.Tensor], torch.Tensor],
              cfg: FinetuneConfig, checkpoint: str | os.PathLike | None = None,
              resume: bool = False, on_step: Callable[[int, float, float], None] | None = None,
-             label_offset: int = 0, teacher_at: dict[str, str] | None = None) -> FinetuneLog:
+             label_offset: int = 0, teacher_at: dict[str, str] | None = None,
+             identity: Mapping[str, Any] | None = None) -> FinetuneLog:
     """Distill ``teacher`` into ``student`` in place; returns the loss/agreement log.
-    ``teacher_at``: see :class:`_FeatureTap`."""
+    ``teacher_at``: see :class:`_FeatureTap`. ``identity``: the caller's options that
+    decide the starting student, recorded in the checkpoint and checked on resume."""
     if cfg.steps is None:
         raise ValueError("FinetuneConfig.steps is None (auto): resolve it with auto_steps")
     dev = torch.device(cfg.device)
+    ckpt_path = Path(checkpoint) if checkpoint else None
+    ident = run_identity(student, teacher, images, labels, cfg, label_offset, identity) \
+        if ckpt_path is not None else {}
     teacher.eval().to(dev)
     student.to(dev)
     freeze_step = int(cfg.freeze_at * cfg.steps)
     log = FinetuneLog()
     start = 0
-    ckpt_path = Path(checkpoint) if checkpoint else None
     state = None
+    if resume and ckpt_path is not None and not ckpt_path.exists():
+        progress.info(f"no checkpoint at {ckpt_path}; starting from step 0")
     if resume and ckpt_path is not None and ckpt_path.exists():
-        state = load_torch(ckpt_path)
+        state = _load_checkpoint(ckpt_path, ident)
         start = int(state["step"])
+        progress.info(f"resuming from step {start} of {cfg.steps} (checkpoint {ckpt_path})")
         if state["frozen"]:
             _freeze_all(student)
-        student.load_state_dict(state["student"])
+        try:
+            student.load_state_dict(state["student"])
+        except RuntimeError as exc:  # the identity matched, yet the layout does not
+            raise InputError(f"{ckpt_path}: checkpoint does not fit this model "
+                             f"({str(exc).splitlines()[0]})") from None
         log = FinetuneLog(**state["log"])
     elif freeze_step <= 0:
         _freeze_all(student)
@@ -194,12 +303,15 @@ def finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
         p.requires_grad_(False)
     opt = torch.optim.Adam(_param_groups(student, cfg))
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
-    last_good = None
+        try:
+            opt.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as exc:
+            raise InputError(f"{ckpt_path}: checkpoint's optimizer state does not fit this "
+                             f"model ({exc})") from None
     tap = _FeatureTap(student, teacher, teacher_at) if cfg.feature_weight > 0 else None
     try:
         _loop(student, teacher, images, labels, normalize, cfg, opt, start, freeze_step, log,
-              ckpt_path, on_step, label_offset, tap, last_good, dev)
+              ckpt_path, on_step, label_offset, tap, state is not None, ident, dev)
     finally:
         if tap is not None:
             tap.close()
@@ -210,8 +322,33 @@ def finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
     return log
 
 
+_CHECKPOINT_KEYS = ("step", "student", "optimizer", "frozen", "log")
+
+
+def _load_checkpoint(path: Path, ident: Mapping[str, Any]) -> dict:
+    """Weights-only load, then the checks that make resuming safe."""
+    state = load_torch(path)
+    if not isinstance(state, dict) or any(k not in state for k in _CHECKPOINT_KEYS):
+        raise InputError(f"{path}: not a fine-tuning checkpoint (expected the keys "
+                         f"{', '.join(_CHECKPOINT_KEYS)})")
+    check_identity(path, state.get("identity"), ident)
+    return state
+
+
+def _snapshot(student: nn.Module, opt: torch.optim.Optimizer, done: int, log: FinetuneLog,
+              cfg: FinetuneConfig, ident: Mapping[str, Any]) -> dict:
+    """Copies, not references: the live tensors move on with the next step, and a
+    snapshot written later (after a divergence) must still hold this step's state."""
+    return {"step": done,
+            "student": {k: v.detach().clone() for k, v in student.state_dict().items()},
+            "optimizer": copy.deepcopy(opt.state_dict()), "frozen": _is_frozen(student),
+            "log": copy.deepcopy(log.to_dict()), "config": cfg.to_dict(),
+            "identity": dict(ident)}
+
+
 def _loop(student, teacher, images, labels, normalize, cfg, opt, start, freeze_step, log,
-          ckpt_path, on_step, label_offset, tap, last_good, dev) -> None:
+          ckpt_path, on_step, label_offset, tap, resumed, ident, dev) -> None:
+    last_good = None  # the newest checkpoint written by this run
     for step in range(start, cfg.steps):
         if step == freeze_step and step > 0:
             _freeze_all(student)
@@ -233,9 +370,12 @@ def _loop(student, teacher, images, labels, normalize, cfg, opt, start, freeze_s
         if not torch.isfinite(loss):
             if ckpt_path is not None and last_good is not None:
                 save_torch(ckpt_path, last_good)
+            # only a checkpoint of this run (or the one it resumed) that is really there
+            kept = ckpt_path is not None and (last_good is not None or resumed) \
+                and ckpt_path.exists()
             raise CheckFailed(
                 f"fine-tuning diverged: non-finite loss at step {step}"
-                + (f"; last good checkpoint kept at {ckpt_path}" if ckpt_path else ""))
+                + (f"; last good checkpoint kept at {ckpt_path}" if kept else ""))
         fac = _lr_factor(step, cfg)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * fac
@@ -250,7 +390,5 @@ def _loop(student, teacher, images, labels, normalize, cfg, opt, start, freeze_s
             on_step(step, float(loss.detach()), agree)
         done = step + 1
         if ckpt_path is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            last_good = {"step": done, "student": student.state_dict(),
-                         "optimizer": opt.state_dict(), "frozen": _is_frozen(student),
-                         "log": log.to_dict(), "config": cfg.to_dict()}
+            last_good = _snapshot(student, opt, done, log, cfg, ident)
             save_torch(ckpt_path, last_good)
