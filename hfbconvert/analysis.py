@@ -5,6 +5,7 @@ The JSON is the contract ``compress`` reuses (``schema_version`` bumps on change
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -31,10 +32,20 @@ def _r6(x: float) -> float:
 def analyze(model: nn.Module, info: ModelInfo, data: CalibData | None,
             budgets: tuple[int, ...] = (1, 2, 4, 8, 16), stats_images: int = 512,
             threshold: float = DEFAULT_THRESHOLD, threshold_budget: int = DEFAULT_THRESHOLD_BUDGET,
-            seed: int = 0, source: str = "model") -> dict[str, Any]:
-    """Rank every pointwise filter by L_j(r) for each r in ``budgets``."""
-    model.eval()
+            seed: int = 0, source: str = "model",
+            device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Rank every pointwise filter by L_j(r) for each r in ``budgets``.
+
+    ``device``: where the statistics pass and the ternary fits run; the user's ``model``
+    is never moved (a copy is), and the JSON is the same on any device up to float
+    rounding of the losses.
+    """
     layers = find_pointwise(model, info.resolution, source)
+    dev = torch.device(device)
+    if dev.type != "cpu":
+        model = copy.deepcopy(model).to(dev)
+    was_training = model.training
+    model.eval()
     cost = model_cost(model, info.resolution)
     total_muls = cost.muls
     by = cost.by_name()
@@ -43,14 +54,14 @@ def analyze(model: nn.Module, info: ModelInfo, data: CalibData | None,
         sub = data.sample(stats_images, seed=seed)
         with progress.task("statistics", None):
             st = collect_input_stats(model, [ly.name for ly in layers],
-                                     (x for x, _ in sub.batches(64)), seed=seed)
-        sig = {n: s.sigma for n, s in st.items()}
+                                     (x.to(dev) for x, _ in sub.batches(64)), seed=seed)
+        sig = {n: s.sigma.to(dev) for n, s in st.items()}
     ref_col = min(range(len(budgets)), key=lambda i: abs(budgets[i] - threshold_budget))
     out_layers = []
     with progress.task("sensitivity", len(layers)) as bar:
         for ly in layers:
             w = layer_weight(model, ly.name).float()
-            curves = loss_curves(w, sig[ly.name], budgets)  # (c_out, len(budgets))
+            curves = loss_curves(w, sig[ly.name], budgets).cpu()  # (c_out, len(budgets))
             med = curves.median(0).values
             p90 = torch.quantile(curves, 0.9, dim=0)
             n_crit = int((curves[:, ref_col] > threshold).sum())
@@ -66,6 +77,7 @@ def analyze(model: nn.Module, info: ModelInfo, data: CalibData | None,
                 "loss": [[_r6(v) for v in row] for row in curves.tolist()],
             })
             bar.advance(1, info=ly.name)
+    model.train(was_training)
     return {
         "schema_version": SCHEMA_VERSION,
         "tool": f"hfbconvert {__version__}",

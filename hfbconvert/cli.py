@@ -61,6 +61,13 @@ class _Group(click.Group):
             ctx.exit(130)
 
 
+def _device_opt(f):
+    return click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu",
+                        show_default=True,
+                        help="Where the heavy work runs ('auto': CUDA when available; "
+                             "cuda without a CUDA device is refused before any work).")(f)
+
+
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 
@@ -262,11 +269,14 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the sensitivity JSON to stdout.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Write the sensitivity JSON here (reused by compress).")
-@click.option("--force", is_flag=True, help="Overwrite --output if it exists.")
+@click.option("--force", is_flag=True,
+              help="Overwrite --output if it is an existing regular file (never the input).")
+@_device_opt
 @_common
 @click.pass_context
 def analyze(ctx, model, arch, trust_pickle, calib, calib_size, resolution, preset, budgets,
-            threshold, threshold_budget, stats_images, as_json, output, force, seed, quiet):
+            threshold, threshold_budget, stats_images, as_json, output, force, device, seed,
+            quiet):
     """Rank every pointwise filter's sensitivity to ternary StrassenNets approximation.
 
     MODEL is a checkpoint path or builtin:mobilenet_v2."""
@@ -291,11 +301,13 @@ def analyze(ctx, model, arch, trust_pickle, calib, calib_size, resolution, prese
 
     with output_lock([output] if output else []):
         _analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, bud,
-                 threshold, threshold_budget, stats_images, as_json, output, force, seed)
+                 threshold, threshold_budget, stats_images, as_json, output, force,
+                 _device(device), seed)
 
 
 def _analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, bud,
-             threshold, threshold_budget, stats_images, as_json, output, force, seed) -> None:
+             threshold, threshold_budget, stats_images, as_json, output, force, device,
+             seed) -> None:
     from .analysis import analyze as run_analyze
     from .fileio import atomic_write_text
     from .report.terminal import print_analysis
@@ -305,7 +317,7 @@ def _analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, b
     if data is None:
         progress.warn("no --calib data: weight-space sensitivity (Σ = I), not activation-aware")
     res = run_analyze(net, info, data, bud, stats_images, threshold, threshold_budget, seed,
-                      source=model)
+                      source=model, device=device)
     text = json.dumps(res, indent=1, allow_nan=False)
     if output:
         atomic_write_text(output, text + "\n", overwrite=force)
@@ -386,9 +398,7 @@ def _analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, b
                    "it gates on any number. Good conversions measured 0.82-0.96.")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted fine-tune from OUTPUT.ckpt (same options only).")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu",
-              show_default=True,
-              help="Where fine-tuning runs ('auto': CUDA when available).")
+@_device_opt
 @click.option("--weight-bits", "weight_bits", type=click.Choice(["32", "16", "8"]),
               default=None,
               help="Bits of everything that stays full precision (critical filters, stem, "
