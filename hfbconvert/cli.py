@@ -521,10 +521,10 @@ def export_onnx_cmd(model, arch, trust_pickle, output, force, opset, pack, verif
     check_output_path(output, force)
     net, info, meta = _load_any(model, arch, trust_pickle)
     meta = meta or {}
-    from .export.onnx import export_onnx
+    from .export.onnx import export_onnx, onnx_metadata
 
     stats = export_onnx(net, output, info.resolution, opset=opset, pack=pack, force=force,
-                        qdq=qdq)
+                        qdq=qdq, metadata=onnx_metadata(info, model))
     result: dict[str, Any] = {"schema_version": JSON_SCHEMA_VERSION, "output": output,
                               "export": stats}
     if verify:
