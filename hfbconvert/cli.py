@@ -449,30 +449,37 @@ def _versions() -> dict:
 @main.command("eval")
 @click.argument("model")
 @_model_opts
-@click.option("--data", "data_path", required=True, help="Labelled ImageFolder or .npz.")
+@click.option("--data", "data_path", required=True,
+              help="Labelled ImageFolder (class folders named as the model's classes, or "
+                   "ImageNet wnids) or .npz with integer labels.")
 @click.option("--size", type=click.IntRange(min=1), default=None, help="Seeded subset.")
 @click.option("--original", default=None,
               help="Original model for agreement (default: the compressed model's source).")
 @click.option("--json", "as_json", is_flag=True)
 @_common
 def eval_cmd(model, arch, trust_pickle, data_path, size, original, as_json, seed, quiet):
-    """Top-1/top-5, and top-1 agreement with the original model."""
-    from calib.presets import preset_for
-    from calib.readers import load_images
+    """Top-1/top-5, and top-1 agreement with the original model.
 
+    MODEL is a checkpoint, a compressed .hfb.pt, or an exported .onnx (run with
+    onnxruntime, preprocessing from its metadata)."""
     from .evaluate import evaluate
 
     _setup(quiet, seed)
     ref = None
-    net, info, meta = _load_any(model, arch, trust_pickle)
+    net, info, meta = _eval_load(model, arch, trust_pickle, compressed_ok=True)
     src = original or (meta or {}).get("source_model")
     if src and not original and not src.startswith("builtin:") and not Path(src).exists():
         progress.warn(f"{model}: its source model {src} is not found from here; no agreement "
                       "(pass --original)")
         src = None
     if src:
-        ref, _ = _load(src, None, trust_pickle)
-    data = load_images(data_path, preset_for(info), size=size, seed=seed)
+        ref, ref_info, _ = _eval_load(src, None, trust_pickle, compressed_ok=False)
+        if ref_info.num_classes != info.num_classes:
+            which = "--original" if original else "source model"
+            raise InputError(f"{which} {src} has {ref_info.num_classes} classes but "
+                             f"{model} has {info.num_classes}: top-1 agreement between them "
+                             "means nothing")
+    data = _eval_data(model, info, data_path, size, seed)
     res = evaluate(net, data, info.label_offset, reference=ref)
     res["schema_version"] = JSON_SCHEMA_VERSION
     if as_json:
@@ -480,6 +487,49 @@ def eval_cmd(model, arch, trust_pickle, data_path, size, original, as_json, seed
     else:
         parts = [f"{k} {v:.4f}" for k, v in res.items() if isinstance(v, float)]
         click.echo(f"{model}: n {res['n']}  " + "  ".join(parts))
+
+
+def _eval_load(path: str, arch: str | None, trust_pickle: bool, compressed_ok: bool):
+    """``(net, info, meta)`` for eval: an ``.onnx`` file (onnxruntime; ModelInfo from its
+    metadata), a compressed artifact (when ``compressed_ok``) or any model ``_load``
+    takes; ``meta`` is the artifact's metadata, else None."""
+    if path.lower().endswith(".onnx"):
+        import torch
+
+        from .evaluate import load_onnx_for_eval
+
+        return (*load_onnx_for_eval(path, threads=torch.get_num_threads()), None)
+    if compressed_ok:
+        return _load_any(path, arch, trust_pickle)
+    return (*_load(path, arch, trust_pickle), None)
+
+
+def _eval_data(model: str, info, data_path: str, size: int | None, seed: int):
+    """``--data`` with labels in the model's class order: class folders are matched to the
+    model's class names, or to ImageNet wnids for an unnamed 1000-class model (an
+    unmatched folder is an error); only a model with neither gets sorted folder order,
+    with a warning. An ``.npz``'s integer labels are used as they are."""
+    from calib.imagenet import imagenet_wnids
+    from calib.presets import preset_for
+    from calib.readers import load_images
+
+    kw: dict[str, Any] = {}
+    n_labels = int(info.num_classes) - int(info.label_offset)
+    if info.classes:
+        kw = {"classes": list(info.classes),
+              "classes_origin": f"{model}'s {len(info.classes)} class names"}
+    elif n_labels == len(imagenet_wnids()):
+        kw = {"classes": list(imagenet_wnids()),
+              "classes_origin": f"the ImageNet class ids (wnids) of {model}'s 1000 classes"}
+    with progress.task("reading images", None):
+        data = load_images(data_path, preset_for(info), size=size, seed=seed, **kw)
+    if data.skipped:
+        progress.warn(f"{data_path}: skipped {data.skipped} unreadable image(s)"
+                      + (f", e.g. {data.skipped_examples[0]}" if data.skipped_examples else ""))
+    if not kw and data.labels is not None and Path(data_path).is_dir():
+        progress.warn(f"{model} has no class names: label i is the i-th class folder of "
+                      f"{data_path} in sorted order, which may not be the model's class i")
+    return data
 
 
 # ------------------------------------------------------------------------ export

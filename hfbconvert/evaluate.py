@@ -7,12 +7,18 @@ original one, while top-1/top-5 need labelled data.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from calib.readers import CalibData
+
+from .errors import InputError
+from .models.info import ModelInfo
 
 
 def evaluate(
@@ -53,3 +59,68 @@ def evaluate(
         "top5": correct5 / n if labelled else None,
         "agreement": agree / n if reference is not None else None,
     }
+
+
+class OnnxClassifier(nn.Module):
+    """An exported ``.onnx`` file run by onnxruntime (CPU, stock: the hfb ops are ONNX
+    functions), called like the PyTorch model: float NCHW in, logits out."""
+
+    def __init__(self, path: str | Path, threads: int = 0) -> None:
+        super().__init__()
+        from .verify import ort_session
+
+        self.path = str(path)
+        self.session = ort_session(path, threads)
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+        if self.batch is None:
+            return torch.from_numpy(self.session.run(None, {self.input_name: arr})[0])
+        outs = []  # a file exported with a fixed batch: run it in padded slices
+        for i in range(0, len(arr), self.batch):
+            part = arr[i:i + self.batch]
+            pad = np.zeros((self.batch - len(part), *arr.shape[1:]), dtype=np.float32)
+            out = self.session.run(None, {self.input_name: np.concatenate([part, pad])})[0]
+            outs.append(out[: len(part)])
+        return torch.from_numpy(np.concatenate(outs))
+
+
+def load_onnx_for_eval(path: str | Path, threads: int = 0) -> tuple[OnnxClassifier, ModelInfo]:
+    """The ``.onnx`` file as a module plus the ModelInfo its hfbconvert metadata describes
+    (preprocessing, label offset, classes; see ``export.onnx.onnx_metadata``)."""
+    import onnx
+
+    from .export.onnx import read_metadata
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: no such file")
+    try:
+        mp = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{p}: not a readable ONNX model ({msg[:100]})") from None
+    meta = read_metadata(mp)
+    if "preprocess" not in meta:
+        raise InputError(f"{p}: no hfbconvert preprocessing metadata (exported by another "
+                         "tool or an older hfbconvert); re-export it with `hfbconvert export "
+                         "onnx`")
+    try:
+        pre = json.loads(meta["preprocess"])
+        classes = json.loads(meta["classes"]) if "classes" in meta else None
+        info = ModelInfo(
+            arch="onnx", config={}, resolution=int(pre["resolution"]),
+            mean=tuple(float(v) for v in pre["mean"]),  # type: ignore[arg-type]
+            std=tuple(float(v) for v in pre["std"]),  # type: ignore[arg-type]
+            crop=float(pre["crop"]), resize_mode=str(pre["resize_mode"]),
+            label_offset=int(meta.get("label_offset", 0)),
+            num_classes=int(meta["num_classes"]),
+            classes=[str(c) for c in classes] if classes is not None else None,
+            source=str(p), extra={"onnx_metadata": meta},
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{p}: malformed hfbconvert metadata ({exc})") from None
+    return OnnxClassifier(p, threads), info
