@@ -123,6 +123,7 @@ def load_images(
     classes_file: str | os.PathLike | None = None,
     *,
     classes: Sequence[str] | None = None,
+    classes_origin: str = "the model's class list",
     cache: bool = True,
     draft: bool = True,
     workers: int = 2,
@@ -131,8 +132,10 @@ def load_images(
     """Read an ImageFolder tree, a flat folder of images or an ``.npz`` and preprocess it.
 
     Labels of an ImageFolder come from, in order: ``classes_file`` (one class per line,
-    first word = folder name, line number = label), ``classes`` (names in label order),
-    a ``synset_words.txt`` next to or inside the folder, else sorted folder names.
+    first word = folder name, line number = label), ``classes`` (names in label order,
+    matched case-insensitively when no exact match; ``classes_origin`` names them in the
+    error for folders that match none), a ``synset_words.txt`` next to or inside the
+    folder, else sorted folder names. Symlinks are followed, each real file once.
     ``size`` picks a seeded random subset of that many images (all when None/larger).
     Unreadable images are skipped and counted in ``CalibData.skipped``.
     """
@@ -146,7 +149,7 @@ def load_images(
             return _load_npz(p, prep, size, seed, workers)
         raise InputError(f"{p}: expected a folder of images (or class sub-folders) or an .npz")
 
-    files, folder_labels, names = _list_folder(p, classes_file, classes)
+    files, folder_labels, names = _list_folder(p, classes_file, classes, classes_origin)
     if size is not None and size < len(files):
         keep = np.sort(np.random.default_rng(seed).permutation(len(files))[:size])
         files = [files[i] for i in keep]
@@ -191,11 +194,49 @@ def _is_image(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".") and p.is_file()
 
 
-def _images_under(folder: Path) -> list[Path]:
-    found = []
-    for root, dirs, names in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [Path(root) / n for n in sorted(names) if _is_image(Path(root) / n)]
+def _file_id(p: Path) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of what ``p`` points to (None when it cannot be stat'ed)."""
+    try:
+        st = p.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _images_under(folder: Path, seen_dirs: set, seen_files: set) -> list[Path]:
+    """Images below ``folder`` (sorted, depth first), following symlinks, but each real
+    file once and never into a folder already in ``seen_dirs`` (so symlink loops end).
+    Both sets are updated: sharing them across class folders keeps one class from
+    reading another through a link."""
+    found: list[Path] = []
+    stack = [folder]
+    while stack:
+        d = stack.pop()
+        did = _file_id(d)
+        if did is None or did in seen_dirs:
+            continue
+        seen_dirs.add(did)
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError:
+            continue  # unreadable sub-folder: skipped, as os.walk does
+        subdirs = []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            path = Path(e.path)
+            try:
+                is_dir = e.is_dir()  # follows symlinks
+            except OSError:
+                continue
+            if is_dir:
+                subdirs.append(path)
+            elif _is_image(path):
+                fid = _file_id(path)
+                if fid is not None and fid not in seen_files:
+                    seen_files.add(fid)
+                    found.append(path)
+        stack += reversed(subdirs)
     return found
 
 
@@ -211,17 +252,34 @@ def _read_classes_file(path: Path) -> list[str]:
 
 
 def _list_folder(
-    p: Path, classes_file: str | os.PathLike | None, classes: Sequence[str] | None
+    p: Path,
+    classes_file: str | os.PathLike | None,
+    classes: Sequence[str] | None,
+    classes_origin: str = "the model's class list",
 ) -> tuple[list[Path], list[int] | None, list[str] | None]:
     """Files (sorted), their labels (None for a flat folder) and the class names."""
     try:
         subdirs = sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith("."))
     except PermissionError:
         raise InputError(f"{p}: folder not readable (permission denied)") from None
-    per_class = {d.name: _images_under(d) for d in subdirs}
+    # the root and every class folder count as visited up front: a link inside one
+    # class folder never reads the root or another class's images again
+    seen_dirs = {i for i in map(_file_id, [p, *subdirs]) if i is not None}
+    seen_files: set = set()
+    per_class = {}
+    for d in subdirs:
+        did = _file_id(d)
+        seen_dirs.discard(did)
+        per_class[d.name] = _images_under(d, seen_dirs, seen_files)
+        seen_dirs.add(did)
     per_class = {k: v for k, v in per_class.items() if v}
     if not per_class:  # flat folder
-        files = sorted(f for f in p.iterdir() if _is_image(f))
+        files = []
+        for f in sorted(f for f in p.iterdir() if _is_image(f)):
+            fid = _file_id(f)
+            if fid is not None and fid not in seen_files:
+                seen_files.add(fid)
+                files.append(f)
         if not files:
             raise InputError(
                 f"{p}: no images found (looked for {', '.join(sorted(IMAGE_EXTS))}, "
@@ -230,13 +288,15 @@ def _list_folder(
         return files, None, None
 
     order: list[str] | None = None
+    index: tuple[dict[str, int], dict[str, int]] | None = None
     origin = ""
     if classes_file is not None:
         order, origin = _read_classes_file(Path(classes_file)), str(classes_file)
     elif classes is not None:
-        order, origin = [str(c) for c in classes], "the model's class list"
+        order, origin = [str(c) for c in classes], classes_origin
     if order is not None:
-        unknown = sorted(set(per_class) - set(order))
+        index = _class_index(order)
+        unknown = sorted(n for n in per_class if _lookup(index, n) is None)
         if unknown:
             raise InputError(
                 f"{p}: class folders not in {origin}: {', '.join(unknown[:3])}"
@@ -251,13 +311,31 @@ def _list_folder(
                     break
     if order is None:
         order = sorted(per_class)
-    index = {name: i for i, name in enumerate(order)}
+    if index is None:
+        index = _class_index(order)
     files: list[Path] = []
     labels: list[int] = []
     for name in sorted(per_class):
         files += per_class[name]
-        labels += [index[name]] * len(per_class[name])
+        labels += [_lookup(index, name)] * len(per_class[name])  # type: ignore[list-item]
     return files, labels, order
+
+
+def _class_index(order: Sequence[str]) -> tuple[dict[str, int], dict[str, int]]:
+    """``(exact, lower)``: name -> label, and lower-cased name -> label for the names
+    that stay unambiguous lower-cased (first occurrence wins in both)."""
+    exact: dict[str, int] = {}
+    lower: dict[str, list[int]] = {}
+    for i, name in enumerate(order):
+        exact.setdefault(name, i)
+        lower.setdefault(name.lower(), []).append(i)
+    return exact, {k: v[0] for k, v in lower.items() if len(v) == 1}
+
+
+def _lookup(index: tuple[dict[str, int], dict[str, int]], name: str) -> int | None:
+    """Label of a class folder: its exact name first, then case-insensitively."""
+    exact, lower = index
+    return exact[name] if name in exact else lower.get(name.lower())
 
 
 # --------------------------------------------------------------------------- decoding

@@ -611,37 +611,95 @@ def _versions() -> dict:
 @main.command("eval")
 @click.argument("model")
 @_model_opts
-@click.option("--data", "data_path", required=True, help="Labelled ImageFolder or .npz.")
-@click.option("--size", type=click.IntRange(min=1), default=None, help="Seeded subset.")
+@click.option("--data", "data_path", required=True,
+              help="Labelled ImageFolder (class folders named as the model's classes, or "
+                   "ImageNet wnids) or .npz with integer labels.")
+@click.option("--data-size", "size", type=click.IntRange(min=1), default=None,
+              help="Use a seeded random subset of N of the --data images.")
 @click.option("--original", default=None,
-              help="Original model for agreement (default: the compressed model's source).")
-@click.option("--json", "as_json", is_flag=True)
+              help="Original model for agreement (default: the compressed model's recorded "
+                   "source, loaded without pickle: --trust-pickle covers only files named "
+                   "on the command line).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the metrics as JSON to stdout (with schema_version).")
+@_device_opt
 @_common
-def eval_cmd(model, arch, trust_pickle, data_path, size, original, as_json, seed, quiet):
-    """Top-1/top-5, and top-1 agreement with the original model."""
-    from calib.presets import preset_for
-    from calib.readers import load_images
+def eval_cmd(model, arch, trust_pickle, data_path, size, original, as_json, device, seed,
+             quiet):
+    """Top-1/top-5, and top-1 agreement with the original model.
 
+    MODEL is a checkpoint, a compressed .hfb.pt, or an exported .onnx (run with
+    onnxruntime, preprocessing from its metadata)."""
     from .evaluate import evaluate
 
     _setup(quiet, seed)
     ref = None
-    net, info, meta = _load_any(model, arch, trust_pickle)
+    net, info, meta = _eval_load(model, arch, trust_pickle, compressed_ok=True)
     src = original or (meta or {}).get("source_model")
     if src and not original and not src.startswith("builtin:") and not Path(src).exists():
         progress.warn(f"{model}: its source model {src} is not found from here; no agreement "
                       "(pass --original)")
         src = None
     if src:
-        ref, _ = _load(src, None, trust_pickle)
-    data = load_images(data_path, preset_for(info), size=size, seed=seed)
-    res = evaluate(net, data, info.label_offset, reference=ref)
+        # trust covers what the user typed, never a path recorded inside a file
+        ref, ref_info, _ = _eval_load(src, None, trust_pickle and bool(original),
+                                      compressed_ok=False)
+        if ref_info.num_classes != info.num_classes:
+            which = "--original" if original else "source model"
+            raise InputError(f"{which} {src} has {ref_info.num_classes} classes but "
+                             f"{model} has {info.num_classes}: top-1 agreement between them "
+                             "means nothing")
+    data = _eval_data(model, info, data_path, size, seed)
+    res = evaluate(net, data, info.label_offset, reference=ref, device=_device(device))
     res["schema_version"] = JSON_SCHEMA_VERSION
     if as_json:
         _emit_json(res)
     else:
         parts = [f"{k} {v:.4f}" for k, v in res.items() if isinstance(v, float)]
         click.echo(f"{model}: n {res['n']}  " + "  ".join(parts))
+
+
+def _eval_load(path: str, arch: str | None, trust_pickle: bool, compressed_ok: bool):
+    """``(net, info, meta)`` for eval: an ``.onnx`` file (onnxruntime; ModelInfo from its
+    metadata), a compressed artifact (when ``compressed_ok``) or any model ``_load``
+    takes; ``meta`` is the artifact's metadata, else None."""
+    if path.lower().endswith(".onnx"):
+        import torch
+
+        from .evaluate import load_onnx_for_eval
+
+        return (*load_onnx_for_eval(path, threads=torch.get_num_threads()), None)
+    if compressed_ok:
+        return _load_any(path, arch, trust_pickle)
+    return (*_load(path, arch, trust_pickle), None)
+
+
+def _eval_data(model: str, info, data_path: str, size: int | None, seed: int):
+    """``--data`` with labels in the model's class order: class folders are matched to the
+    model's class names, or to ImageNet wnids for an unnamed 1000-class model (an
+    unmatched folder is an error); only a model with neither gets sorted folder order,
+    with a warning. An ``.npz``'s integer labels are used as they are."""
+    from calib.imagenet import imagenet_wnids
+    from calib.presets import preset_for
+    from calib.readers import load_images
+
+    kw: dict[str, Any] = {}
+    n_labels = int(info.num_classes) - int(info.label_offset)
+    if info.classes:
+        kw = {"classes": list(info.classes),
+              "classes_origin": f"{model}'s {len(info.classes)} class names"}
+    elif n_labels == len(imagenet_wnids()):
+        kw = {"classes": list(imagenet_wnids()),
+              "classes_origin": f"the ImageNet class ids (wnids) of {model}'s 1000 classes"}
+    with progress.task("reading images", None):
+        data = load_images(data_path, preset_for(info), size=size, seed=seed, **kw)
+    if data.skipped:
+        progress.warn(f"{data_path}: skipped {data.skipped} unreadable image(s)"
+                      + (f", e.g. {data.skipped_examples[0]}" if data.skipped_examples else ""))
+    if not kw and data.labels is not None and Path(data_path).is_dir():
+        progress.warn(f"{model} has no class names: label i is the i-th class folder of "
+                      f"{data_path} in sorted order, which may not be the model's class i")
+    return data
 
 
 # ------------------------------------------------------------------------ export
@@ -709,10 +767,10 @@ def export_onnx_cmd(model, arch, trust_pickle, output, force, opset, pack, verif
                 g = torch.Generator().manual_seed(seed)
                 images = torch.randn(calib_size, 3, info.resolution, info.resolution,
                                      generator=g)
-        from .export.onnx import export_onnx
+        from .export.onnx import export_onnx, onnx_metadata
 
         stats = export_onnx(net, out, info.resolution, opset=opset, pack=pack, force=force,
-                            qdq=qdq, verify_images=images)
+                            qdq=qdq, verify_images=images, metadata=onnx_metadata(info, model))
         result: dict[str, Any] = {"schema_version": JSON_SCHEMA_VERSION,
                                   "output": stats["path"], "export": stats}
         if "verify" in stats:

@@ -488,12 +488,64 @@ def _validate_args(opset: int, pack: str, resolution: int) -> None:
         raise InputError(f"resolution must be a positive integer, got {resolution}")
 
 
+# ---------------------------------------------------------------------------- metadata
+
+META_PREFIX = "hfbconvert."
+
+
+def onnx_metadata(info: Any, source: str | None = None) -> dict[str, str]:
+    """``metadata_props`` for a model described by ``info`` (a ModelInfo): hfbconvert
+    version, preprocessing, label offset, class count and names, and the sha256 of
+    ``source`` (the file named at export) when it is a file. Values are strings; the
+    structured ones JSON. Read back with :func:`read_metadata`."""
+    import hashlib
+    import json
+
+    from calib.presets import preset_for, preset_name
+
+    from .. import __version__
+
+    prep = preset_for(info)
+    pre = dict(prep.to_dict(), preset=preset_name(prep),
+               interpolation="bilinear" + (", antialiased" if prep.resize_mode ==
+                                           "resize_then_crop" else ""))
+    meta = {"version": __version__, "preprocess": json.dumps(pre, sort_keys=True),
+            "label_offset": str(int(info.label_offset)),
+            "num_classes": str(int(info.num_classes))}
+    if info.classes:
+        meta["classes"] = json.dumps([str(c) for c in info.classes])
+    if source and Path(source).is_file():
+        h = hashlib.sha256()
+        with open(source, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        # the name only: the same file exported from another folder gives the same bytes
+        meta.update(source_name=Path(source).name, source_sha256=h.hexdigest())
+    return {META_PREFIX + k: v for k, v in meta.items()}
+
+
+def set_metadata(mp: ModelProto, meta: dict[str, str]) -> None:
+    """Write ``meta`` into ``mp.metadata_props`` (replacing keys already there), sorted."""
+    props = {p.key: p.value for p in mp.metadata_props}
+    props.update(meta)
+    del mp.metadata_props[:]
+    for k in sorted(props):
+        mp.metadata_props.add(key=k, value=props[k])
+
+
+def read_metadata(mp: ModelProto) -> dict[str, str]:
+    """The hfbconvert ``metadata_props`` of ``mp``, prefix stripped (empty when none)."""
+    n = len(META_PREFIX)
+    return {p.key[n:]: p.value for p in mp.metadata_props if p.key.startswith(META_PREFIX)}
+
+
 def build_onnx(model: nn.Module, resolution: int, opset: int = 17, pack: str = "2bit",
                dynamic_batch: bool = True, weight_bits: int | None = None,
-               qdq: bool = False) -> ModelProto:
+               qdq: bool = False, metadata: dict[str, str] | None = None) -> ModelProto:
     """The checked in-memory ONNX model (no file I/O); see :func:`export_onnx`.
     ``weight_bits`` None: the model's own storage bits (32 unless it was rounded by
-    ``compress --weight-bits``)."""
+    ``compress --weight-bits``). ``metadata``: ``metadata_props`` to write
+    (:func:`onnx_metadata`)."""
     _validate_args(opset, pack, resolution)
     bits = model_weight_bits(model) if weight_bits is None else check_bits(
         weight_bits, "weight bits")
@@ -513,6 +565,8 @@ def build_onnx(model: nn.Module, resolution: int, opset: int = 17, pack: str = "
         onnx.checker.check_model(mp, full_check=True)
     except Exception as exc:
         raise CheckFailed(f"exported ONNX model fails the ONNX checker: {exc}") from None
+    if metadata:
+        set_metadata(mp, metadata)
     return mp
 
 
@@ -545,10 +599,11 @@ def onnx_stats(mp: ModelProto, data: bytes) -> dict[str, Any]:
 def export_onnx(model: nn.Module, path: str | Path, resolution: int, opset: int = 17,
                 pack: str = "2bit", dynamic_batch: bool = True,
                 force: bool = False, weight_bits: int | None = None,
-                qdq: bool = False, verify_images: torch.Tensor | None = None) -> dict[str, Any]:
+                qdq: bool = False, verify_images: torch.Tensor | None = None,
+                metadata: dict[str, str] | None = None) -> dict[str, Any]:
     """Export ``model`` (plain or hybrid; hybrid layers are exported in deploy form) to
     ``path`` atomically. Refuses to overwrite unless ``force``; returns :func:`onnx_stats`
-    plus ``packing`` and ``path``. ``weight_bits``: see :func:`build_onnx`.
+    plus ``packing`` and ``path``. ``weight_bits``, ``metadata``: see :func:`build_onnx`.
 
     With ``verify_images`` (normalized NCHW) the file is compared with PyTorch in
     onnxruntime *before* it takes ``path``: only a verified file ever lands there. A file
@@ -559,7 +614,8 @@ def export_onnx(model: nn.Module, path: str | Path, resolution: int, opset: int 
 
     dest = check_output_path(path, force)
     _validate_args(opset, pack, resolution)
-    mp = build_onnx(model, resolution, opset, pack, dynamic_batch, weight_bits, qdq)
+    mp = build_onnx(model, resolution, opset, pack, dynamic_batch, weight_bits, qdq,
+                    metadata)
     data = mp.SerializeToString()
     stats = onnx_stats(mp, data)
     stats.update(packing=pack if stats["custom_ops"] else None, path=str(dest))
