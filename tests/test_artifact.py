@@ -432,3 +432,14 @@ def test_loading_is_weights_only_and_never_touches_source_model(tmp_path: Path,
     assert calls == [(str(path), True)]
     assert meta2["source_model"] == str(pickled)
     assert torch.load(path, weights_only=True)["format"] == "hfbconvert-compressed/2"
+
+
+def test_compress_refuses_an_artifact_as_its_input(tmp_path: Path) -> None:
+    from hfbconvert.models.loading import load_model
+
+    net, meta = tiny_hybrid(16)
+    path = tmp_path / "m.hfb.pt"
+    save_compressed(path, net, tiny_info(), meta)
+    assert torch.load(path, weights_only=True)["format"] == "hfbconvert-compressed/2"
+    with pytest.raises(InputError, match="already an hfbconvert compressed model"):
+        load_model(str(path))
