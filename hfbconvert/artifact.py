@@ -28,6 +28,7 @@ so that the ONNX exporter and the cost model store them at those bits.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import math
@@ -54,7 +55,7 @@ MIN_RESOLUTION, MAX_RESOLUTION = 8, 4096  # the CLI's --resolution range
 MAX_ELEMENTS = 1 << 28  # tensor elements of a rebuilt skeleton (1 GiB of float32)
 MAX_CHANNELS = 1 << 20
 MAX_CLASSES = 1 << 20
-SPEC_KEYS = ("c_in", "c_out", "kind", "critical_idx", "r", "channel_scale")
+SPEC_KEYS = ("c_in", "c_out", "kind", "critical_idx", "r", "channel_scale", "stride")
 CODE_KEYS = ("wb_codes", "wc_codes")
 
 
@@ -66,13 +67,14 @@ def layer_spec(m: HybridPointwise) -> dict[str, Any]:
         "critical_idx": m.critical_idx.tolist(),
         "r": m.r,
         "channel_scale": m.channel_scale is not None,
+        "stride": m.stride,
     }
 
 
 def hybrid_from_spec(spec: dict[str, Any]) -> HybridPointwise:
     return HybridPointwise(
         spec["c_in"], spec["c_out"], torch.tensor(spec["critical_idx"], dtype=torch.long),
-        spec["r"], spec["kind"], spec.get("channel_scale", False),
+        spec["r"], spec["kind"], spec.get("channel_scale", False), spec.get("stride", 1),
     )
 
 
@@ -185,7 +187,7 @@ class _Checker:
 def _check_model_info(d: Any, c: _Checker) -> ModelInfo:
     from calib.presets import RESIZE_MODES
 
-    from .models.loading import ARCHS
+    from .models.loading import ARCHS, CUSTOM
 
     c.dict_(d, "model_info")
     known = {f.name for f in fields(ModelInfo)}
@@ -196,10 +198,13 @@ def _check_model_info(d: Any, c: _Checker) -> ModelInfo:
         if key not in d:
             raise c.bad(f"model_info lacks {key!r}")
     arch = d["arch"]
-    if not isinstance(arch, str) or arch not in ARCHS:
-        raise c.bad(f"model_info.arch {_short(arch)} is not one of {', '.join(sorted(ARCHS))}")
+    if not isinstance(arch, str) or arch not in (*ARCHS, CUSTOM):
+        raise c.bad(f"model_info.arch {_short(arch)} is not one of "
+                    f"{', '.join(sorted((*ARCHS, CUSTOM)))}")
     config = c.dict_(d["config"], "model_info.config")
-    params = inspect.signature(ARCHS[arch].__init__).parameters
+    if arch == CUSTOM and config:
+        raise c.bad("model_info.config of a custom model must be empty")
+    params = inspect.signature(ARCHS[arch].__init__).parameters if arch in ARCHS else {}
     for k, v in config.items():
         if not isinstance(k, str) or k == "self" or k not in params:
             raise c.bad(f"model_info.config has unknown key {_short(k)} for {arch}")
@@ -286,8 +291,11 @@ def _check_spec(name: Any, spec: Any, c: _Checker) -> dict[str, Any]:
     r = c.int_in(spec["r"], 1 if n_t else 0, 64 * MAX_CHANNELS, f"{where}.r")
     if type(spec.get("channel_scale", False)) is not bool:
         raise c.bad(f"{where}.channel_scale must be true or false")
+    stride = c.int_in(spec.get("stride", 1), 1, 1 if spec["kind"] == "linear" else 64,
+                      f"{where}.stride")
     return {"c_in": c_in, "c_out": c_out, "kind": spec["kind"], "critical_idx": list(crit),
-            "r": r if n_t else 0, "channel_scale": spec.get("channel_scale", False)}
+            "r": r if n_t else 0, "channel_scale": spec.get("channel_scale", False),
+            "stride": stride}
 
 
 def _plain_tensor(t: Any, what: str, c: _Checker) -> torch.Tensor:
@@ -355,9 +363,19 @@ def _check_codes(name: str, spec: dict[str, Any], sd: dict[str, torch.Tensor],
                 raise c.bad(f"{name}.{key} holds ternary codes outside {{-1, 0, 1}}")
 
 
-def _skeleton(info: ModelInfo, c: _Checker) -> nn.Module:
-    """Build the architecture, after checking its size on the meta device."""
+def _skeleton(info: ModelInfo, c: _Checker, skeleton: nn.Module | None) -> nn.Module:
+    """Build the architecture, after checking its size on the meta device; a custom
+    model's comes from ``skeleton`` (its source model, which the caller loaded), copied."""
     from .models.loading import ARCHS, build_model
+
+    if skeleton is not None and info.arch not in ARCHS:
+        return copy.deepcopy(skeleton).float().eval()
+    if info.arch not in ARCHS:
+        cls = info.extra.get("pickled_module", "nn.Module")
+        raise InputError(
+            f"{c.source}: a compressed custom model ({cls}); its network is rebuilt from the "
+            f"source model: pass --source-model {info.source or 'MODEL'} (with --trust-pickle "
+            "for a pickled module)")
 
     try:
         with torch.device("meta"):
@@ -382,7 +400,8 @@ def _check_site(model: nn.Module, name: str, spec: dict[str, Any], c: _Checker) 
         raise c.bad(f"layer {_short(name)} is not a module of {c.arch}") from None
     if spec["kind"] == "conv":
         ok = isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1 and (
-            m.in_channels, m.out_channels) == (spec["c_in"], spec["c_out"])
+            m.in_channels, m.out_channels) == (spec["c_in"], spec["c_out"]) and (
+            tuple(m.stride) == (spec["stride"],) * 2)
     else:
         ok = isinstance(m, nn.Linear) and (m.in_features, m.out_features) == (
             spec["c_in"], spec["c_out"])
@@ -404,9 +423,10 @@ def _check_pairs(model: nn.Module, pairs: list[Any], c: _Checker) -> None:
                         "not a layer and its BatchNorm")
 
 
-def build_compressed(obj: dict[str, Any], source: str = "artifact") -> tuple[nn.Module, ModelInfo]:
-    """Rebuild the deploy-form hybrid model from a loaded artifact dict (``/1`` or ``/2``):
-    checksums first, then every piece of metadata, then the modules."""
+def check_artifact(obj: Any, source: str = "artifact") -> tuple[
+        ModelInfo, dict[str, Any], dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
+    """Checksums and every piece of metadata of a loaded artifact dict, nothing built:
+    ``(info, meta, layer specs, tensors)``. Enough for a report of any model."""
     c = _Checker(str(source))
     if not is_compressed(obj):
         raise InputError(f"{source}: not an hfbconvert compressed model (format {FORMAT})")
@@ -422,7 +442,23 @@ def build_compressed(obj: dict[str, Any], source: str = "artifact") -> tuple[nn.
     meta = _check_meta(obj.get("meta"), c)
     specs = {name: _check_spec(name, spec, c)
              for name, spec in c.dict_(obj["layers"], "layers").items()}
-    model = _skeleton(info, c)
+    return info, meta, specs, sd
+
+
+def build_compressed(obj: dict[str, Any], source: str = "artifact",
+                     skeleton: nn.Module | None = None) -> tuple[nn.Module, ModelInfo]:
+    """Rebuild the deploy-form hybrid model from a loaded artifact dict (``/1`` or ``/2``):
+    checksums first, then every piece of metadata, then the modules.
+
+    A built-in family is rebuilt from its own definition. A custom ``nn.Module`` needs
+    ``skeleton``, the source model it was compressed from (any module with the same
+    structure: its weights are all replaced), because the artifact holds no code and is
+    never unpickled.
+    """
+    info, meta, specs, sd = check_artifact(obj, source)
+    c = _Checker(str(source))
+    c.arch = info.arch
+    model = _skeleton(info, c, skeleton)
     for name, spec in specs.items():
         _check_site(model, name, spec, c)
         _check_codes(name, spec, sd, c)  # sizes bounded by the file before allocating
@@ -457,8 +493,8 @@ def build_compressed(obj: dict[str, Any], source: str = "artifact") -> tuple[nn.
     return model, info
 
 
-def load_compressed(path: str | os.PathLike) -> tuple[nn.Module, ModelInfo, dict[str, Any]]:
-    """Read (weights only, never pickled code), verify and rebuild an artifact."""
+def read_compressed(path: str | os.PathLike) -> dict[str, Any]:
+    """The artifact dict of ``path`` (weights only, never pickled code), or one line."""
     try:
         obj = load_torch(path)
     except InputError as exc:
@@ -469,5 +505,20 @@ def load_compressed(path: str | os.PathLike) -> tuple[nn.Module, ModelInfo, dict
                          "Python objects)") from None
     if not is_compressed(obj):
         raise InputError(f"{path}: not an hfbconvert compressed model (format {FORMAT})")
-    model, info = build_compressed(obj, str(path))
+    return obj
+
+
+def load_compressed(path: str | os.PathLike, skeleton: nn.Module | None = None
+                    ) -> tuple[nn.Module, ModelInfo, dict[str, Any]]:
+    """Read (weights only, never pickled code), verify and rebuild an artifact
+    (``skeleton``: see :func:`build_compressed`)."""
+    obj = read_compressed(path)
+    model, info = build_compressed(obj, str(path), skeleton)
     return model, info, obj.get("meta") or {}
+
+
+def load_compressed_meta(path: str | os.PathLike) -> tuple[ModelInfo, dict[str, Any]]:
+    """``(info, meta)`` of a verified artifact without building its network: what a
+    report needs, for any model, custom ones included."""
+    info, meta, _, _ = check_artifact(read_compressed(path), str(path))
+    return info, meta

@@ -128,6 +128,14 @@ def _outputs(paths: list[Path], force: bool, inputs: list[str]) -> list[Path]:
     return [check_output_path(p, force, inputs=files) for p in paths]
 
 
+def _source_opt(f):
+    return click.option(
+        "--source-model", default=None, metavar="PATH",
+        help="The model a custom (non-built-in) compressed MODEL was made from: its network "
+             "is rebuilt on this module's structure (the artifact holds no code). Named "
+             "here, it is covered by --trust-pickle.")(f)
+
+
 def _model_opts(f):
     f = click.option("--trust-pickle", is_flag=True,
                      help="Allow loading a fully pickled nn.Module (runs code from the file).")(f)
@@ -158,26 +166,64 @@ def _setup(quiet: bool, seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _load(model: str, arch: str | None, trust_pickle: bool):
+def _load(model: str, arch: str | None, trust_pickle: bool, resolution: int | None = None,
+          need_resolution: bool = True):
+    """``(net, info)`` of a model the user named; ``resolution`` overrides the model's own,
+    and a custom module (whose input size nothing records) must be given one when the
+    command runs it (``need_resolution``)."""
     from .models.loading import load_model
 
-    return load_model(model, arch=arch, trust_pickle=trust_pickle)
+    net, info = load_model(model, arch=arch, trust_pickle=trust_pickle)
+    if resolution is not None:
+        info.resolution = resolution
+    elif need_resolution and info.extra.get("resolution_known") is False:
+        raise InputError(f"{model}: a custom {info.extra.get('pickled_module', 'nn.Module')} "
+                         "whose input size hfbconvert cannot know; pass --resolution N")
+    info.extra.pop("resolution_known", None)
+    return net, info
 
 
-def _load_any(model: str, arch: str | None, trust_pickle: bool):
+def _load_any(model: str, arch: str | None, trust_pickle: bool,
+              source_model: str | None = None, resolution: int | None = None):
     """``(net, info, meta)`` for a compressed artifact or any model ``_load`` accepts
-    (``meta`` None for the latter); the file is read once."""
+    (``meta`` None for the latter); the file is read once. A custom model's artifact is
+    rebuilt on ``source_model`` (named on the command line, so --trust-pickle covers it)."""
     if model.startswith("builtin:"):
-        return (*_load(model, arch, trust_pickle), None)
+        return (*_load(model, arch, trust_pickle, resolution), None)
     from .artifact import build_compressed, is_compressed
     from .fileio import load_torch
-    from .models.loading import model_from_object
+    from .models.loading import ARCHS, model_from_object
 
     obj = load_torch(model, trust_pickle)
     if is_compressed(obj):
-        net, info = build_compressed(obj, model)
+        skeleton = None
+        arch_of = (obj.get("model_info") or {}).get("arch") if isinstance(
+            obj.get("model_info"), dict) else None
+        if source_model and arch_of not in ARCHS:
+            skeleton, _ = _load(source_model, None, trust_pickle, need_resolution=False)
+            _check_source(model, obj.get("meta") or {}, source_model)
+        net, info = build_compressed(obj, model, skeleton)
         return net, info, obj.get("meta") or {}
-    return (*model_from_object(obj, model, arch), None)
+    net, info = model_from_object(obj, model, arch)
+    if resolution is not None:
+        info.resolution = resolution
+    elif info.extra.get("resolution_known") is False:
+        raise InputError(f"{model}: a custom {info.extra.get('pickled_module', 'nn.Module')} "
+                         "whose input size hfbconvert cannot know; pass --resolution N")
+    info.extra.pop("resolution_known", None)
+    return net, info, None
+
+
+def _check_source(artifact: str, meta: dict, source_model: str) -> None:
+    """Warn when --source-model is not the file the artifact was made from: its structure
+    is what counts (every weight is replaced), but agreement is measured against it."""
+    from .fileio import file_sha256
+
+    want = meta.get("source_sha256")
+    if want and Path(source_model).is_file() and file_sha256(source_model) != want:
+        progress.warn(f"{source_model}: not the file {artifact} was compressed from "
+                      f"(sha256 differs from the recorded {want[:12]}...); its structure is "
+                      "used, its weights are not")
 
 
 def _load_calib(path: str | None, info, size: int | None, seed: int, resolution: int | None,
@@ -312,7 +358,7 @@ def _analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, b
     from .fileio import atomic_write_text
     from .report.terminal import print_analysis
 
-    net, info = _load(model, arch, trust_pickle)
+    net, info = _load(model, arch, trust_pickle, resolution)
     data, info = _load_calib(calib, info, calib_size, seed, resolution, preset, net)
     if data is None:
         progress.warn("no --calib data: weight-space sensitivity (Σ = I), not activation-aware")
@@ -449,7 +495,7 @@ def compress(ctx, model, arch, trust_pickle, calib, calib_size, resolution, pres
     check_config(activation_bits, weight_bits, calib is not None, hidden_bits)
     override = _read_plan(plan_file) if plan_file else None
     # the model first: a missing MODEL is reported as such, not as its default output
-    net, info = _load(model, arch, trust_pickle)
+    net, info = _load(model, arch, trust_pickle, resolution)
     out = Path(output) if output else _default_out(model)
     if not dry_run and not (resume and out.exists() and force):
         _outputs([out], force, [model, calib, plan_file])
@@ -496,6 +542,10 @@ def _compress(net, info, data, cfg, model: str, out: Path, force: bool, resume: 
         return
     timings = meta.pop("timings")
     meta["source_model"] = model
+    if Path(model).is_file():
+        from .fileio import file_sha256
+
+        meta["source_sha256"] = file_sha256(model)
     meta["versions"] = _versions()
     # wall-clock seconds stay out of the file: same inputs + seed = same bytes
     saved = dict(meta, stages=[{k: v for k, v in st.items() if k != "seconds"}
@@ -622,10 +672,14 @@ def _versions() -> dict:
                    "on the command line).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the metrics as JSON to stdout (with schema_version).")
+@click.option("--resolution", type=click.IntRange(8, 4096), default=None,
+              help="Input side in pixels (default: the model's own; needed for a custom "
+                   "pickled module).")
+@_source_opt
 @_device_opt
 @_common
-def eval_cmd(model, arch, trust_pickle, data_path, size, original, as_json, device, seed,
-             quiet):
+def eval_cmd(model, arch, trust_pickle, data_path, size, original, as_json, resolution,
+             source_model, device, seed, quiet):
     """Top-1/top-5, and top-1 agreement with the original model.
 
     MODEL is a checkpoint, a compressed .hfb.pt, or an exported .onnx (run with
@@ -634,7 +688,11 @@ def eval_cmd(model, arch, trust_pickle, data_path, size, original, as_json, devi
 
     _setup(quiet, seed)
     ref = None
-    net, info, meta = _eval_load(model, arch, trust_pickle, compressed_ok=True)
+    net, info, meta = _eval_load(model, arch, trust_pickle, compressed_ok=True,
+                                 resolution=resolution, source_model=source_model)
+    # the original: named with --original, else the --source-model the artifact was
+    # rebuilt on, else the path recorded in the artifact (never unpickled)
+    original = original or source_model
     src = original or (meta or {}).get("source_model")
     if src and not original and not src.startswith("builtin:") and not Path(src).exists():
         progress.warn(f"{model}: its source model {src} is not found from here; no agreement "
@@ -643,7 +701,7 @@ def eval_cmd(model, arch, trust_pickle, data_path, size, original, as_json, devi
     if src:
         # trust covers what the user typed, never a path recorded inside a file
         ref, ref_info, _ = _eval_load(src, None, trust_pickle and bool(original),
-                                      compressed_ok=False)
+                                      compressed_ok=False, need_resolution=False)
         if ref_info.num_classes != info.num_classes:
             which = "--original" if original else "source model"
             raise InputError(f"{which} {src} has {ref_info.num_classes} classes but "
@@ -659,7 +717,9 @@ def eval_cmd(model, arch, trust_pickle, data_path, size, original, as_json, devi
         click.echo(f"{model}: n {res['n']}  " + "  ".join(parts))
 
 
-def _eval_load(path: str, arch: str | None, trust_pickle: bool, compressed_ok: bool):
+def _eval_load(path: str, arch: str | None, trust_pickle: bool, compressed_ok: bool,
+               resolution: int | None = None, source_model: str | None = None,
+               need_resolution: bool = True):
     """``(net, info, meta)`` for eval: an ``.onnx`` file (onnxruntime; ModelInfo from its
     metadata), a compressed artifact (when ``compressed_ok``) or any model ``_load``
     takes; ``meta`` is the artifact's metadata, else None."""
@@ -670,8 +730,10 @@ def _eval_load(path: str, arch: str | None, trust_pickle: bool, compressed_ok: b
 
         return (*load_onnx_for_eval(path, threads=torch.get_num_threads()), None)
     if compressed_ok:
-        return _load_any(path, arch, trust_pickle)
-    return (*_load(path, arch, trust_pickle), None)
+        net, info, meta = _load_any(path, arch, trust_pickle, source_model,
+                                    resolution=resolution)
+        return net, info, meta
+    return (*_load(path, arch, trust_pickle, resolution, need_resolution), None)
 
 
 def _eval_data(model: str, info, data_path: str, size: int | None, seed: int):
@@ -739,9 +801,13 @@ def export() -> None:
               help="Write report.json/.md/.html next to the ONNX file (compressed models).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print export statistics and verification as JSON to stdout.")
+@click.option("--resolution", type=click.IntRange(8, 4096), default=None,
+              help="Input side in pixels of a plain MODEL (default: the model's own; needed "
+                   "for a custom pickled module).")
+@_source_opt
 @_common
 def export_onnx_cmd(model, arch, trust_pickle, output, force, opset, pack, verify, qdq, calib,
-                    calib_size, write_report, as_json, seed, quiet):
+                    calib_size, write_report, as_json, resolution, source_model, seed, quiet):
     """Export a compressed (or plain) model to ONNX with hfb custom ops (ONNX functions,
     so stock onnxruntime runs the file unmodified)."""
     import torch
@@ -751,8 +817,8 @@ def export_onnx_cmd(model, arch, trust_pickle, output, force, opset, pack, verif
 
     _setup(quiet, seed)
     out = Path(output)
-    _outputs([out], force, [model, calib])
-    net, info, meta = _load_any(model, arch, trust_pickle)
+    _outputs([out], force, [model, calib, source_model])
+    net, info, meta = _load_any(model, arch, trust_pickle, source_model, resolution)
     meta = meta or {}
     reports = [out.parent / f"report.{ext}" for ext in ("json", "md", "html")] \
         if write_report and meta else []
@@ -812,7 +878,7 @@ def export_onnx_cmd(model, arch, trust_pickle, output, force, opset, pack, verif
 @_quiet
 def report(compressed, output_dir, force, trust_pickle, as_json, quiet):
     """Per-layer report of a compressed model (terminal table, or files)."""
-    from .artifact import load_compressed
+    from .artifact import load_compressed_meta
     from .fileio import output_lock
     from .report import build_report, write_reports
     from .report.terminal import print_report
@@ -826,7 +892,7 @@ def report(compressed, output_dir, force, trust_pickle, as_json, quiet):
         d.mkdir(parents=True, exist_ok=True)
         paths = _outputs([d / f"report.{ext}" for ext in ("json", "md", "html")], force,
                          [compressed])
-    _, info, meta = load_compressed(compressed)
+    info, meta = load_compressed_meta(compressed)  # no network needed: any model reports
     rep = build_report(meta, info)
     with output_lock(paths):
         if output_dir:

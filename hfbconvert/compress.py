@@ -205,12 +205,13 @@ def _twn_init(layer: HybridPointwise, w: torch.Tensor) -> None:
     layer.set_factors(codes, scale.reshape(-1), torch.eye(n))
 
 
-def build_hybrid(model: nn.Module, plans: list[LayerPlan], kinds: dict[str, str]) -> nn.Module:
+def build_hybrid(model: nn.Module, plans: list[LayerPlan], kinds: dict[str, str],
+                 strides: dict[str, int] | None = None) -> nn.Module:
     """Deep-copy ``model`` and swap each planned layer for an (unfitted) HybridPointwise."""
     hybrid = copy.deepcopy(model)
     for lp in plans:
         h = HybridPointwise(lp.c_in, lp.c_out, torch.tensor(lp.critical_idx, dtype=torch.long),
-                            lp.r, kinds[lp.name])
+                            lp.r, kinds[lp.name], stride=(strides or {}).get(lp.name, 1))
         set_submodule(hybrid, lp.name, h)
     return hybrid
 
@@ -395,7 +396,7 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
     }
     if dry_run:
         return None, meta
-    hybrid = build_hybrid(model, plan.layers, kinds)
+    hybrid = build_hybrid(model, plan.layers, kinds, {ly.name: ly.stride for ly in layers})
     # stage 1: one-shot fit of every layer against the original inputs (or weights)
     t = time.perf_counter()
     for ly in layers:

@@ -32,10 +32,14 @@ class HybridPointwise(nn.Module):
         r: int,
         kind: str = "conv",
         channel_scale: bool = False,
+        stride: int = 1,
     ) -> None:
         super().__init__()
         if kind not in ("conv", "linear"):
             raise ValueError(f"kind must be 'conv' or 'linear', not {kind!r}")
+        if int(stride) < 1 or (kind == "linear" and int(stride) != 1):
+            raise ValueError(f"stride must be >= 1 (1 for linear), not {stride!r}")
+        self.stride = int(stride)
         crit = torch.as_tensor(critical_idx, dtype=torch.long).unique(sorted=True)
         mask = torch.ones(c_out, dtype=torch.bool)
         mask[crit] = False
@@ -98,6 +102,8 @@ class HybridPointwise(nn.Module):
         conv = self.kind == "conv"
         if self.input_quant is not None:
             x = self.input_quant(x)
+        if self.stride > 1:  # a strided 1x1 conv reads every stride-th pixel
+            x = x[:, :, ::self.stride, ::self.stride]
         if self.training and self.hidden_quant is None:
             # Fine-tuning: one conv with the dense effective weight. Same function (up to
             # float rounding) at the original layer's cost, instead of a W_b conv with up
@@ -128,9 +134,10 @@ class HybridPointwise(nn.Module):
                 if self.channel_scale is not None:
                     yt = yt * self.channel_scale
             parts.append(yt)
-        y = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        ch = 1 if conv else -1  # channels: dim 1 of NCHW, the last dim of a Linear input
+        y = torch.cat(parts, dim=ch) if len(parts) > 1 else parts[0]
         if self.n_critical and self.n_tolerant:
-            y = y.index_select(1, self.perm)
+            y = y.index_select(ch, self.perm)
         b = self.bias[None, :, None, None] if conv else self.bias
         return y + b
 
@@ -165,5 +172,5 @@ class HybridPointwise(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.c_in}->{self.c_out}, critical={self.n_critical}, tolerant={self.n_tolerant}, "
-            f"r={self.r}, kind={self.kind}, frozen={self.frozen}"
+            f"r={self.r}, kind={self.kind}, stride={self.stride}, frozen={self.frozen}"
         )

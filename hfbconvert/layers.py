@@ -1,6 +1,8 @@
 """Generic pointwise-layer discovery over any ``nn.Module``.
 
-A pointwise layer is a ``Conv2d`` with a 1x1 kernel, stride 1, groups 1, or a ``Linear``.
+A pointwise layer is a ``Conv2d`` with a 1x1 kernel, groups 1, no padding, any square
+stride (a stride-s 1x1 conv is a 1x1 conv on every s-th pixel: ResNet's downsample), or a
+``Linear`` (on 2-D or N-D inputs: the last dimension holds the features).
 Input spatial sizes come from one traced forward pass, so nothing here knows any
 particular architecture.
 """
@@ -26,6 +28,7 @@ class PointwiseLayer:
     height: int = 1
     width: int = 1
     has_bias: bool = False
+    stride: int = 1  # conv only: the layer sees every stride-th input pixel
 
     @property
     def pixels(self) -> int:
@@ -43,10 +46,25 @@ def is_pointwise(m: nn.Module) -> bool:
         isinstance(m, nn.Conv2d)
         and tuple(m.kernel_size) == (1, 1)
         and m.groups == 1
-        and tuple(m.stride) == (1, 1)
+        and m.stride[0] == m.stride[1]
         and tuple(m.dilation) == (1, 1)
-        and (m.padding == (0, 0) or m.padding == "valid")
+        and (tuple(m.padding) == (0, 0) if not isinstance(m.padding, str)
+             else m.padding == "valid")
+        and m.padding_mode == "zeros"
     )
+
+
+def pointwise_stride(m: nn.Module) -> int:
+    """Input subsampling of a pointwise layer (1 for Linear and unstrided convs)."""
+    s = getattr(m, "stride", 1)
+    return int(s[0]) if isinstance(s, tuple) else int(s)
+
+
+def pointwise_input(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The pixels a pointwise layer actually reads: every stride-th of a 4-D input, so
+    statistics and reconstruction rows line up with the layer's outputs."""
+    s = pointwise_stride(m) if x.dim() == 4 else 1
+    return x[:, :, ::s, ::s] if s > 1 else x
 
 
 @contextmanager
@@ -61,10 +79,6 @@ def hooked_eval(model: nn.Module, handles: Iterable) -> Iterator[nn.Module]:
         for h in handles:
             h.remove()
         model.train(was)
-
-
-def get_submodule(model: nn.Module, name: str) -> nn.Module:
-    return model.get_submodule(name)
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -128,8 +142,10 @@ def find_pointwise(model: nn.Module, resolution: int,
             out.append(PointwiseLayer(n, "linear", m.in_features, m.out_features, pix, 1,
                                       m.bias is not None))
         else:
-            out.append(PointwiseLayer(n, "conv", m.in_channels, m.out_channels, int(shp[2]),
-                                      int(shp[3]), m.bias is not None))
+            s = pointwise_stride(m)  # output size of a 1x1, unpadded conv
+            out.append(PointwiseLayer(n, "conv", m.in_channels, m.out_channels,
+                                      (int(shp[2]) - 1) // s + 1, (int(shp[3]) - 1) // s + 1,
+                                      m.bias is not None, s))
     return out
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from .fitting import PairStats, fit_layer
 from .hybrid import HybridPointwise
-from .layers import PointwiseLayer, hooked_eval, layer_bias, layer_weight
+from .layers import PointwiseLayer, hooked_eval, layer_bias, layer_weight, pointwise_input
 
 
 class _Stop(Exception):
@@ -54,7 +54,7 @@ def capture_rows(model: nn.Module, names: list[str], batches: list[torch.Tensor]
     state = {"b": 0}
     for n in names:
         def hook(mod, inp, _n=n, _li=zlib.crc32(n.encode())):
-            x = inp[0].detach()
+            x = pointwise_input(mod, inp[0].detach())
             pos = _positions(x, per_image, (seed * 1_000_003 + state["b"] * 1009 + _li) % 2**62)
             out[_n].append(_rows(x, pos).float())
             if _n == stop_at:

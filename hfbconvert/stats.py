@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .layers import pointwise_input
+
 
 @dataclass
 class InputStats:
@@ -53,7 +55,7 @@ def collect_input_stats(
     hooks = []
     for n in names:
         def hook(mod, inp, _n=n):
-            rows = sample_rows(inp[0].detach(), max_pixels, gen).double()
+            rows = sample_rows(pointwise_input(mod, inp[0].detach()), max_pixels, gen).double()
             s = acc.setdefault(_n, [0.0, 0.0, 0])
             s[0] = s[0] + rows.T @ rows
             s[1] = s[1] + rows.sum(0)

@@ -257,6 +257,7 @@ class _ExportHybrid(nn.Module):
         super().__init__()
         pack = _PACKERS[packing]
         self.conv = h.kind == "conv"
+        self.stride = h.stride
         self.c_in, self.r, self.packing = h.c_in, h.r, packing
         self.n_c, self.n_t = h.n_critical, h.n_tolerant
         w = h.w_crit.detach().float().clone()
@@ -294,17 +295,22 @@ class _ExportHybrid(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quant is not None:
             x = self.input_quant(x)
+        if self.stride > 1:  # a standard strided Slice before the function
+            x = x[:, :, ::self.stride, ::self.stride]
         if self.n_t == 0:
             return self._critical(x, self.bias)
-        x4 = x if self.conv else x[:, :, None, None]
+        lead = x.shape[:-1]
+        # a Linear on (..., C): rows of C as a 1x1 image batch, the leading dims restored
+        x4 = x if self.conv else x.reshape(-1, self.c_in)[:, :, None, None]
         yt = _StrassenFn.apply(x4, self.wb_packed, self.wc_packed, self.a, self.channel_scale,
                                self.c_in, self.r, self.n_t, self.packing, self.h_scale,
                                self.h_zp)
-        yt = yt if self.conv else yt.flatten(1)
+        yt = yt if self.conv else yt.reshape(*lead, self.n_t)
         if self.n_c == 0:
             return yt + self.bias
-        y = torch.cat([self._critical(x, None), yt], dim=1)
-        return y.index_select(1, self.perm) + self.bias
+        ch = 1 if self.conv else -1
+        y = torch.cat([self._critical(x, None), yt], dim=ch)
+        return y.index_select(ch, self.perm) + self.bias
 
 
 def _export_ready(model: nn.Module, packing: str, qdq: bool = False,

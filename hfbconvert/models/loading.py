@@ -24,6 +24,8 @@ from .info import ModelInfo
 from .mobilenet_v1 import MobileNetV1
 from .mobilenet_v2 import MobileNetV2
 
+# an nn.Module of no known family: compressed as is, rebuilt from its source model
+CUSTOM = "custom"
 ARCHS: dict[str, type[nn.Module]] = {"mobilenet_v1": MobileNetV1, "mobilenet_v2": MobileNetV2}
 
 REFERENCE_FORMAT = "mobilenet-reference-checkpoint/1"
@@ -164,14 +166,18 @@ def _from_module(module: nn.Module, path: Path, arch: str | None) -> tuple[nn.Mo
         config = None
         if name is not None:
             config, problems = _fit_config(name, state)
+            if problems and arch is not None:
+                raise InputError(f"{path}: --arch {arch} does not fit this module "
+                                 f"({problems})")
             if problems:
                 config = None
         if config is None:
-            info = _default_info("custom", {}, path)
+            info = _default_info(CUSTOM, {}, path)
+            info.extra["resolution_known"] = False  # the CLI asks for --resolution
         else:
             info = _default_info(name, config, path)
         info.num_classes = _guess_num_classes(module, info.num_classes)
-    info.extra["pickled_module"] = type(module).__name__
+    info.extra["pickled_module"] = f"{type(module).__module__}.{type(module).__qualname__}"
     return module, info
 
 
