@@ -15,7 +15,7 @@ from calib.readers import CalibData
 
 from . import __version__, progress
 from .costs import model_cost
-from .layers import find_pointwise, layer_weight
+from .layers import find_pointwise, layer_weight, select_layers
 from .models.info import ModelInfo
 from .sensitivity import loss_curves
 from .stats import collect_input_stats
@@ -33,14 +33,16 @@ def analyze(model: nn.Module, info: ModelInfo, data: CalibData | None,
             budgets: tuple[int, ...] = (1, 2, 4, 8, 16), stats_images: int = 512,
             threshold: float = DEFAULT_THRESHOLD, threshold_budget: int = DEFAULT_THRESHOLD_BUDGET,
             seed: int = 0, source: str = "model",
-            device: str | torch.device = "cpu") -> dict[str, Any]:
+            device: str | torch.device = "cpu", include: tuple[str, ...] = (),
+            exclude: tuple[str, ...] = ()) -> dict[str, Any]:
     """Rank every pointwise filter by L_j(r) for each r in ``budgets``.
 
     ``device``: where the statistics pass and the ternary fits run; the user's ``model``
     is never moved (a copy is), and the JSON is the same on any device up to float
     rounding of the losses.
     """
-    layers = find_pointwise(model, info.resolution, source)
+    layers = select_layers(find_pointwise(model, info.resolution, source), include, exclude,
+                           source)
     dev = torch.device(device)
     if dev.type != "cpu":
         model = copy.deepcopy(model).to(dev)

@@ -128,6 +128,17 @@ def _outputs(paths: list[Path], force: bool, inputs: list[str]) -> list[Path]:
     return [check_output_path(p, force, inputs=files) for p in paths]
 
 
+def _layer_opts(f):
+    f = click.option("--exclude", multiple=True, metavar="GLOB",
+                     help="Leave layers whose module name matches GLOB as they are "
+                          "(repeatable; e.g. 'head' or 'features.1*').")(f)
+    f = click.option("--include", multiple=True, metavar="GLOB",
+                     help="Convert only layers whose module name matches GLOB (repeatable; "
+                          "default: every 1x1 conv and Linear). A GLOB matching nothing is "
+                          "an error.")(f)
+    return f
+
+
 def _source_opt(f):
     return click.option(
         "--source-model", default=None, metavar="PATH",
@@ -317,12 +328,13 @@ def main() -> None:
               help="Write the sensitivity JSON here (reused by compress).")
 @click.option("--force", is_flag=True,
               help="Overwrite --output if it is an existing regular file (never the input).")
+@_layer_opts
 @_device_opt
 @_common
 @click.pass_context
 def analyze(ctx, model, arch, trust_pickle, calib, calib_size, resolution, preset, budgets,
-            threshold, threshold_budget, stats_images, as_json, output, force, device, seed,
-            quiet):
+            threshold, threshold_budget, stats_images, as_json, output, force, include,
+            exclude, device, seed, quiet):
     """Rank every pointwise filter's sensitivity to ternary StrassenNets approximation.
 
     MODEL is a checkpoint path or builtin:mobilenet_v2."""
@@ -348,12 +360,12 @@ def analyze(ctx, model, arch, trust_pickle, calib, calib_size, resolution, prese
     with output_lock([output] if output else []):
         _analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, bud,
                  threshold, threshold_budget, stats_images, as_json, output, force,
-                 _device(device), seed)
+                 _device(device), seed, include, exclude)
 
 
 def _analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, bud,
              threshold, threshold_budget, stats_images, as_json, output, force, device,
-             seed) -> None:
+             seed, include, exclude) -> None:
     from .analysis import analyze as run_analyze
     from .fileio import atomic_write_text
     from .report.terminal import print_analysis
@@ -363,7 +375,7 @@ def _analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, b
     if data is None:
         progress.warn("no --calib data: weight-space sensitivity (Σ = I), not activation-aware")
     res = run_analyze(net, info, data, bud, stats_images, threshold, threshold_budget, seed,
-                      source=model, device=device)
+                      source=model, device=device, include=include, exclude=exclude)
     text = json.dumps(res, indent=1, allow_nan=False)
     if output:
         atomic_write_text(output, text + "\n", overwrite=force)
@@ -466,14 +478,16 @@ def _analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, b
                    "scales, for targets that keep every stored activation 8-bit (measured: "
                    "-0.6 points top-1 on MobileNetV1-0.5-160).")
 @click.option("--json", "as_json", is_flag=True,
-              help="Print a JSON summary to stdout (schema: docs/schemas/compress.json).")
+              help="Print a JSON summary to stdout (with schema_version).")
+@_layer_opts
 @_common
 @click.pass_context
 def compress(ctx, model, arch, trust_pickle, calib, calib_size, resolution, preset, output,
              force, method, budget, max_add_increase, size_budget, energy_budget,
              critical_fraction, hidden_units_ratio, plan_file, dry_run, steps, batch_size, lr,
              reconstruct, sequential, bias_correction, bn_adjust, min_agreement, resume,
-             device, weight_bits, activation_bits, hidden_bits, as_json, seed, quiet):
+             device, weight_bits, activation_bits, hidden_bits, as_json, include, exclude,
+             seed, quiet):
     """Split pointwise layers into full-precision critical filters + ternary banks under a
     MUL budget (activation-aware fit), then fine-tune briefly by distillation."""
     from .actquant import check_config
@@ -504,7 +518,8 @@ def compress(ctx, model, arch, trust_pickle, calib, calib_size, resolution, pres
         hidden_units_ratio=hidden_units_ratio, max_add_increase=max_add_increase,
         size_budget=size_budget, energy_budget=energy_budget, reconstruct=reconstruct,
         sequential=sequential, bias_correction=bias_correction, bn_adjust=bn_adjust,
-        min_agreement=min_agreement, seed=seed,
+        min_agreement=min_agreement, seed=seed, include=tuple(include),
+        exclude=tuple(exclude),
         finetune=FinetuneConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                                 device=_device(device)), weight_bits=weight_bits,
         activation_bits=activation_bits, hidden_bits=hidden_bits)

@@ -27,7 +27,14 @@ from .errors import InputError
 from .finetune import FinetuneConfig, auto_steps, finetune, fingerprint
 from .fitting import PairStats, fit_layer
 from .hybrid import HybridPointwise
-from .layers import PointwiseLayer, find_pointwise, layer_bias, layer_weight, set_submodule
+from .layers import (
+    PointwiseLayer,
+    find_pointwise,
+    layer_bias,
+    layer_weight,
+    select_layers,
+    set_submodule,
+)
 from .meanshift import correction_sites, match_output_means
 from .metrics import wilson_interval
 from .models.info import ModelInfo
@@ -68,6 +75,9 @@ class CompressConfig:
     # top-1 by -1.15..+1.38 points across calibration samples and agreement by <= 0.005:
     # noise, so the cheaper setting stays (bench/ablation.md, "Fine-tuning")
     stats_images: int = 256
+    # module-name globs: which convertible layers to convert (all when empty), which not
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
     held_fraction: float = 0.1
     # at least this many held-apart images when the set allows (at most a fifth of it):
     # at 100 images the agreement's 95% interval is +-0.08 wide, too wide to gate on
@@ -367,7 +377,8 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     stages: list[dict] = []
-    layers = find_pointwise(model, info.resolution, info.source or "model")
+    layers = select_layers(find_pointwise(model, info.resolution, info.source or "model"),
+                           cfg.include, cfg.exclude, info.source or "model")
     original_cost = model_cost(model, info.resolution)  # the model is never modified
     kinds = {ly.name: ly.kind for ly in layers}
     held: list[torch.Tensor] = []

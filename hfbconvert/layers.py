@@ -9,6 +9,7 @@ particular architecture.
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -146,6 +147,26 @@ def find_pointwise(model: nn.Module, resolution: int,
             out.append(PointwiseLayer(n, "conv", m.in_channels, m.out_channels,
                                       (int(shp[2]) - 1) // s + 1, (int(shp[3]) - 1) // s + 1,
                                       m.bias is not None, s))
+    return out
+
+
+def select_layers(layers: list[PointwiseLayer], include: tuple[str, ...] = (),
+                  exclude: tuple[str, ...] = (), source: str = "model"
+                  ) -> list[PointwiseLayer]:
+    """Layers whose module name matches an ``include`` glob (all when empty) and no
+    ``exclude`` glob (fnmatch, as onnxruntime's ``nodes_to_exclude`` names nodes). A glob
+    that matches no layer is an error: a typo must not silently convert everything."""
+    names = [ly.name for ly in layers]
+    for flag, pats in (("--include", include), ("--exclude", exclude)):
+        for p in pats:
+            if not fnmatch.filter(names, p):
+                raise InputError(f"{source}: {flag} {p!r} matches none of its "
+                                 f"{len(names)} convertible layers (e.g. {names[0]})")
+    out = [ly for ly in layers if (not include or any(fnmatch.fnmatchcase(ly.name, p)
+                                                        for p in include))
+           and not any(fnmatch.fnmatchcase(ly.name, p) for p in exclude)]
+    if not out:
+        raise InputError(f"{source}: --include/--exclude leave no layer to convert")
     return out
 
 

@@ -129,3 +129,18 @@ def test_trust_never_reaches_a_path_recorded_in_the_artifact(custom) -> None:
     """eval --trust-pickle of the artifact must not unpickle meta["source_model"]."""
     res = run("eval", custom["out"], "--data", custom["calib"], "--trust-pickle")
     one_error(res, "--source-model")
+
+
+def test_include_and_exclude_pick_layers(custom, tmp_path) -> None:
+    plan = json.loads(ok(run("compress", custom["model"], "--trust-pickle", "--resolution",
+                             "32", "--calib", custom["calib"], "--budget", "0.95",
+                             "--exclude", "head", "--exclude", "token_*", "--dry-run",
+                             "--json", "-q")).stdout)["plan"]
+    assert {lp["name"] for lp in plan["layers"]} == {"downsample.0", "expand"}
+    plan = json.loads(ok(run("analyze", custom["model"], "--trust-pickle", "--resolution",
+                             "32", "--include", "down*", "--budgets", "1,2", "--json",
+                             "-q")).stdout)
+    assert [ly["name"] for ly in plan["layers"]] == ["downsample.0"]
+    one_error(run("compress", custom["model"], "--trust-pickle", "--resolution", "32",
+                  "--include", "nothing*", "-o", tmp_path / "x.pt"), "--include 'nothing*'")
+    assert not (tmp_path / "x.pt").exists()
