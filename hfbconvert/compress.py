@@ -206,11 +206,14 @@ def _twn_init(layer: HybridPointwise, w: torch.Tensor) -> None:
 
 
 def build_hybrid(model: nn.Module, plans: list[LayerPlan], kinds: dict[str, str]) -> nn.Module:
-    """Deep-copy ``model`` and swap each planned layer for an (unfitted) HybridPointwise."""
+    """Deep-copy ``model`` and swap each planned layer for an (unfitted) HybridPointwise
+    that starts with the original layer's bias (kept as is when no fit corrects it)."""
     hybrid = copy.deepcopy(model)
     for lp in plans:
         h = HybridPointwise(lp.c_in, lp.c_out, torch.tensor(lp.critical_idx, dtype=torch.long),
                             lp.r, kinds[lp.name])
+        with torch.no_grad():
+            h.bias.copy_(layer_bias(model, lp.name))
         set_submodule(hybrid, lp.name, h)
     return hybrid
 
