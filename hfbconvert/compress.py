@@ -325,12 +325,15 @@ def apply_plan_override(plans: list[LayerPlan], override: dict, layers: list[Poi
 
 def sensitivity_inputs(model: nn.Module, layers: list[PointwiseLayer],
                        data: CalibData | None, cfg: CompressConfig):
-    """Σ per layer (None without data), loss curves and output energies per filter."""
+    """Σ per layer (None without data), loss curves, output energies per filter and the
+    layer input means (None without data)."""
     sig: dict[str, torch.Tensor | None] = {ly.name: None for ly in layers}
+    means: dict[str, torch.Tensor | None] = {ly.name: None for ly in layers}
     if data is not None:
         st = collect_input_stats(model, [ly.name for ly in layers],
                                  _batches(data, cfg.stats_images, seed=cfg.seed), seed=cfg.seed)
         sig = {n: s.sigma for n, s in st.items()}
+        means = {n: s.mean for n, s in st.items()}
     curves, energies, densities = {}, {}, {}
     with progress.task("sensitivity", len(layers)) as t:
         for ly in layers:
@@ -345,7 +348,7 @@ def sensitivity_inputs(model: nn.Module, layers: list[PointwiseLayer],
             energies[ly.name] = ((w.double() @ s) * w.double()).sum(1) if s is not None else \
                 w.double().pow(2).sum(1)
             t.advance(1, info=ly.name)
-    return sig, curves, energies, densities
+    return sig, curves, energies, densities, means
 
 
 def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: CompressConfig,
@@ -378,7 +381,7 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
         train, held_data = data.split(cfg.held_fraction, seed=cfg.seed,
                                       count=held_count(len(data), cfg))
         held = _batches(held_data, 512)
-    sig, curves, energies, densities = sensitivity_inputs(model, layers, train, cfg)
+    sig, curves, energies, densities, means = sensitivity_inputs(model, layers, train, cfg)
     timings["sensitivity_s"] = time.perf_counter() - t0
     frag = {ly.name: 1.0 for ly in layers}
     if cfg.fragility and train is not None and cfg.method == "hybrid":
@@ -405,7 +408,8 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
         h = hybrid.get_submodule(ly.name)
         w, b = layer_weight(model, ly.name), layer_bias(model, ly.name)
         s = sig[ly.name]
-        stats = PairStats.identity(w, b) if s is None else _orig_pair_stats(w, b, s)
+        stats = PairStats.identity(w, b) if s is None else _orig_pair_stats(w, b, s,
+                                                                            means[ly.name])
         if cfg.method == "twn":
             _twn_init(h, w)
             fit_layer(h, stats, bias_correction=cfg.bias_correction, reinit_codes=False,
@@ -631,13 +635,14 @@ def output_errors(model: nn.Module, hybrid: nn.Module, names: list[str],
     return {n: a / max(b, 1e-30) for n, (a, b) in acc.items()}
 
 
-def _orig_pair_stats(w: torch.Tensor, b: torch.Tensor, sigma: torch.Tensor) -> PairStats:
+def _orig_pair_stats(w: torch.Tensor, b: torch.Tensor, sigma: torch.Tensor,
+                     mean: torch.Tensor) -> PairStats:
     """PairStats of (x, W x + b) from the original input's uncentered second moment Σ
-    (the mean is not tracked here, so the centered stats use mean 0)."""
-    w = w.double()
-    zero = torch.zeros(w.shape[1], dtype=torch.float64)
-    return PairStats(sigma.double(), sigma.double() @ w.T, zero,
-                     b.double(), 1)
+    and mean μ: E[x yᵀ] = Σ Wᵀ + μ bᵀ, E[y] = W μ + b. The fit then works in the centered
+    Σ and the bias correction moves the bias by (W − Ŵ) μ."""
+    w, b, mu = w.double(), b.double(), mean.double()
+    return PairStats(sigma.double(), sigma.double() @ w.T + torch.outer(mu, b), mu,
+                     w @ mu + b, 1)
 
 
 def _guarded_finetune(hybrid: nn.Module, model: nn.Module, train: CalibData, held: list,

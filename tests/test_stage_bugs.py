@@ -14,11 +14,13 @@ import torch
 from torch import nn
 
 from calib.readers import CalibData
+from hfbconvert import compress as compress_mod
 from hfbconvert.bnfold import fold_batchnorms
 from hfbconvert.compress import CompressConfig, compress
 from hfbconvert.finetune import FinetuneConfig
 from hfbconvert.hybrid import HybridPointwise
-from hfbconvert.layers import layer_bias
+from hfbconvert.layers import find_pointwise, layer_bias, layer_weight
+from hfbconvert.stats import collect_input_stats
 
 from .tiny import tiny_info, tiny_v1
 
@@ -70,3 +72,33 @@ def test_no_bias_correction_keeps_original_bias_through_reconstruction() -> None
     assert "reconstruction" in meta
     for name, h in _hybrids(hybrid).items():
         assert torch.equal(h.bias.detach(), layer_bias(model, name)), name
+
+
+# ---------------------------------------------------------------- 2. mean-shift correction
+def test_bias_correction_uses_the_input_mean() -> None:
+    """The one-shot fit matches each layer's output mean on the calibration inputs: the
+    bias moves by (W_orig - W_hybrid) @ E[x], E[x] the mean of the layer's real input
+    (on ReLU6 activations far from zero)."""
+    model = _folded()
+    data = _data()
+    cfg = CompressConfig(**FIT_ONLY)
+    hybrid, _ = compress(model, tiny_info(), data, cfg)
+    # the statistics compress gathers: same split, same sample, same pixel positions
+    train, _ = data.split(cfg.held_fraction, seed=cfg.seed,
+                          count=compress_mod.held_count(len(data), cfg))
+    names = [ly.name for ly in find_pointwise(model, tiny_info().resolution)]
+    st = collect_input_stats(model, names, compress_mod._batches(train, cfg.stats_images,
+                                                                 seed=cfg.seed), seed=cfg.seed)
+    hs = _hybrids(hybrid)
+    nontrivial = 0
+    for name, h in hs.items():
+        w = layer_weight(model, name).double()
+        wh = h.effective_weight().detach().double()
+        mean = st[name].mean.double()
+        assert mean.norm() > 0.1, name
+        expected = (w - wh) @ mean
+        nontrivial += h.n_tolerant > 0 and bool(expected.norm() > 1e-3)
+        shift = h.bias.detach().double() - layer_bias(model, name).double()
+        assert torch.allclose(shift, expected, rtol=1e-4, atol=1e-5), (
+            name, float((shift - expected).norm()), float(expected.norm()))
+    assert nontrivial >= 3  # banks whose rounding error the correction must absorb
