@@ -102,3 +102,22 @@ def test_bias_correction_uses_the_input_mean() -> None:
         assert torch.allclose(shift, expected, rtol=1e-4, atol=1e-5), (
             name, float((shift - expected).norm()), float(expected.norm()))
     assert nontrivial >= 3  # banks whose rounding error the correction must absorb
+
+
+def test_make_psd_survives_eigh_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The centered covariance of a (nearly) constant input is rounding noise, ~1e-17 and
+    indefinite; LAPACK's eigh failed to converge on one (one thread) and took compress
+    down. make_psd then shifts the spectrum instead."""
+    from hfbconvert import linalg
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 64, generator=g, dtype=torch.float64) * 1e-17
+    noise = 0.5 * (a + a.T)  # indefinite, no Cholesky factor with the usual jitter
+
+    def fails(_m):
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", fails)
+    out = linalg.make_psd(noise)
+    assert int(torch.linalg.cholesky_ex(out)[1]) == 0
+    assert torch.allclose(out - torch.diagonal(out - noise).mean() * torch.eye(64), noise)
