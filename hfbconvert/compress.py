@@ -134,12 +134,23 @@ def _batches(data: CalibData, n: int, bs: int = 64, seed: int = 0) -> list[torch
     return [x for x, _ in data.sample(n, seed=seed).batches(bs)]
 
 
+def _device_of(net: nn.Module) -> torch.device:
+    """Where ``net`` computes: its first parameter's (or buffer's) device, else the CPU."""
+    for t in net.parameters():
+        return t.device
+    for t in net.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
 def _paired_logits(student: nn.Module, teacher: nn.Module, images: list[torch.Tensor]):
-    """(student logits, teacher logits) per batch, both networks in eval mode."""
+    """(student logits, teacher logits) per batch on the CPU, both networks in eval mode,
+    each fed the batch on its own device."""
     student.eval()
     teacher.eval()
+    ds, dt = _device_of(student), _device_of(teacher)
     for x in images:
-        yield student(x), teacher(x)
+        yield student(x.to(ds)).cpu(), teacher(x.to(dt)).cpu()
 
 
 def held_count(n: int, cfg: CompressConfig) -> int:
@@ -368,7 +379,9 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
     if cfg.bn_scope not in BN_SCOPES:
         raise InputError(f"unknown BN scope {cfg.bn_scope!r}; choose from {', '.join(BN_SCOPES)}")
     torch.manual_seed(cfg.seed)
-    model.eval()
+    # the caller's model is never touched: every stage reads a private eval-mode copy (no
+    # training flag, device move, hook, attribute or transient weight change leaks back)
+    model = copy.deepcopy(model).eval()
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     stages: list[dict] = []
@@ -612,7 +625,7 @@ def output_errors(model: nn.Module, hybrid: nn.Module, names: list[str],
 
     def grab(store: dict, n: str):
         def hook(_m, _i, out):
-            store[n] = out.detach()
+            store[n] = out.detach().cpu()
         return hook
 
     for x in images:
@@ -623,7 +636,7 @@ def output_errors(model: nn.Module, hybrid: nn.Module, names: list[str],
                   for n in names]
             try:
                 net.eval()
-                net(x)
+                net(x.to(_device_of(net)))
             finally:
                 for h in hs:
                     h.remove()
