@@ -63,10 +63,6 @@ def hooked_eval(model: nn.Module, handles: Iterable) -> Iterator[nn.Module]:
         model.train(was)
 
 
-def get_submodule(model: nn.Module, name: str) -> nn.Module:
-    return model.get_submodule(name)
-
-
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
