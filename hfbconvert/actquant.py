@@ -8,10 +8,11 @@ Element-wise residual additions and the pooling/classifier glue between layers s
 float.
 
 Each quantizer is per-tensor affine uint8 (``q = clamp(round(x/s) + zp, 0, 255)``, the
-onnxruntime QDQ default for activations), implemented with
-``torch.fake_quantize_per_tensor_affine`` so gradients pass straight through (STE) when a
-model is fine-tuned with the quantizers in the loop, and the TorchScript ONNX exporter
-turns it into a standard QuantizeLinear/DequantizeLinear pair.
+onnxruntime QDQ default for activations), computed as QuantizeLinear's arithmetic
+(:func:`fake_quant_ref`) with a straight-through gradient (STE) when a model is fine-tuned
+with the quantizers in the loop. ONNX export writes that arithmetic out in standard ops
+by default; only ``export --qdq`` (``export_qdq``) traces it through
+``torch.fake_quantize_per_tensor_affine`` into a QuantizeLinear/DequantizeLinear pair.
 
 Calibration is MSE-optimal clipping: for each tensor the range [lo, hi] of the calibration
 activations is shrunk by each ratio in :data:`CLIP_RATIOS` and the one with the smallest

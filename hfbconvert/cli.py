@@ -497,6 +497,7 @@ def compress(ctx, model, arch, trust_pickle, calib, calib_size, resolution, pres
     from .weightquant import check_bits
 
     _setup(quiet, seed)
+    device = _device(device)  # before any work: --device cuda without CUDA is refused
     if critical_fraction is not None and budget is not None:
         raise InputError("--critical-fraction replaces --budget (uniform mode); give one")
     budget = 0.536 if budget is None else budget
@@ -521,7 +522,7 @@ def compress(ctx, model, arch, trust_pickle, calib, calib_size, resolution, pres
         min_agreement=min_agreement, seed=seed, include=tuple(include),
         exclude=tuple(exclude),
         finetune=FinetuneConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                                device=_device(device)), weight_bits=weight_bits,
+                                device=device), weight_bits=weight_bits,
         activation_bits=activation_bits, hidden_bits=hidden_bits)
     with output_lock([] if dry_run else [out]):
         data, info = _load_calib(calib, info, calib_size, seed, resolution, preset, net)

@@ -144,12 +144,23 @@ def _batches(data: CalibData, n: int, bs: int = 64, seed: int = 0) -> list[torch
     return [x for x, _ in data.sample(n, seed=seed).batches(bs)]
 
 
+def _device_of(net: nn.Module) -> torch.device:
+    """Where ``net`` computes: its first parameter's (or buffer's) device, else the CPU."""
+    for t in net.parameters():
+        return t.device
+    for t in net.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
 def _paired_logits(student: nn.Module, teacher: nn.Module, images: list[torch.Tensor]):
-    """(student logits, teacher logits) per batch, both networks in eval mode."""
+    """(student logits, teacher logits) per batch on the CPU, both networks in eval mode,
+    each fed the batch on its own device."""
     student.eval()
     teacher.eval()
+    ds, dt = _device_of(student), _device_of(teacher)
     for x in images:
-        yield student(x), teacher(x)
+        yield student(x.to(ds)).cpu(), teacher(x.to(dt)).cpu()
 
 
 def held_count(n: int, cfg: CompressConfig) -> int:
@@ -217,11 +228,14 @@ def _twn_init(layer: HybridPointwise, w: torch.Tensor) -> None:
 
 def build_hybrid(model: nn.Module, plans: list[LayerPlan], kinds: dict[str, str],
                  strides: dict[str, int] | None = None) -> nn.Module:
-    """Deep-copy ``model`` and swap each planned layer for an (unfitted) HybridPointwise."""
+    """Deep-copy ``model`` and swap each planned layer for an (unfitted) HybridPointwise
+    that starts with the original layer's bias (kept as is when no fit corrects it)."""
     hybrid = copy.deepcopy(model)
     for lp in plans:
         h = HybridPointwise(lp.c_in, lp.c_out, torch.tensor(lp.critical_idx, dtype=torch.long),
                             lp.r, kinds[lp.name], stride=(strides or {}).get(lp.name, 1))
+        with torch.no_grad():
+            h.bias.copy_(layer_bias(model, lp.name))
         set_submodule(hybrid, lp.name, h)
     return hybrid
 
@@ -333,12 +347,15 @@ def apply_plan_override(plans: list[LayerPlan], override: dict, layers: list[Poi
 
 def sensitivity_inputs(model: nn.Module, layers: list[PointwiseLayer],
                        data: CalibData | None, cfg: CompressConfig):
-    """Σ per layer (None without data), loss curves and output energies per filter."""
+    """Σ per layer (None without data), loss curves, output energies per filter and the
+    layer input means (None without data)."""
     sig: dict[str, torch.Tensor | None] = {ly.name: None for ly in layers}
+    means: dict[str, torch.Tensor | None] = {ly.name: None for ly in layers}
     if data is not None:
         st = collect_input_stats(model, [ly.name for ly in layers],
                                  _batches(data, cfg.stats_images, seed=cfg.seed), seed=cfg.seed)
         sig = {n: s.sigma for n, s in st.items()}
+        means = {n: s.mean for n, s in st.items()}
     curves, energies, densities = {}, {}, {}
     with progress.task("sensitivity", len(layers)) as t:
         for ly in layers:
@@ -353,7 +370,7 @@ def sensitivity_inputs(model: nn.Module, layers: list[PointwiseLayer],
             energies[ly.name] = ((w.double() @ s) * w.double()).sum(1) if s is not None else \
                 w.double().pow(2).sum(1)
             t.advance(1, info=ly.name)
-    return sig, curves, energies, densities
+    return sig, curves, energies, densities, means
 
 
 def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: CompressConfig,
@@ -373,7 +390,9 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
     if cfg.bn_scope not in BN_SCOPES:
         raise InputError(f"unknown BN scope {cfg.bn_scope!r}; choose from {', '.join(BN_SCOPES)}")
     torch.manual_seed(cfg.seed)
-    model.eval()
+    # the caller's model is never touched: every stage reads a private eval-mode copy (no
+    # training flag, device move, hook, attribute or transient weight change leaks back)
+    model = copy.deepcopy(model).eval()
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     stages: list[dict] = []
@@ -387,7 +406,7 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
         train, held_data = data.split(cfg.held_fraction, seed=cfg.seed,
                                       count=held_count(len(data), cfg))
         held = _batches(held_data, 512)
-    sig, curves, energies, densities = sensitivity_inputs(model, layers, train, cfg)
+    sig, curves, energies, densities, means = sensitivity_inputs(model, layers, train, cfg)
     timings["sensitivity_s"] = time.perf_counter() - t0
     frag = {ly.name: 1.0 for ly in layers}
     if cfg.fragility and train is not None and cfg.method == "hybrid":
@@ -414,7 +433,8 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
         h = hybrid.get_submodule(ly.name)
         w, b = layer_weight(model, ly.name), layer_bias(model, ly.name)
         s = sig[ly.name]
-        stats = PairStats.identity(w, b) if s is None else _orig_pair_stats(w, b, s)
+        stats = PairStats.identity(w, b) if s is None else _orig_pair_stats(w, b, s,
+                                                                            means[ly.name])
         if cfg.method == "twn":
             _twn_init(h, w)
             fit_layer(h, stats, bias_correction=cfg.bias_correction, reinit_codes=False,
@@ -617,7 +637,7 @@ def output_errors(model: nn.Module, hybrid: nn.Module, names: list[str],
 
     def grab(store: dict, n: str):
         def hook(_m, _i, out):
-            store[n] = out.detach()
+            store[n] = out.detach().cpu()
         return hook
 
     for x in images:
@@ -628,7 +648,7 @@ def output_errors(model: nn.Module, hybrid: nn.Module, names: list[str],
                   for n in names]
             try:
                 net.eval()
-                net(x)
+                net(x.to(_device_of(net)))
             finally:
                 for h in hs:
                     h.remove()
@@ -640,13 +660,14 @@ def output_errors(model: nn.Module, hybrid: nn.Module, names: list[str],
     return {n: a / max(b, 1e-30) for n, (a, b) in acc.items()}
 
 
-def _orig_pair_stats(w: torch.Tensor, b: torch.Tensor, sigma: torch.Tensor) -> PairStats:
+def _orig_pair_stats(w: torch.Tensor, b: torch.Tensor, sigma: torch.Tensor,
+                     mean: torch.Tensor) -> PairStats:
     """PairStats of (x, W x + b) from the original input's uncentered second moment Σ
-    (the mean is not tracked here, so the centered stats use mean 0)."""
-    w = w.double()
-    zero = torch.zeros(w.shape[1], dtype=torch.float64)
-    return PairStats(sigma.double(), sigma.double() @ w.T, zero,
-                     b.double(), 1)
+    and mean μ: E[x yᵀ] = Σ Wᵀ + μ bᵀ, E[y] = W μ + b. The fit then works in the centered
+    Σ and the bias correction moves the bias by (W − Ŵ) μ."""
+    w, b, mu = w.double(), b.double(), mean.double()
+    return PairStats(sigma.double(), sigma.double() @ w.T + torch.outer(mu, b), mu,
+                     w @ mu + b, 1)
 
 
 def _guarded_finetune(hybrid: nn.Module, model: nn.Module, train: CalibData, held: list,

@@ -129,12 +129,6 @@ class ModelCost:
         return {"totals": self.totals(), "layers": [asdict(c) for c in self.layers]}
 
 
-def dense_cost(c_in: int, c_out: int, pixels: int, fp_bits: int = 32, bias: bool = False):
-    """MULs/ADDs/params/bytes of a dense pointwise layer over ``pixels`` positions."""
-    params = c_in * c_out + (c_out if bias else 0)
-    return pixels * c_in * c_out, pixels * c_out * (c_in - 1), params, params * fp_bits / 8
-
-
 def ternary_bytes(n: int) -> float:
     return math.ceil(n * TERNARY_BITS / 8)
 

@@ -276,8 +276,8 @@ def finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
     ckpt_path = Path(checkpoint) if checkpoint else None
     ident = run_identity(student, teacher, images, labels, cfg, label_offset, identity) \
         if ckpt_path is not None else {}
-    teacher.eval().to(dev)
-    student.to(dev)
+    home = next(iter(student.parameters()), torch.zeros(())).device
+    student.to(dev)  # and back to ``home`` at the end
     freeze_step = int(cfg.freeze_at * cfg.steps)
     log = FinetuneLog()
     start = 0
@@ -298,9 +298,6 @@ def finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
         log = FinetuneLog(**state["log"])
     elif freeze_step <= 0:
         _freeze_all(student)
-    grad_flags = [(p, p.requires_grad) for p in teacher.parameters()]
-    for p in teacher.parameters():
-        p.requires_grad_(False)
     opt = torch.optim.Adam(_param_groups(student, cfg))
     if state is not None:
         try:
@@ -308,18 +305,37 @@ def finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
         except (ValueError, KeyError) as exc:
             raise InputError(f"{ckpt_path}: checkpoint's optimizer state does not fit this "
                              f"model ({exc})") from None
-    tap = _FeatureTap(student, teacher, teacher_at) if cfg.feature_weight > 0 else None
+    # the caller's teacher is never moved: a copy goes to ``dev`` when it is elsewhere;
+    # its training flags and requires_grad are switched for the run and restored after it
+    run_teacher = teacher if _on_device(teacher, dev) else copy.deepcopy(teacher).to(dev)
+    modes = [(m, m.training) for m in run_teacher.modules()]
+    grad_flags = [(p, p.requires_grad) for p in run_teacher.parameters()]
+    tap = None
     try:
-        _loop(student, teacher, images, labels, normalize, cfg, opt, start, freeze_step, log,
-              ckpt_path, on_step, label_offset, tap, state is not None, ident, dev)
+        run_teacher.eval()
+        for p in run_teacher.parameters():
+            p.requires_grad_(False)
+        tap = _FeatureTap(student, run_teacher, teacher_at) if cfg.feature_weight > 0 else None
+        _loop(student, run_teacher, images, labels, normalize, cfg, opt, start, freeze_step,
+              log, ckpt_path, on_step, label_offset, tap, state is not None, ident, dev)
     finally:
         if tap is not None:
             tap.close()
         for p, flag in grad_flags:  # the caller's model comes back as it was given
             p.requires_grad_(flag)
+        for m, mode in modes:
+            m.training = mode
     _freeze_all(student)
+    student.to(home)  # the caller evaluates it where it was given
     student.eval()
     return log
+
+
+def _on_device(module: nn.Module, dev: torch.device) -> bool:
+    """Every parameter and buffer of ``module`` is on ``dev`` (``cuda`` matches any
+    ``cuda:N``)."""
+    return all(t.device.type == dev.type and (dev.index is None or t.device.index == dev.index)
+               for t in [*module.parameters(), *module.buffers()])
 
 
 _CHECKPOINT_KEYS = ("step", "student", "optimizer", "frozen", "log")

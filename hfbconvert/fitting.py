@@ -61,12 +61,6 @@ def _ridge_solve(cov: torch.Tensor, rhs: torch.Tensor, ridge: float,
     return solve(cov + lam * torch.eye(c, dtype=cov.dtype), rhs)
 
 
-def optimal_dense(stats: PairStats, ridge: float = 1e-4) -> torch.Tensor:
-    """W* (c_out, c_in): the least-squares dense weights for the given pairs."""
-    cov, cross = stats.centered()
-    return _ridge_solve(cov, cross, ridge).T
-
-
 def init_bank(w_tol: torch.Tensor, sigma: torch.Tensor | None, r: int) -> tuple[torch.Tensor, ...]:
     """Initial SPN factors for the tolerant rows: each filter gets ⌊r/n⌋ private ternary
     terms from the greedy fitter, and the filters with the largest remaining loss get one

@@ -64,8 +64,9 @@ class HybridPointwise(nn.Module):
         self.register_buffer("wb_codes", torch.zeros(self.r, c_in, dtype=torch.int8))
         self.register_buffer("wc_codes", torch.zeros(n_t, self.r, dtype=torch.int8))
         self.frozen = False
-        # int8 activations (actquant.attach): the layer input, and the hidden units a ⊙ W_b x
-        # requantized once each so that W_c accumulates int8 values too
+        # int8 activations (actquant.attach): the layer input; the hidden units a ⊙ W_b x
+        # only with hidden_bits 8 (requantized to uint8 once each). By default (hidden_bits
+        # 32) hidden_quant stays None: the hidden units are exact int32 and W_c adds them
         self.input_quant: nn.Module | None = None
         self.hidden_quant: nn.Module | None = None
 

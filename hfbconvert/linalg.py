@@ -26,10 +26,29 @@ def make_psd(sigma: torch.Tensor, rel_jitter: float = 1e-6) -> torch.Tensor:
     out = s + jitter * eye
     _, info = torch.linalg.cholesky_ex(out)
     if int(info) != 0:
-        vals, vecs = torch.linalg.eigh(s)
+        try:
+            vals, vecs = torch.linalg.eigh(s)
+        except torch.linalg.LinAlgError:
+            # LAPACK fails to converge on some all-noise matrices (the centered covariance
+            # of a constant input, entries ~1e-17; seen with one thread): shift the
+            # spectrum up instead, by at most the Gershgorin bound that makes it PSD
+            return _shift_to_pd(s, jitter)
         out = (vecs * vals.clamp_min(0)) @ vecs.T + jitter * eye
         out = 0.5 * (out + out.T)
     return out
+
+
+def _shift_to_pd(s: torch.Tensor, jitter: float) -> torch.Tensor:
+    """``s + t·I`` with the smallest t in jitter·10^k (k >= 0) that has a Cholesky factor,
+    at most the Gershgorin bound (max row sum of |s|) plus ``jitter``."""
+    eye = torch.eye(s.shape[0], dtype=s.dtype, device=s.device)
+    bound = float(s.abs().sum(1).max()) + jitter
+    t = jitter
+    while t < bound:
+        if int(torch.linalg.cholesky_ex(s + t * eye)[1]) == 0:
+            return s + t * eye
+        t *= 10
+    return s + bound * eye
 
 
 def solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

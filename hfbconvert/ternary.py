@@ -30,24 +30,6 @@ def twn_ternarize(w: torch.Tensor, dim: int | None = -1) -> tuple[torch.Tensor, 
     return codes, scale
 
 
-class _TernarySTE(torch.autograd.Function):
-    """Forward: scale·ternary(w); backward: identity (straight-through)."""
-
-    @staticmethod
-    def forward(ctx, w: torch.Tensor, dim: int | None) -> torch.Tensor:  # type: ignore[override]
-        codes, scale = twn_ternarize(w, dim)
-        return codes * scale
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        return grad, None
-
-
-def ternary_ste(w: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Ternarize ``w`` in the forward pass with a straight-through gradient."""
-    return _TernarySTE.apply(w, dim)
-
-
 class _SignSTE(torch.autograd.Function):
     """Forward: round-to-ternary of a code tensor already near {-1,0,1}; backward: identity."""
 

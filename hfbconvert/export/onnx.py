@@ -128,7 +128,9 @@ def strassen_function(packing: str, opset: int, scaled: bool,
     (``hidden_quant``; ``s`` is then always present) the hidden units ``a ⊙ (W_b * X)`` pass
     through uint8 quantization with h_scale [r], h_zero_point: uint8 [r] (QuantizeLinear +
     DequantizeLinear semantics along axis 1, written out in arithmetic ops) before W_c; the
-    r pairs differ by powers of two (docs/onnx_ops.md).
+    r pairs differ by powers of two (docs/onnx_ops.md). That is ``compress --hidden-bits
+    8`` only: by default (int32 hidden units, exact) int8 models use the function without
+    ``h_scale``/``h_zero_point``.
     """
     inputs = ["X", "Wb", "Wc", "a"] + (["s"] if scaled else []) + (
         ["h_scale", "h_zero_point"] if hidden_quant else [])
@@ -227,7 +229,8 @@ class _StrassenFn(torch.autograd.Function):
 def _fake_quant_hidden(h: torch.Tensor, scale: tuple[float, ...], zp: tuple[int, ...],
                        ) -> torch.Tensor:
     """``actquant.ActQuant``'s per-channel arithmetic on the hidden units (traced values
-    only; the symbolic emits QuantizeLinear/DequantizeLinear with axis 1)."""
+    only; the symbolic passes h_scale/h_zero_point to the hfb function, whose body writes
+    the same arithmetic out in standard ops)."""
     from ..actquant import fake_quant_ref
 
     return fake_quant_ref(h, torch.tensor(scale, dtype=torch.float32)[None, :, None, None],
@@ -278,8 +281,9 @@ class _ExportHybrid(nn.Module):
             self.channel_scale = None
         # int32 indices (ONNX Gather takes int32 or int64): half the bytes of int64
         self.register_buffer("perm", h.perm.detach().to(torch.int32).clone())
-        # int8 activations: the same quantizer modules (traced into QuantizeLinear/
-        # DequantizeLinear); the hidden one's parameters become function inputs
+        # int8 activations: the same quantizer modules, traced as their arithmetic (Div,
+        # Round, Add, Clip, Sub, Mul) or, with --qdq, as QuantizeLinear/DequantizeLinear;
+        # the hidden one's parameters (--hidden-bits 8 only) become function inputs
         self.input_quant = copy.deepcopy(h.input_quant)
         hq = h.hidden_quant if self.n_t else None
         r = max(self.r, 1)
