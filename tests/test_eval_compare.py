@@ -195,3 +195,54 @@ def test_schemas_are_package_data() -> None:
     assert "schemas/*.json" in cfg
     for name in ("eval.json", "eval-compare.json"):
         assert _schema(name)["properties"]["schema_version"]["const"] == 1
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def test_bench_per_image_record_matches_the_cli(models) -> None:
+    """The int8 cell's in-process record has the CLI's image fingerprint, so
+    bench/compare.py can pair it with any hfbconvert-evaluated cell."""
+    import torch
+
+    from bench.measure import per_image_from_logits
+    from calib.presets import preset_for
+    from calib.readers import load_images
+    from hfbconvert.models.loading import load_model
+
+    cli = _json(models["a"], "--data", models["npz"], "--per-image")["per_image"]
+    net, info = load_model(str(models["a"]))
+    data = load_images(models["npz"], preset_for(info), seed=0)
+    with torch.no_grad():
+        logits = torch.cat([net.eval()(x) for x, _ in data.batches(16)]).numpy()
+    assert per_image_from_logits(logits, data, info.label_offset) == cli
+
+
+def _cell(bits: np.ndarray | None, sha: str = "x" * 64) -> dict:
+    from hfbconvert.metrics import encode_bits
+
+    c: dict = {"model": "m", "method": "h", "top1": None if bits is None else bits.mean(),
+               "n_eval": None if bits is None else bits.size}
+    if bits is not None:
+        c["per_image"] = {"n": bits.size, "images_sha256": sha,
+                          "correct_hex": encode_bits(bits), "pred_b64": ""}
+    return c
+
+
+def test_bench_compare_pairs_cells_with_per_image_results() -> None:
+    from bench.compare import paired_line, paired_section
+
+    rng = np.random.default_rng(0)
+    old = rng.random(1300) < 0.72
+    new = old.copy()
+    new[np.flatnonzero(~old)[:40]] = True  # new fixes 40 images, breaks none
+    line = paired_line(_cell(old), _cell(new))
+    assert line.startswith("new - old +3.08pp [") and "only new right 40, only old 0" in line
+    assert line.endswith("new better than old")
+    same = paired_line(_cell(old), _cell(old))
+    assert "+0.00pp" in same and same.endswith("within noise (±0.00 points)")
+    assert "different evaluation images" in paired_line(_cell(old), _cell(new, "y" * 64))
+    assert "the old file" in paired_line(_cell(None), _cell(new))
+    lines = paired_section({"cells": [_cell(old)]}, {"cells": [_cell(new)]})
+    i = next(i for i, ln in enumerate(lines) if ln.startswith("m ") and " -> " in ln)
+    assert f"{100 * old.mean():.2f} [" in lines[i] and lines[i + 1].endswith("than old")
