@@ -677,14 +677,15 @@ def eval_cmd(model, arch, trust_pickle, data_path, size, original, compare, per_
     parts = []
     for k, ci_key in (("top1", "top1_ci95"), ("top5", None), ("agreement", "agreement_ci95")):
         if res[k] is not None:
-            ci = f" [{100 * res[ci_key][0]:.2f}, {100 * res[ci_key][1]:.2f}]" if ci_key else ""
-            parts.append(f"{k} {100 * res[k]:.2f}%{ci}")
+            ci = f" [{res[ci_key][0]:.4f}, {res[ci_key][1]:.4f}]" if ci_key else ""
+            parts.append(f"{k} {res[k]:.4f}{ci}")
     if res["kl"] is not None:
-        parts.append(f"KL(original||model) {res['kl']:.4f} nats "
+        parts.append(f"kl {res['kl']:.4f} "
                      f"[{res['kl_ci95'][0]:.4f}, {res['kl_ci95'][1]:.4f}]")
     click.echo(f"{model}: n {res['n']}  " + "  ".join(parts))
-    if res["n"] and parts:
-        click.echo("  (95% intervals: bootstrap over images)")
+    if parts:
+        click.echo("  [95% intervals: bootstrap over images; kl: mean KL(original||model), "
+                   "nats]")
 
 
 def _eval_compare(paths: tuple[str, str], arch, trust_pickle: bool, data_path: str,

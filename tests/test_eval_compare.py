@@ -246,3 +246,10 @@ def test_bench_compare_pairs_cells_with_per_image_results() -> None:
     lines = paired_section({"cells": [_cell(old)]}, {"cells": [_cell(new)]})
     i = next(i for i, ln in enumerate(lines) if ln.startswith("m ") and " -> " in ln)
     assert f"{100 * old.mean():.2f} [" in lines[i] and lines[i + 1].endswith("than old")
+
+
+def test_single_eval_text_shows_intervals(models) -> None:
+    out = ok(run("eval", models["b"], "--data", models["npz"], "--original", models["a"],
+                 "-q")).stdout
+    assert re.search(r"top1 \d\.\d{4} \[\d\.\d{4}, \d\.\d{4}\]", out), out
+    assert "agreement " in out and "kl " in out and "bootstrap over images" in out
