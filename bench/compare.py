@@ -2,7 +2,10 @@
 
 Without arguments: the two latest files in bench/results (``--suite`` restricts the
 choice to one suite). Per cell (model × method): top-1 (points), MULs, ONNX bytes,
-conversion time and the batch-1 latency ratio, old → new.
+conversion time and the batch-1 latency ratio, old → new. Then, per cell, top-1 with its
+95% interval and, where both files stored per-image results on the same images, the
+paired difference new - old (bootstrap interval over images, McNemar's exact test) worded
+by the rule: "better"/"worse" only when the interval excludes zero.
 """
 
 from __future__ import annotations
@@ -10,6 +13,17 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+import numpy as np
+
+from hfbconvert.metrics import (
+    decode_bits,
+    discordant,
+    mcnemar_exact,
+    paired_difference_interval,
+    verdict,
+    wilson_interval,
+)
 
 from .cases import REPO, TABLE_ORDER
 from .report import load_results, results_files
@@ -102,6 +116,64 @@ def compare(old: dict, new: dict) -> list[str]:
     return lines
 
 
+def _top1_ci(cell: dict | None) -> str:
+    """Top-1 with its interval: the stored bootstrap one, else Wilson from top-1 and n
+    (results files written before per-image results)."""
+    if not cell or cell.get("top1") is None:
+        return "—"
+    ci = cell.get("top1_ci95")
+    if ci is None and cell.get("n_eval"):
+        ci = wilson_interval(round(cell["top1"] * cell["n_eval"]), cell["n_eval"])
+    if ci is None:
+        return f"{100 * cell['top1']:.2f}"
+    return f"{100 * cell['top1']:.2f} [{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]"
+
+
+def _bits(cell: dict | None) -> tuple[np.ndarray, str] | None:
+    p = (cell or {}).get("per_image") or {}
+    if not p.get("correct_hex") or not p.get("n"):
+        return None
+    return decode_bits(p["correct_hex"], int(p["n"])), str(p.get("images_sha256"))
+
+
+def paired_line(a: dict | None, b: dict | None, seed: int = 0) -> str:
+    """new - old for one cell, paired over images when both stored per-image results on
+    the same images; otherwise says why not."""
+    pa, pb = _bits(a), _bits(b)
+    if a is None or b is None:
+        return ""
+    if pa is None or pb is None:
+        return "not paired (per-image results not stored in " + \
+            ("either file" if pa is None and pb is None else
+             "the old file" if pa is None else "the new file") + ")"
+    (xa, ha), (xb, hb) = pa, pb
+    if ha != hb or xa.size != xb.size:
+        return "not paired (different evaluation images)"
+    d, (lo, hi) = paired_difference_interval(xb, xa, seed=seed)
+    only_new, only_old = discordant(xb, xa)
+    word = verdict(d, lo, hi, better="new better than old", worse="new worse than old")
+    return (f"new - old {100 * d:+.2f}pp [{100 * lo:+.2f}, {100 * hi:+.2f}], McNemar p = "
+            f"{mcnemar_exact(only_new, only_old):.3g} (only new right {only_new}, only old "
+            f"{only_old}): {word}")
+
+
+def paired_section(old: dict, new: dict) -> list[str]:
+    co = {(c["model"], c["method"]): c for c in old["cells"]}
+    cn = {(c["model"], c["method"]): c for c in new["cells"]}
+    lines = ["", "top-1 with 95% interval (old -> new); paired difference over the same "
+             "images where both files stored per-image results"]
+    rank = {m: i for i, m in enumerate(TABLE_ORDER)}
+    for key in sorted(set(co) | set(cn), key=lambda k: (k[0], rank.get(k[1], 99), k[1])):
+        a, b = co.get(key), cn.get(key)
+        if (a or {}).get("top1") is None and (b or {}).get("top1") is None:
+            continue
+        lines.append(f"{key[0]:<16} {key[1]:<20} {_top1_ci(a)} -> {_top1_ci(b)}")
+        pl = paired_line(a, b)
+        if pl:
+            lines.append(f"{'':<37} {pl}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__)
     p.add_argument("files", nargs="*", type=Path, help="OLD NEW (default: the two latest)")
@@ -126,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print("\n".join(compare(old, new)))
+    print("\n".join(compare(old, new) + paired_section(old, new)))
     return 0
 
 

@@ -286,9 +286,11 @@ class ModelContext:
 
 
 def _eval_args(ctx: ModelContext, model_path: str) -> list[str]:
-    args = ["eval", model_path, "--data", ctx.eval_data, "--json", "--seed", "0"]
+    # --per-image: correctness bits and predictions per image, so that two results files
+    # can later be compared paired (bench/compare.py)
+    args = ["eval", model_path, "--data", ctx.eval_data, "--json", "--per-image", "--seed", "0"]
     if ctx.case.eval_size:
-        args += ["--size", str(ctx.case.eval_size)]
+        args += ["--data-size", str(ctx.case.eval_size)]
     return args
 
 
@@ -320,6 +322,21 @@ def _eval_into(cell: dict, r: ProcResult) -> None:
     j = r.json or {}
     cell.update(top1=j.get("top1"), top5=j.get("top5"), agreement=j.get("agreement"),
                 n_eval=j.get("n"))
+    for k in ("top1_ci95", "agreement_ci95", "kl", "kl_ci95", "per_image"):
+        if j.get(k) is not None:
+            cell[k] = j[k]
+
+
+def per_image_from_logits(logits: np.ndarray, data, label_offset: int) -> dict:
+    """The per-image record `hfbconvert eval --per-image` writes, for a model evaluated
+    here (onnxruntime int8): same images fingerprint, bits and predictions."""
+    from hfbconvert.evaluate import PerImage, per_image_record
+
+    pred = logits.argmax(1).astype(np.int64)
+    correct = None
+    if data.labels is not None:
+        correct = pred == data.labels.numpy().astype(np.int64) + label_offset
+    return per_image_record(PerImage(pred=pred, correct=correct), data)
 
 
 def _verify_summary(v: dict | None) -> dict | None:
@@ -484,8 +501,9 @@ def int8_cell(ctx: ModelContext, method: Method, deadline: float | None) -> dict
         cell["onnx_bytes"] = q_path.stat().st_size
         sess = ort_session(q_path, ctx.threads)
         data = ctx.eval_images()
-        acc = accuracy(ort_logits(sess, data), data.labels, ctx.info.label_offset,
-                       ctx.eval_logits())
+        q_logits = ort_logits(sess, data)
+        acc = accuracy(q_logits, data.labels, ctx.info.label_offset, ctx.eval_logits())
+        cell["per_image"] = per_image_from_logits(q_logits, data, ctx.info.label_offset)
         ref = accuracy(ctx.eval_logits(), data.labels, ctx.info.label_offset)
         cell.update(top1=acc["top1"], top5=acc["top5"], agreement=acc["agreement"],
                     n_eval=acc["n"], fp32_onnx_top1=ref["top1"])

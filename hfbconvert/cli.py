@@ -675,7 +675,7 @@ def _versions() -> dict:
 
 # ------------------------------------------------------------------------ eval
 @main.command("eval")
-@click.argument("model")
+@click.argument("model", required=False)
 @_model_opts
 @click.option("--data", "data_path", required=True,
               help="Labelled ImageFolder (class folders named as the model's classes, or "
@@ -686,23 +686,39 @@ def _versions() -> dict:
               help="Original model for agreement (default: the compressed model's recorded "
                    "source, loaded without pickle: --trust-pickle covers only files named "
                    "on the command line).")
+@click.option("--compare", nargs=2, default=None, metavar="A B",
+              help="Instead of MODEL: compare two models on the same images, paired (top-1 "
+                   "difference with a bootstrap interval, McNemar's exact test, agreement, "
+                   "KL(A||B)). Both need the same classes and preprocessing.")
+@click.option("--per-image", is_flag=True,
+              help="With --json: add per-image results (correctness bits as hex, predicted "
+                   "classes as base64 uint16) so later runs can be compared paired.")
 @click.option("--json", "as_json", is_flag=True,
-              help="Print the metrics as JSON to stdout (with schema_version).")
+              help="Print the metrics as JSON to stdout (with schema_version; schema in "
+                   "hfbconvert/schemas/eval.json, eval-compare.json with --compare).")
 @click.option("--resolution", type=click.IntRange(8, 4096), default=None,
               help="Input side in pixels (default: the model's own; needed for a custom "
                    "pickled module).")
 @_source_opt
 @_device_opt
 @_common
-def eval_cmd(model, arch, trust_pickle, data_path, size, original, as_json, resolution,
-             source_model, device, seed, quiet):
-    """Top-1/top-5, and top-1 agreement with the original model.
+def eval_cmd(model, arch, trust_pickle, data_path, size, original, compare, per_image, as_json,
+             resolution, source_model, device, seed, quiet):
+    """Top-1/top-5, and top-1 agreement and KL with the original model, each with a 95%
+    bootstrap interval over images.
 
     MODEL is a checkpoint, a compressed .hfb.pt, or an exported .onnx (run with
     onnxruntime, preprocessing from its metadata)."""
-    from .evaluate import evaluate
+    from .evaluate import evaluate_per_image, per_image_record, summarize
 
     _setup(quiet, seed)
+    if compare:
+        if model or original:
+            raise click.UsageError("--compare A B takes the place of MODEL and --original")
+        return _eval_compare(compare, arch, trust_pickle, data_path, size, as_json, device,
+                             seed)
+    if not model:
+        raise click.UsageError("missing MODEL (or --compare A B)")
     ref = None
     net, info, meta = _eval_load(model, arch, trust_pickle, compressed_ok=True,
                                  resolution=resolution, source_model=source_model)
@@ -724,13 +740,86 @@ def eval_cmd(model, arch, trust_pickle, data_path, size, original, as_json, reso
                              f"{model} has {info.num_classes}: top-1 agreement between them "
                              "means nothing")
     data = _eval_data(model, info, data_path, size, seed)
-    res = evaluate(net, data, info.label_offset, reference=ref, device=_device(device))
-    res["schema_version"] = JSON_SCHEMA_VERSION
+    per = evaluate_per_image(net, data, info.label_offset, reference=ref,
+                             device=_device(device))
+    res: dict[str, Any] = {"schema_version": JSON_SCHEMA_VERSION, **summarize(per, seed=seed)}
+    if per_image:
+        res["per_image"] = per_image_record(per, data)
     if as_json:
         _emit_json(res)
-    else:
-        parts = [f"{k} {v:.4f}" for k, v in res.items() if isinstance(v, float)]
-        click.echo(f"{model}: n {res['n']}  " + "  ".join(parts))
+        return
+    parts = []
+    for k, ci_key in (("top1", "top1_ci95"), ("top5", None), ("agreement", "agreement_ci95")):
+        if res[k] is not None:
+            ci = f" [{res[ci_key][0]:.4f}, {res[ci_key][1]:.4f}]" if ci_key else ""
+            parts.append(f"{k} {res[k]:.4f}{ci}")
+    if res["kl"] is not None:
+        parts.append(f"kl {res['kl']:.4f} "
+                     f"[{res['kl_ci95'][0]:.4f}, {res['kl_ci95'][1]:.4f}]")
+    click.echo(f"{model}: n {res['n']}  " + "  ".join(parts))
+    if parts:
+        click.echo("  [95% intervals: bootstrap over images; kl: mean KL(original||model), "
+                   "nats]")
+
+
+def _eval_compare(paths: tuple[str, str], arch, trust_pickle: bool, data_path: str,
+                  size: int | None, as_json: bool, device: str, seed: int) -> None:
+    """``eval --compare A B``: both models on the same images in one pass. Different
+    preprocessing is refused rather than run twice: a paired difference should come from
+    identical inputs, and a model exported with other preprocessing is usually a mistake."""
+    from calib.presets import preset_for
+
+    from .evaluate import compare_summary, evaluate_per_image
+
+    a_path, b_path = paths
+    net_a, info_a, _ = _eval_load(a_path, arch, trust_pickle, compressed_ok=True)
+    net_b, info_b, _ = _eval_load(b_path, arch, trust_pickle, compressed_ok=True)
+    if info_a.num_classes != info_b.num_classes:
+        raise InputError(f"--compare: {a_path} has {info_a.num_classes} classes but {b_path} "
+                         f"has {info_b.num_classes}: they cannot be compared image by image")
+    if info_a.label_offset != info_b.label_offset:
+        raise InputError(f"--compare: {a_path} has label offset {info_a.label_offset} but "
+                         f"{b_path} has {info_b.label_offset}")
+    if info_a.classes and info_b.classes and \
+            [c.lower() for c in info_a.classes] != [c.lower() for c in info_b.classes]:
+        raise InputError(f"--compare: {a_path} and {b_path} name their classes differently")
+    pa, pb = preset_for(info_a), preset_for(info_b)
+    if pa != pb:
+        diff = ", ".join(f"{f} {getattr(pa, f)} vs {getattr(pb, f)}"
+                         for f in ("resolution", "mean", "std", "crop", "resize_mode")
+                         if getattr(pa, f) != getattr(pb, f))
+        raise InputError(f"--compare: {a_path} and {b_path} expect different preprocessing "
+                         f"({diff}); compare models that read the same inputs")
+    info = info_a if info_a.classes or not info_b.classes else info_b
+    data = _eval_data(a_path if info is info_a else b_path, info, data_path, size, seed)
+    # B is "the model", A the reference: KL(A || B), agreement of B with A
+    per = evaluate_per_image(net_b, data, info.label_offset, reference=net_a,
+                             device=_device(device))
+    res: dict[str, Any] = {"schema_version": JSON_SCHEMA_VERSION,
+                           **compare_summary(per, a_path, b_path, seed=seed)}
+    res["preprocessing"] = {f: getattr(pa, f) for f in ("resolution", "mean", "std", "crop",
+                                                        "resize_mode")}
+    if as_json:
+        _emit_json(res)
+        return
+    for tag in ("a", "b"):
+        m = res[tag]
+        top = "top-1 —(no labels)" if m["top1"] is None else \
+            f"top-1 {100 * m['top1']:.2f}% [{100 * m['top1_ci95'][0]:.2f}, " \
+            f"{100 * m['top1_ci95'][1]:.2f}]"
+        click.echo(f"{tag.upper()}: {m['model']}  {top}")
+    click.echo(f"n {res['n']} images, same preprocessing for both; 95% intervals: bootstrap "
+               f"over images ({res['resamples']} resamples, seed {res['seed']})")
+    d = res["difference"]
+    if d is not None:
+        click.echo(f"A - B top-1: {100 * d['top1']:+.2f} points [{100 * d['ci95'][0]:+.2f}, "
+                   f"{100 * d['ci95'][1]:+.2f}] paired: {d['verdict']}")
+        click.echo(f"McNemar exact: p = {d['mcnemar_p']:.3g} (only A right on "
+                   f"{d['a_only_correct']} images, only B on {d['b_only_correct']})")
+    click.echo(f"agreement A/B: {100 * res['agreement']:.2f}% "
+               f"[{100 * res['agreement_ci95'][0]:.2f}, {100 * res['agreement_ci95'][1]:.2f}]")
+    click.echo(f"KL(A||B): {res['kl']:.4f} nats [{res['kl_ci95'][0]:.4f}, "
+               f"{res['kl_ci95'][1]:.4f}]")
 
 
 def _eval_load(path: str, arch: str | None, trust_pickle: bool, compressed_ok: bool,

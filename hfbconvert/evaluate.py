@@ -8,7 +8,9 @@ original one, while top-1/top-5 need labelled data.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,165 @@ from torch import nn
 from calib.readers import CalibData
 
 from .errors import InputError
+from .metrics import (
+    RESAMPLES,
+    bootstrap_mean_interval,
+    bootstrap_means,
+    discordant,
+    encode_bits,
+    encode_classes,
+    mcnemar_exact,
+    percentile_interval,
+    verdict,
+)
 from .models.info import ModelInfo
+
+
+@dataclass
+class PerImage:
+    """Per-image outcomes of one evaluation pass, in the data's file order: what every
+    interval and paired comparison is computed from. ``None`` where not computable
+    (no labels; no reference)."""
+
+    pred: np.ndarray  # top-1 logit index per image (int64)
+    correct: np.ndarray | None = None  # top-1 right (bool)
+    correct5: np.ndarray | None = None  # label among the top-5 (bool)
+    ref_pred: np.ndarray | None = None  # the reference's top-1 logit index
+    ref_correct: np.ndarray | None = None  # the reference's top-1 right
+    kl: np.ndarray | None = None  # KL(reference || model) of the softmaxes, nats
+
+    @property
+    def n(self) -> int:
+        return int(self.pred.shape[0])
+
+    @property
+    def agree(self) -> np.ndarray | None:
+        return None if self.ref_pred is None else self.pred == self.ref_pred
+
+
+def evaluate_per_image(
+    model: nn.Module,
+    data: CalibData,
+    label_offset: int = 0,
+    reference: nn.Module | None = None,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+) -> PerImage:
+    """One pass of ``model`` (and ``reference``, on the same batches) over ``data``.
+    Logit index of label ``y`` is ``y + label_offset``. ``device``: where PyTorch models
+    run (copies; the caller's modules stay where they are); an :class:`OnnxClassifier`
+    always runs in onnxruntime on the CPU."""
+    if len(data) == 0:
+        raise ValueError("evaluate: no images")
+    dev = torch.device(device)
+    if dev.type != "cpu":
+        model, reference = (_on(m, dev) for m in (model, reference))
+    modes = [(m, m.training) for m in (model, reference) if m is not None]
+    for m, _ in modes:
+        m.eval()
+    pred, c1, c5, rpred, rc1, kl = [], [], [], [], [], []
+    try:
+        with torch.inference_mode():
+            for x, y in data.batches(batch_size):
+                x = x.to(dev)
+                logits = model(x).float().cpu()
+                top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+                pred.append(top[:, 0])
+                if y is not None:
+                    target = (y + label_offset).unsqueeze(1)
+                    c1.append(top[:, 0] == target[:, 0])
+                    c5.append((top == target).any(dim=1))
+                if reference is not None:
+                    ref = reference(x).float().cpu()
+                    rpred.append(ref.argmax(dim=1))
+                    if y is not None:
+                        rc1.append(rpred[-1] == y + label_offset)
+                    lp_ref = torch.log_softmax(ref.double(), dim=1)
+                    lp = torch.log_softmax(logits.double(), dim=1)
+                    kl.append((lp_ref.exp() * (lp_ref - lp)).sum(dim=1).clamp_min(0.0))
+    finally:
+        for m, was_training in modes:
+            m.train(was_training)
+
+    def cat(parts: list[torch.Tensor]) -> np.ndarray | None:
+        return torch.cat(parts).numpy() if parts else None
+
+    return PerImage(pred=torch.cat(pred).numpy().astype(np.int64), correct=cat(c1),
+                    correct5=cat(c5), ref_pred=cat(rpred), ref_correct=cat(rc1), kl=cat(kl))
+
+
+def summarize(r: PerImage, resamples: int = RESAMPLES, seed: int = 0) -> dict[str, Any]:
+    """The reported metrics of one pass, each interval a 95% percentile bootstrap over
+    images (seeded: same inputs, same numbers)."""
+    def mean(v: np.ndarray | None) -> float | None:
+        return None if v is None else float(np.mean(v))
+
+    def ci(v: np.ndarray | None) -> list[float] | None:
+        return None if v is None else list(bootstrap_mean_interval(v, resamples, seed)[1])
+
+    return {
+        "n": r.n,
+        "top1": mean(r.correct),
+        "top5": mean(r.correct5),
+        "agreement": mean(r.agree),
+        "top1_ci95": ci(r.correct),
+        "agreement_ci95": ci(r.agree),
+        "kl": mean(r.kl),
+        "kl_ci95": ci(r.kl),
+    }
+
+
+def compare_summary(r: PerImage, a: str, b: str, resamples: int = RESAMPLES,
+                    seed: int = 0) -> dict[str, Any]:
+    """Paired comparison of A (``r``'s reference) and B (``r``'s model) on the same
+    images: each top-1, the difference A - B with a paired bootstrap interval, McNemar's
+    exact test on the discordant images, agreement and KL(A || B). One set of resampled
+    images serves every interval, so they describe the same resamples."""
+    if r.ref_pred is None or r.kl is None:
+        raise ValueError("compare_summary needs a pass with a reference")
+    agree = r.agree
+    labelled = r.correct is not None and r.ref_correct is not None
+    cols = [agree, r.kl]
+    if labelled:
+        cols += [r.ref_correct, r.correct, r.ref_correct.astype(float) - r.correct]
+    draws = bootstrap_means(np.column_stack([np.asarray(c, dtype=float) for c in cols]),
+                            resamples, seed)
+    est = [float(np.mean(c)) for c in cols]
+    ci = [list(percentile_interval(e, draws[:, j])) for j, e in enumerate(est)]
+
+    def side(path: str, j: int | None) -> dict[str, Any]:
+        return {"model": path, "top1": None if j is None else est[j],
+                "top1_ci95": None if j is None else ci[j]}
+
+    res: dict[str, Any] = {
+        "n": r.n, "resamples": resamples, "seed": seed,
+        "a": side(a, 2 if labelled else None), "b": side(b, 3 if labelled else None),
+        "difference": None,
+        "agreement": est[0], "agreement_ci95": ci[0],
+        "kl": est[1], "kl_ci95": ci[1], "kl_direction": "KL(A||B), nats",
+    }
+    if labelled:
+        b_only_a, c_only_b = discordant(r.ref_correct, r.correct)
+        res["difference"] = {
+            "top1": est[4], "ci95": ci[4],
+            "verdict": verdict(est[4], *ci[4], better="A better than B",
+                               worse="A worse than B"),
+            "a_only_correct": b_only_a, "b_only_correct": c_only_b,
+            "mcnemar_p": mcnemar_exact(b_only_a, c_only_b),
+        }
+    return res
+
+
+def per_image_record(r: PerImage, data: CalibData) -> dict[str, Any]:
+    """Compact per-image results for results files: the images' fingerprint (so a later
+    paired comparison can check it has the same images in the same order), correctness
+    bits as hex and predicted logit indices as base64 uint16."""
+    h = hashlib.sha256(np.ascontiguousarray(data.images.numpy()).tobytes())
+    if data.labels is not None:
+        h.update(np.ascontiguousarray(data.labels.numpy().astype("<i8")).tobytes())
+    return {"n": r.n, "images_sha256": h.hexdigest(),
+            "correct_hex": None if r.correct is None else encode_bits(r.correct),
+            "pred_b64": encode_classes(r.pred)}
 
 
 def evaluate(
@@ -30,43 +190,12 @@ def evaluate(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
-    """Return ``{"n", "top1", "top5", "agreement"}``; a metric is None when it cannot be
-    computed (no labels, no reference). Logit index of label ``y`` is ``y + label_offset``
-    (1 for 1001-way TF ImageNet models whose logit 0 is "background"). ``device``: where
-    PyTorch models run (copies; the caller's modules stay where they are); an
-    :class:`OnnxClassifier` always runs in onnxruntime on the CPU."""
-    n = len(data)
-    if n == 0:
-        raise ValueError("evaluate: no images")
-    dev = torch.device(device)
-    if dev.type != "cpu":
-        model, reference = (_on(m, dev) for m in (model, reference))
-    modes = [(m, m.training) for m in (model, reference) if m is not None]
-    for m, _ in modes:
-        m.eval()
-    correct1 = correct5 = agree = 0
-    try:
-        with torch.inference_mode():
-            for x, y in data.batches(batch_size):
-                x = x.to(dev)
-                logits = model(x).cpu()
-                top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-                if y is not None:
-                    target = (y + label_offset).unsqueeze(1)
-                    correct1 += int((top[:, :1] == target).sum())
-                    correct5 += int((top == target).any(dim=1).sum())
-                if reference is not None:
-                    agree += int((reference(x).cpu().argmax(dim=1) == top[:, 0]).sum())
-    finally:
-        for m, was_training in modes:
-            m.train(was_training)
-    labelled = data.labels is not None
-    return {
-        "n": n,
-        "top1": correct1 / n if labelled else None,
-        "top5": correct5 / n if labelled else None,
-        "agreement": agree / n if reference is not None else None,
-    }
+    """Return ``{"n", "top1", "top5", "agreement", "top1_ci95", "agreement_ci95", "kl",
+    "kl_ci95"}``; a metric is None when it cannot be computed (no labels, no reference).
+    ``kl`` is the mean KL(reference || model) in nats: a fidelity measure with less
+    variance than agreement. See :func:`evaluate_per_image` for the arguments."""
+    return summarize(evaluate_per_image(model, data, label_offset, reference, batch_size,
+                                        device))
 
 
 def _on(m: nn.Module | None, dev: torch.device) -> nn.Module | None:

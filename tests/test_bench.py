@@ -72,6 +72,9 @@ def test_bench_end_to_end(tmp_path: Path, capsys) -> None:
     for b in ("b1", "b32"):
         assert cell["latency"][b]["ms"] > 0 and cell["latency"][b]["ratio"] > 0
     assert q["top1"] is not None and q["onnx_bytes"] < orig["onnx_bytes"]
+    # per-image results on the same images for every evaluated cell (paired comparisons)
+    shas = {c["per_image"]["images_sha256"] for c in (orig, cell, q)}
+    assert len(shas) == 1 and cell["per_image"]["n"] == 32 and cell["top1_ci95"] is not None
     assert cells["gone", "twn-fast"]["status"] == "failed"
     assert "not found" in cells["gone", "twn-fast"]["errors"][0]
 
@@ -90,8 +93,11 @@ def test_bench_end_to_end(tmp_path: Path, capsys) -> None:
     (out / "29991231T000000Z-tiny.json").write_text(json.dumps(newer))
     capsys.readouterr()
     assert compare.main(["--dir", str(out)]) == 0
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if "twn-fast" in ln]
+    printed = capsys.readouterr().out.splitlines()
+    lines = [ln for ln in printed if "twn-fast" in ln]
     assert any("+5.00pp" in ln for ln in lines)
+    # paired over the stored per-image bits (unchanged by the edit above)
+    assert any("new - old +0.00pp" in ln and "within noise" in ln for ln in printed)
 
 
 def test_suites_are_well_formed() -> None:

@@ -118,7 +118,11 @@ def test_evaluate_metrics_and_offset() -> None:
     imgs[:, 0, 0, 0] = torch.tensor([1, 2, 3, 4], dtype=torch.uint8)
     data = CalibData(imgs, torch.tensor([0, 1, 2, 1]), (0, 0, 0), (1 / 255,) * 3, list("abcd"))
     res = evaluate(_Fixed(), data, label_offset=1, reference=_Fixed(), batch_size=3)
-    assert res == {"n": 4, "top1": 0.75, "top5": 1.0, "agreement": 1.0}
+    assert {k: res[k] for k in ("n", "top1", "top5", "agreement")} == {
+        "n": 4, "top1": 0.75, "top5": 1.0, "agreement": 1.0}
+    # the same model as reference: full agreement, zero KL, degenerate intervals
+    assert res["agreement_ci95"] == [1.0, 1.0] and res["kl"] == pytest.approx(0.0, abs=1e-12)
+    assert res["top1_ci95"][0] <= 0.75 <= res["top1_ci95"][1]
     res = evaluate(_Fixed(), data, label_offset=0)  # one class off; the last is 3 off (6th)
     assert res["top1"] == 0.0 and res["top5"] == 0.75
     no_labels = CalibData(imgs, None, (0, 0, 0), (1 / 255,) * 3, list("abcd"))
