@@ -15,10 +15,10 @@ import torch
 
 from calib.presets import preset_for
 from calib.readers import load_images
-from hfbconvert.compress import CompressConfig, compress
-from hfbconvert.evaluate import evaluate
+from hfbconvert.evaluation import evaluate
 from hfbconvert.finetune import FinetuneConfig
 from hfbconvert.models.loading import load_model
+from hfbconvert.pipeline import CompressConfig, compress
 
 SHARED = os.environ.get("HFB_SHARED", "../shared")
 ap = argparse.ArgumentParser()

@@ -24,10 +24,10 @@ from calib.presets import preset_for
 from calib.readers import load_images
 from hfbconvert import actquant
 from hfbconvert.bnfold import fold_batchnorms
-from hfbconvert.compress import CompressConfig, normalizer
-from hfbconvert.evaluate import evaluate
+from hfbconvert.evaluation import evaluate
 from hfbconvert.meanshift import correction_sites, match_output_means
 from hfbconvert.models.loading import load_model
+from hfbconvert.pipeline import CompressConfig, normalizer
 from hfbconvert.weightquant import CLIP_RATIOS as W_CLIP
 from hfbconvert.weightquant import apply_weight_bits
 

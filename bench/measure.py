@@ -330,7 +330,7 @@ def _eval_into(cell: dict, r: ProcResult) -> None:
 def per_image_from_logits(logits: np.ndarray, data, label_offset: int) -> dict:
     """The per-image record `hfbconvert eval --per-image` writes, for a model evaluated
     here (onnxruntime int8): same images fingerprint, bits and predictions."""
-    from hfbconvert.evaluate import PerImage, per_image_record
+    from hfbconvert.evaluation import PerImage, per_image_record
 
     pred = logits.argmax(1).astype(np.int64)
     correct = None

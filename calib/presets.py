@@ -97,6 +97,14 @@ def preset_for(info: Any) -> Preprocess:
     )
 
 
+def preset_name(prep: Preprocess) -> str | None:
+    """Name of the preset ``prep`` equals up to resolution (ONNX metadata), if any."""
+    for name, p in PRESETS.items():
+        if replace(p, resolution=prep.resolution) == prep:
+            return name
+    return None
+
+
 def apply_overrides(
     prep: Preprocess,
     *,

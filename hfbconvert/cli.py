@@ -491,9 +491,9 @@ def compress(ctx, model, arch, trust_pickle, calib, calib_size, resolution, pres
     """Split pointwise layers into full-precision critical filters + ternary banks under a
     MUL budget (activation-aware fit), then fine-tune briefly by distillation."""
     from .actquant import check_config
-    from .compress import CompressConfig, check_caps
     from .fileio import output_lock
     from .finetune import FinetuneConfig
+    from .pipeline import CompressConfig, check_caps
     from .weightquant import check_bits
 
     _setup(quiet, seed)
@@ -537,7 +537,7 @@ def _compress(net, info, data, cfg, model: str, out: Path, force: bool, resume: 
               override, plan_file, dry_run: bool, as_json: bool, gate_always: bool) -> None:
     """Run the conversion, write the artifact, print, and apply the agreement gate."""
     from .artifact import save_compressed
-    from .compress import compress as run_compress
+    from .pipeline import compress as run_compress
     from .report.terminal import print_compress, print_plan
 
     ckpt = str(out) + ".ckpt"
@@ -709,7 +709,7 @@ def eval_cmd(model, arch, trust_pickle, data_path, size, original, compare, per_
 
     MODEL is a checkpoint, a compressed .hfb.pt, or an exported .onnx (run with
     onnxruntime, preprocessing from its metadata)."""
-    from .evaluate import evaluate_per_image, per_image_record, summarize
+    from .evaluation import evaluate_per_image, per_image_record, summarize
 
     _setup(quiet, seed)
     if compare:
@@ -769,7 +769,7 @@ def _eval_compare(paths: tuple[str, str], arch, trust_pickle: bool, data_path: s
     identical inputs, and a model exported with other preprocessing is usually a mistake."""
     from calib.presets import preset_for
 
-    from .evaluate import compare_summary, evaluate_per_image
+    from .evaluation import compare_summary, evaluate_per_image
 
     a_path, b_path = paths
     net_a, info_a, _ = _eval_load(a_path, arch, trust_pickle, compressed_ok=True)
@@ -831,7 +831,7 @@ def _eval_load(path: str, arch: str | None, trust_pickle: bool, compressed_ok: b
     if path.lower().endswith(".onnx"):
         import torch
 
-        from .evaluate import load_onnx_for_eval
+        from .evaluation import load_onnx_for_eval
 
         return (*load_onnx_for_eval(path, threads=torch.get_num_threads()), None)
     if compressed_ok:

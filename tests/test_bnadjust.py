@@ -18,10 +18,10 @@ from calib import preset_for
 from calib.readers import CalibData, load_images
 from hfbconvert.bnadjust import bn_targets, match_bn, reestimate_bn
 from hfbconvert.cli import main
-from hfbconvert.compress import CompressConfig, compress
 from hfbconvert.errors import InputError
 from hfbconvert.finetune import FinetuneConfig
 from hfbconvert.models.mobilenet_v1 import MobileNetV1
+from hfbconvert.pipeline import CompressConfig, compress
 
 from .tiny import TINY_CONFIG, tiny_info, tiny_v1, write_npz, write_reference_checkpoint
 

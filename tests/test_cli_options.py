@@ -6,7 +6,7 @@ import click
 import pytest
 
 from hfbconvert.cli import main
-from hfbconvert.compress import CompressConfig, held_count
+from hfbconvert.pipeline import CompressConfig, held_count
 
 from .test_cli import FASTEST, one_error, run
 from .tiny import write_reference_checkpoint

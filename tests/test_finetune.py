@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 
-from hfbconvert.compress import CompressConfig, build_hybrid, compress
 from hfbconvert.errors import CheckFailed
 from hfbconvert.finetune import FinetuneConfig, finetune
 from hfbconvert.layers import find_pointwise
+from hfbconvert.pipeline import CompressConfig, build_hybrid, compress
 from hfbconvert.plan import uniform_plan
 
 from .tiny import TINY_RES, tiny_v1

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from calib import load_images, preset_for
-from hfbconvert.evaluate import evaluate
+from hfbconvert.evaluation import evaluate
 from hfbconvert.fileio import load_torch
 from hfbconvert.models import ARCHS, ModelInfo, build_model, load_model
 from hfbconvert.models.loading import builtin_path

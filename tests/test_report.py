@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from hfbconvert.compress import build_hybrid
 from hfbconvert.costs import model_cost
 from hfbconvert.layers import find_pointwise
 from hfbconvert.models.info import ModelInfo
 from hfbconvert.models.mobilenet_v1 import MobileNetV1
+from hfbconvert.pipeline import build_hybrid
 from hfbconvert.plan import LayerPlan, Plan
 from hfbconvert.report import build_report, render_markdown, write_reports
 

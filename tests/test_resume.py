@@ -19,13 +19,13 @@ import torch
 from click.testing import CliRunner, Result
 
 from calib.readers import CalibData
-from hfbconvert import compress as compress_mod
 from hfbconvert import fileio
 from hfbconvert import finetune as finetune_mod
+from hfbconvert import pipeline as compress_mod
 from hfbconvert.cli import main
-from hfbconvert.compress import CompressConfig, compress
 from hfbconvert.errors import CheckFailed, InputError
 from hfbconvert.finetune import FinetuneConfig, finetune
+from hfbconvert.pipeline import CompressConfig, compress
 
 from .test_finetune import _images, _norm, _student
 from .tiny import tiny_info, tiny_v1, write_npz, write_reference_checkpoint

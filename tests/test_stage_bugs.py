@@ -16,12 +16,12 @@ import torch
 from torch import nn
 
 from calib.readers import CalibData
-from hfbconvert import compress as compress_mod
+from hfbconvert import pipeline as compress_mod
 from hfbconvert.bnfold import fold_batchnorms
-from hfbconvert.compress import CompressConfig, compress
 from hfbconvert.finetune import FinetuneConfig, finetune
 from hfbconvert.hybrid import HybridPointwise
 from hfbconvert.layers import find_pointwise, layer_bias, layer_weight
+from hfbconvert.pipeline import CompressConfig, compress
 from hfbconvert.stats import collect_input_stats
 
 from .test_cli import FASTEST, one_error, run
