@@ -90,7 +90,8 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 @torch.no_grad()
 def trace_shapes(model: nn.Module, resolution: int, names: list[str]) -> dict[str, tuple]:
-    """Input shape of each named module, from one forward pass of a single zero image."""
+    """Input shape of each named module, from one forward pass of a single zero image
+    (under the key ``""``: the output's shape, or its type name when not a tensor)."""
     shapes: dict[str, tuple] = {}
     hooks = []
     for n in names:
@@ -102,18 +103,29 @@ def trace_shapes(model: nn.Module, resolution: int, names: list[str]) -> dict[st
     try:
         p = next(model.parameters(), None)
         dev = p.device if p is not None else torch.device("cpu")
-        model(torch.zeros(1, 3, resolution, resolution, device=dev))
+        out = model(torch.zeros(1, 3, resolution, resolution, device=dev))
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
+    shapes[""] = tuple(out.shape) if isinstance(out, torch.Tensor) else (type(out).__name__,)
     return shapes
 
 
 def find_pointwise(model: nn.Module, resolution: int,
                    source: str = "model") -> list[PointwiseLayer]:
-    """All pointwise layers in forward-execution order with their spatial sizes."""
+    """All pointwise layers in forward-execution order with their spatial sizes.
+
+    Refuses, before any work, what could not be converted, saved and rebuilt: a module
+    that returns anything but one logits tensor (N, classes), and a convertible layer
+    registered under two names (shared weights: replacing one name would unshare them).
+    """
     cands = [n for n, m in model.named_modules() if is_pointwise(m)]
+    seen: dict[int, str] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        if is_pointwise(m) and seen.setdefault(id(m), n) != n:
+            raise InputError(f"{source}: layer {seen[id(m)]} is shared (also {n}); "
+                             f"hfbconvert converts unshared layers: --exclude '{seen[id(m)]}'")
     if not cands:
         raise InputError(f"{source}: model has no pointwise (1x1 conv or Linear) layers")
     order: list[str] = []
@@ -132,6 +144,12 @@ def find_pointwise(model: nn.Module, resolution: int,
     finally:
         for h in hooks:
             h.remove()
+    logits = shapes.pop("")
+    if len(logits) != 2 or not isinstance(logits[0], int):
+        got = f"a {logits[0]}" if isinstance(logits[0], str) else \
+            f"a tensor of shape {list(logits)}"
+        raise InputError(f"{source}: forward returns {got}; hfbconvert needs one (batch, "
+                         "classes) logits tensor (wrap the module to return it)")
     out = []
     for n in order:
         m = model.get_submodule(n)

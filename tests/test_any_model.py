@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hfbconvert.errors import InputError
 from hfbconvert.hybrid import HybridPointwise
 from hfbconvert.layers import find_pointwise
 
@@ -144,3 +145,36 @@ def test_include_and_exclude_pick_layers(custom, tmp_path) -> None:
     one_error(run("compress", custom["model"], "--trust-pickle", "--resolution", "32",
                   "--include", "nothing*", "-o", tmp_path / "x.pt"), "--include 'nothing*'")
     assert not (tmp_path / "x.pt").exists()
+
+
+class _TwoHeads(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 1)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.conv(x).mean((2, 3))
+        return self.fc(h), h  # a tuple, not one logits tensor
+
+
+class _Shared(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 3)
+        self.alias = self.fc  # the same weights under two names
+        self.head = torch.nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head(self.alias(self.fc(x.mean((2, 3)))))
+
+
+@pytest.mark.parametrize("net,needles", [(_TwoHeads(), ["forward returns a tuple"]),
+                                         (_Shared(), ["shared", "--exclude 'fc'"])])
+def test_unconvertible_modules_are_refused_before_work(net, needles) -> None:
+    with pytest.raises(InputError) as exc:
+        find_pointwise(net, 16, "m.pt")
+    msg = str(exc.value)
+    assert msg.startswith("m.pt: ") and "\n" not in msg
+    for n in needles:
+        assert n in msg
