@@ -22,10 +22,17 @@ $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 
 venv: $(STAMP)
 
-demo: $(STAMP)
+# The demo's five labelled photos are data files inside these wheels (provenance, licence
+# and sha256 in hfbconvert/demo.py); --no-deps: only the files are read, nothing imported.
+DEMO_DATA := $(VENV)/.demo-data
+$(DEMO_DATA): $(STAMP)
+	$(BIN)/pip install -q --no-deps scikit-image==0.26.0 scikit-learn==1.9.1
+	touch $(DEMO_DATA)
+
+demo: $(STAMP) $(DEMO_DATA)
 	$(BIN)/python -m hfbconvert.demo
 
-test: $(STAMP)
+test: $(STAMP) $(DEMO_DATA)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
