@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import math
 import shlex
 import subprocess
 import sys
@@ -164,15 +163,6 @@ def write_photos(path: Path) -> None:
     np.savez(path, images=images, labels=labels, names=names)
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion k/n."""
-    p = k / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, mid - half), min(1.0, mid + half)
-
-
 def photo_predictions(compressed: Path, photos: Path) -> dict:
     """Top-5 of the original and of the hybrid on each photo, at the hybrid's resolution
     and preprocessing (what ``hfbconvert eval`` computes, image by image)."""
@@ -223,7 +213,9 @@ def print_photos(pred: dict, s: dict) -> None:
     for img, o, h in zip(DEMO_IMAGES, pred["original"], pred["hybrid"]):
         lab = f"{img.label} {img.label_name.split(',')[0]}"
         print(f"  {img.name:13s} {lab:27s} {_mark(o, img.label):22s} {_mark(h, img.label)}")
-    lo, hi = wilson(s["agreement"], n)
+    from .metrics import wilson_interval
+
+    lo, hi = wilson_interval(s["agreement"], n)
     print(f"top-1 {s['top1']['original']}/{n} → {s['top1']['hybrid']}/{n}, "
           f"top-5 {s['top5']['original']}/{n} → {s['top5']['hybrid']}/{n} "
           "(original → hybrid)")

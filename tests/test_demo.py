@@ -74,15 +74,6 @@ def test_builtin_model_recognises_demo_photos(tmp_path, one_thread) -> None:
     assert bool((top5 == labels).any(dim=1).all()), top5.tolist()
 
 
-def test_wilson_interval() -> None:
-    lo, hi = demo.wilson(5, 5)
-    assert hi == 1.0 and 0.5 < lo < 0.6
-    lo, hi = demo.wilson(0, 5)
-    assert lo == 0.0 and 0.4 < hi < 0.5
-    lo, hi = demo.wilson(50, 100)
-    assert lo < 0.5 < hi and abs((lo + hi) / 2 - 0.5) < 1e-9
-
-
 def test_summarize_counts() -> None:
     pred = {"labels": [1, 2, 3], "original": [[1, 9], [7, 2], [3, 0]],
             "hybrid": [[1, 9], [2, 7], [4, 5]]}
