@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -19,13 +19,12 @@ from torch import nn
 
 from calib.readers import CalibData
 
-from . import actquant, progress, weightquant
+from . import actquant, progress
 from .bnadjust import BN_MODES, BN_SCOPES, bn_targets, match_bn, reestimate_bn
-from .bnfold import fold_batchnorms
 from .costs import model_cost
 from .errors import InputError
-from .finetune import FinetuneConfig, auto_steps, finetune, fingerprint
-from .fitting import PairStats, fit_layer
+from .finetune import FinetuneConfig, finetune, fingerprint
+from .fitting import PairStats
 from .hybrid import HybridPointwise
 from .layers import (
     PointwiseLayer,
@@ -35,15 +34,12 @@ from .layers import (
     select_layers,
     set_submodule,
 )
-from .meanshift import correction_sites, match_output_means
-from .metrics import wilson_interval
 from .models.info import ModelInfo
 from .plan import LayerPlan, Plan, budget_plan, uniform_plan
-from .reconstruct import reconstruct
 from .sensitivity import loss_curves
 from .stats import collect_input_stats
 from .ternary import twn_ternarize
-from .weightquant import apply_weight_bits, check_bits
+from .weightquant import check_bits
 
 METHODS = ("hybrid", "twn", "strassen")
 
@@ -346,14 +342,15 @@ def apply_plan_override(plans: list[LayerPlan], override: dict, layers: list[Poi
 
 
 def sensitivity_inputs(model: nn.Module, layers: list[PointwiseLayer],
-                       data: CalibData | None, cfg: CompressConfig):
+                       data: CalibData | None, cfg: CompressConfig, seed: int | None = None):
     """Σ per layer (None without data), loss curves, output energies per filter and the
     layer input means (None without data)."""
     sig: dict[str, torch.Tensor | None] = {ly.name: None for ly in layers}
     means: dict[str, torch.Tensor | None] = {ly.name: None for ly in layers}
     if data is not None:
+        seed = cfg.seed if seed is None else seed
         st = collect_input_stats(model, [ly.name for ly in layers],
-                                 _batches(data, cfg.stats_images, seed=cfg.seed), seed=cfg.seed)
+                                 _batches(data, cfg.stats_images, seed=seed), seed=seed)
         sig = {n: s.sigma for n, s in st.items()}
         means = {n: s.mean for n, s in st.items()}
     curves, energies, densities = {}, {}, {}
@@ -390,177 +387,51 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
     if cfg.bn_scope not in BN_SCOPES:
         raise InputError(f"unknown BN scope {cfg.bn_scope!r}; choose from {', '.join(BN_SCOPES)}")
     torch.manual_seed(cfg.seed)
+    from . import stages as S
+
     # the caller's model is never touched: every stage reads a private eval-mode copy (no
     # training flag, device move, hook, attribute or transient weight change leaks back)
     model = copy.deepcopy(model).eval()
     t0 = time.perf_counter()
-    timings: dict[str, float] = {}
-    stages: list[dict] = []
     layers = select_layers(find_pointwise(model, info.resolution, info.source or "model"),
                            cfg.include, cfg.exclude, info.source or "model")
-    original_cost = model_cost(model, info.resolution)  # the model is never modified
-    kinds = {ly.name: ly.kind for ly in layers}
     held: list[torch.Tensor] = []
     train = data
     if data is not None and len(data) >= 20:
         train, held_data = data.split(cfg.held_fraction, seed=cfg.seed,
                                       count=held_count(len(data), cfg))
         held = _batches(held_data, 512)
-    sig, curves, energies, densities, means = sensitivity_inputs(model, layers, train, cfg)
-    timings["sensitivity_s"] = time.perf_counter() - t0
-    frag = {ly.name: 1.0 for ly in layers}
-    if cfg.fragility and train is not None and cfg.method == "hybrid":
-        t = time.perf_counter()
-        frag = layer_fragility(model, layers, torch.cat(_batches(train, 32, seed=cfg.seed + 2)),
-                               seed=cfg.seed)
-        timings["fragility_s"] = time.perf_counter() - t
-    plan = make_plan(model, info, layers, curves, energies, frag, cfg, plan_override,
-                     densities)
-    meta: dict[str, Any] = {
-        "config": cfg.to_dict(), "plan": plan.to_dict(),
-        "sensitivity": {n: c.tolist() for n, c in curves.items()},
-        "budgets": list(cfg.budgets), "fragility": frag,
+    st = S.State(model, info, cfg, layers, train, held, model_cost(model, info.resolution),
+                 checkpoint=checkpoint, resume=resume, plan_override=plan_override)
+    st = S.run(st, S.planning_stages(cfg, train is not None))
+    assert st.plan is not None
+    st.meta.update({
+        "config": cfg.to_dict(), "plan": st.plan.to_dict(),
+        "sensitivity": {n: c.tolist() for n, c in st.curves.items()},
+        "budgets": list(cfg.budgets), "fragility": st.fragility,
         "layers": [ly.to_dict() for ly in layers],
         "calibration": None if data is None else {"source": data.source, "n_images": len(data),
                                                    "held_images": sum(x.shape[0] for x in held)},
-    }
+    })
     if dry_run:
-        return None, meta
-    hybrid = build_hybrid(model, plan.layers, kinds, {ly.name: ly.stride for ly in layers})
-    # stage 1: one-shot fit of every layer against the original inputs (or weights)
-    t = time.perf_counter()
-    for ly in layers:
-        h = hybrid.get_submodule(ly.name)
-        w, b = layer_weight(model, ly.name), layer_bias(model, ly.name)
-        s = sig[ly.name]
-        stats = PairStats.identity(w, b) if s is None else _orig_pair_stats(w, b, s,
-                                                                            means[ly.name])
-        if cfg.method == "twn":
-            _twn_init(h, w)
-            fit_layer(h, stats, bias_correction=cfg.bias_correction, reinit_codes=False,
-                      prior=w)
-        else:
-            fit_layer(h, stats, bias_correction=cfg.bias_correction, prior=w)
-    timings["fit_s"] = time.perf_counter() - t
-    _stage(stages, "fit", hybrid, model, held, timings["fit_s"])
-    recon_ok = train is not None and _enough_for_reconstruction(train, layers, cfg)
-    if cfg.reconstruct and train is not None and not recon_ok:
-        progress.warn(f"{len(train)} calibration images are too few for sequential "
-                      "reconstruction (it would overfit them); kept the one-shot fit. "
-                      f"Give at least {_min_recon_images(layers, cfg)} images to reconstruct.")
-        meta["reconstruction_skipped"] = "too few calibration images"
-    if cfg.reconstruct and recon_ok:
-        t = time.perf_counter()
-        with progress.task("reconstruct", len(layers)) as bar:
-            recon_batches = _batches(train, cfg.recon_images, seed=cfg.seed + 1)
-            recon = reconstruct(model, hybrid, layers, recon_batches,
-                                cfg.per_image, cfg.seed, cfg.sequential, cfg.bias_correction,
-                                on_layer=lambda n, r: bar.advance(1, info=n))
-        timings["reconstruct_s"] = time.perf_counter() - t
-        meta["reconstruction"] = recon
-        _stage(stages, "sequential" if cfg.sequential else "reconstruct", hybrid, model, held,
-               timings["reconstruct_s"])
-    bank_before = bank_losses(hybrid, model, layers, sig)
-    ft = cfg.finetune
-    if ft.steps is None:
-        macs = original_cost.totals()["muls"]
-        ft = replace(ft, steps=0 if train is None else auto_steps(macs, len(train),
-                                                                  ft.batch_size))
-        meta["finetune_steps_auto"] = ft.steps
-    # int8 activations: fine-tune once, after quantization, with the quantizers in the loop
-    qat = cfg.activation_bits == 8
-    ident = resume_identity(cfg, plan, train) if train is not None and checkpoint else None
-    if ft.steps > 0 and train is not None and not qat:
-        hybrid = _guarded_finetune(hybrid, model, train, held, ft, checkpoint, resume, info,
-                                   meta, timings, stages, f"finetune_{ft.steps}",
-                                   identity=ident)
-    if cfg.bn_adjust != "off":
-        _bn_stage(model, hybrid, layers, train, cfg, meta, timings, stages, held)
-    for m in hybrid.modules():
-        if isinstance(m, HybridPointwise):
-            m.freeze()
-    hybrid.eval()
-    meta["weight_bits"] = cfg.weight_bits
-    meta["activation_bits"] = cfg.activation_bits
+        return None, st.meta
+    st = S.resolve_finetune(st)
+    if train is not None and checkpoint:
+        st.identity = resume_identity(cfg, st.plan, train)
+    st.meta["weight_bits"] = cfg.weight_bits
+    st.meta["activation_bits"] = cfg.activation_bits
     if cfg.activation_bits == 8:
-        meta["hidden_bits"] = cfg.hidden_bits
-    bank_after, observe_at = None, {}
-    if cfg.activation_bits == 8:
-        bank_after = bank_losses(hybrid, model, layers, sig)  # before BN scales the rows
-        # int8 kernels fold BN into the weights before rounding them (as onnxruntime PTQ does)
-        pairs = fold_batchnorms(hybrid)
-        meta["bn_folded"] = [list(p) for p in pairs]
-        observe_at = dict(pairs)  # compare folded layers after their (now Identity) BN
-    if cfg.weight_bits != 32:
-        # last stage: round every FP weight to its storage precision (weight-only)
-        t = time.perf_counter()
-        meta["weight_quant"] = apply_weight_bits(hybrid, cfg.weight_bits)
-        timings["weight_bits_s"] = time.perf_counter() - t
-        _stage(stages, f"weights_{cfg.weight_bits}bit", hybrid, model, held,
-               timings["weight_bits_s"])
-    if cfg.mean_shift and cfg.weight_bits == 8 and train is not None:
-        # before the activation quantizers: it corrects the weight rounding (and the
-        # banks' own bias); after them it would also "correct" activation clipping, a
-        # sparse error on few images, with a bias on every image (MobileNetV2 int8 PTQ,
-        # 1,300 val images: agreement 0.975 shifted first, 0.939 after; bench/ablation.md)
-        t = time.perf_counter()
-        layers_at, owners = correction_sites(hybrid, [tuple(p) for p in meta.get("bn_folded")
-                                                      or []])
-        meta["mean_shift"] = match_output_means(
-            hybrid, model, torch.cat(_batches(train, cfg.act_calib_images, seed=cfg.seed + 4)),
-            layers_at, owners)
-        timings["mean_shift_s"] = time.perf_counter() - t
-        _stage(stages, "mean_shift", hybrid, model, held, timings["mean_shift_s"])
-    if cfg.activation_bits == 8:
-        assert train is not None
-        t = time.perf_counter()
-        qs = actquant.attach(hybrid, cfg.hidden_bits)
-        with progress.task("activation ranges", len(qs)) as bar:
-            meta["activation_ranges"] = actquant.calibrate(
-                hybrid, torch.cat(_batches(train, cfg.act_calib_images, seed=cfg.seed + 3)),
-                seed=cfg.seed, on_quantizer=lambda n: bar.advance(1, info=n))
-        timings["activation_bits_s"] = time.perf_counter() - t
-        _stage(stages, "activations_8bit", hybrid, model, held, timings["activation_bits_s"])
-    if qat and ft.steps > 0 and train is not None:
-        # weights (int8 STE parametrization) and activations (ActQuant's STE) quantized in
-        # the forward; the BN the student folded is matched at the teacher's BN output
-        weightquant.attach_int8_ste(hybrid)
-        try:
-            hybrid = _guarded_finetune(hybrid, model, train, held, ft, checkpoint, resume,
-                                       info, meta, timings, stages,
-                                       f"finetune_int8_{ft.steps}", teacher_at=observe_at,
-                                       identity=ident)
-        finally:
-            weightquant.detach_int8_ste(hybrid)
-        bank_after = {}  # the banks now carry folded BN: no longer comparable (report n/a)
-    if bank_after is None:
-        bank_after = bank_losses(hybrid, model, layers, sig)
-    out_err = output_errors(model, hybrid, [ly.name for ly in layers], held, observe_at)
-    meta["layer_errors"] = {
-        ly.name: {"bank_loss_before_ft": bank_before.get(ly.name),
-                  "bank_loss_after_ft": bank_after.get(ly.name),
-                  "output_rel_err": out_err.get(ly.name)} for ly in layers}
-    timings["total_s"] = time.perf_counter() - t0
-    meta["stages"] = stages
-    meta["timings"] = timings
-    meta["final_agreement"] = stages[-1]["agreement"] if stages else None
-    n_held = sum(x.shape[0] for x in held)
-    if meta["final_agreement"] is not None and n_held:
-        k = round(meta["final_agreement"] * n_held)
-        meta["final_agreement_interval"] = {"n": n_held, "agree": k,
-                                            "ci95": list(wilson_interval(k, n_held))}
-    meta["cost"] = model_cost(hybrid, info.resolution).to_dict()
-    meta["original_cost"] = original_cost.to_dict()
-    if cfg.activation_bits == 8:
-        # what plain int8 PTQ of the original would cost: the baseline an int8 hybrid beats
-        meta["baselines"] = {"int8 (original at int8)": model_cost(
-            model, info.resolution, weight_bits=8, act_bits=8).to_dict()}
-    return hybrid, meta
+        st.meta["hidden_bits"] = cfg.hidden_bits
+    st = S.run(st, S.stages_for(cfg, train is not None, st.finetune.steps))
+    st = S.finish(st)
+    st.timings["total_s"] = time.perf_counter() - t0
+    st.meta["timings"] = st.timings
+    return st.hybrid, st.meta
 
 
 def _bn_stage(model: nn.Module, hybrid: nn.Module, layers: list[PointwiseLayer],
               train: CalibData | None, cfg: CompressConfig, meta: dict, timings: dict,
-              stages: list, held: list) -> None:
+              stages: list, held: list, seed: int) -> None:
     """Adjust BatchNorm statistics of ``hybrid`` (bnadjust.py) on training-split images,
     or record in ``meta["bn_adjust_skipped"]`` why there was nothing to do."""
     if train is None:
@@ -568,7 +439,7 @@ def _bn_stage(model: nn.Module, hybrid: nn.Module, layers: list[PointwiseLayer],
         progress.warn("--bn-adjust needs --calib images; skipped")
         return
     t = time.perf_counter()
-    batches = _batches(train, cfg.bn_images, seed=cfg.seed + 3)
+    batches = _batches(train, cfg.bn_images, seed=seed)
     names = bn_targets(model, batches[0][:2], [ly.name for ly in layers], cfg.bn_scope)
     if not names:
         meta["bn_adjust_skipped"] = ("no BatchNorm after the pointwise layers (BN folded into "

@@ -22,6 +22,7 @@ from hfbconvert.finetune import FinetuneConfig, finetune
 from hfbconvert.hybrid import HybridPointwise
 from hfbconvert.layers import find_pointwise, layer_bias, layer_weight
 from hfbconvert.pipeline import CompressConfig, compress
+from hfbconvert.stages import stage_seed
 from hfbconvert.stats import collect_input_stats
 
 from .test_cli import FASTEST, one_error, run
@@ -90,8 +91,9 @@ def test_bias_correction_uses_the_input_mean() -> None:
     train, _ = data.split(cfg.held_fraction, seed=cfg.seed,
                           count=compress_mod.held_count(len(data), cfg))
     names = [ly.name for ly in find_pointwise(model, tiny_info().resolution)]
+    seed = stage_seed(cfg.seed, "sensitivity")
     st = collect_input_stats(model, names, compress_mod._batches(train, cfg.stats_images,
-                                                                 seed=cfg.seed), seed=cfg.seed)
+                                                                 seed=seed), seed=seed)
     hs = _hybrids(hybrid)
     nontrivial = 0
     for name, h in hs.items():

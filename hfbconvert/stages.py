@@ -1,0 +1,361 @@
+"""The conversion as named stages over one typed state.
+
+``compress`` is :func:`stages_for` (which stages a configuration runs, in order) applied
+to a :class:`State` by :func:`run`. Each stage is a function ``State -> State`` found here
+by its name; it reads what earlier stages left in the state, writes its own results, and
+is timed and logged by the runner. int8 is a choice of stages (weight rounding, mean
+shift, activation calibration, fine-tune with quantizers), not branches inside them.
+
+Randomness: each stage draws from :func:`stage_seed` of the run's seed and its own name,
+so adding, removing or reordering a stage never changes another stage's samples.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from calib.readers import CalibData
+
+from . import actquant, progress, weightquant
+from .bnfold import fold_batchnorms
+from .costs import ModelCost, model_cost
+from .finetune import FinetuneConfig, auto_steps
+from .fitting import PairStats, fit_layer
+from .hybrid import HybridPointwise
+from .layers import PointwiseLayer, layer_bias, layer_weight
+from .meanshift import correction_sites, match_output_means
+from .metrics import wilson_interval
+from .models.info import ModelInfo
+from .plan import Plan
+
+
+def stage_seed(seed: int, name: str) -> int:
+    """The random stream of stage ``name`` in a run seeded with ``seed``."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**31
+
+
+@dataclass
+class State:
+    """Everything the stages share. ``original`` is a private eval copy of the user's
+    model (the teacher, never modified); ``hybrid`` the network being built."""
+
+    original: nn.Module
+    info: ModelInfo
+    cfg: Any  # pipeline.CompressConfig (not imported: pipeline imports this module)
+    layers: list[PointwiseLayer]
+    train: CalibData | None
+    held: list[torch.Tensor]
+    original_cost: ModelCost
+    checkpoint: str | None = None
+    resume: bool = False
+    plan_override: dict | None = None
+    # filled by the stages
+    sigma: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    means: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    curves: dict[str, torch.Tensor] = field(default_factory=dict)
+    energies: dict[str, torch.Tensor] = field(default_factory=dict)
+    densities: dict[str, torch.Tensor] = field(default_factory=dict)
+    fragility: dict[str, float] = field(default_factory=dict)
+    plan: Plan | None = None
+    hybrid: nn.Module | None = None
+    finetune: FinetuneConfig | None = None
+    identity: dict[str, Any] | None = None
+    observe_at: dict[str, str] = field(default_factory=dict)
+    bank_before: dict[str, float] = field(default_factory=dict)
+    bank_after: dict[str, float] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    log: list[dict[str, Any]] = field(default_factory=list)
+
+    def batches(self, n: int, stage: str) -> list[torch.Tensor]:
+        """``n`` training images of this stage's own random sample, normalized."""
+        from .pipeline import _batches
+
+        assert self.train is not None
+        return _batches(self.train, n, seed=stage_seed(self.cfg.seed, stage))
+
+    def record(self, name: str, seconds: float) -> None:
+        """Agreement with the original on the held-apart images after stage ``name``."""
+        from .pipeline import _stage
+
+        _stage(self.log, name, self.hybrid, self.original, self.held, seconds)
+
+
+Stage = Callable[[State], State]
+
+
+# ------------------------------------------------------------------------ planning
+def sensitivity(st: State) -> State:
+    """Σ and mean of every layer input, per-filter loss curves and output energies."""
+    from .pipeline import sensitivity_inputs
+
+    st.sigma, st.curves, st.energies, st.densities, st.means = sensitivity_inputs(
+        st.original, st.layers, st.train, st.cfg, seed=stage_seed(st.cfg.seed, "sensitivity"))
+    return st
+
+
+def fragility(st: State) -> State:
+    """Logit distortion per unit of weight error of each layer (weights the planner)."""
+    from .pipeline import layer_fragility
+
+    st.fragility = layer_fragility(st.original, st.layers,
+                                   torch.cat(st.batches(32, "fragility")), seed=st.cfg.seed)
+    return st
+
+
+def plan(st: State) -> State:
+    """Critical filters and hidden units per layer under the budget and caps."""
+    from .pipeline import make_plan
+
+    frag = st.fragility or {ly.name: 1.0 for ly in st.layers}
+    st.fragility = frag
+    st.plan = make_plan(st.original, st.info, st.layers, st.curves, st.energies, frag,
+                        st.cfg, st.plan_override, st.densities)
+    return st
+
+
+# ------------------------------------------------------------------------ building
+def fit(st: State) -> State:
+    """Build the hybrid network and fit every layer in one shot against the original
+    layer's input statistics (its weights alone without calibration data)."""
+    from .pipeline import _orig_pair_stats, _twn_init, build_hybrid
+
+    assert st.plan is not None
+    st.hybrid = build_hybrid(st.original, st.plan.layers, {ly.name: ly.kind for ly in st.layers},
+                             {ly.name: ly.stride for ly in st.layers})
+    for ly in st.layers:
+        h = st.hybrid.get_submodule(ly.name)
+        w, b = layer_weight(st.original, ly.name), layer_bias(st.original, ly.name)
+        s = st.sigma.get(ly.name)
+        stats = PairStats.identity(w, b) if s is None else _orig_pair_stats(
+            w, b, s, st.means[ly.name])
+        if st.cfg.method == "twn":
+            _twn_init(h, w)
+        fit_layer(h, stats, bias_correction=st.cfg.bias_correction,
+                  reinit_codes=st.cfg.method != "twn", prior=w)
+    return st
+
+
+def reconstruct(st: State) -> State:
+    """Refit layers in network order against the compressed network's own inputs."""
+    from .pipeline import _enough_for_reconstruction, _min_recon_images
+    from .reconstruct import reconstruct as _reconstruct
+
+    assert st.train is not None and st.hybrid is not None
+    if not _enough_for_reconstruction(st.train, st.layers, st.cfg):
+        progress.warn(f"{len(st.train)} calibration images are too few for sequential "
+                      "reconstruction (it would overfit them); kept the one-shot fit. Give "
+                      f"at least {_min_recon_images(st.layers, st.cfg)} images to reconstruct.")
+        st.meta["reconstruction_skipped"] = "too few calibration images"
+        return st
+    with progress.task("reconstruct", len(st.layers)) as bar:
+        st.meta["reconstruction"] = _reconstruct(
+            st.original, st.hybrid, st.layers, st.batches(st.cfg.recon_images, "reconstruct"),
+            st.cfg.per_image, st.cfg.seed, st.cfg.sequential, st.cfg.bias_correction,
+            on_layer=lambda n, r: bar.advance(1, info=n))
+    return st
+
+
+def _finetune(st: State, name: str, teacher_at: dict[str, str] | None = None) -> State:
+    from .pipeline import _guarded_finetune
+
+    assert st.train is not None and st.finetune is not None
+    st.hybrid = _guarded_finetune(st.hybrid, st.original, st.train, st.held, st.finetune,
+                                  st.checkpoint, st.resume, st.info, st.meta, st.timings,
+                                  st.log, name, teacher_at=teacher_at, identity=st.identity)
+    return st
+
+
+def finetune(st: State) -> State:
+    """Distillation with the ternary codes kept (float activations); reverted when the
+    held-apart KL rises."""
+    return _finetune(st, f"finetune_{st.finetune.steps}")
+
+
+def bn(st: State) -> State:
+    """Re-match or re-estimate the BatchNorm statistics after the hybrid layers."""
+    from .pipeline import _bn_stage
+
+    _bn_stage(st.original, st.hybrid, st.layers, st.train, st.cfg, st.meta, st.timings,
+              st.log, st.held, seed=stage_seed(st.cfg.seed, "bn"))
+    return st
+
+
+def freeze(st: State) -> State:
+    """Training form -> deploy form (int8 codes, folded ``a``); no numerical change."""
+    from .pipeline import bank_losses
+
+    for m in st.hybrid.modules():
+        if isinstance(m, HybridPointwise):
+            m.freeze()
+    st.hybrid.eval()
+    if st.cfg.activation_bits == 8:
+        st.bank_after = bank_losses(st.hybrid, st.original, st.layers, st.sigma)
+    return st
+
+
+# ------------------------------------------------------------------------ int8
+def bn_fold(st: State) -> State:
+    """Fold BatchNorm into the preceding layers, as int8 kernels (and onnxruntime PTQ)
+    do before rounding weights; folded layers are compared at their BN's output."""
+    pairs = fold_batchnorms(st.hybrid)
+    st.meta["bn_folded"] = [list(p) for p in pairs]
+    st.observe_at = dict(pairs)
+    return st
+
+
+def weight_quant(st: State) -> State:
+    """Round every full-precision weight to its storage precision (weight-only)."""
+    st.meta["weight_quant"] = weightquant.apply_weight_bits(st.hybrid, st.cfg.weight_bits)
+    return st
+
+
+def mean_shift(st: State) -> State:
+    """Match each layer's output mean to the original's after weight rounding. Before
+    the activation quantizers: there it would also "correct" activation clipping, a sparse
+    error, with a bias on every image (MobileNetV2 int8: agreement 0.975 vs 0.939)."""
+    sites, owners = correction_sites(st.hybrid, [tuple(p) for p in st.meta.get("bn_folded")
+                                                 or []])
+    st.meta["mean_shift"] = match_output_means(
+        st.hybrid, st.original, torch.cat(st.batches(st.cfg.act_calib_images, "mean_shift")),
+        sites, owners)
+    return st
+
+
+def activation_calibration(st: State) -> State:
+    """uint8 quantizers on every conv/linear input (and int32 or uint8 hidden units),
+    ranges by MSE-optimal clipping on calibration images."""
+    qs = actquant.attach(st.hybrid, st.cfg.hidden_bits)
+    name = "activation_calibration"
+    with progress.task("activation ranges", len(qs)) as bar:
+        st.meta["activation_ranges"] = actquant.calibrate(
+            st.hybrid, torch.cat(st.batches(st.cfg.act_calib_images, name)),
+            seed=stage_seed(st.cfg.seed, name), on_quantizer=lambda n: bar.advance(1, info=n))
+    return st
+
+
+def int8_finetune(st: State) -> State:
+    """Fine-tune with int8 weights (straight-through) and activation quantizers in the
+    forward; a BN the student folded is matched at the teacher's BN output."""
+    weightquant.attach_int8_ste(st.hybrid)
+    try:
+        _finetune(st, f"finetune_int8_{st.finetune.steps}", teacher_at=st.observe_at)
+    finally:
+        weightquant.detach_int8_ste(st.hybrid)
+    st.bank_after = {}  # the banks now carry folded BN: no longer comparable (report n/a)
+    return st
+
+
+# ------------------------------------------------------------------------ order
+# (stage, timing key, whether its agreement is logged): the timing keys are the report's
+@dataclass(frozen=True)
+class Step:
+    fn: Stage
+    timing: str | None
+    logged: str | None  # the name in the agreement log, None: not logged
+
+    @property
+    def name(self) -> str:
+        return self.fn.__name__
+
+
+def banks(st: State) -> State:
+    """The tolerant banks' fitted loss before any fine-tune (the report's 'before')."""
+    from .pipeline import bank_losses
+
+    st.bank_before = bank_losses(st.hybrid, st.original, st.layers, st.sigma)
+    return st
+
+
+def stages_for(cfg: Any, has_data: bool, steps: int) -> list[Step]:
+    """The stages a configuration runs after planning, in order."""
+    int8 = cfg.activation_bits == 8
+    out = [Step(fit, "fit_s", "fit")]
+    if cfg.reconstruct and has_data:
+        out.append(Step(reconstruct, "reconstruct_s",
+                        "sequential" if cfg.sequential else "reconstruct"))
+    out.append(Step(banks, None, None))
+    if steps > 0 and has_data and not int8:
+        out.append(Step(finetune, None, None))  # times and logs itself (it may revert)
+    if cfg.bn_adjust != "off":
+        out.append(Step(bn, None, None))  # logs itself, or why it had nothing to do
+    out.append(Step(freeze, None, None))
+    if int8:
+        out.append(Step(bn_fold, None, None))
+    if cfg.weight_bits != 32:
+        out.append(Step(weight_quant, "weight_bits_s", f"weights_{cfg.weight_bits}bit"))
+    if cfg.mean_shift and cfg.weight_bits == 8 and has_data:
+        out.append(Step(mean_shift, "mean_shift_s", "mean_shift"))
+    if int8:
+        out.append(Step(activation_calibration, "activation_bits_s", "activations_8bit"))
+        if steps > 0 and has_data:
+            out.append(Step(int8_finetune, None, None))
+    return out
+
+
+def planning_stages(cfg: Any, has_data: bool) -> list[Step]:
+    """Sensitivity, fragility (hybrid with data) and the plan."""
+    out = [Step(sensitivity, "sensitivity_s", None)]
+    if cfg.fragility and has_data and cfg.method == "hybrid":
+        out.append(Step(fragility, "fragility_s", None))
+    out.append(Step(plan, None, None))
+    return out
+
+
+def run(st: State, steps: list[Step]) -> State:
+    """Run ``steps`` in order, timing each under its key and logging its agreement."""
+    for step in steps:
+        t = time.perf_counter()
+        st = step.fn(st)
+        if step.timing:
+            st.timings[step.timing] = time.perf_counter() - t
+        if step.logged:
+            st.record(step.logged, time.perf_counter() - t)
+    return st
+
+
+def resolve_finetune(st: State) -> State:
+    """The fine-tune configuration with ``steps`` resolved (``auto``: bounded compute)."""
+    ft = st.cfg.finetune
+    if ft.steps is None:
+        macs = st.original_cost.totals()["muls"]
+        ft = replace(ft, steps=0 if st.train is None else auto_steps(macs, len(st.train),
+                                                                     ft.batch_size))
+        st.meta["finetune_steps_auto"] = ft.steps
+    st.finetune = ft
+    return st
+
+
+def finish(st: State) -> State:
+    """Per-layer errors, costs, the final agreement and its interval into ``meta``."""
+    from .pipeline import bank_losses, output_errors
+
+    if st.bank_after is None:
+        st.bank_after = bank_losses(st.hybrid, st.original, st.layers, st.sigma)
+    out_err = output_errors(st.original, st.hybrid, [ly.name for ly in st.layers], st.held,
+                            st.observe_at)
+    st.meta["layer_errors"] = {
+        ly.name: {"bank_loss_before_ft": st.bank_before.get(ly.name),
+                  "bank_loss_after_ft": st.bank_after.get(ly.name),
+                  "output_rel_err": out_err.get(ly.name)} for ly in st.layers}
+    st.meta["stages"] = st.log
+    st.meta["final_agreement"] = st.log[-1]["agreement"] if st.log else None
+    n_held = sum(x.shape[0] for x in st.held)
+    if st.meta["final_agreement"] is not None and n_held:
+        k = round(st.meta["final_agreement"] * n_held)
+        st.meta["final_agreement_interval"] = {"n": n_held, "agree": k,
+                                               "ci95": list(wilson_interval(k, n_held))}
+    st.meta["cost"] = model_cost(st.hybrid, st.info.resolution).to_dict()
+    st.meta["original_cost"] = st.original_cost.to_dict()
+    if st.cfg.activation_bits == 8:
+        # what plain int8 PTQ of the original would cost: the baseline an int8 hybrid beats
+        st.meta["baselines"] = {"int8 (original at int8)": model_cost(
+            st.original, st.info.resolution, weight_bits=8, act_bits=8).to_dict()}
+    return st
