@@ -28,7 +28,7 @@ BITS = {"int8": 8, "fp16": 16, "fp32": 32}
 
 MEMORY_DEFAULTS: dict[str, float] = {
     # on-chip activation buffer (inputs, outputs, the hybrid's hidden units)
-    "act_sram_kib": 2048, "act_sram_bits": 1024, "act_sram_pj": 1600.0,
+    "act_sram_kib": 4096, "act_sram_bits": 1024, "act_sram_pj": 1600.0,
     # on-chip weight buffer, filled from DRAM
     "weight_sram_kib": 128, "weight_sram_bits": 512, "weight_sram_pj": 200.0,
     # DRAM (weights only: activations stay on chip, see docs/hardware.md)

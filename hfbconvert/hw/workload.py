@@ -167,19 +167,31 @@ def from_model(model, resolution: int, fp_bits: int = 32) -> list[Layer]:
 
 # ---------------------------------------------------------------------- ONNX files
 
-def _shapes(mp) -> dict[str, list[int]]:
-    import onnx
+def _shapes(mp, wanted: list[str]) -> dict[str, list[int]]:
+    """Shapes of ``wanted`` tensors: one onnxruntime run on zeros (the ``hfb`` functions
+    run as their standard-op bodies), since ONNX shape inference loses H/W at the TF-style
+    Pad nodes."""
+    import copy
 
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    m = copy.deepcopy(mp)
+    have = {o.name for o in m.graph.output}
+    for name in wanted:
+        if name not in have:
+            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    inp = m.graph.input[0]
+    dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1
+            for d in inp.type.tensor_type.shape.dim]
     try:
-        inf = onnx.shape_inference.infer_shapes(mp)
-    except Exception as exc:  # noqa: BLE001 - onnx raises several types
-        raise InputError(f"ONNX shape inference failed ({exc})") from None
-    out = {}
-    for vi in list(inf.graph.value_info) + list(inf.graph.input) + list(inf.graph.output):
-        dims = [d.dim_value if d.HasField("dim_value") else 1
-                for d in vi.type.tensor_type.shape.dim]
-        out[vi.name] = dims
-    return out
+        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        outs = sess.run(wanted, {inp.name: np.zeros(dims, dtype=np.float32)})
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
+        raise InputError(f"could not run the ONNX file to read its layer shapes "
+                         f"({str(exc).splitlines()[0][:160]})") from None
+    return {n: list(o.shape) for n, o in zip(wanted, outs)}
 
 
 def from_onnx(path: str) -> list[Layer]:
@@ -189,7 +201,7 @@ def from_onnx(path: str) -> list[Layer]:
     int8 arithmetic; float files at the bits of their Conv weights' storage."""
     import numpy as np
     import onnx
-    from onnx import numpy_helper
+    from onnx import NodeProto, numpy_helper
 
     try:
         mp = onnx.load(path)
@@ -201,8 +213,10 @@ def from_onnx(path: str) -> list[Layer]:
         if n.op_type == "Constant" and n.attribute and n.attribute[0].t.dims:
             inits[n.output[0]] = n.attribute[0].t
     producers = {o: n for n in g.node for o in n.output}
-    shapes = _shapes(mp)
-    act_bits = 8 if any(n.op_type == "QuantizeLinear" and n.domain in ("", "ai.onnx")
+    shapes = _shapes(mp, [n.output[0] for n in g.node
+                          if n.op_type in ("Conv", "StrassenPointwise")])
+    # int8 activations: QuantizeLinear (--qdq) or the fake-quantization Round of the graph
+    act_bits = 8 if any(n.op_type in ("QuantizeLinear", "Round") and n.domain in ("", "ai.onnx")
                         for n in g.node) else 32
 
     def weight(name: str):
@@ -233,7 +247,20 @@ def from_onnx(path: str) -> list[Layer]:
                 n.input[0] in inits and inits[n.input[0]].data_type == onnx.TensorProto.FLOAT16:
             fp_bits = 16
     strassen = [n for n in g.node if n.op_type == "StrassenPointwise" and n.domain == "hfb"]
+    def scope(n) -> str:  # "/blocks.6/conv_pw/Conv" -> "/blocks.6/conv_pw"
+        return n.name.rsplit("/", 1)[0] if "/" in n.name else ""
+
     by_input = {src(n.input[0]): n for n in strassen}
+    by_scope = {scope(n): n for n in strassen if scope(n)}
+
+    def partner(n):
+        sp = by_scope.get(scope(n)) if scope(n) else None
+        if sp is None:
+            sp = by_input.get(src(n.input[0]))
+        if sp is not None and id(sp) not in used:
+            return sp
+        return None
+
     layers: list[Layer] = []
     used: set[int] = set()
     from ..ternary import unpack_2bit, unpack_base3
@@ -246,9 +273,20 @@ def from_onnx(path: str) -> list[Layer]:
 
         unpack = unpack_2bit if attr(node, "packing", b"2bit") in (b"2bit", "2bit") \
             else unpack_base3
-        vals = unpack(torch.as_tensor(np.asarray(w, dtype=np.uint8)), rows * cols)
+        vals = unpack(torch.as_tensor(np.array(w, dtype=np.uint8)), rows * cols)
         return float((vals != 0).float().mean())
 
+    paired: dict[int, NodeProto] = {}
+    for n in g.node:  # pair each bank with its layer's critical Conv/Gemm first
+        if n.op_type in ("Conv", "Gemm", "MatMul"):
+            w = weight(n.input[1])
+            if w is None or (n.op_type == "Conv" and (w.shape[-1] != 1 or
+                                                      int(attr(n, "group", 1)) != 1)):
+                continue
+            sp = partner(n)
+            if sp is not None:
+                used.add(id(sp))
+                paired[id(n)] = sp
     for i, n in enumerate(g.node):
         name = n.name or f"node{i}"
         if n.op_type == "Conv":
@@ -260,10 +298,8 @@ def from_onnx(path: str) -> list[Layer]:
             groups = int(attr(n, "group", 1))
             stride = int((attr(n, "strides", [1, 1]) or [1])[0])
             oy, ox = int(out[2]), int(out[3])
-            s = src(n.input[0])
-            if s in by_input and fx == 1 and groups == 1:
-                sp = by_input.pop(s)
-                used.add(id(sp))
+            sp = paired.get(id(n))
+            if sp is not None:
                 layers.append(_onnx_hybrid(name, sp, k, ox, oy, stride, act_bits, fp_bits, attr,
                                            density))
                 continue
@@ -281,10 +317,8 @@ def from_onnx(path: str) -> list[Layer]:
                 continue
             trans = int(attr(n, "transB", 0)) if n.op_type == "Gemm" else 0
             k, c = (w.shape[0], w.shape[1]) if trans else (w.shape[1], w.shape[0])
-            s = src(n.input[0])
-            if s in by_input:
-                sp = by_input.pop(s)
-                used.add(id(sp))
+            sp = paired.get(id(n))
+            if sp is not None:
                 layers.append(_onnx_hybrid(name, sp, int(k), 1, 1, 1, act_bits, fp_bits, attr,
                                            density))
                 continue
@@ -292,8 +326,6 @@ def from_onnx(path: str) -> list[Layer]:
             layers.append(Layer(name, "linear", [p]))
         elif n.op_type == "StrassenPointwise" and id(n) not in used and n.domain == "hfb":
             # a layer with no critical filters
-            if src(n.input[0]) in by_input:
-                by_input.pop(src(n.input[0]))
             out = shapes.get(n.output[0], [1, 1, 1, 1])
             oy, ox = (int(out[2]), int(out[3])) if len(out) == 4 else (1, 1)
             used.add(id(n))
