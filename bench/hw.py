@@ -66,6 +66,31 @@ def run(args) -> int:
     return 0
 
 
+def costs(args) -> int:
+    """Add costs.py's own figures (arithmetic only, and with one DRAM read per weight word)
+    for the original and the two hybrids to the results JSON, for the cross-check."""
+    from hfbconvert.artifact import load_compressed
+    from hfbconvert.costs import model_cost
+    from hfbconvert.models.loading import load_model
+
+    res = json.load(open(args.results))
+    orig, info = load_model(args.original)
+    out = {}
+    for label, path, act in (("fp32", args.fp32, 32), ("int8", args.int8_pt, 8)):
+        net, inf, _ = load_compressed(path)
+        o = model_cost(orig, info.resolution, act_bits=act)
+        h = model_cost(net, inf.resolution)
+        out[label] = {"original_pj": o.energy_pj, "hybrid_pj": h.energy_pj,
+                      "original_with_weight_reads_pj": o.energy_with_reads_pj,
+                      "hybrid_with_weight_reads_pj": h.energy_with_reads_pj,
+                      "original_muls": o.muls, "hybrid_muls": h.muls,
+                      "original_adds": o.adds, "hybrid_adds": h.adds}
+    res["costs_py"] = out
+    with open(args.results, "w") as fh:
+        json.dump(res, fh, indent=1)
+    return 0
+
+
 def _uj(x: float) -> str:
     return f"{x / 1e6:.1f}"
 
@@ -106,6 +131,15 @@ def table(args) -> int:
         out.append(f"| {s['mac_area_fraction']:.2f} | {s['n_mac']} + {s['n_adder']} | "
                    f"x{s['cycles_ratio']:.2f} | {100 * (1 - eh / eo):+.1f}% | "
                    f"{100 * (1 - (eh - s['hidden_unit_onchip_pj']) / eo):+.1f}% |")
+    if "costs_py" in res:
+        out += ["", "costs.py on the same models (arithmetic only / plus one DRAM read per "
+                "32-bit weight word), for the cross-check:", "",
+                "| | original | hybrid | saved |", "|---|---:|---:|---:|"]
+        for label, c in res["costs_py"].items():
+            for what, a, b in (("arithmetic", c["original_pj"], c["hybrid_pj"]),
+                               ("+ weight reads", c["original_with_weight_reads_pj"],
+                                c["hybrid_with_weight_reads_pj"])):
+                out.append(f"| {label} {what} | {_uj(a)} | {_uj(b)} | {100 * (1 - b / a):+.1f}% |")
     text = "\n".join(out)
     if args.doc:
         begin, end = "<!-- hw-table:begin -->", "<!-- hw-table:end -->"
@@ -130,8 +164,13 @@ def main(argv=None) -> int:
     t.add_argument("results")
     t.add_argument("--doc", default=None, help="replace the block between the hw-table "
                    "markers of this markdown file")
+    c = sub.add_parser("costs")
+    c.add_argument("results")
+    c.add_argument("--original", required=True)
+    c.add_argument("--fp32", required=True, help="float hybrid .hfb.pt")
+    c.add_argument("--int8-pt", required=True, help="int8 hybrid .hfb.pt")
     a = ap.parse_args(argv)
-    return run(a) if a.cmd == "run" else table(a)
+    return {"run": run, "table": table, "costs": costs}[a.cmd](a)
 
 
 if __name__ == "__main__":
