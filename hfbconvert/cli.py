@@ -1009,5 +1009,47 @@ def report(compressed, output_dir, force, trust_pickle, as_json, quiet):
         print_report(rep)
 
 
+@main.command("hw")
+@click.argument("model")
+@click.option("--accelerator", "accelerator", default="hybrid_fp32", show_default=True,
+              metavar="NAME|FILE.yaml",
+              help="A shipped accelerator (mac_int8, mac_fp16, mac_fp32, hybrid_int8, "
+                   "hybrid_fp16, hybrid_fp32) or an accelerator YAML (docs/hardware.md).")
+@click.option("--mac-area-fraction", type=float, default=None,
+              help="Share of the compute area given to the MAC array (the rest: adders); "
+                   "overrides the accelerator's.")
+@click.option("--original", default=None,
+              help="The original model (default: the hybrid's layers back to dense shapes).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Write the JSON report here.")
+@click.option("--force", is_flag=True, help="Overwrite --output.")
+@click.option("--trust-pickle", is_flag=True,
+              help="Allow loading a fully pickled nn.Module (runs code from the file).")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report.")
+@_quiet
+def hw_cmd(model, accelerator, mac_area_fraction, original, output, force, trust_pickle,
+           as_json, quiet):
+    """Cycles, utilization and energy (compute / on-chip / DRAM) on a modelled accelerator:
+    the original on the MAC-only baseline, the hybrid on the area-equivalent MAC + adder
+    design (ZigZag; docs/hardware.md)."""
+    from .hw.engine import require_zigzag
+    from .hw.report import markdown, run_hw
+    from .hw.spec import load_design
+
+    progress.set_quiet(quiet)
+    load_design(accelerator)  # a bad accelerator file fails before any other work
+    require_zigzag()
+    paths = _outputs([Path(output)], force, [model]) if output else []
+    rep = run_hw(model, accelerator, mac_area_fraction, original, trust_pickle)
+    rep["schema_version"] = JSON_SCHEMA_VERSION
+    if paths:
+        paths[0].write_text(json.dumps(rep, indent=1))
+        progress.info(f"wrote {paths[0]}")
+    if as_json:
+        _emit_json(rep)
+    else:
+        click.echo(markdown(rep))
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -1,0 +1,346 @@
+"""Per-layer workloads for the accelerator model, from a PyTorch model (plain or hybrid)
+or from an exported ONNX file (``hfb::StrassenPointwise`` nodes read with their packed
+``W_b``/``W_c`` so the ternary densities are those of the file that ships).
+
+A layer is one or more *parts*, each a ZigZag-shaped loop nest on one array:
+- dense conv / depthwise / pointwise / linear: one part on the MAC array;
+- hybrid pointwise: the critical filters (1x1, n_c outputs) on the MAC array, and the
+  ternary bank's ``W_b`` (r x c_in) then ``W_c`` (n_t x r) on the adder array, with the
+  ``r`` scale MULs by ``a`` per pixel priced separately (``scale_muls``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..errors import InputError
+
+
+@dataclass
+class Part:
+    name: str
+    unit: str          # "mac" | "adder"
+    stage: str         # dense | critical | wb | wc
+    k: int             # output channels (1 for depthwise, which uses g)
+    c: int             # input channels per group
+    g: int = 1         # groups (depthwise channels)
+    ox: int = 1
+    oy: int = 1
+    fx: int = 1
+    fy: int = 1
+    stride: int = 1
+    i_bits: int = 32
+    w_bits: int = 32
+    o_bits: int = 32   # partial-sum precision
+    of_bits: int = 32  # stored output precision
+    density: float = 1.0  # non-zero fraction of the weights (ternary parts)
+
+    @property
+    def ops(self) -> int:
+        return self.k * self.c * self.g * self.ox * self.oy * self.fx * self.fy
+
+    def act_bits_in_out(self) -> tuple[int, int]:
+        ix = (self.ox - 1) * self.stride + self.fx
+        iy = (self.oy - 1) * self.stride + self.fy
+        cin = self.c * self.g
+        return cin * ix * iy * self.i_bits, self.k * self.g * self.ox * self.oy * self.of_bits
+
+    def weight_bits(self) -> int:
+        return self.k * self.c * self.g * self.fx * self.fy * self.w_bits
+
+
+@dataclass
+class Layer:
+    name: str
+    kind: str                  # conv | depthwise | pointwise | linear | hybrid
+    parts: list[Part]
+    scale_muls: int = 0        # multiplications by ``a`` per inference (hybrid)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "scale_muls": self.scale_muls,
+                "parts": [asdict(p) | {"ops": p.ops} for p in self.parts], **self.extra}
+
+
+def _bits(act_bits: int, fp_bits: int) -> tuple[int, int, int]:
+    """(input/weight bits, partial-sum bits, stored output bits) of dense arithmetic."""
+    if act_bits == 8:
+        return 8, 32, 8
+    return fp_bits, fp_bits, fp_bits
+
+
+def dense_part(name, kind, k, c, g, ox, oy, f, stride, act_bits, fp_bits) -> Part:
+    b, o, of = _bits(act_bits, fp_bits)
+    return Part(name, "mac", "dense", k, c, g, ox, oy, f, f, stride, b, b, o, of)
+
+
+def hybrid_parts(name, c_in, n_c, n_t, r, ox, oy, stride, act_bits, fp_bits, hidden_bits,
+                 dens_b, dens_c) -> list[Part]:
+    b, o, of = _bits(act_bits, fp_bits)
+    parts = []
+    if n_c:
+        parts.append(Part(name + ".critical", "mac", "critical", n_c, c_in, 1, ox, oy, 1, 1,
+                          stride, b, b, o, of))
+    if n_t and r:
+        # W_b: activations in, ternary weights, hidden units out (int32 unless --hidden-bits 8)
+        hb = hidden_bits if act_bits == 8 else fp_bits
+        parts.append(Part(name + ".wb", "adder", "wb", r, c_in, 1, ox, oy, 1, 1, stride, b, 2,
+                          o, hb, dens_b))
+        parts.append(Part(name + ".wc", "adder", "wc", n_t, r, 1, ox, oy, 1, 1, 1, hb, 2, o, of,
+                          dens_c))
+    return parts
+
+
+# ---------------------------------------------------------------------- PyTorch models
+
+def from_model(model, resolution: int, fp_bits: int = 32) -> list[Layer]:
+    """Walk one forward pass of ``model`` and describe every Conv2d, Linear and hybrid."""
+    import torch
+    from torch import nn
+
+    from ..actquant import model_act_bits
+    from ..hybrid import HybridPointwise
+
+    abits = model_act_bits(model)
+    layers: list[Layer] = []
+    inside = set()
+    for m in model.modules():
+        if isinstance(m, HybridPointwise):
+            inside.update(id(x) for x in m.modules() if x is not m)
+
+    def hook_for(name, mod):
+        def hook(_m, inp, out):
+            if isinstance(mod, HybridPointwise):
+                if out.dim() == 4:
+                    oy, ox = int(out.shape[2]), int(out.shape[3])
+                else:
+                    oy, ox = 1, int(out[0].numel() // out.shape[-1])
+                tb, _, tc = mod.ternary_factors()
+                n_t = int(mod.tolerant_idx.numel())
+                db = float((tb != 0).float().mean()) if n_t else 0.0
+                dc = float((tc != 0).float().mean()) if n_t else 0.0
+                hq = getattr(mod, "hidden_quant", None)
+                hbits = 8 if hq else 32
+                parts = hybrid_parts(name, mod.c_in, int(mod.n_critical), n_t, mod.r, ox, oy,
+                                     getattr(mod, "stride", 1), abits, fp_bits, hbits, db, dc)
+                layers.append(Layer(name, "hybrid", parts, scale_muls=mod.r * ox * oy if n_t
+                                    else 0, extra={"c_in": mod.c_in, "c_out": mod.c_out,
+                                                   "critical": int(mod.n_critical),
+                                                   "r": mod.r}))
+            elif isinstance(mod, nn.Conv2d):
+                oy, ox = int(out.shape[2]), int(out.shape[3])
+                dw = mod.groups == mod.in_channels and mod.groups > 1
+                f = mod.kernel_size[0]
+                kind = "depthwise" if dw else ("pointwise" if f == 1 and mod.groups == 1
+                                               else "conv")
+                if dw:
+                    p = dense_part(name, kind, 1, 1, mod.groups, ox, oy, f, mod.stride[0],
+                                   abits, fp_bits)
+                else:
+                    p = dense_part(name, kind, mod.out_channels, mod.in_channels // mod.groups,
+                                   1, ox, oy, f, mod.stride[0], abits, fp_bits)
+                layers.append(Layer(name, kind, [p]))
+            elif isinstance(mod, nn.Linear):
+                p = dense_part(name, "linear", mod.out_features, mod.in_features, 1, 1, 1, 1, 1,
+                               abits, fp_bits)
+                layers.append(Layer(name, "linear", [p]))
+        return hook
+
+    hooks = []
+    for name, mod in model.named_modules():
+        if id(mod) in inside:
+            continue
+        if isinstance(mod, (nn.Conv2d, nn.Linear, HybridPointwise)):
+            hooks.append(mod.register_forward_hook(hook_for(name, mod)))
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, resolution, resolution))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    return layers
+
+
+# ---------------------------------------------------------------------- ONNX files
+
+def _shapes(mp, wanted: list[str]) -> dict[str, list[int]]:
+    """Shapes of ``wanted`` tensors: one onnxruntime run on zeros (the ``hfb`` functions
+    run as their standard-op bodies), since ONNX shape inference loses H/W at the TF-style
+    Pad nodes."""
+    import copy
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    m = copy.deepcopy(mp)
+    have = {o.name for o in m.graph.output}
+    for name in wanted:
+        if name not in have:
+            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    inp = m.graph.input[0]
+    dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1
+            for d in inp.type.tensor_type.shape.dim]
+    try:
+        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        outs = sess.run(wanted, {inp.name: np.zeros(dims, dtype=np.float32)})
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
+        raise InputError(f"could not run the ONNX file to read its layer shapes "
+                         f"({str(exc).splitlines()[0][:160]})") from None
+    return {n: list(o.shape) for n, o in zip(wanted, outs)}
+
+
+def from_onnx(path: str) -> list[Layer]:
+    """Layers of an ONNX file written by ``hfbconvert export onnx``: every Conv and Gemm,
+    and every ``hfb::StrassenPointwise`` (paired with the 1x1 Conv that reads the same
+    input: the layer's critical filters). Int8 files (QuantizeLinear in the graph) are
+    int8 arithmetic; float files at the bits of their Conv weights' storage."""
+    import numpy as np
+    import onnx
+    from onnx import NodeProto, numpy_helper
+
+    try:
+        mp = onnx.load(path)
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"{path}: not a readable ONNX file ({exc})") from None
+    g = mp.graph
+    inits = {t.name: t for t in g.initializer}
+    for n in g.node:  # Constant nodes (weights stored through a Cast) count as initializers
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].t.dims:
+            inits[n.output[0]] = n.attribute[0].t
+    producers = {o: n for n in g.node for o in n.output}
+    shapes = _shapes(mp, [n.output[0] for n in g.node
+                          if n.op_type in ("Conv", "StrassenPointwise")])
+    # int8 activations: QuantizeLinear (--qdq) or the fake-quantization Round of the graph
+    act_bits = 8 if any(n.op_type in ("QuantizeLinear", "Round") and n.domain in ("", "ai.onnx")
+                        for n in g.node) else 32
+
+    def weight(name: str):
+        seen = 0
+        while name not in inits and name in producers and seen < 4:
+            n = producers[name]
+            if n.op_type not in ("Cast", "DequantizeLinear", "Identity"):
+                break
+            name, seen = n.input[0], seen + 1
+        return numpy_helper.to_array(inits[name]) if name in inits else None
+
+    def attr(n, key, default=None):
+        for a in n.attribute:
+            if a.name == key:
+                return onnx.helper.get_attribute_value(a)
+        return default
+
+    def src(t: str) -> str:  # the tensor behind quantize/dequantize pairs
+        seen = 0
+        while t in producers and producers[t].op_type in ("DequantizeLinear", "QuantizeLinear",
+                                                          "Identity") and seen < 4:
+            t, seen = producers[t].input[0], seen + 1
+        return t
+
+    fp_bits = 32
+    for n in g.node:
+        if n.op_type == "Cast" and attr(n, "to") == onnx.TensorProto.FLOAT and \
+                n.input[0] in inits and inits[n.input[0]].data_type == onnx.TensorProto.FLOAT16:
+            fp_bits = 16
+    strassen = [n for n in g.node if n.op_type == "StrassenPointwise" and n.domain == "hfb"]
+    def scope(n) -> str:  # "/blocks.6/conv_pw/Conv" -> "/blocks.6/conv_pw"
+        return n.name.rsplit("/", 1)[0] if "/" in n.name else ""
+
+    by_input = {src(n.input[0]): n for n in strassen}
+    by_scope = {scope(n): n for n in strassen if scope(n)}
+
+    def partner(n):
+        sp = by_scope.get(scope(n)) if scope(n) else None
+        if sp is None:
+            sp = by_input.get(src(n.input[0]))
+        if sp is not None and id(sp) not in used:
+            return sp
+        return None
+
+    layers: list[Layer] = []
+    used: set[int] = set()
+    from ..ternary import unpack_2bit, unpack_base3
+
+    def density(node, idx, rows, cols) -> float:
+        w = weight(node.input[idx])
+        if w is None:
+            return 1.0
+        import torch
+
+        unpack = unpack_2bit if attr(node, "packing", b"2bit") in (b"2bit", "2bit") \
+            else unpack_base3
+        vals = unpack(torch.as_tensor(np.array(w, dtype=np.uint8)), rows * cols)
+        return float((vals != 0).float().mean())
+
+    paired: dict[int, NodeProto] = {}
+    for n in g.node:  # pair each bank with its layer's critical Conv/Gemm first
+        if n.op_type in ("Conv", "Gemm", "MatMul"):
+            w = weight(n.input[1])
+            if w is None or (n.op_type == "Conv" and (w.shape[-1] != 1 or
+                                                      int(attr(n, "group", 1)) != 1)):
+                continue
+            sp = partner(n)
+            if sp is not None:
+                used.add(id(sp))
+                paired[id(n)] = sp
+    for i, n in enumerate(g.node):
+        name = n.name or f"node{i}"
+        if n.op_type == "Conv":
+            w = weight(n.input[1])
+            out = shapes.get(n.output[0])
+            if w is None or out is None or len(out) != 4:
+                raise InputError(f"{path}: Conv {name}: weight or output shape unknown")
+            k, cg, fy, fx = (int(v) for v in w.shape)
+            groups = int(attr(n, "group", 1))
+            stride = int((attr(n, "strides", [1, 1]) or [1])[0])
+            oy, ox = int(out[2]), int(out[3])
+            sp = paired.get(id(n))
+            if sp is not None:
+                layers.append(_onnx_hybrid(name, sp, k, ox, oy, stride, act_bits, fp_bits, attr,
+                                           density))
+                continue
+            if groups > 1 and groups == k and cg == 1:
+                p = dense_part(name, "depthwise", 1, 1, groups, ox, oy, fx, stride, act_bits,
+                               fp_bits)
+                layers.append(Layer(name, "depthwise", [p]))
+            else:
+                kind = "pointwise" if fx == 1 and groups == 1 else "conv"
+                p = dense_part(name, kind, k, cg, 1, ox, oy, fx, stride, act_bits, fp_bits)
+                layers.append(Layer(name, kind, [p]))
+        elif n.op_type in ("Gemm", "MatMul"):
+            w = weight(n.input[1])
+            if w is None:
+                continue
+            trans = int(attr(n, "transB", 0)) if n.op_type == "Gemm" else 0
+            k, c = (w.shape[0], w.shape[1]) if trans else (w.shape[1], w.shape[0])
+            sp = paired.get(id(n))
+            if sp is not None:
+                layers.append(_onnx_hybrid(name, sp, int(k), 1, 1, 1, act_bits, fp_bits, attr,
+                                           density))
+                continue
+            p = dense_part(name, "linear", int(k), int(c), 1, 1, 1, 1, 1, act_bits, fp_bits)
+            layers.append(Layer(name, "linear", [p]))
+        elif n.op_type == "StrassenPointwise" and id(n) not in used and n.domain == "hfb":
+            # a layer with no critical filters
+            out = shapes.get(n.output[0], [1, 1, 1, 1])
+            oy, ox = (int(out[2]), int(out[3])) if len(out) == 4 else (1, 1)
+            used.add(id(n))
+            layers.append(_onnx_hybrid(name, n, 0, ox, oy, 1, act_bits, fp_bits, attr, density))
+    if not layers:
+        raise InputError(f"{path}: no Conv, Gemm or hfb::StrassenPointwise node to model")
+    return layers
+
+
+def _onnx_hybrid(name, sp, n_c, ox, oy, stride, act_bits, fp_bits, attr, density) -> Layer:
+    c_in, r, n_t = int(attr(sp, "c_in")), int(attr(sp, "r")), int(attr(sp, "c_out"))
+    hidden_bits = 8 if len(sp.input) > 5 and sp.input[5] else 32
+    db = density(sp, 1, r, c_in)
+    dc = density(sp, 2, n_t, r)
+    parts = hybrid_parts(name, c_in, n_c, n_t, r, ox, oy, stride, act_bits, fp_bits,
+                         hidden_bits, db, dc)
+    return Layer(name, "hybrid", parts, scale_muls=r * ox * oy,
+                 extra={"c_in": c_in, "c_out": n_c + n_t, "critical": n_c, "r": r})
