@@ -168,3 +168,13 @@ def test_no_clobber_is_checked_again_at_the_rename(tmp_path) -> None:
             dest.write_text("someone else's")  # created during the run
     assert dest.read_text() == "someone else's"
     assert temp_leftovers(tmp_path) == []
+
+
+def test_report_json_pins_the_onnx_file(work, tmp_path) -> None:
+    import hashlib
+    import json
+
+    out = tmp_path / "m.onnx"
+    ok(run("export", "onnx", work["art"], "-o", out, "--no-verify", "-q"))
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["export"]["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()

@@ -20,6 +20,7 @@ Graph capture uses the TorchScript exporter (``dynamo=False``) because it honour
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import os
 import warnings
@@ -628,7 +629,8 @@ def export_onnx(model: nn.Module, path: str | Path, resolution: int, opset: int 
                     metadata)
     data = mp.SerializeToString()
     stats = onnx_stats(mp, data)
-    stats.update(packing=pack if stats["custom_ops"] else None, path=str(dest))
+    stats.update(packing=pack if stats["custom_ops"] else None, path=str(dest),
+                 sha256=hashlib.sha256(data).hexdigest())  # report.json pins the file
     failed = None
     try:
         with atomic_path(dest, overwrite=force) as tmp:
