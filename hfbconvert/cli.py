@@ -26,6 +26,7 @@ class _Group(click.Group):
 
     def main(self, args=None, prog_name=None, complete_var=None,  # type: ignore[override]
              standalone_mode: bool = True, **extra: Any) -> Any:
+        quiet_before = progress.is_quiet()  # --quiet is per command, not per process
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.NoArgsIsHelpError as exc:
@@ -41,6 +42,8 @@ class _Group(click.Group):
         except click.Abort:
             click.echo("aborted", err=True)
             rv = 1
+        finally:
+            progress.set_quiet(quiet_before)
         if not standalone_mode:
             return rv
         sys.exit(rv if isinstance(rv, int) else 0)

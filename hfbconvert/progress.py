@@ -25,6 +25,10 @@ def set_quiet(q: bool) -> None:
     _STATE["quiet"] = q
 
 
+def is_quiet() -> bool:
+    return bool(_STATE["quiet"])
+
+
 def stderr_console() -> Console:
     return Console(stderr=True, highlight=False)
 

@@ -348,7 +348,7 @@ def test_energy_budget_caps_int8_energy(inputs, tmp_path) -> None:
             "--activation-bits", "8", *cap, "--min-agreement", "0", "-o", out, "--json",
             "-q")).stdout)
         energy[tuple(cap)] = summary["cost"]["energy_pj"]
-    assert energy[()] > int8_original
+    assert energy[()] > 0.9 * int8_original  # so the 0.9 cap binds
     assert energy[("--energy-budget", "1")] <= int8_original
     assert energy[("--energy-budget", "0.9")] <= 0.9 * int8_original
 
@@ -427,7 +427,8 @@ def test_compress_is_deterministic_and_quiet(inputs, chain, tmp_path) -> None:
     again = tmp_path / "again.pt"
     res = ok(run("compress", inputs["model"], "--calib", inputs["calib"], *FAST, "-o", again,
                  "--json", "--min-agreement", "0", "--seed", "3", "--quiet"))
-    assert res.stderr == ""
+    # quiet: no progress or status lines; warnings are always shown
+    assert all(ln.startswith("warning: ") for ln in res.stderr.splitlines())
     assert json.loads(res.stdout)["output"] == str(again)
     assert again.read_bytes() == chain["out"].read_bytes()
 

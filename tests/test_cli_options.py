@@ -96,3 +96,13 @@ def test_held_apart_set_is_big_enough_to_gate_on() -> None:
     assert held_count(1000, cfg) == 200 and held_count(5000, cfg) == 500
     assert held_count(100, cfg) == 20 and held_count(48, cfg) == 9
     assert CompressConfig().min_agreement == 0.75
+
+
+def test_quiet_does_not_outlive_its_command(model) -> None:
+    """A -q command run in-process (a notebook, a test) must not silence later library
+    calls: --quiet belongs to one command."""
+    from hfbconvert import progress
+
+    assert not progress.is_quiet()
+    run("analyze", model, "--budgets", "1,2", "--json", "-q")
+    assert not progress.is_quiet()

@@ -220,7 +220,8 @@ def test_cli_exports_are_smaller_and_verified(tiny, bits: int) -> None:
     size = {b: tiny[b]["onnx"].stat().st_size for b in (32, 16, 8)}
     assert size[8] < size[16] < size[32]
     fp = {b: _fp_bytes(onnx.load(str(tiny[b]["onnx"]))) for b in (32, bits)}
-    assert fp[bits] < fp[32] * (0.65 if bits == 16 else 0.5)  # BN stays fp32, unfolded
+    # BN, biases and per-channel scales stay fp32: on this tiny net they are a large share
+    assert fp[bits] < fp[32] * (0.65 if bits == 16 else 0.55)
     mp = onnx.load(str(tiny[bits]["onnx"]))
     onnx.checker.check_model(mp, full_check=True)
     types = _init_types(mp)
