@@ -153,7 +153,19 @@ def _source_opt(f):
 def _model_opts(f):
     f = click.option("--trust-pickle", is_flag=True,
                      help="Allow loading a fully pickled nn.Module (runs code from the file).")(f)
-    f = click.option("--arch", type=click.Choice(["mobilenet_v1", "mobilenet_v2"]),
+    f = click.option("--arch", type=click.Choice([
+        # families (shapes decide the variant), then named variants; equals
+        # hfbconvert.models.loading.ARCH_CHOICES (kept literal: no torch import here)
+        "efficientnet", "efficientnet_lite", "mnasnet", "mobilenet_v1", "mobilenet_v2",
+        "mobilenet_v3", "resnet", "shufflenet_v2",
+        "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3",
+        "efficientnet_b4", "efficientnet_b5", "efficientnet_b6", "efficientnet_b7",
+        "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "efficientnet_lite3",
+        "efficientnet_lite4", "mnasnet0_5", "mnasnet0_75", "mnasnet1_0", "mnasnet1_3",
+        "mobilenet_v3_large", "mobilenet_v3_small", "resnet101", "resnet152", "resnet18",
+        "resnet34", "resnet50", "resnext101_32x8d", "resnext101_64x4d", "resnext50_32x4d",
+        "shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "shufflenet_v2_x1_5", "shufflenet_v2_x2_0",
+        "wide_resnet101_2", "wide_resnet50_2"]),
                      default=None,
                      help="Architecture of a state_dict MODEL (default: detected from its "
                           "keys).")(f)

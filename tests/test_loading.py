@@ -228,7 +228,10 @@ def test_arch_override(tmp_path: Path) -> None:
         load_model(path, arch="mobilenet_v2")
     assert "mobilenet_v2" in _one_line_error(exc)
     with pytest.raises(InputError, match="unknown --arch"):
+        load_model(path, arch="vgg16")
+    with pytest.raises(InputError) as exc:  # a known family the keys do not fit
         load_model(path, arch="resnet50")
+    assert "do not fit resnet50" in _one_line_error(exc)
 
 
 def test_arch_override_v2_infers_width(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 @dataclass
 class ModelInfo:
-    arch: str  # "mobilenet_v1" | "mobilenet_v2"
+    arch: str  # a family in models.loading.ARCHS ("mobilenet_v2", "resnet", ...)
     config: dict[str, Any]  # constructor kwargs of the architecture (rebuilds the skeleton)
     resolution: int = 224
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)

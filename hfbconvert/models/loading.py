@@ -11,6 +11,7 @@ shapes do not fit the architecture is refused with the mismatches named, never h
 from __future__ import annotations
 
 import importlib.util
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,21 @@ from torch import nn
 
 from ..errors import InputError
 from ..fileio import load_torch
+from . import families
 from .info import ModelInfo
 from .mobilenet_v1 import MobileNetV1
 from .mobilenet_v2 import MobileNetV2
 
 # an nn.Module of no known family: compressed as is, rebuilt from its source model
 CUSTOM = "custom"
-ARCHS: dict[str, type[nn.Module]] = {"mobilenet_v1": MobileNetV1, "mobilenet_v2": MobileNetV2}
+# Families (ModelInfo.arch): MobileNetV1/V2 and the torchvision-layout ones (families.py).
+ARCHS: dict[str, type[nn.Module]] = {
+    "mobilenet_v1": MobileNetV1,
+    "mobilenet_v2": MobileNetV2,
+    **families.FAMILIES,
+}
+# What --arch accepts: a family, or a named variant of one (resnet50, mobilenet_v3_small...).
+ARCH_CHOICES: tuple[str, ...] = tuple(sorted(ARCHS)) + tuple(sorted(families.VARIANTS))
 
 REFERENCE_FORMAT = "mobilenet-reference-checkpoint/1"
 # artifact.FORMATS (not imported: cycle)
@@ -60,8 +69,7 @@ def load_model(
     spec: str, arch: str | None = None, trust_pickle: bool = False
 ) -> tuple[nn.Module, ModelInfo]:
     """Load a model and its metadata; ``arch`` overrides architecture detection."""
-    if arch is not None and arch not in ARCHS:
-        raise InputError(f"unknown --arch {arch!r}; choose from {', '.join(sorted(ARCHS))}")
+    _check_arch(arch)
     spec = str(spec)
     if spec.startswith("builtin:"):
         return _load_builtin(spec, arch)
@@ -75,9 +83,13 @@ def model_from_object(
 ) -> tuple[nn.Module, ModelInfo]:
     """Like :func:`load_model` for an object already read with ``load_torch`` (so that a
     caller that must inspect the file first does not read it twice)."""
-    if arch is not None and arch not in ARCHS:
-        raise InputError(f"unknown --arch {arch!r}; choose from {', '.join(sorted(ARCHS))}")
+    _check_arch(arch)
     return _from_object(obj, Path(source), arch)
+
+
+def _check_arch(arch: str | None) -> None:
+    if arch is not None and arch not in ARCH_CHOICES:
+        raise InputError(f"unknown --arch {arch!r}; choose from {', '.join(ARCH_CHOICES)}")
 
 
 # ---------------------------------------------------------------------------- sources
@@ -165,7 +177,7 @@ def _from_module(module: nn.Module, path: Path, arch: str | None) -> tuple[nn.Mo
         name = arch or _detect_arch(state)
         config = None
         if name is not None:
-            config, problems = _fit_config(name, state)
+            name, config, problems = _fit(name, state)
             if problems and arch is not None:
                 raise InputError(f"{path}: --arch {arch} does not fit this module "
                                  f"({problems})")
@@ -186,8 +198,9 @@ def _from_reference(ckpt: Mapping, path: Path, arch: str | None) -> tuple[nn.Mod
     if not isinstance(state, Mapping) or not _is_state_dict(state):
         raise InputError(f"{path}: {REFERENCE_FORMAT} checkpoint without a tensor state_dict")
     name = arch or ckpt.get("arch")
-    if name not in ARCHS:
-        raise InputError(f"{path}: unknown arch {name!r}; known: {', '.join(sorted(ARCHS))}")
+    if name not in ("mobilenet_v1", "mobilenet_v2"):
+        raise InputError(f"{path}: unknown arch {name!r} for a {REFERENCE_FORMAT} checkpoint; "
+                         "known: mobilenet_v1, mobilenet_v2")
     try:
         num_classes = int(ckpt["num_classes"])
         width = float(ckpt["width_mult"])
@@ -230,11 +243,14 @@ def _from_state_dict(
     if name is None:
         # Report against the closest architecture so the message names real differences.
         name = max(ARCHS, key=lambda a: len(set(state) & set(_skeleton(a, {}).state_dict())))
-        problems = _fit_config(name, state)[1]
-        raise InputError(f"{path}: keys fit no known architecture (vs {name}: {problems})")
-    config, problems = _fit_config(name, state)
+        problems = _fit(name, state)[2]
+        expected = "; ".join(f"{a}: {sig}" for a, sig in families.SIGNATURES.items())
+        raise InputError(f"{path}: keys fit no known architecture (expected one of "
+                         f"{expected}; closest {name}: {problems}); --arch NAME forces one")
+    given = name
+    name, config, problems = _fit(name, state)
     if problems:
-        raise InputError(f"{path}: keys do not fit {name} ({problems})")
+        raise InputError(f"{path}: keys do not fit {given} ({problems})")
     info = _default_info(name, config, path)
     return _build_and_load(info, state, path), info
 
@@ -250,16 +266,51 @@ def _strip_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _detect_arch(state: Mapping[str, Any]) -> str | None:
+    """The family the key names belong to; None when none matches (an unknown layout).
+    Each family is recognised by names only it has (MobileNetV2's ``features.N.conv.``,
+    V3's ``features.N.block.``, EfficientNet's ``features.N.M.block.``, ...)."""
     keys = list(state)
     if any(k.startswith("blocks.") and ".conv_pw." in k for k in keys):
         return "mobilenet_v1"
-    if any(k.startswith("features.") for k in keys):
+    if any(re.match(r"features\.\d+\.conv\.", k) for k in keys):
         return "mobilenet_v2"
-    return None
+    return families.detect(keys)
 
 
 def _classifier_key(arch: str) -> str:
+    if arch in families.CLASSIFIER_KEYS:
+        return families.CLASSIFIER_KEYS[arch]
     return "classifier.weight" if arch == "mobilenet_v1" else "classifier.1.weight"
+
+
+def _fit(name: str, state: Mapping[str, torch.Tensor]) -> tuple[str, dict[str, Any], str]:
+    """``(family, config, problems)`` for a family or variant ``name``."""
+    family, fixed = families.resolve(name)
+    if family in families.FAMILIES:
+        config, problems = _fit_family(family, state, fixed)
+    else:
+        config, problems = _fit_config(family, state)
+    return family, config, problems
+
+
+def _fit_family(
+    family: str, state: Mapping[str, torch.Tensor], fixed: Mapping[str, Any]
+) -> tuple[dict[str, Any], str]:
+    """Try the family's variants (and configs read off the shapes) until one fits exactly."""
+    base: dict[str, Any] = {}
+    cls_w = state.get(_classifier_key(family))
+    if isinstance(cls_w, torch.Tensor) and cls_w.ndim == 2:
+        base["num_classes"] = int(cls_w.shape[0])
+    best: tuple[int, dict[str, Any], str] | None = None
+    for cand in families.candidates(family, state, fixed):
+        config = {**cand, **base}
+        count, problems = _mismatches(family, config, state)
+        if count == 0:
+            return config, ""
+        if best is None or count < best[0]:
+            best = (count, config, problems)
+    assert best is not None
+    return best[1], best[2]
 
 
 def _fit_config(arch: str, state: Mapping[str, torch.Tensor]) -> tuple[dict[str, Any], str]:
@@ -320,7 +371,24 @@ def _mismatches(
 
 
 def _default_info(arch: str, config: dict[str, Any], path: Path) -> ModelInfo:
-    """Torchvision preprocessing: what a bare state dict most likely expects."""
+    """Torchvision preprocessing: what a bare state dict most likely expects (for the
+    families of families.py: that of the variant the config is, e.g. EfficientNet-B3 300 px,
+    EfficientNet-Lite its package's)."""
+    if arch in families.FAMILIES:
+        variant = families.variant_of(arch, config)
+        if variant is not None:
+            info = ModelInfo(
+                arch=arch, config=config, resolution=variant.resolution, mean=variant.mean,
+                std=variant.std, crop=variant.crop, resize_mode=variant.resize_mode,
+                label_offset=0, num_classes=int(config.get("num_classes", 1000)),
+                source=str(path), extra={"variant": variant.name},
+            )
+            from calib.presets import preset_for, preset_name
+
+            name = preset_name(preset_for(info))
+            if name:
+                info.extra["preset"] = name
+            return info
     return ModelInfo(
         arch=arch,
         config=config,
