@@ -297,8 +297,19 @@ def _device(name: str) -> str:
     return name
 
 
+def _json_safe(x: Any) -> Any:
+    """NaN/inf as null: ``json.dumps`` would write bare ``NaN``, which is not JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
 def _emit_json(obj: dict) -> None:
-    click.echo(json.dumps(obj, indent=1, sort_keys=False))
+    click.echo(json.dumps(_json_safe(obj), indent=1, sort_keys=False, allow_nan=False))
 
 
 class StepsType(click.ParamType):
