@@ -290,7 +290,8 @@ def _export(export: dict | None) -> dict | None:
     ex = export.get("export") or {}
     ver = export.get("verify") or {}
     return {"output": export.get("output"), "bytes": ex.get("bytes"),
-            "sha256": ex.get("sha256"), "packed_bytes": ex.get("packed_bytes"), "opset": ex.get("opset"),
+            "sha256": ex.get("sha256"), "packed_bytes": ex.get("packed_bytes"),
+            "opset": ex.get("opset"),
             "custom_ops": ex.get("custom_ops"), "weight_bits": ex.get("weight_bits"),
             "verify": None if not ver else {
                 "passed": ver.get("passed"), "max_rel_diff": _finite(ver.get("max_rel_diff")),
