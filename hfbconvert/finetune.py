@@ -538,7 +538,7 @@ def _loop(student, teacher, images, labels, normalize, cfg, opt, start, freeze_s
             last_good = _snapshot(student, opt, done, log, cfg, ident, stop.best)
             if main:
                 save_torch(ckpt_path, last_good)
-        if halt:
+        if halt and done < cfg.steps:
             log.stopped_early_at = done
             progress.info(f"  fine-tune stopped early after {done} of {cfg.steps} steps: "
                           f"held-apart KL not below its best ({stop.best['kl']:.4g} at step "
