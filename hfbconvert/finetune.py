@@ -512,7 +512,7 @@ def _loop(student, teacher, images, labels, normalize, cfg, opt, start, freeze_s
         else:
             loss_value, agree = float(loss.detach()), float(hits) / x.shape[0]
         if not math.isfinite(loss_value):
-            if ckpt_path is not None and last_good is not None and main:
+            if ckpt_path is not None and last_good is not None:  # rank 0's only
                 save_torch(ckpt_path, last_good)
             # only a checkpoint of this run (or the one it resumed) that is really there
             kept = ckpt_path is not None and (last_good is not None or resumed) \
@@ -534,10 +534,10 @@ def _loop(student, teacher, images, labels, normalize, cfg, opt, start, freeze_s
             on_step(step, loss_value, agree)
         done = step + 1
         halt = stop.due(done) and stop.check(student, done)
-        if ckpt_path is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+        if main and ckpt_path is not None and (done % cfg.checkpoint_every == 0
+                                               or done == cfg.steps):
             last_good = _snapshot(student, opt, done, log, cfg, ident, stop.best)
-            if main:
-                save_torch(ckpt_path, last_good)
+            save_torch(ckpt_path, last_good)
         if halt and done < cfg.steps:
             log.stopped_early_at = done
             progress.info(f"  fine-tune stopped early after {done} of {cfg.steps} steps: "

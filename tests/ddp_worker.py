@@ -1,9 +1,8 @@
 """Run under ``torchrun`` by tests/test_distributed.py (not a test module itself).
 
 ``lib OUT [CKPT [resume]]``: fine-tune the tiny student of test_finetune under DDP (or in
-one process when not launched distributed) and let rank 0 save the result to OUT.
-``cli-die STEP ARGS...``: the compress CLI, with rank 1 dying (os._exit) at fine-tune
-step STEP.
+one process when not launched distributed) and let rank 0 save the result to OUT; with
+``DIE_AT=S`` in the environment rank 1 dies (os._exit) after step S.
 """
 
 from __future__ import annotations
@@ -46,27 +45,8 @@ def lib(out: str, ckpt: str | None = None, resume: bool = False, die_at: int = -
     return 0
 
 
-def cli_die(step: int, args: list[str]) -> None:
-    from hfbconvert import pipeline
-    from hfbconvert.cli import main
-
-    real = pipeline.finetune
-
-    def dying(*a, on_step=None, **kw):
-        def hook(s: int, loss: float, agree: float) -> None:
-            if on_step is not None:
-                on_step(s, loss, agree)
-            if s == step and distributed.rank() == 1:
-                os._exit(3)
-        return real(*a, on_step=hook, **kw)
-
-    pipeline.finetune = dying
-    main(args, prog_name="hfbconvert")
-
-
 if __name__ == "__main__":
-    if sys.argv[1] == "lib":
-        rest = sys.argv[2:]
-        die = int(os.environ.get("DIE_AT", "-1"))
-        sys.exit(lib(rest[0], rest[1] if len(rest) > 1 else None, "resume" in rest[2:], die))
-    cli_die(int(sys.argv[2]), sys.argv[3:])
+    assert sys.argv[1] == "lib", sys.argv
+    rest = sys.argv[2:]
+    sys.exit(lib(rest[0], rest[1] if len(rest) > 1 else None, "resume" in rest[2:],
+                 int(os.environ.get("DIE_AT", "-1"))))
