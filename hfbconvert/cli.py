@@ -49,18 +49,26 @@ class _Group(click.Group):
         sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx: click.Context) -> Any:
+        from .distributed import DistributedFailure, is_main
+
+        # under torchrun every rank sees the same inputs and fails the same way: rank 0
+        # says it once; the others speak only of what is theirs (a failed collective)
+        loud = is_main()
         try:
             return super().invoke(ctx)
         except HfbError as exc:
-            click.echo(f"error: {exc}", err=True)
+            if loud or isinstance(exc, DistributedFailure):
+                click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
         except OSError as exc:  # e.g. disk full or permission denied while writing
             where = f"{exc.filename}: " if exc.filename else ""
-            click.echo(f"error: {where}{exc.strerror or exc}", err=True)
+            if loud:
+                click.echo(f"error: {where}{exc.strerror or exc}", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
-            click.echo("interrupted (fine-tuning checkpoints, if any, are kept; use --resume)",
-                       err=True)
+            if loud:
+                click.echo("interrupted (fine-tuning checkpoints, if any, are kept; use "
+                           "--resume)", err=True)
             ctx.exit(130)
 
 
@@ -188,7 +196,14 @@ def _calib_opts(f):
 def _setup(quiet: bool, seed: int) -> None:
     import torch
 
+    from .distributed import is_main
+
     progress.set_quiet(quiet)
+    if not is_main():  # under torchrun rank 0 alone prints
+        import warnings
+
+        progress.set_silent(True)
+        warnings.simplefilter("ignore")
     torch.manual_seed(seed)
 
 
@@ -451,7 +466,15 @@ def _analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, b
                    "most 6 passes over the calibration images; 0 turns it off. Measured on "
                    "MobileNetV1-0.5-160: 300 steps +0.9 points top-1 over the fit alone.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Images per fine-tuning step.")
+              help="Images per fine-tuning step (the global batch: under torchrun it is "
+                   "split evenly across the processes, so it must be a multiple of their "
+                   "number).")
+@click.option("--eval-every", type=click.IntRange(min=0), default=25, show_default=True,
+              help="Check the held-apart KL every N fine-tuning steps and keep the best "
+                   "state (0: only before and after).")
+@click.option("--patience", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Stop the fine-tune after this many checks in a row without a new best "
+                   "held-apart KL; the best state is shipped.")
 @click.option("--lr", type=FiniteFloat(0.0, lo_open=True), default=1e-4, show_default=True,
               help="Fine-tuning learning rate (Adam), > 0.")
 @click.option("--reconstruct/--no-reconstruct", default=False, show_default=True,
@@ -510,20 +533,31 @@ def _analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, b
 @click.pass_context
 def compress(ctx, model, arch, trust_pickle, calib, calib_size, resolution, preset, output,
              force, method, budget, max_add_increase, size_budget, energy_budget,
-             critical_fraction, hidden_units_ratio, plan_file, dry_run, steps, batch_size, lr,
-             reconstruct, sequential, bias_correction, bn_adjust, min_agreement, resume,
+             critical_fraction, hidden_units_ratio, plan_file, dry_run, steps, batch_size,
+             eval_every, patience, lr, reconstruct, sequential, bias_correction, bn_adjust,
+             min_agreement, resume,
              device, weight_bits, activation_bits, hidden_bits, as_json, include, exclude,
              seed, quiet):
     """Split pointwise layers into full-precision critical filters + ternary banks under a
-    MUL budget (activation-aware fit), then fine-tune briefly by distillation."""
+    MUL budget (activation-aware fit), then fine-tune briefly by distillation.
+
+    Under torchrun (e.g. torchrun --nproc_per_node 2 -m hfbconvert.cli compress ...) the
+    fine-tune runs on PyTorch DDP (gloo on CPU, nccl on CUDA); rank 0 writes and prints."""
+    import time
+
+    from . import distributed
     from .actquant import check_config
     from .fileio import output_lock
     from .finetune import FinetuneConfig
     from .pipeline import CompressConfig, check_caps
     from .weightquant import check_bits
 
+    t_cmd = time.perf_counter()
     _setup(quiet, seed)
     device = _device(device)  # before any work: --device cuda without CUDA is refused
+    main_rank = distributed.is_main()
+    if distributed.is_distributed() and not dry_run:
+        distributed.check_batch(batch_size)
     if critical_fraction is not None and budget is not None:
         raise InputError("--critical-fraction replaces --budget (uniform mode); give one")
     budget = 0.536 if budget is None else budget
@@ -548,25 +582,34 @@ def compress(ctx, model, arch, trust_pickle, calib, calib_size, resolution, pres
         min_agreement=min_agreement, seed=seed, include=tuple(include),
         exclude=tuple(exclude),
         finetune=FinetuneConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                                device=device), weight_bits=weight_bits,
-        activation_bits=activation_bits, hidden_bits=hidden_bits)
-    with output_lock([] if dry_run else [out]):
+                                eval_every=eval_every, patience=patience, device=device),
+        weight_bits=weight_bits, activation_bits=activation_bits, hidden_bits=hidden_bits)
+    # rank 0 alone holds the lock: it alone writes the output and the checkpoint
+    with distributed.session(device), \
+            output_lock([] if dry_run or not main_rank else [out]):
         data, info = _load_calib(calib, info, calib_size, seed, resolution, preset, net)
         if data is None:
             progress.warn("no --calib data: weight-space fit only, no reconstruction or "
                           "fine-tune")
         _compress(net, info, data, cfg, model, out, force, resume, override, plan_file,
-                  dry_run, as_json, gate_always=_explicit(ctx, "min_agreement"))
+                  dry_run, as_json, gate_always=_explicit(ctx, "min_agreement"), t_cmd=t_cmd)
 
 
 def _compress(net, info, data, cfg, model: str, out: Path, force: bool, resume: bool,
-              override, plan_file, dry_run: bool, as_json: bool, gate_always: bool) -> None:
-    """Run the conversion, write the artifact, print, and apply the agreement gate."""
+              override, plan_file, dry_run: bool, as_json: bool, gate_always: bool,
+              t_cmd: float | None = None) -> None:
+    """Run the conversion, write the artifact, print, and apply the agreement gate (under
+    torchrun: every rank converts, rank 0 writes and prints)."""
+    import time
+
     from .artifact import save_compressed
+    from .distributed import is_main
     from .pipeline import compress as run_compress
     from .report.terminal import print_compress, print_plan
+    from .stages import close_timings
 
     ckpt = str(out) + ".ckpt"
+    t_run = time.perf_counter()
     try:
         hybrid, meta = run_compress(net, info, data, cfg, checkpoint=ckpt, resume=resume,
                                     plan_override=override, dry_run=dry_run)
@@ -576,6 +619,9 @@ def _compress(net, info, data, cfg, model: str, out: Path, force: bool, resume: 
         if plan_file and msg.startswith("plan file:"):
             raise InputError(f"{plan_file}:{msg[len('plan file:'):]}") from None
         raise
+    if not is_main():  # the same conversion as rank 0's; the gate below still applies
+        _agreement_gate(meta, cfg.min_agreement, gate_always, out)
+        return
     if dry_run:
         if as_json:
             _emit_json({"schema_version": JSON_SCHEMA_VERSION, "plan": meta["plan"]})
@@ -583,6 +629,10 @@ def _compress(net, info, data, cfg, model: str, out: Path, force: bool, resume: 
             print_plan(meta["plan"])
         return
     timings = meta.pop("timings")
+    timings.pop("total_s", None)
+    timings.pop("other_s", None)
+    if t_cmd is not None:  # loading the model and the images, taking the lock
+        timings = {"load_s": t_run - t_cmd, **timings}
     meta["source_model"] = model
     if Path(model).is_file():
         from .fileio import file_sha256
@@ -592,8 +642,11 @@ def _compress(net, info, data, cfg, model: str, out: Path, force: bool, resume: 
     # wall-clock seconds stay out of the file: same inputs + seed = same bytes
     saved = dict(meta, stages=[{k: v for k, v in st.items() if k != "seconds"}
                                for st in meta["stages"]])
+    t_write = time.perf_counter()
     save_compressed(out, hybrid, info, saved, overwrite=force)
     Path(ckpt).unlink(missing_ok=True)
+    timings["write_s"] = time.perf_counter() - t_write
+    close_timings(timings, time.perf_counter() - (t_run if t_cmd is None else t_cmd))
     summary = {"schema_version": JSON_SCHEMA_VERSION, "output": str(out),
                "stages": meta["stages"], "timings": timings,
                "cost": meta["cost"]["totals"], "original_cost": meta["original_cost"]["totals"],

@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import progress
+from . import distributed, progress
 from .errors import CheckFailed, InputError
 from .fileio import load_torch, save_torch
 from .hybrid import HybridPointwise
@@ -70,6 +71,11 @@ class FinetuneConfig:
     warmup: int = 10
     seed: int = 0
     checkpoint_every: int = 50
+    # early stopping on the held-apart KL (when the caller gives an evaluator): checked
+    # every ``eval_every`` steps (0: only before and after), stop after ``patience``
+    # checks in a row above the best, ship the best state checked
+    eval_every: int = 25
+    patience: int = 3
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -96,6 +102,8 @@ class FinetuneConfig:
         bad("freeze_at", num(self.freeze_at) and 0 <= self.freeze_at <= 1, "in [0, 1]")
         bad("warmup", count(self.warmup, 0), "an integer >= 0")
         bad("checkpoint_every", count(self.checkpoint_every, 1), "an integer >= 1")
+        bad("eval_every", count(self.eval_every, 0), "an integer >= 0")
+        bad("patience", count(self.patience, 1), "an integer >= 1")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -170,7 +178,14 @@ def check_identity(path: Path, recorded: Any, now: Mapping[str, Any]) -> None:
 class FinetuneLog:
     steps: list[int] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
-    agreement: list[float] = field(default_factory=list)
+    agreement: list[float] = field(default_factory=list)  # on the training batch
+    # the held-apart curve (steps done, KL, agreement), checked every cfg.eval_every steps
+    eval_steps: list[int] = field(default_factory=list)
+    held_kl: list[float] = field(default_factory=list)
+    held_agreement: list[float] = field(default_factory=list)
+    best_step: int | None = None  # the state shipped (0: the student as given)
+    stopped_early_at: int | None = None  # steps done when the held KL stopped improving
+    world_size: int = 1  # processes of the run that produced the last steps
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -184,12 +199,19 @@ def _lr_factor(step: int, cfg: FinetuneConfig) -> float:
 
 
 def _batch(images: torch.Tensor, labels: torch.Tensor | None, step: int, cfg: FinetuneConfig,
-           normalize: Callable[[torch.Tensor], torch.Tensor]):
+           normalize: Callable[[torch.Tensor], torch.Tensor], part: tuple[int, int] = (0, 1)):
+    """Step ``step``'s global batch, or slice ``part`` = (rank, world size) of it: the
+    samples and flips depend on (seed, step) only, never on the number of processes."""
     g = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
     idx = torch.randint(0, images.shape[0], (cfg.batch_size,), generator=g)
+    flip = torch.rand(cfg.batch_size, generator=g) < 0.5 if cfg.flip else None
+    r, w = part
+    if w > 1:
+        n = cfg.batch_size // w
+        idx = idx[r * n:(r + 1) * n]
+        flip = flip[r * n:(r + 1) * n] if flip is not None else None
     x = normalize(images[idx])
-    if cfg.flip:
-        flip = torch.rand(cfg.batch_size, generator=g) < 0.5
+    if flip is not None:
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
     y = labels[idx] if labels is not None else None
     return x, y
@@ -231,11 +253,22 @@ class _FeatureTap:
             store[name] = out
         return hook
 
-    def loss(self) -> torch.Tensor:
-        """Mean over layers of ‖s − t‖² / ‖t‖² (scale-free, so every layer counts)."""
-        terms = [(self.s[n] - self.t[n].detach()).pow(2).sum() / self.t[n].detach().pow(2)
-                 .sum().clamp_min(1e-12) for n in self.names if n in self.s and n in self.t]
-        return torch.stack(terms).mean() if terms else torch.zeros(())
+    def loss(self, world: int = 1) -> torch.Tensor:
+        """Mean over layers of ‖s − t‖² / ‖t‖² (scale-free, so every layer counts). With
+        ``world`` > 1 ranks the sums run over the global batch: ‖t‖² is all-reduced and
+        the local term scaled by ``world``, so DDP's gradient average is the gradient of
+        the single-process loss."""
+        names = [n for n in self.names if n in self.s and n in self.t]
+        if not names:
+            return torch.zeros(())
+        if world == 1:
+            return torch.stack([(self.s[n] - self.t[n].detach()).pow(2).sum()
+                                / self.t[n].detach().pow(2).sum().clamp_min(1e-12)
+                                for n in names]).mean()
+        den = distributed.all_sum(torch.stack([self.t[n].detach().pow(2).sum()
+                                               for n in names]), "feature-loss all-reduce")
+        num = torch.stack([(self.s[n] - self.t[n].detach()).pow(2).sum() for n in names])
+        return (num * world / den.clamp_min(1e-12)).mean()
 
     def close(self) -> None:
         for h in self.hooks:
@@ -261,25 +294,39 @@ def _set_eval_parts(model: nn.Module) -> None:
             m.eval()
 
 
+Evaluator = Callable[[nn.Module], tuple[float, float]]
+
+
 def finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
              labels: torch.Tensor | None, normalize: Callable[[torch.Tensor], torch.Tensor],
              cfg: FinetuneConfig, checkpoint: str | os.PathLike | None = None,
              resume: bool = False, on_step: Callable[[int, float, float], None] | None = None,
              label_offset: int = 0, teacher_at: dict[str, str] | None = None,
-             identity: Mapping[str, Any] | None = None) -> FinetuneLog:
+             identity: Mapping[str, Any] | None = None,
+             evaluate: Evaluator | None = None) -> FinetuneLog:
     """Distill ``teacher`` into ``student`` in place; returns the loss/agreement log.
     ``teacher_at``: see :class:`_FeatureTap`. ``identity``: the caller's options that
-    decide the starting student, recorded in the checkpoint and checked on resume."""
+    decide the starting student, recorded in the checkpoint and checked on resume.
+    ``evaluate``: student -> (held-apart KL, agreement); with it the KL is checked every
+    ``cfg.eval_every`` steps, the run stops after ``cfg.patience`` checks without a new
+    best, and the best state checked (step 0 included) is what the student ends as.
+
+    Under torchrun (a process group initialized, see :mod:`.distributed`) the student is
+    wrapped in DDP: each rank takes its slice of the global batch, gradients are averaged,
+    rank 0 alone evaluates and writes checkpoints."""
     if cfg.steps is None:
         raise ValueError("FinetuneConfig.steps is None (auto): resolve it with auto_steps")
-    dev = torch.device(cfg.device)
+    world = distributed.world_size() if distributed.active() else 1
+    if world > 1:
+        distributed.check_batch(cfg.batch_size)
+    dev = distributed.device_for(cfg.device) if world > 1 else torch.device(cfg.device)
     ckpt_path = Path(checkpoint) if checkpoint else None
     ident = run_identity(student, teacher, images, labels, cfg, label_offset, identity) \
         if ckpt_path is not None else {}
     home = next(iter(student.parameters()), torch.zeros(())).device
     student.to(dev)  # and back to ``home`` at the end
     freeze_step = int(cfg.freeze_at * cfg.steps)
-    log = FinetuneLog()
+    log = FinetuneLog(world_size=world)
     start = 0
     state = None
     if resume and ckpt_path is not None and not ckpt_path.exists():
@@ -287,7 +334,12 @@ def finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
     if resume and ckpt_path is not None and ckpt_path.exists():
         state = _load_checkpoint(ckpt_path, ident)
         start = int(state["step"])
-        progress.info(f"resuming from step {start} of {cfg.steps} (checkpoint {ckpt_path})")
+        was = int(state.get("world_size", 1))
+        progress.info(f"resuming from step {start} of {cfg.steps} (checkpoint {ckpt_path})"
+                      + ("" if was == world else
+                         f"; it was written by a run of {was} process(es), this one has "
+                         f"{world}: same global batch and samples, so the result matches an "
+                         "uninterrupted run within float tolerance, not bit for bit"))
         if state["frozen"]:
             _freeze_all(student)
         try:
@@ -295,9 +347,10 @@ def finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
         except RuntimeError as exc:  # the identity matched, yet the layout does not
             raise InputError(f"{ckpt_path}: checkpoint does not fit this model "
                              f"({str(exc).splitlines()[0]})") from None
-        log = FinetuneLog(**state["log"])
+        log = FinetuneLog(**{**state["log"], "world_size": world})
     elif freeze_step <= 0:
         _freeze_all(student)
+    distributed.broadcast_state(student)  # every rank starts from rank 0's student
     opt = torch.optim.Adam(_param_groups(student, cfg))
     if state is not None:
         try:
@@ -311,13 +364,17 @@ def finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
     modes = [(m, m.training) for m in run_teacher.modules()]
     grad_flags = [(p, p.requires_grad) for p in run_teacher.parameters()]
     tap = None
+    stop = _EarlyStop(evaluate, cfg, log, dev, state.get("best") if state else None)
     try:
         run_teacher.eval()
         for p in run_teacher.parameters():
             p.requires_grad_(False)
         tap = _FeatureTap(student, run_teacher, teacher_at) if cfg.feature_weight > 0 else None
+        if start == 0 and cfg.steps > 0:
+            stop.check(student, 0)  # the student as given: shipped if nothing beats it
         _loop(student, run_teacher, images, labels, normalize, cfg, opt, start, freeze_step,
-              log, ckpt_path, on_step, label_offset, tap, state is not None, ident, dev)
+              log, ckpt_path, on_step, label_offset, tap, state is not None, ident, dev,
+              stop, world)
     finally:
         if tap is not None:
             tap.close()
@@ -326,9 +383,51 @@ def finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
         for m, mode in modes:
             m.training = mode
     _freeze_all(student)
+    if stop.best is not None:
+        log.best_step = int(stop.best["step"])
+        if log.best_step != (log.eval_steps[-1] if log.eval_steps else None):
+            student.load_state_dict(stop.best["student"])
     student.to(home)  # the caller evaluates it where it was given
     student.eval()
     return log
+
+
+class _EarlyStop:
+    """Held-apart KL checks: rank 0 evaluates, every rank gets its numbers (one decision
+    for all), the best state is kept in memory (deploy form, so a best from before a
+    code freeze still loads into the frozen student)."""
+
+    def __init__(self, evaluate: Evaluator | None, cfg: FinetuneConfig, log: FinetuneLog,
+                 dev: torch.device, best: dict | None) -> None:
+        self.evaluate, self.cfg, self.log, self.dev, self.best = evaluate, cfg, log, dev, best
+
+    def due(self, done: int) -> bool:
+        return self.evaluate is not None and (
+            done == self.cfg.steps or (self.cfg.eval_every > 0 and done % self.cfg.eval_every == 0))
+
+    def check(self, student: nn.Module, done: int) -> bool:
+        """Record the held KL after ``done`` steps; True: stop (no new best for
+        ``patience`` checks in a row)."""
+        if self.evaluate is None:
+            return False
+        kl, ag = self.evaluate(student) if distributed.is_main() else (0.0, 0.0)
+        kl, ag = distributed.broadcast_floats([kl, ag], self.dev)
+        self.log.eval_steps.append(done)
+        self.log.held_kl.append(kl)
+        self.log.held_agreement.append(ag)
+        if self.best is None or kl < self.best["kl"]:
+            self.best = {"step": done, "kl": kl, "student": _deploy_state(student)}
+            return False
+        since = sum(1 for s in self.log.eval_steps if s > self.best["step"])
+        return since >= self.cfg.patience
+
+
+def _deploy_state(student: nn.Module) -> dict[str, torch.Tensor]:
+    src = student
+    if not _is_frozen(student):
+        src = copy.deepcopy(student)
+        _freeze_all(src)
+    return {k: v.detach().clone() for k, v in src.state_dict().items()}
 
 
 def _on_device(module: nn.Module, dev: torch.device) -> bool:
@@ -352,39 +451,68 @@ def _load_checkpoint(path: Path, ident: Mapping[str, Any]) -> dict:
 
 
 def _snapshot(student: nn.Module, opt: torch.optim.Optimizer, done: int, log: FinetuneLog,
-              cfg: FinetuneConfig, ident: Mapping[str, Any]) -> dict:
+              cfg: FinetuneConfig, ident: Mapping[str, Any], best: dict | None) -> dict:
     """Copies, not references: the live tensors move on with the next step, and a
     snapshot written later (after a divergence) must still hold this step's state."""
     return {"step": done,
             "student": {k: v.detach().clone() for k, v in student.state_dict().items()},
             "optimizer": copy.deepcopy(opt.state_dict()), "frozen": _is_frozen(student),
             "log": copy.deepcopy(log.to_dict()), "config": cfg.to_dict(),
-            "identity": dict(ident)}
+            "identity": dict(ident), "world_size": log.world_size,
+            "best": copy.deepcopy(best)}
+
+
+def _wrap(student: nn.Module, world: int, dev: torch.device) -> nn.Module:
+    """DDP around ``student`` under torchrun (BN runs on running statistics, so no buffer
+    broadcast; a static graph, so parameters a model leaves unused are found once,
+    not traversed for every step)."""
+    if world == 1:
+        return student
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    with distributed.collective("setting up DDP"), warnings.catch_warnings():
+        # newer torch renames broadcast_buffers; False still means what is wanted here
+        warnings.simplefilter("ignore", FutureWarning)
+        return DDP(student, device_ids=[dev.index] if dev.type == "cuda" else None,
+                   broadcast_buffers=False, static_graph=True)
 
 
 def _loop(student, teacher, images, labels, normalize, cfg, opt, start, freeze_step, log,
-          ckpt_path, on_step, label_offset, tap, resumed, ident, dev) -> None:
+          ckpt_path, on_step, label_offset, tap, resumed, ident, dev, stop, world) -> None:
     last_good = None  # the newest checkpoint written by this run
+    main = distributed.is_main()
+    part = (distributed.rank(), world)
+    net = _wrap(student, world, dev)
     for step in range(start, cfg.steps):
         if step == freeze_step and step > 0:
             _freeze_all(student)
             opt = torch.optim.Adam(_param_groups(student, cfg))
+            net = _wrap(student, world, dev)  # the parameters changed
         student.train()
         _set_eval_parts(student)
-        x, y = _batch(images, labels, step, cfg, normalize)
+        x, y = _batch(images, labels, step, cfg, normalize, part)
         x = x.to(dev)
         with torch.no_grad():
             t_logits = teacher(x)
-        s_logits = student(x)
+        s_logits = net(x)
         T = cfg.temperature
+        # per rank: batch means over the local slice; their average over ranks (DDP's
+        # gradient average) is the global batch mean
         loss = F.kl_div(F.log_softmax(s_logits / T, 1), F.log_softmax(t_logits / T, 1),
                         reduction="batchmean", log_target=True) * T * T
         if tap is not None:
-            loss = loss + cfg.feature_weight * tap.loss()
+            loss = loss + cfg.feature_weight * tap.loss(world)
         if cfg.label_weight > 0 and y is not None:
             loss = loss + cfg.label_weight * F.cross_entropy(s_logits, y.to(dev) + label_offset)
-        if not torch.isfinite(loss):
-            if ckpt_path is not None and last_good is not None:
+        hits = (s_logits.argmax(1) == t_logits.argmax(1)).sum().double()
+        if world > 1:  # the global loss and agreement, the same on every rank
+            tot = distributed.all_sum(torch.stack([loss.detach().double(), hits]),
+                                      "loss all-reduce")
+            loss_value, agree = float(tot[0]) / world, float(tot[1]) / cfg.batch_size
+        else:
+            loss_value, agree = float(loss.detach()), float(hits) / x.shape[0]
+        if not math.isfinite(loss_value):
+            if ckpt_path is not None and last_good is not None:  # rank 0's only
                 save_torch(ckpt_path, last_good)
             # only a checkpoint of this run (or the one it resumed) that is really there
             kept = ckpt_path is not None and (last_good is not None or resumed) \
@@ -396,15 +524,23 @@ def _loop(student, teacher, images, labels, normalize, cfg, opt, start, freeze_s
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * fac
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with distributed.collective("gradient all-reduce"):
+            loss.backward()
         opt.step()
-        agree = float((s_logits.argmax(1) == t_logits.argmax(1)).float().mean())
         log.steps.append(step)
-        log.loss.append(float(loss.detach()))
+        log.loss.append(loss_value)
         log.agreement.append(agree)
         if on_step is not None:
-            on_step(step, float(loss.detach()), agree)
+            on_step(step, loss_value, agree)
         done = step + 1
-        if ckpt_path is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            last_good = _snapshot(student, opt, done, log, cfg, ident)
+        halt = stop.due(done) and stop.check(student, done)
+        if main and ckpt_path is not None and (done % cfg.checkpoint_every == 0
+                                               or done == cfg.steps):
+            last_good = _snapshot(student, opt, done, log, cfg, ident, stop.best)
             save_torch(ckpt_path, last_good)
+        if halt and done < cfg.steps:
+            log.stopped_early_at = done
+            progress.info(f"  fine-tune stopped early after {done} of {cfg.steps} steps: "
+                          f"held-apart KL not below its best ({stop.best['kl']:.4g} at step "
+                          f"{stop.best['step']}) for {cfg.patience} checks")
+            return

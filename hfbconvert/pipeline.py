@@ -423,8 +423,10 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
     if cfg.activation_bits == 8:
         st.meta["hidden_bits"] = cfg.hidden_bits
     st = S.run(st, S.stages_for(cfg, train is not None, st.finetune.steps))
+    t = time.perf_counter()
     st = S.finish(st)
-    st.timings["total_s"] = time.perf_counter() - t0
+    st.timings["finish_s"] = time.perf_counter() - t
+    S.close_timings(st.timings, time.perf_counter() - t0)
     st.meta["timings"] = st.timings
     return st.hybrid, st.meta
 
@@ -541,30 +543,63 @@ def _orig_pair_stats(w: torch.Tensor, b: torch.Tensor, sigma: torch.Tensor,
                      w @ mu + b, 1)
 
 
+def held_evaluator(teacher: nn.Module, held: list[torch.Tensor]):
+    """student -> (held-apart KL, agreement), as :func:`held_kl` and :func:`agreement`
+    compute them, with the teacher's logits computed once (the early-stopping checks run
+    every few steps)."""
+    with torch.no_grad():
+        t_log = [torch.log_softmax(t.double(), 1) for _, t in _paired_logits(teacher, teacher,
+                                                                              held)]
+    ds = None
+
+    @torch.no_grad()
+    def evaluate(student: nn.Module) -> tuple[float, float]:
+        nonlocal ds
+        student.eval()
+        ds = _device_of(student)
+        kl, hit, n = 0.0, 0, 0
+        for x, lt in zip(held, t_log, strict=True):
+            s = student(x.to(ds)).cpu()
+            ls = torch.log_softmax(s.double(), 1)
+            kl += float((lt.exp() * (lt - ls)).sum())
+            hit += int((s.argmax(1) == lt.argmax(1)).sum())
+            n += s.shape[0]
+        return kl / max(n, 1), hit / max(n, 1)
+
+    return evaluate
+
+
 def _guarded_finetune(hybrid: nn.Module, model: nn.Module, train: CalibData, held: list,
                       ft: FinetuneConfig, checkpoint: str | None, resume: bool,
                       info: ModelInfo, meta: dict, timings: dict, stages: list, stage: str,
                       teacher_at: dict[str, str] | None = None,
                       identity: dict[str, Any] | None = None) -> nn.Module:
-    """Distill, and never ship a fine-tune that made the held-apart images worse: then the
-    model from before it comes back (``meta["finetune_reverted"]``)."""
+    """Distill with early stopping on the held-apart KL (checked every ``eval_every``
+    steps; the best state checked is shipped), and never ship a fine-tune that made the
+    held-apart images worse: when no check beat the model from before it, that model
+    comes back (``meta["finetune_reverted"]``)."""
     t = time.perf_counter()
     before = copy.deepcopy(hybrid) if held else None  # training form, latents included
-    kl_before = held_kl(hybrid, model, held) if held else None
     with progress.task("fine-tune", ft.steps) as bar:
         log = finetune(hybrid, model, train.images, train.labels, normalizer(train), ft,
                        checkpoint, resume, label_offset=info.label_offset,
                        on_step=lambda s, lo, ag: bar.advance(
                            1, info=f"loss {lo:.4f} agree {ag:.2f}"), teacher_at=teacher_at,
-                       identity=identity)
+                       identity=identity,
+                       evaluate=held_evaluator(model, held) if held else None)
     meta["finetune_log"] = log.to_dict()
-    if held and before is not None:
-        kl_after = held_kl(hybrid, model, held)
-        meta["finetune_held_kl"] = {"before": kl_before, "after": kl_after}
-        if kl_before is not None and kl_after > kl_before:
+    if held and before is not None and log.held_kl:
+        curve = dict(zip(log.eval_steps, log.held_kl, strict=True))
+        kl_before, kl_after = curve.get(0), log.held_kl[-1]
+        meta["finetune_held_kl"] = {"before": kl_before, "after": kl_after,
+                                    "best": curve.get(log.best_step),
+                                    "best_step": log.best_step,
+                                    "stopped_early_at": log.stopped_early_at}
+        if log.best_step == 0 and len(log.held_kl) > 1:
             hybrid = before
             meta["finetune_reverted"] = (
-                f"held-apart KL rose {kl_before:.4g} -> {kl_after:.4g}; kept the fit")
+                f"held-apart KL never fell below the fit's {kl_before:.4g} (last "
+                f"{kl_after:.4g}); kept the fit")
             progress.warn(f"fine-tuning made the held-apart images worse (KL "
                           f"{kl_before:.4g} -> {kl_after:.4g}); kept the model before it")
     timings["finetune_s"] = time.perf_counter() - t

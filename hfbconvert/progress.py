@@ -18,7 +18,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-_STATE = {"quiet": False}
+_STATE = {"quiet": False, "silent": False}
 
 
 def set_quiet(q: bool) -> None:
@@ -29,12 +29,18 @@ def is_quiet() -> bool:
     return bool(_STATE["quiet"])
 
 
+def set_silent(s: bool) -> None:
+    """Nothing at all, warnings included: ranks other than 0 of a torchrun job (rank 0
+    says it once)."""
+    _STATE["silent"] = s
+
+
 def stderr_console() -> Console:
     return Console(stderr=True, highlight=False)
 
 
 def enabled() -> bool:
-    return not _STATE["quiet"] and sys.stderr.isatty()
+    return not _STATE["quiet"] and not _STATE["silent"] and sys.stderr.isatty()
 
 
 class CountColumn(ProgressColumn):
@@ -86,10 +92,11 @@ def task(description: str, total: float | None,
 
 def info(msg: str) -> None:
     """One status line on stderr (suppressed by --quiet, shown on non-TTYs too)."""
-    if not _STATE["quiet"]:
+    if not _STATE["quiet"] and not _STATE["silent"]:
         print(msg, file=sys.stderr, flush=True)
 
 
 def warn(msg: str) -> None:
     """Warnings are shown even with --quiet: the user must see them."""
-    print(f"warning: {msg}", file=sys.stderr, flush=True)
+    if not _STATE["silent"]:
+        print(f"warning: {msg}", file=sys.stderr, flush=True)
