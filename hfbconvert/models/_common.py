@@ -13,9 +13,18 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .mobilenet_v2 import make_divisible
-
 __all__ = ["SqueezeExcitation", "StochasticDepth", "conv_bn_act", "make_divisible"]
+
+
+def make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> int:
+    """Round channels to a multiple of ``divisor`` without going 10% below ``v``
+    (the rule torchvision and the TF reference use)."""
+    if min_value is None:
+        min_value = divisor
+    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+    if new_v < 0.9 * v:
+        new_v += divisor
+    return new_v
 
 
 def conv_bn_act(

@@ -14,6 +14,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from ._common import init_weights
+
 # (depthwise stride, pointwise output channels at width 1.0) for the 13 blocks.
 BLOCKS: tuple[tuple[int, int], ...] = (
     (1, 64),
@@ -114,7 +116,7 @@ class MobileNetV1(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(cin, num_classes)
-        self._init_weights()
+        init_weights(self)  # torchvision's scheme: an untrained model is well scaled
 
     @property
     def config(self) -> dict:
@@ -127,20 +129,6 @@ class MobileNetV1(nn.Module):
             "batchnorm": self.batchnorm,
             "activation": self.activation,
         }
-
-    def _init_weights(self) -> None:
-        # Same scheme as torchvision's MobileNets, so an untrained model is well scaled.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Everything before global pooling (N x C x h x w)."""

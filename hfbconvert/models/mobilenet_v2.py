@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._common import init_weights, make_divisible  # noqa: F401  (re-exported)
+
 # t (expansion), c (output channels at width 1.0), n (repeats), s (first stride)
 SETTINGS: tuple[tuple[int, int, int, int], ...] = (
     (1, 16, 1, 1),
@@ -25,17 +27,6 @@ SETTINGS: tuple[tuple[int, int, int, int], ...] = (
 )
 INPUT_CHANNELS = 32
 LAST_CHANNELS = 1280
-
-
-def make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> int:
-    """Round channels to a multiple of ``divisor`` without going 10% below ``v``
-    (the rule torchvision and the TF reference use)."""
-    if min_value is None:
-        min_value = divisor
-    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
-    if new_v < 0.9 * v:
-        new_v += divisor
-    return new_v
 
 
 class ConvBNReLU(nn.Sequential):
@@ -106,7 +97,7 @@ class MobileNetV2(nn.Module):
         self.classifier = nn.Sequential(
             nn.Dropout(p=dropout), nn.Linear(self.last_channel, num_classes)
         )
-        self._init_weights()
+        init_weights(self)  # torchvision's scheme: an untrained model is well scaled
 
     @property
     def config(self) -> dict:
@@ -117,19 +108,6 @@ class MobileNetV2(nn.Module):
             "dropout": self.dropout,
             "round_nearest": self.round_nearest,
         }
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
