@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -301,16 +301,8 @@ def _fit_family(
     cls_w = state.get(_classifier_key(family))
     if isinstance(cls_w, torch.Tensor) and cls_w.ndim == 2:
         base["num_classes"] = int(cls_w.shape[0])
-    best: tuple[int, dict[str, Any], str] | None = None
-    for cand in families.candidates(family, state, fixed):
-        config = {**cand, **base}
-        count, problems = _mismatches(family, config, state)
-        if count == 0:
-            return config, ""
-        if best is None or count < best[0]:
-            best = (count, config, problems)
-    assert best is not None
-    return best[1], best[2]
+    return _best_config(family, ({**cand, **base}
+                                 for cand in families.candidates(family, state, fixed)), state)
 
 
 def _fit_config(arch: str, state: Mapping[str, torch.Tensor]) -> tuple[dict[str, Any], str]:
@@ -328,9 +320,15 @@ def _fit_config(arch: str, state: Mapping[str, torch.Tensor]) -> tuple[dict[str,
         probe, base_ch = state.get("features.0.0.weight"), 32
     first = float(probe.shape[0]) / base_ch if isinstance(probe, torch.Tensor) else None
     widths = ([first] if first else []) + [w for w in _COMMON_WIDTHS if w != first]
+    return _best_config(arch, ({"width_mult": w, **base} for w in widths), state)
+
+
+def _best_config(arch: str, configs: Iterable[dict[str, Any]],
+                 state: Mapping[str, torch.Tensor]) -> tuple[dict[str, Any], str]:
+    """The first config that fits ``state`` exactly, else the one with fewest mismatches
+    (and those mismatches, for the error message)."""
     best: tuple[int, dict[str, Any], str] | None = None
-    for w in widths:
-        config = {"width_mult": w, **base}
+    for config in configs:
         count, problems = _mismatches(arch, config, state)
         if count == 0:
             return config, ""
