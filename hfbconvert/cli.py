@@ -791,6 +791,7 @@ def eval_cmd(model, arch, trust_pickle, data_path, size, original, compare, per_
     from .evaluation import evaluate_per_image, per_image_record, summarize
 
     _setup(quiet, seed)
+    device = _device(device)  # before any work: cuda without CUDA is refused here
     if compare:
         if model or original:
             raise click.UsageError("--compare A B takes the place of MODEL and --original")
@@ -989,9 +990,11 @@ def export() -> None:
               help="Input side in pixels of a plain MODEL (default: the model's own; needed "
                    "for a custom pickled module).")
 @_source_opt
+@_device_opt
 @_common
 def export_onnx_cmd(model, arch, trust_pickle, output, force, opset, pack, verify, qdq, calib,
-                    calib_size, write_report, as_json, resolution, source_model, seed, quiet):
+                    calib_size, write_report, as_json, resolution, source_model, device, seed,
+                    quiet):
     """Export a compressed (or plain) model to ONNX with hfb custom ops (ONNX functions,
     so stock onnxruntime runs the file unmodified)."""
     import torch
@@ -1000,6 +1003,7 @@ def export_onnx_cmd(model, arch, trust_pickle, output, force, opset, pack, verif
     from .fileio import output_lock
 
     _setup(quiet, seed)
+    dev = _device(device)  # before any work: cuda without CUDA is refused here
     out = Path(output)
     _outputs([out], force, [model, calib, source_model])
     net, info, meta = _load_any(model, arch, trust_pickle, source_model, resolution)
@@ -1020,7 +1024,8 @@ def export_onnx_cmd(model, arch, trust_pickle, output, force, opset, pack, verif
         from .export.onnx import export_onnx, onnx_metadata
 
         stats = export_onnx(net, out, info.resolution, opset=opset, pack=pack, force=force,
-                            qdq=qdq, verify_images=images, metadata=onnx_metadata(info, model))
+                            qdq=qdq, verify_images=images, metadata=onnx_metadata(info, model),
+                            device=dev)
         result: dict[str, Any] = {"schema_version": JSON_SCHEMA_VERSION,
                                   "output": stats["path"], "export": stats}
         if "verify" in stats:

@@ -157,8 +157,14 @@ def _deploy_copy(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def torch_logits(model: nn.Module, images: torch.Tensor, batch_size: int) -> np.ndarray:
+def torch_logits(model: nn.Module, images: torch.Tensor, batch_size: int,
+                 device: str | torch.device | None = None) -> np.ndarray:
+    """PyTorch's side of a verification, on ``device`` (default: where the model is; the
+    deploy copy moves, never the caller's model)."""
     model = _deploy_copy(model)
+    if device is not None and torch.device(device) != next(
+            (p.device for p in model.parameters()), torch.device("cpu")):
+        model = copy.deepcopy(model).to(device)
     was_training = model.training
     model.eval()
     p = next(model.parameters(), None)
@@ -253,7 +259,8 @@ def reference_logits(path: str | Path, x: np.ndarray) -> np.ndarray:
 
 def verify_onnx(onnx_path: str | Path, model: nn.Module, images: torch.Tensor,
                 batch_size: int = 32, rtol_rel: float | None = None,
-                reference_batch: int = 2) -> VerifyResult:
+                reference_batch: int = 2,
+                device: str | torch.device | None = None) -> VerifyResult:
     """Compare onnxruntime (all images) and onnx.reference (first ``reference_batch``
     images) with the PyTorch deploy-form ``model`` on normalized NCHW ``images``.
     ``rtol_rel`` None: :data:`FLOAT_RTOL`, or :data:`QUANTIZED_RTOL` for int8 activations."""
@@ -271,7 +278,7 @@ def verify_onnx(onnx_path: str | Path, model: nn.Module, images: torch.Tensor,
     if batch_size < 1:
         raise InputError(f"batch size must be >= 1, got {batch_size}")
     images = images.detach().float().cpu()
-    ref = torch_logits(model, images, batch_size)
+    ref = torch_logits(model, images, batch_size, device)
     x = images.numpy()
     ort_cmp = compare_logits("onnxruntime", ref, ort_logits(path, x, batch_size), rtol_rel,
                              frac)

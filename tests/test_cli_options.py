@@ -106,3 +106,13 @@ def test_quiet_does_not_outlive_its_command(model) -> None:
     assert not progress.is_quiet()
     run("analyze", model, "--budgets", "1,2", "--json", "-q")
     assert not progress.is_quiet()
+
+
+@pytest.mark.parametrize("cmd", [["analyze"], ["compress"], ["eval", "--data", "x.npz"],
+                                 ["export", "onnx", "-o", "x.onnx"]])
+def test_device_cuda_without_cuda_is_refused_before_work(model, cmd, monkeypatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = [*cmd[:2], model, *cmd[2:]] if cmd[0] == "export" else [cmd[0], model, *cmd[1:]]
+    one_error(run(*args, "--device", "cuda"), "--device cuda")

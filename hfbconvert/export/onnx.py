@@ -611,7 +611,8 @@ def export_onnx(model: nn.Module, path: str | Path, resolution: int, opset: int 
                 pack: str = "2bit", dynamic_batch: bool = True,
                 force: bool = False, weight_bits: int | None = None,
                 qdq: bool = False, verify_images: torch.Tensor | None = None,
-                metadata: dict[str, str] | None = None) -> dict[str, Any]:
+                metadata: dict[str, str] | None = None,
+                device: str | torch.device | None = None) -> dict[str, Any]:
     """Export ``model`` (plain or hybrid; hybrid layers are exported in deploy form) to
     ``path`` atomically. Refuses to overwrite unless ``force``; returns :func:`onnx_stats`
     plus ``packing`` and ``path``. ``weight_bits``, ``metadata``: see :func:`build_onnx`.
@@ -636,7 +637,7 @@ def export_onnx(model: nn.Module, path: str | Path, resolution: int, opset: int 
         with atomic_path(dest, overwrite=force) as tmp:
             tmp.write_bytes(data)
             if verify_images is not None:
-                vr = verify_onnx(tmp, model, verify_images)
+                vr = verify_onnx(tmp, model, verify_images, device=device)
                 vr.onnx_path = str(dest)
                 stats["verify"] = vr.to_dict()
                 if not vr.passed:
