@@ -453,3 +453,23 @@ def test_cli_int8_fine_tunes_with_quantizers_in_the_loop(a8, tmp_path):
     exp = json.loads(ok(run("export", "onnx", pt, "-o", onx, "--calib", a8["calib"], "--json",
                             "-q")).stdout)
     assert exp["verify"]["passed"]
+
+
+def test_hidden_quant_contract_matches_function_body(a8):
+    """``--hidden-bits 8``: the numpy contract of StrassenPointwise with h_scale and
+    h_zero_point computes what the exported function body computes."""
+    from onnx.reference import ReferenceEvaluator
+
+    from hfbconvert.export.reference import HFB_OPS
+    from hfbconvert.verify import _reference_new_ops, reference_logits
+
+    mp = onnx.load(str(a8["onnx8"]))
+    x = torch.randn(4, 3, TINY_RES, TINY_RES, generator=torch.Generator().manual_seed(7))
+    bodies = reference_logits(a8["onnx8"], x.numpy())
+    ev = ReferenceEvaluator(mp, new_ops=[*HFB_OPS, *_reference_new_ops(mp)])
+    contract = ev.run(None, {mp.graph.input[0].name: x.numpy()})[0]
+    # float accumulation order may move a hidden unit across a rounding boundary (one LSB):
+    # at most one image of the four off, the rest at float precision
+    scale = np.abs(bodies).max()
+    off = np.abs(contract - bodies).max(axis=1) > 1e-4 * scale
+    assert off.sum() <= 1 and np.abs(contract - bodies).max() <= 0.05 * scale
