@@ -155,29 +155,26 @@ class _Opt(NamedTuple):
 CAP_NAMES = ("ADD cap", "size budget", "energy budget")
 
 
-def budget_plan(layers: list[PointwiseLayer], curves: dict[str, torch.Tensor],
-                energies: dict[str, torch.Tensor], fragility: dict[str, float],
-                budgets: tuple[int, ...], budget: float, fixed_muls: int, original_muls: int,
-                original_adds: int, max_add_increase: float,
-                ratios: tuple[float, ...] = (1.0, 2.0),
-                densities: dict[str, torch.Tensor] | None = None, *,
-                max_bytes: float | None = None, fixed_bytes: float = 0.0,
-                weight_bits: int = 32, fp_bits: int = 32,
-                max_energy_pj: float | None = None, fixed_energy_pj: float = 0.0,
-                act_bits: int = 32) -> list[LayerPlan]:
-    """Choose (n_c, ρ) per layer minimizing Σ λ·err under the MUL budget and three caps:
-    ADDs; with ``max_bytes`` the whole model's stored bytes (``fixed_bytes``: layers outside
-    the plan; critical rows at ``weight_bits``, biases and ``a`` at ``fp_bits``, ternary at
-    2 bits, as ``costs.hybrid_cost`` counts them); with ``max_energy_pj`` its arithmetic
-    energy at ``act_bits`` (int8: an ``a`` costs an int32 MUL, 15x an int8 MAC's MUL, so
-    hidden units that save MULs can cost energy)."""
-    if not (0 < budget <= 1):
-        raise InputError(f"--budget must be in (0, 1], got {budget}")
-    limit = budget * original_muls - fixed_muls
+def plan_caps(layers: list[PointwiseLayer], original_adds: int, max_add_increase: float,
+              max_bytes: float | None = None, fixed_bytes: float = 0.0,
+              max_energy_pj: float | None = None, fixed_energy_pj: float = 0.0) -> list[float]:
+    """What the planned layers may use of ADDs, bytes and energy (the rest of the model's
+    share subtracted)."""
     fixed_adds = original_adds - sum(ly.pixels * ly.c_out * (ly.c_in - 1) for ly in layers)
-    caps = [(1 + max_add_increase) * original_adds - fixed_adds,
+    return [(1 + max_add_increase) * original_adds - fixed_adds,
             math.inf if max_bytes is None else max_bytes - fixed_bytes,
             math.inf if max_energy_pj is None else max_energy_pj - fixed_energy_pj]
+
+
+def plan_options(layers: list[PointwiseLayer], curves: dict[str, torch.Tensor],
+                 energies: dict[str, torch.Tensor], fragility: dict[str, float],
+                 budgets: tuple[int, ...], ratios: tuple[float, ...] = (1.0, 2.0),
+                 densities: dict[str, torch.Tensor] | None = None, *,
+                 weight_bits: int = 32, fp_bits: int = 32,
+                 act_bits: int = 32) -> list[list[_Opt]]:
+    """Every (n_c, ρ) choice of every layer with its MULs, ADDs, bytes, energy and
+    fragility-weighted predicted error: the multiple-choice knapsack that
+    :func:`budget_plan` solves (and ``bench/planner_exact.py`` solves exactly)."""
     opts: list[list[_Opt]] = []
     for ly in layers:
         lam = fragility.get(ly.name, 1.0)
@@ -201,6 +198,37 @@ def budget_plan(layers: list[PointwiseLayer], curves: dict[str, torch.Tensor],
                                lp.predicted_energy_pj(fp_bits, act_bits), lam * float(err[n_c]),
                                n_c, r, order, float(err[n_c]), dens))
         opts.append(lo)
+    return opts
+
+
+def budget_plan(layers: list[PointwiseLayer], curves: dict[str, torch.Tensor],
+                energies: dict[str, torch.Tensor], fragility: dict[str, float],
+                budgets: tuple[int, ...], budget: float, fixed_muls: int, original_muls: int,
+                original_adds: int, max_add_increase: float,
+                ratios: tuple[float, ...] = (1.0, 2.0),
+                densities: dict[str, torch.Tensor] | None = None, *,
+                max_bytes: float | None = None, fixed_bytes: float = 0.0,
+                weight_bits: int = 32, fp_bits: int = 32,
+                max_energy_pj: float | None = None, fixed_energy_pj: float = 0.0,
+                act_bits: int = 32) -> list[LayerPlan]:
+    """Choose (n_c, ρ) per layer minimizing Σ λ·err under the MUL budget and three caps:
+    ADDs; with ``max_bytes`` the whole model's stored bytes (``fixed_bytes``: layers outside
+    the plan; critical rows at ``weight_bits``, biases and ``a`` at ``fp_bits``, ternary at
+    2 bits, as ``costs.hybrid_cost`` counts them); with ``max_energy_pj`` its arithmetic
+    energy at ``act_bits`` (int8: an ``a`` costs an int32 MUL, 15x an int8 MAC's MUL, so
+    hidden units that save MULs can cost energy).
+
+    Lagrangian relaxation (bisection on the MUL price, doubling cap prices), then a greedy
+    fill of the leftover MULs; ``bench/planner_exact.py`` compares it with the exact MILP.
+    Kept over one function body of 100+ lines' worth of helpers: the three phases share
+    ``opts`` and the caps."""
+    if not (0 < budget <= 1):
+        raise InputError(f"--budget must be in (0, 1], got {budget}")
+    limit = budget * original_muls - fixed_muls
+    caps = plan_caps(layers, original_adds, max_add_increase, max_bytes, fixed_bytes,
+                     max_energy_pj, fixed_energy_pj)
+    opts = plan_options(layers, curves, energies, fragility, budgets, ratios, densities,
+                        weight_bits=weight_bits, fp_bits=fp_bits, act_bits=act_bits)
     min_muls = sum(min(o.muls for o in lo) for lo in opts)
     if min_muls > limit:
         smallest = (min_muls + fixed_muls) / original_muls
