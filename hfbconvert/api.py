@@ -70,14 +70,10 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None,
     """A checkpoint (state_dict of a known family, reference checkpoint, ``builtin:NAME``,
     or with ``trust_pickle`` a whole pickled module) and its :class:`ModelInfo`."""
     from .models.loading import load_model as _load
+    from .models.loading import settle_resolution
 
     net, info = _load(str(path), arch=arch, trust_pickle=trust_pickle)
-    if resolution is not None:
-        info.resolution = int(resolution)
-    elif info.extra.get("resolution_known") is False:
-        raise InputError(f"{path}: a custom module; pass resolution=N")
-    info.extra.pop("resolution_known", None)
-    return net, info
+    return net, settle_resolution(info, resolution, str(path), hint="pass resolution=N")
 
 
 def load_images(path: str | os.PathLike, info: ModelInfo, *, size: int | None = None,

@@ -212,16 +212,10 @@ def _load(model: str, arch: str | None, trust_pickle: bool, resolution: int | No
     """``(net, info)`` of a model the user named; ``resolution`` overrides the model's own,
     and a custom module (whose input size nothing records) must be given one when the
     command runs it (``need_resolution``)."""
-    from .models.loading import load_model
+    from .models.loading import load_model, settle_resolution
 
     net, info = load_model(model, arch=arch, trust_pickle=trust_pickle)
-    if resolution is not None:
-        info.resolution = resolution
-    elif need_resolution and info.extra.get("resolution_known") is False:
-        raise InputError(f"{model}: a custom {info.extra.get('pickled_module', 'nn.Module')} "
-                         "whose input size hfbconvert cannot know; pass --resolution N")
-    info.extra.pop("resolution_known", None)
-    return net, info
+    return net, settle_resolution(info, resolution, model, required=need_resolution)
 
 
 def _load_any(model: str, arch: str | None, trust_pickle: bool,
@@ -233,7 +227,7 @@ def _load_any(model: str, arch: str | None, trust_pickle: bool,
         return (*_load(model, arch, trust_pickle, resolution), None)
     from .artifact import build_compressed, is_compressed
     from .fileio import load_torch
-    from .models.loading import ARCHS, model_from_object
+    from .models.loading import ARCHS, model_from_object, settle_resolution
 
     obj = load_torch(model, trust_pickle)
     if is_compressed(obj):
@@ -246,13 +240,7 @@ def _load_any(model: str, arch: str | None, trust_pickle: bool,
         net, info = build_compressed(obj, model, skeleton)
         return net, info, obj.get("meta") or {}
     net, info = model_from_object(obj, model, arch)
-    if resolution is not None:
-        info.resolution = resolution
-    elif info.extra.get("resolution_known") is False:
-        raise InputError(f"{model}: a custom {info.extra.get('pickled_module', 'nn.Module')} "
-                         "whose input size hfbconvert cannot know; pass --resolution N")
-    info.extra.pop("resolution_known", None)
-    return net, info, None
+    return net, settle_resolution(info, resolution, model), None
 
 
 def _check_source(artifact: str, meta: dict, source_model: str) -> None:

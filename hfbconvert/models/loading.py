@@ -193,6 +193,19 @@ def _from_module(module: nn.Module, path: Path, arch: str | None) -> tuple[nn.Mo
     return module, info
 
 
+def settle_resolution(info: ModelInfo, resolution: int | None, source: str,
+                      hint: str = "pass --resolution N", required: bool = True) -> ModelInfo:
+    """Apply a resolution override; a custom module (whose input size nothing records)
+    must be given one when it is going to run (``required``)."""
+    if resolution is not None:
+        info.resolution = int(resolution)
+    elif required and info.extra.get("resolution_known") is False:
+        raise InputError(f"{source}: a custom {info.extra.get('pickled_module', 'nn.Module')} "
+                         f"whose input size hfbconvert cannot know; {hint}")
+    info.extra.pop("resolution_known", None)
+    return info
+
+
 def _from_reference(ckpt: Mapping, path: Path, arch: str | None) -> tuple[nn.Module, ModelInfo]:
     state = ckpt.get("state_dict")
     if not isinstance(state, Mapping) or not _is_state_dict(state):
