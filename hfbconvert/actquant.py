@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
-from .hybrid import HybridPointwise
+from .handlers import is_hybrid, layer_modules
 
 ACT_BITS = (32, 8)
 HIDDEN_BITS = (32, 8)
@@ -143,18 +143,10 @@ def _quant_input_hook(mod: nn.Module, args: tuple) -> tuple:
 
 
 def quant_sites(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every layer whose input an int8 kernel consumes, in module (≈ network) order:
-    Conv2d, Linear and HybridPointwise, not the convs inside a hybrid layer."""
-    out, inside = [], set()
-    for name, m in model.named_modules():
-        if id(m) in inside:
-            continue
-        if isinstance(m, HybridPointwise):
-            inside.update(id(x) for x in m.modules() if x is not m)
-            out.append((name, m))
-        elif isinstance(m, (nn.Conv2d, nn.Linear)):
-            out.append((name, m))
-    return out
+    """Every layer whose input an int8 kernel consumes, in module (≈ network) order: every
+    layer a kind owns (``handlers``: convs, Linear, hybrid layers), not the modules inside
+    a hybrid layer."""
+    return [(name, m) for name, m, _ in layer_modules(model)]
 
 
 def attach(model: nn.Module, hidden_bits: int = 32) -> list[ActQuant]:
@@ -173,7 +165,7 @@ def attach(model: nn.Module, hidden_bits: int = 32) -> list[ActQuant]:
     check_hidden_bits(hidden_bits)
     made = []
     for _, m in quant_sites(model):
-        if isinstance(m, HybridPointwise):
+        if is_hybrid(m):
             if m.input_quant is None:
                 m.input_quant = ActQuant()
                 made.append(m.input_quant)

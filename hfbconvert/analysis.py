@@ -34,14 +34,16 @@ def analyze(model: nn.Module, info: ModelInfo, data: CalibData | None,
             threshold: float = DEFAULT_THRESHOLD, threshold_budget: int = DEFAULT_THRESHOLD_BUDGET,
             seed: int = 0, source: str = "model",
             device: str | torch.device = "cpu", include: tuple[str, ...] = (),
-            exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+            exclude: tuple[str, ...] = (), kinds: tuple[str, ...] | None = None
+            ) -> dict[str, Any]:
     """Rank every pointwise filter by L_j(r) for each r in ``budgets``.
 
     ``device``: where the statistics pass and the ternary fits run; the user's ``model``
     is never moved (a copy is), and the JSON is the same on any device up to float
     rounding of the losses.
     """
-    layers = select_layers(find_pointwise(model, info.resolution, source), include, exclude,
+    layers = select_layers(find_pointwise(model, info.resolution, source, kinds), include,
+                           exclude,
                            source)
     dev = torch.device(device)
     if dev.type != "cpu":
@@ -69,6 +71,7 @@ def analyze(model: nn.Module, info: ModelInfo, data: CalibData | None,
             n_crit = int((curves[:, ref_col] > threshold).sum())
             out_layers.append({
                 "name": ly.name, "kind": ly.kind, "c_in": ly.c_in, "c_out": ly.c_out,
+                **({"kernel": ly.kernel} if ly.kernel > 1 else {}),
                 "height": ly.height, "width": ly.width,
                 "muls": by[ly.name].muls, "mul_share": _r6(by[ly.name].muls / total_muls),
                 "median_loss": [_r6(v) for v in med.tolist()],

@@ -27,6 +27,7 @@ from torch import nn
 from calib.readers import CalibData
 
 from .errors import InputError
+from .handlers import modules_of_kind
 from .models.info import ModelInfo
 
 __all__ = ["Compressed", "describe", "load_model", "load_images", "analyze", "compress",
@@ -53,7 +54,7 @@ def describe(model: nn.Module, resolution: int, *, mean=(0.485, 0.456, 0.406),
     preprocessing). ``resolution`` has no default: nothing about a module says it."""
     if not isinstance(resolution, int) or not 8 <= resolution <= 4096:
         raise InputError(f"resolution must be an integer in 8..4096, got {resolution!r}")
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    linears = modules_of_kind(model, "linear")
     n = len(classes) if classes else (linears[-1].out_features if linears else 1000)
     return ModelInfo(arch="custom", config={}, resolution=resolution, mean=tuple(mean),
                      std=tuple(std), crop=crop, resize_mode=resize_mode,
@@ -91,13 +92,14 @@ def analyze(model: nn.Module, data: CalibData | None = None, *, info: ModelInfo,
             budgets: tuple[int, ...] = (1, 2, 4, 8, 16), stats_images: int = 512,
             threshold: float = 0.05, threshold_budget: int = 2, seed: int = 0,
             include: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
-            device: str = "cpu") -> dict[str, Any]:
-    """Per-filter sensitivity of every convertible layer (the ``analyze`` JSON)."""
+            device: str = "cpu", layers: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Per-filter sensitivity of every convertible layer (the ``analyze`` JSON);
+    ``layers``: the layer kinds (default pointwise, linear; add "conv" for k×k banks)."""
     from .analysis import analyze as _analyze
 
     return _analyze(model, info, data, tuple(budgets), stats_images, threshold,
                     threshold_budget, seed, source=info.source or "model", device=device,
-                    include=tuple(include), exclude=tuple(exclude))
+                    include=tuple(include), exclude=tuple(exclude), kinds=layers)
 
 
 def compress(model: nn.Module, data: CalibData | None = None, *, info: ModelInfo,

@@ -43,8 +43,15 @@ from . import actquant, tensorcodec
 from .bnfold import prepare_structure
 from .errors import InputError
 from .fileio import load_torch, save_torch
+from .handlers import (
+    PointwiseLayer,
+    handler_for,
+    handler_for_record,
+    hybrid_modules,
+    is_hybrid,
+)
 from .hybrid import HybridPointwise
-from .layers import set_submodule
+from .layers import build_layer, set_submodule
 from .models.info import ModelInfo
 from .weightquant import WEIGHT_BITS, mark_weight_bits
 
@@ -55,11 +62,19 @@ MIN_RESOLUTION, MAX_RESOLUTION = 8, 4096  # the CLI's --resolution range
 MAX_ELEMENTS = 1 << 28  # tensor elements of a rebuilt skeleton (1 GiB of float32)
 MAX_CHANNELS = 1 << 20
 MAX_CLASSES = 1 << 20
-SPEC_KEYS = ("c_in", "c_out", "kind", "critical_idx", "r", "channel_scale", "stride")
+SPEC_KEYS = ("c_in", "c_out", "kind", "critical_idx", "r", "channel_scale", "stride",
+             "kernel", "padding", "dilation")
+# optional geometry keys (absent in files from before k×k banks): their defaults
+GEOMETRY_DEFAULTS = {"stride": 1, "kernel": 1, "padding": 0, "dilation": 1}
+MAX_KERNEL = 31
 CODE_KEYS = ("wb_codes", "wc_codes")
 
 
 def layer_spec(m: HybridPointwise) -> dict[str, Any]:
+    """A hybrid layer's structure; its kind adds the geometry it needs (a pointwise conv
+    only its stride, so files of pointwise models are byte-for-byte as before)."""
+    h = handler_for(m)
+    assert h is not None
     return {
         "c_in": m.c_in,
         "c_out": m.c_out,
@@ -67,19 +82,27 @@ def layer_spec(m: HybridPointwise) -> dict[str, Any]:
         "critical_idx": m.critical_idx.tolist(),
         "r": m.r,
         "channel_scale": m.channel_scale is not None,
-        "stride": m.stride,
+        **h.geometry(m),
     }
 
 
+def spec_record(name: str, spec: dict[str, Any]) -> PointwiseLayer:
+    """The layer record an artifact spec describes (geometry defaults for old files)."""
+    g = {k: spec.get(k, v) for k, v in GEOMETRY_DEFAULTS.items()}
+    return PointwiseLayer(name, spec["kind"], spec["c_in"], spec["c_out"],
+                          stride=g["stride"], kernel=g["kernel"], padding=g["padding"],
+                          dilation=g["dilation"])
+
+
 def hybrid_from_spec(spec: dict[str, Any]) -> HybridPointwise:
-    return HybridPointwise(
-        spec["c_in"], spec["c_out"], torch.tensor(spec["critical_idx"], dtype=torch.long),
-        spec["r"], spec["kind"], spec.get("channel_scale", False), spec.get("stride", 1),
-    )
+    h = build_layer(spec_record("", spec), torch.tensor(spec["critical_idx"], dtype=torch.long),
+                    spec["r"], spec.get("channel_scale", False))
+    assert is_hybrid(h)
+    return h
 
 
 def hybrid_layers(model: nn.Module) -> dict[str, HybridPointwise]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, HybridPointwise)}
+    return dict(hybrid_modules(model))  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------- writing
@@ -291,11 +314,18 @@ def _check_spec(name: Any, spec: Any, c: _Checker) -> dict[str, Any]:
     r = c.int_in(spec["r"], 1 if n_t else 0, 64 * MAX_CHANNELS, f"{where}.r")
     if type(spec.get("channel_scale", False)) is not bool:
         raise c.bad(f"{where}.channel_scale must be true or false")
-    stride = c.int_in(spec.get("stride", 1), 1, 1 if spec["kind"] == "linear" else 64,
-                      f"{where}.stride")
-    return {"c_in": c_in, "c_out": c_out, "kind": spec["kind"], "critical_idx": list(crit),
-            "r": r if n_t else 0, "channel_scale": spec.get("channel_scale", False),
-            "stride": stride}
+    geo = {"stride": c.int_in(spec.get("stride", 1), 1, 64, f"{where}.stride"),
+           "kernel": c.int_in(spec.get("kernel", 1), 1, MAX_KERNEL, f"{where}.kernel"),
+           "padding": c.int_in(spec.get("padding", 0), 0, 64, f"{where}.padding"),
+           "dilation": c.int_in(spec.get("dilation", 1), 1, 64, f"{where}.dilation")}
+    out = {"c_in": c_in, "c_out": c_out, "kind": spec["kind"], "critical_idx": list(crit),
+           "r": r if n_t else 0, "channel_scale": spec.get("channel_scale", False)}
+    out.update({k: v for k, v in geo.items() if k in spec or k == "stride"})
+    kind = handler_for_record(spec_record(str(name), out))
+    if not kind.geometry_ok(spec_record(str(name), out)):
+        raise c.bad(f"{where}: a {spec['kind']} layer with c_in {c_in} cannot have stride/"
+                    f"kernel/padding/dilation {tuple(geo.values())}")
+    return out
 
 
 def _plain_tensor(t: Any, what: str, c: _Checker) -> torch.Tensor:
@@ -393,19 +423,13 @@ def _skeleton(info: ModelInfo, c: _Checker, skeleton: nn.Module | None) -> nn.Mo
 
 
 def _check_site(model: nn.Module, name: str, spec: dict[str, Any], c: _Checker) -> None:
-    """``name`` is a 1x1 Conv2d (groups 1) or Linear of the skeleton with the spec's sizes."""
+    """``name`` is, in the skeleton, the layer of the spec's kind and sizes (its kind's
+    ``check_site``)."""
     try:
         m = model.get_submodule(name)
     except AttributeError:
         raise c.bad(f"layer {_short(name)} is not a module of {c.arch}") from None
-    if spec["kind"] == "conv":
-        ok = isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1 and (
-            m.in_channels, m.out_channels) == (spec["c_in"], spec["c_out"]) and (
-            tuple(m.stride) == (spec["stride"],) * 2)
-    else:
-        ok = isinstance(m, nn.Linear) and (m.in_features, m.out_features) == (
-            spec["c_in"], spec["c_out"])
-    if not ok:
+    if not handler_for_record(spec_record(name, spec)).check_site(m, spec):
         raise c.bad(f"layer {_short(name)} ({type(m).__name__}) is not a {spec['c_in']}->"
                     f"{spec['c_out']} pointwise {spec['kind']} of {c.arch}")
 
@@ -417,8 +441,8 @@ def _check_pairs(model: nn.Module, pairs: list[Any], c: _Checker) -> None:
         except AttributeError:
             raise c.bad(f"meta.bn_folded names a missing module "
                         f"({_short(layer_name)}, {_short(bn_name)})") from None
-        if not isinstance(layer, (nn.Conv2d, nn.Linear, HybridPointwise)) or not isinstance(
-                bn, nn.BatchNorm2d):
+        h = handler_for(layer)
+        if h is None or not h.folds_bn(layer) or not isinstance(bn, nn.BatchNorm2d):
             raise c.bad(f"meta.bn_folded pair ({_short(layer_name)}, {_short(bn_name)}) is "
                         "not a layer and its BatchNorm")
 

@@ -19,18 +19,19 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from .hybrid import HybridPointwise
+from .handlers import handler_for, is_hybrid
 from .layers import set_submodule
 
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, HybridPointwise) or super().is_leaf_module(m, qualname)
+        return is_hybrid(m) or super().is_leaf_module(m, qualname)
 
 
 def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """``(layer name, BN name)`` for every BatchNorm2d fed only by a Conv2d or hybrid layer
-    whose output goes nowhere else; [] when the model cannot be traced."""
+    """``(layer name, BN name)`` for every BatchNorm2d fed only by a layer whose kind folds
+    BN (convs and conv hybrids: ``LayerHandler.folds_bn``) and whose output goes nowhere
+    else; [] when the model cannot be traced."""
     try:
         graph = _Tracer().trace(model)
     except Exception:  # noqa: BLE001 - any tracing failure just means "do not fold"
@@ -44,8 +45,8 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
         if not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1:
             continue
         layer = mods.get(src.target)
-        if isinstance(layer, HybridPointwise) and layer.kind == "conv" or (
-                isinstance(layer, nn.Conv2d)):
+        h = None if layer is None else handler_for(layer)
+        if h is not None and h.folds_bn(layer):
             pairs.append((str(src.target), str(node.target)))
     return pairs
 
@@ -56,7 +57,7 @@ def prepare_structure(model: nn.Module, pairs: list[tuple[str, str]]) -> None:
     scale, and every paired BN is an Identity."""
     for layer_name, bn_name in pairs:
         layer = model.get_submodule(layer_name)
-        if isinstance(layer, HybridPointwise):
+        if is_hybrid(layer):
             if layer.n_tolerant and layer.channel_scale is None:
                 layer.channel_scale = nn.Parameter(torch.ones(layer.n_tolerant))
         elif layer.bias is None:
@@ -75,7 +76,7 @@ def fold_batchnorms(model: nn.Module) -> list[tuple[str, str]]:
         k = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(
             bn.running_var + bn.eps)
         beta = bn.bias if bn.affine else torch.zeros_like(k)
-        if isinstance(layer, HybridPointwise):
+        if is_hybrid(layer):
             layer.w_crit.mul_(k[layer.critical_idx][:, None])
             if layer.n_tolerant:
                 kt = k[layer.tolerant_idx]

@@ -16,6 +16,7 @@ import click
 
 from . import __version__, progress
 from .errors import HfbError, InputError
+from .handlers import parse_kinds
 
 JSON_SCHEMA_VERSION = 1
 
@@ -140,6 +141,11 @@ def _outputs(paths: list[Path], force: bool, inputs: list[str]) -> list[Path]:
 
 
 def _layer_opts(f):
+    f = click.option("--layers", "layer_kinds", default=None, metavar="KINDS",
+                     help="Comma-separated layer kinds to convert: pointwise (1x1 Conv2d), "
+                          "linear, conv (k×k Conv2d, groups 1: hybrid banks over im2col "
+                          "rows; opt-in). Default: pointwise,linear. --include/--exclude "
+                          "then pick layers among these.")(f)
     f = click.option("--exclude", multiple=True, metavar="GLOB",
                      help="Leave layers whose module name matches GLOB as they are "
                           "(repeatable; e.g. 'head' or 'features.1*').")(f)
@@ -363,13 +369,14 @@ def main() -> None:
 @click.pass_context
 def analyze(ctx, model, arch, trust_pickle, calib, calib_size, resolution, preset, budgets,
             threshold, threshold_budget, stats_images, as_json, output, force, include,
-            exclude, device, seed, quiet):
+            exclude, layer_kinds, device, seed, quiet):
     """Rank every pointwise filter's sensitivity to ternary StrassenNets approximation.
 
     MODEL is a checkpoint path or builtin:mobilenet_v2."""
     from .sensitivity import parse_budgets
 
     _setup(quiet, seed)
+    kinds = parse_kinds(layer_kinds)
     try:
         bud = parse_budgets(budgets)
     except ValueError as exc:
@@ -389,12 +396,12 @@ def analyze(ctx, model, arch, trust_pickle, calib, calib_size, resolution, prese
     with output_lock([output] if output else []):
         _analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, bud,
                  threshold, threshold_budget, stats_images, as_json, output, force,
-                 _device(device), seed, include, exclude)
+                 _device(device), seed, include, exclude, kinds)
 
 
 def _analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, bud,
              threshold, threshold_budget, stats_images, as_json, output, force, device,
-             seed, include, exclude) -> None:
+             seed, include, exclude, kinds=None) -> None:
     from .analysis import analyze as run_analyze
     from .fileio import atomic_write_text
     from .report.terminal import print_analysis
@@ -404,7 +411,8 @@ def _analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, b
     if data is None:
         progress.warn("no --calib data: weight-space sensitivity (Σ = I), not activation-aware")
     res = run_analyze(net, info, data, bud, stats_images, threshold, threshold_budget, seed,
-                      source=model, device=device, include=include, exclude=exclude)
+                      source=model, device=device, include=include, exclude=exclude,
+                      kinds=kinds)
     text = json.dumps(res, indent=1, allow_nan=False)
     if output:
         atomic_write_text(output, text + "\n", overwrite=force)
@@ -525,7 +533,7 @@ def compress(ctx, model, arch, trust_pickle, calib, calib_size, resolution, pres
              eval_every, patience, lr, reconstruct, sequential, bias_correction, bn_adjust,
              min_agreement, resume,
              device, weight_bits, activation_bits, hidden_bits, as_json, include, exclude,
-             seed, quiet):
+             layer_kinds, seed, quiet):
     """Split pointwise layers into full-precision critical filters + ternary banks under a
     MUL budget (activation-aware fit), then fine-tune briefly by distillation.
 
@@ -568,7 +576,7 @@ def compress(ctx, model, arch, trust_pickle, calib, calib_size, resolution, pres
         size_budget=size_budget, energy_budget=energy_budget, reconstruct=reconstruct,
         sequential=sequential, bias_correction=bias_correction, bn_adjust=bn_adjust,
         min_agreement=min_agreement, seed=seed, include=tuple(include),
-        exclude=tuple(exclude),
+        exclude=tuple(exclude), layer_kinds=parse_kinds(layer_kinds),
         finetune=FinetuneConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                                 eval_every=eval_every, patience=patience, device=device),
         weight_bits=weight_bits, activation_bits=activation_bits, hidden_bits=hidden_bits)

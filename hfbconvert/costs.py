@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .actquant import hidden_groups, model_act_bits
+from .handlers import LayerHandler, is_hybrid, layer_modules
 from .hybrid import HybridPointwise
 
 # Horowitz, "Computing's energy problem", ISSCC 2014 (45 nm), picojoules per operation.
@@ -175,7 +176,8 @@ def hybrid_cost(name: str, m: HybridPointwise, pixels: int, fp_bits: int = 32,
 def model_cost(model: nn.Module, resolution: int, fp_bits: int = 32,
                count_conv_bias: bool = True, weight_bits: int | None = None,
                act_bits: int | None = None) -> ModelCost:
-    """Walk one forward pass and cost every Conv2d, Linear and HybridPointwise. Weights are
+    """Walk one forward pass and cost every layer a kind owns (``handlers``: convs,
+    Linear, hybrid layers; each kind prices its dense form). Weights are
     stored at ``weight_bits``: by default the model's own (``compress --weight-bits``, see
     ``weightquant``), 32 for a model that was not rounded; ``fp_bits`` if given and lower.
     ``act_bits`` None: the model's own (8 after ``compress --activation-bits 8``)."""
@@ -185,46 +187,17 @@ def model_cost(model: nn.Module, resolution: int, fp_bits: int = 32,
     abits = model_act_bits(model) if act_bits is None else int(act_bits)
     rows: list[LayerCost] = []
     hooks = []
-    hybrids = {id(m) for m in model.modules() if isinstance(m, HybridPointwise)}
-    inside_hybrid = set()
-    for m in model.modules():
-        if isinstance(m, HybridPointwise):
-            inside_hybrid.update(id(x) for x in m.modules() if x is not m)
 
-    def make_hook(name: str, mod: nn.Module):
+    def make_hook(name: str, mod: nn.Module, h: LayerHandler):
         def hook(_m, inp, out):
-            if isinstance(mod, HybridPointwise):
-                shp = out.shape
-                pix = int(shp[2] * shp[3]) if out.dim() == 4 else int(out[0].numel() // shp[1])
-                rows.append(hybrid_cost(name, mod, pix, fp_bits, wbits, abits))
-            elif isinstance(mod, nn.Conv2d):
-                pix = int(out.shape[2] * out.shape[3])
-                fan_in = mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
-                c_out = mod.out_channels
-                kind = "depthwise" if mod.groups == mod.in_channels and mod.groups > 1 else (
-                    "pointwise" if mod.kernel_size == (1, 1) and mod.groups == 1 else "conv")
-                has_b = mod.bias is not None and count_conv_bias
-                params = fan_in * c_out + (c_out if has_b else 0)
-                byts = weight_bytes(fan_in * c_out, c_out, wbits) + (
-                    c_out * fp_bits / 8 if has_b else 0)
-                rows.append(LayerCost(name, kind, pix * fan_in * c_out, pix * c_out * (fan_in - 1),
-                                      params, byts, pix, {"weight_bits": wbits}))
-            elif isinstance(mod, nn.Linear):
-                pix = int(out[0].numel() // out.shape[-1]) if out.dim() > 1 else 1
-                n_b = mod.out_features if mod.bias is not None else 0
-                params = mod.in_features * mod.out_features + n_b
-                byts = weight_bytes(mod.in_features * mod.out_features, mod.out_features,
-                                    wbits) + n_b * fp_bits / 8
-                rows.append(LayerCost(name, "linear", pix * mod.in_features * mod.out_features,
-                                      pix * mod.out_features * (mod.in_features - 1),
-                                      params, byts, pix, {"weight_bits": wbits}))
+            if is_hybrid(mod):
+                rows.append(hybrid_cost(name, mod, h.pixels(out), fp_bits, wbits, abits))
+            else:
+                rows.append(h.dense_cost(name, mod, out, fp_bits, wbits, count_conv_bias))
         return hook
 
-    for name, mod in model.named_modules():
-        if id(mod) in inside_hybrid:
-            continue
-        if isinstance(mod, (nn.Conv2d, nn.Linear)) or id(mod) in hybrids:
-            hooks.append(mod.register_forward_hook(make_hook(name, mod)))
+    for name, mod, h in layer_modules(model):
+        hooks.append(mod.register_forward_hook(make_hook(name, mod, h)))
     was = model.training
     model.eval()
     try:

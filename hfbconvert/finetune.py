@@ -37,7 +37,7 @@ from torch import nn
 from . import distributed, progress
 from .errors import CheckFailed, InputError
 from .fileio import load_torch, save_torch
-from .hybrid import HybridPointwise
+from .handlers import hybrid_modules
 
 # ``steps=None`` ("auto", the default of compress): as many steps as 300 batches of 32 on
 # MobileNetV1-0.5-160 cost in student MACs (measured there: +0.9 top-1 over the fit), at most
@@ -238,7 +238,7 @@ class _FeatureTap:
         it is not the layer of the same name (a BN folded into the student's layer: the
         teacher's BN after it)."""
         teacher_at = teacher_at or {}
-        self.names = [n for n, m in student.named_modules() if isinstance(m, HybridPointwise)]
+        self.names = [n for n, _ in hybrid_modules(student)]
         self.s: dict[str, torch.Tensor] = {}
         self.t: dict[str, torch.Tensor] = {}
         self.hooks = []
@@ -276,13 +276,12 @@ class _FeatureTap:
 
 
 def _freeze_all(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, HybridPointwise):
-            m.freeze()
+    for _, m in hybrid_modules(model):
+        m.freeze()
 
 
 def _is_frozen(model: nn.Module) -> bool:
-    return any(m.frozen for m in model.modules() if isinstance(m, HybridPointwise))
+    return any(m.frozen for _, m in hybrid_modules(model))
 
 
 def _set_eval_parts(model: nn.Module) -> None:

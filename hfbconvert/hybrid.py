@@ -1,4 +1,4 @@
-"""The hybrid pointwise layer: a full-precision critical bank plus a ternary SPN bank.
+"""The hybrid layer: a full-precision critical bank plus a ternary SPN bank.
 
     y[critical] = W_crit x
     y[tolerant] = W_c · (a ⊙ (W_b · x))          (StrassenNets, r hidden units)
@@ -10,19 +10,26 @@ TWN's 0.7·mean|W|, which re-derives itself from the latents and lets a sparse W
 with non-zeros, i.e. ADDs, during training); magnitudes live in ``a``, the only
 multiplication. Deploy form (after :meth:`freeze`): int8 codes and ``a``. Both forms run
 the *same* ops in the same order, so freezing changes nothing in the output.
+
+Everything is held in matrix form (``c_in`` is the fan-in: in_channels·k·k for a k×k
+conv); the products that apply a matrix to the input with the layer's geometry come
+from the layer kind's handler (``hfbconvert.handlers``), so this module knows no kind.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .ternary import round_ternary_ste
 
 
 class HybridPointwise(nn.Module):
-    """Drop-in replacement for a 1x1 ``Conv2d`` (groups 1) or a ``Linear`` layer."""
+    """Drop-in replacement for a ``Conv2d`` (groups 1; 1x1 or square k×k) or a ``Linear``.
+
+    ``kernel_size``/``padding``/``dilation`` (conv only; defaults: a 1x1 conv) describe a
+    k×k conv: the critical rows and W_b are k×k convs with the original geometry, W_c a
+    1x1 conv. ``c_in`` counts matrix columns (in_channels·k·k)."""
 
     def __init__(
         self,
@@ -33,13 +40,28 @@ class HybridPointwise(nn.Module):
         kind: str = "conv",
         channel_scale: bool = False,
         stride: int = 1,
+        kernel_size: int = 1,
+        padding: int = 0,
+        dilation: int = 1,
     ) -> None:
         super().__init__()
+        from .handlers import handler_for
+
         if kind not in ("conv", "linear"):
             raise ValueError(f"kind must be 'conv' or 'linear', not {kind!r}")
-        if int(stride) < 1 or (kind == "linear" and int(stride) != 1):
-            raise ValueError(f"stride must be >= 1 (1 for linear), not {stride!r}")
-        self.stride = int(stride)
+        self.kind = kind
+        self.stride, self.kernel_size = int(stride), int(kernel_size)
+        self.padding, self.dilation = int(padding), int(dilation)
+        geometry = (self.stride, self.kernel_size, self.padding, self.dilation)
+        if min(geometry) < 0 or min(self.stride, self.kernel_size, self.dilation) < 1:
+            raise ValueError(f"stride/kernel/padding/dilation {geometry} must be >= (1, 1, 0, 1)")
+        if c_in % (self.kernel_size ** 2):
+            raise ValueError(f"c_in {c_in} is not in_channels·{self.kernel_size}²")
+        ops = handler_for(self)
+        if ops is None:
+            raise ValueError(f"no layer kind builds a {kind} hybrid with stride/kernel/"
+                             f"padding/dilation {geometry}")
+        self._ops = ops
         crit = torch.as_tensor(critical_idx, dtype=torch.long).unique(sorted=True)
         mask = torch.ones(c_out, dtype=torch.bool)
         mask[crit] = False
@@ -48,7 +70,7 @@ class HybridPointwise(nn.Module):
             r = 0
         if tol.numel() > 0 and r < 1:
             raise ValueError("a non-empty tolerant bank needs r >= 1 hidden units")
-        self.c_in, self.c_out, self.r, self.kind = c_in, c_out, int(r), kind
+        self.c_in, self.c_out, self.r = c_in, c_out, int(r)
         self.register_buffer("critical_idx", crit)
         self.register_buffer("tolerant_idx", tol)
         perm = torch.empty(c_out, dtype=torch.long)
@@ -71,6 +93,10 @@ class HybridPointwise(nn.Module):
         self.hidden_quant: nn.Module | None = None
 
     # ------------------------------------------------------------------ structure
+    @property
+    def in_channels(self) -> int:
+        return self.c_in // (self.kernel_size ** 2)
+
     @property
     def n_critical(self) -> int:
         return int(self.critical_idx.numel())
@@ -100,47 +126,33 @@ class HybridPointwise(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        conv = self.kind == "conv"
+        ops = self._ops
         if self.input_quant is not None:
             x = self.input_quant(x)
-        if self.stride > 1:  # a strided 1x1 conv reads every stride-th pixel
-            x = x[:, :, ::self.stride, ::self.stride]
+        x = ops.read(self, x)
         if self.training and self.hidden_quant is None:
-            # Fine-tuning: one conv with the dense effective weight. Same function (up to
-            # float rounding) at the original layer's cost, instead of a W_b conv with up
-            # to 4x as many output channels plus a W_c conv; gradients reach the latents
+            # Fine-tuning: one product with the dense effective weight. Same function (up
+            # to float rounding) at the original layer's cost, instead of a W_b product
+            # with up to 4x as many outputs plus a W_c product; gradients reach the latents
             # through the small W_c·diag(a)·W_b product. Eval runs the deploy form below.
-            w = self.effective_weight()
-            return F.conv2d(x, w[:, :, None, None], self.bias) if conv else F.linear(
-                x, w, self.bias)
+            return ops.apply(self, x, self.effective_weight(), self.bias)
         parts = []
         if self.n_critical:
-            parts.append(
-                F.conv2d(x, self.w_crit[:, :, None, None]) if conv else F.linear(x, self.w_crit)
-            )
+            parts.append(ops.apply(self, x, self.w_crit))
         if self.n_tolerant:
             tb, a, tc = self.ternary_factors()
-            if conv:
-                h = F.conv2d(x, tb[:, :, None, None]) * a[None, :, None, None]
-                if self.hidden_quant is not None:
-                    h = self.hidden_quant(h)
-                yt = F.conv2d(h, tc[:, :, None, None])
-                if self.channel_scale is not None:
-                    yt = yt * self.channel_scale[None, :, None, None]
-            else:
-                h = F.linear(x, tb) * a
-                if self.hidden_quant is not None:
-                    h = self.hidden_quant(h)
-                yt = F.linear(h, tc)
-                if self.channel_scale is not None:
-                    yt = yt * self.channel_scale
+            h = ops.apply(self, x, tb) * ops.per_channel(a)
+            if self.hidden_quant is not None:
+                h = self.hidden_quant(h)
+            yt = ops.apply_hidden(h, tc)
+            if self.channel_scale is not None:
+                yt = yt * ops.per_channel(self.channel_scale)
             parts.append(yt)
-        ch = 1 if conv else -1  # channels: dim 1 of NCHW, the last dim of a Linear input
+        ch = ops.channel_dim  # channels: dim 1 of NCHW, the last dim of a Linear input
         y = torch.cat(parts, dim=ch) if len(parts) > 1 else parts[0]
         if self.n_critical and self.n_tolerant:
             y = y.index_select(ch, self.perm)
-        b = self.bias[None, :, None, None] if conv else self.bias
-        return y + b
+        return y + ops.per_channel(self.bias)
 
     # ------------------------------------------------------------------ forms
     @torch.no_grad()
@@ -173,5 +185,7 @@ class HybridPointwise(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.c_in}->{self.c_out}, critical={self.n_critical}, tolerant={self.n_tolerant}, "
-            f"r={self.r}, kind={self.kind}, stride={self.stride}, frozen={self.frozen}"
+            f"r={self.r}, kind={self.kind}, stride={self.stride}"
+            + (f", kernel={self.kernel_size}, padding={self.padding}, dilation={self.dilation}"
+               if self.kernel_size > 1 else "") + f", frozen={self.frozen}"
         )

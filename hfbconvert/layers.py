@@ -1,10 +1,9 @@
-"""Generic pointwise-layer discovery over any ``nn.Module``.
+"""Generic discovery of convertible layers over any ``nn.Module``.
 
-A pointwise layer is a ``Conv2d`` with a 1x1 kernel, groups 1, no padding, any square
-stride (a stride-s 1x1 conv is a 1x1 conv on every s-th pixel: ResNet's downsample), or a
-``Linear`` (on 2-D or N-D inputs: the last dimension holds the features).
-Input spatial sizes come from one traced forward pass, so nothing here knows any
-particular architecture.
+Which modules are layers of which kind is the handlers' business (``hfbconvert.handlers``:
+pointwise 1x1 convs, Linear, opt-in k×k convs); this module finds them, in forward order,
+with input sizes from one traced forward pass, so nothing here knows any particular
+architecture or layer type.
 """
 
 from __future__ import annotations
@@ -12,47 +11,21 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from .errors import InputError
+from .handlers import PointwiseLayer, convertible, handler_for, handler_for_record
+
+__all__ = ["PointwiseLayer", "find_pointwise", "hooked_eval", "is_pointwise", "layer_bias",
+           "layer_weight", "pointwise_input", "pointwise_stride", "select_layers",
+           "set_submodule", "trace_shapes"]
 
 
-@dataclass
-class PointwiseLayer:
-    name: str
-    kind: str  # "conv" | "linear"
-    c_in: int
-    c_out: int
-    height: int = 1
-    width: int = 1
-    has_bias: bool = False
-    stride: int = 1  # conv only: the layer sees every stride-th input pixel
-
-    @property
-    def pixels(self) -> int:
-        """Output positions per image: the MULs of the layer are pixels·c_in·c_out."""
-        return self.height * self.width
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def is_pointwise(m: nn.Module) -> bool:
-    if isinstance(m, nn.Linear):
-        return True
-    return (
-        isinstance(m, nn.Conv2d)
-        and tuple(m.kernel_size) == (1, 1)
-        and m.groups == 1
-        and m.stride[0] == m.stride[1]
-        and tuple(m.dilation) == (1, 1)
-        and (tuple(m.padding) == (0, 0) if not isinstance(m.padding, str)
-             else m.padding == "valid")
-        and m.padding_mode == "zeros"
-    )
+def is_pointwise(m: nn.Module, kinds: Iterable[str] | None = None) -> bool:
+    """Would ``m`` be converted under ``kinds`` (default: pointwise and linear)?"""
+    return convertible(m, kinds) is not None
 
 
 def pointwise_stride(m: nn.Module) -> int:
@@ -62,10 +35,11 @@ def pointwise_stride(m: nn.Module) -> int:
 
 
 def pointwise_input(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The pixels a pointwise layer actually reads: every stride-th of a 4-D input, so
-    statistics and reconstruction rows line up with the layer's outputs."""
-    s = pointwise_stride(m) if x.dim() == 4 else 1
-    return x[:, :, ::s, ::s] if s > 1 else x
+    """What the layer's matrix form reads (its kind decides: every stride-th pixel of a
+    strided 1x1 conv, im2col rows of a k×k conv), so statistics and reconstruction rows
+    line up with the layer's outputs."""
+    h = handler_for(m)
+    return x if h is None else h.layer_input(m, x)
 
 
 @contextmanager
@@ -112,18 +86,20 @@ def trace_shapes(model: nn.Module, resolution: int, names: list[str]) -> dict[st
     return shapes
 
 
-def find_pointwise(model: nn.Module, resolution: int,
-                   source: str = "model") -> list[PointwiseLayer]:
-    """All pointwise layers in forward-execution order with their spatial sizes.
+def find_pointwise(model: nn.Module, resolution: int, source: str = "model",
+                   kinds: Iterable[str] | None = None) -> list[PointwiseLayer]:
+    """All convertible layers of ``kinds`` (default: pointwise and linear) in
+    forward-execution order with their spatial sizes.
 
     Refuses, before any work, what could not be converted, saved and rebuilt: a module
     that returns anything but one logits tensor (N, classes), and a convertible layer
     registered under two names (shared weights: replacing one name would unshare them).
     """
-    cands = [n for n, m in model.named_modules() if is_pointwise(m)]
+    kinds = None if kinds is None else tuple(kinds)
+    cands = [n for n, m in model.named_modules() if is_pointwise(m, kinds)]
     seen: dict[int, str] = {}
     for n, m in model.named_modules(remove_duplicate=False):
-        if is_pointwise(m) and seen.setdefault(id(m), n) != n:
+        if is_pointwise(m, kinds) and seen.setdefault(id(m), n) != n:
             raise InputError(f"{source}: layer {seen[id(m)]} is shared (also {n}); "
                              f"hfbconvert converts unshared layers: --exclude '{seen[id(m)]}'")
     if not cands:
@@ -153,18 +129,9 @@ def find_pointwise(model: nn.Module, resolution: int,
     out = []
     for n in order:
         m = model.get_submodule(n)
-        shp = shapes[n]
-        if isinstance(m, nn.Linear):
-            pix = 1
-            for s in shp[1:-1]:
-                pix *= int(s)
-            out.append(PointwiseLayer(n, "linear", m.in_features, m.out_features, pix, 1,
-                                      m.bias is not None))
-        else:
-            s = pointwise_stride(m)  # output size of a 1x1, unpadded conv
-            out.append(PointwiseLayer(n, "conv", m.in_channels, m.out_channels,
-                                      (int(shp[2]) - 1) // s + 1, (int(shp[3]) - 1) // s + 1,
-                                      m.bias is not None, s))
+        h = convertible(m, kinds)
+        assert h is not None
+        out.append(h.record(n, m, shapes[n]))
     return out
 
 
@@ -189,14 +156,21 @@ def select_layers(layers: list[PointwiseLayer], include: tuple[str, ...] = (),
 
 
 def layer_weight(model: nn.Module, name: str) -> torch.Tensor:
-    """The (c_out, c_in) weight matrix of a pointwise layer (detached)."""
+    """The (c_out, c_in) weight matrix of a convertible layer (detached; c_in: fan-in)."""
     m = model.get_submodule(name)
-    w = m.weight.detach()
-    return w.reshape(w.shape[0], -1)
+    h = handler_for(m)
+    assert h is not None, name
+    return h.weight_matrix(m)
 
 
 def layer_bias(model: nn.Module, name: str) -> torch.Tensor:
     m = model.get_submodule(name)
-    if getattr(m, "bias", None) is None:
-        return torch.zeros(m.weight.shape[0])
-    return m.bias.detach().clone()
+    h = handler_for(m)
+    assert h is not None, name
+    return h.bias(m)
+
+
+def build_layer(layer: PointwiseLayer, critical_idx: torch.Tensor, r: int,
+                channel_scale: bool = False) -> nn.Module:
+    """The (unfitted) hybrid replacement of ``layer``, built by its kind."""
+    return handler_for_record(layer).build(layer, critical_idx, r, channel_scale)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -25,9 +26,11 @@ from .costs import model_cost
 from .errors import InputError
 from .finetune import FinetuneConfig, finetune, fingerprint
 from .fitting import PairStats
+from .handlers import is_hybrid, parse_kinds
 from .hybrid import HybridPointwise
 from .layers import (
     PointwiseLayer,
+    build_layer,
     find_pointwise,
     layer_bias,
     layer_weight,
@@ -74,6 +77,8 @@ class CompressConfig:
     # module-name globs: which convertible layers to convert (all when empty), which not
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    # layer kinds to convert (handlers registry names; "conv": k×k banks, opt-in)
+    layer_kinds: tuple[str, ...] = ("pointwise", "linear")
     held_fraction: float = 0.1
     # at least this many held-apart images when the set allows (at most a fifth of it):
     # at 100 images the agreement's 95% interval is +-0.08 wide, too wide to gate on
@@ -104,6 +109,7 @@ class CompressConfig:
         d = asdict(self)
         d["budgets"] = list(self.budgets)
         d["ratios"] = list(self.ratios)
+        d["layer_kinds"] = list(self.layer_kinds)
         return d
 
 
@@ -222,14 +228,20 @@ def _twn_init(layer: HybridPointwise, w: torch.Tensor) -> None:
     layer.set_factors(codes, scale.reshape(-1), torch.eye(n))
 
 
-def build_hybrid(model: nn.Module, plans: list[LayerPlan], kinds: dict[str, str],
+def build_hybrid(model: nn.Module, plans: list[LayerPlan],
+                 layers: Mapping[str, PointwiseLayer | str],
                  strides: dict[str, int] | None = None) -> nn.Module:
-    """Deep-copy ``model`` and swap each planned layer for an (unfitted) HybridPointwise
-    that starts with the original layer's bias (kept as is when no fit corrects it)."""
+    """Deep-copy ``model`` and swap each planned layer for an (unfitted) hybrid layer,
+    built by its kind, that starts with the original layer's bias (kept as is when no fit
+    corrects it). ``layers``: the layer records by name (or, as before records, the kind
+    names "conv"/"linear" of pointwise layers, with ``strides``)."""
     hybrid = copy.deepcopy(model)
     for lp in plans:
-        h = HybridPointwise(lp.c_in, lp.c_out, torch.tensor(lp.critical_idx, dtype=torch.long),
-                            lp.r, kinds[lp.name], stride=(strides or {}).get(lp.name, 1))
+        ly = layers[lp.name]
+        if isinstance(ly, str):
+            ly = PointwiseLayer(lp.name, ly, lp.c_in, lp.c_out,
+                                stride=(strides or {}).get(lp.name, 1))
+        h = build_layer(ly, torch.tensor(lp.critical_idx, dtype=torch.long), lp.r)
         with torch.no_grad():
             h.bias.copy_(layer_bias(model, lp.name))
         set_submodule(hybrid, lp.name, h)
@@ -393,7 +405,8 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
     # training flag, device move, hook, attribute or transient weight change leaks back)
     model = copy.deepcopy(model).eval()
     t0 = time.perf_counter()
-    layers = select_layers(find_pointwise(model, info.resolution, info.source or "model"),
+    layers = select_layers(find_pointwise(model, info.resolution, info.source or "model",
+                                          parse_kinds(cfg.layer_kinds, "layer_kinds")),
                            cfg.include, cfg.exclude, info.source or "model")
     held: list[torch.Tensor] = []
     train = data
@@ -481,7 +494,7 @@ def bank_losses(hybrid: nn.Module, model: nn.Module, layers: list[PointwiseLayer
     out = {}
     for ly in layers:
         h = hybrid.get_submodule(ly.name)
-        if not isinstance(h, HybridPointwise) or h.n_tolerant == 0:
+        if not is_hybrid(h) or h.n_tolerant == 0:
             continue
         w = layer_weight(model, ly.name).double()[h.tolerant_idx]
         wh = h.effective_weight().detach().double()[h.tolerant_idx]

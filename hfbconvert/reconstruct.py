@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .fitting import PairStats, fit_layer
-from .hybrid import HybridPointwise
+from .handlers import is_hybrid
 from .layers import PointwiseLayer, hooked_eval, layer_bias, layer_weight, pointwise_input
 
 
@@ -90,7 +90,7 @@ def reconstruct(original: nn.Module, hybrid: nn.Module, layers: list[PointwiseLa
                 batches: list[torch.Tensor], per_image: int = 64, seed: int = 0,
                 sequential: bool = True, bias_correction: bool = True,
                 on_layer: Callable[[str, dict], None] | None = None) -> dict[str, dict]:
-    """Fit every HybridPointwise of ``hybrid`` (named like the original's pointwise layers).
+    """Fit every hybrid layer of ``hybrid`` (named like the original's pointwise layers).
 
     sequential=False fits each layer against the *original* inputs (the one-shot fit
     that METHOD.md §5 shows collapsing); True uses the compressed prefix's inputs."""
@@ -99,7 +99,7 @@ def reconstruct(original: nn.Module, hybrid: nn.Module, layers: list[PointwiseLa
     results: dict[str, dict] = {}
     for ly in layers:
         mod = hybrid.get_submodule(ly.name)
-        if not isinstance(mod, HybridPointwise):
+        if not is_hybrid(mod):
             continue
         w, b = layer_weight(original, ly.name).float(), layer_bias(original, ly.name).float()
         ys = [x @ w.T + b for x in xo[ly.name]]

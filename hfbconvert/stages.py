@@ -28,7 +28,7 @@ from .bnfold import fold_batchnorms
 from .costs import ModelCost, model_cost
 from .finetune import FinetuneConfig, auto_steps
 from .fitting import PairStats, fit_layer
-from .hybrid import HybridPointwise
+from .handlers import hybrid_modules
 from .layers import PointwiseLayer, layer_bias, layer_weight
 from .meanshift import correction_sites, match_output_means
 from .metrics import wilson_interval
@@ -128,8 +128,7 @@ def fit(st: State) -> State:
     from .pipeline import _orig_pair_stats, _twn_init, build_hybrid
 
     assert st.plan is not None
-    st.hybrid = build_hybrid(st.original, st.plan.layers, {ly.name: ly.kind for ly in st.layers},
-                             {ly.name: ly.stride for ly in st.layers})
+    st.hybrid = build_hybrid(st.original, st.plan.layers, {ly.name: ly for ly in st.layers})
     for ly in st.layers:
         h = st.hybrid.get_submodule(ly.name)
         w, b = layer_weight(st.original, ly.name), layer_bias(st.original, ly.name)
@@ -192,9 +191,8 @@ def freeze(st: State) -> State:
     """Training form -> deploy form (int8 codes, folded ``a``); no numerical change."""
     from .pipeline import bank_losses
 
-    for m in st.hybrid.modules():
-        if isinstance(m, HybridPointwise):
-            m.freeze()
+    for _, m in hybrid_modules(st.hybrid):
+        m.freeze()
     st.hybrid.eval()
     if st.cfg.activation_bits == 8:
         st.bank_after = bank_losses(st.hybrid, st.original, st.layers, st.sigma)

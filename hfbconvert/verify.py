@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .errors import CheckFailed, InputError
-from .hybrid import HybridPointwise
+from .handlers import hybrid_modules
 
 WORST_ROWS = 10  # rows kept for the mismatch table
 FLOAT_RTOL = 1e-4
@@ -148,10 +148,9 @@ def compare_logits(runtime: str, ref: np.ndarray, got: np.ndarray, rtol_rel: flo
 
 def _deploy_copy(model: nn.Module) -> nn.Module:
     """The deploy form the export wrote (freezing mutates, so work on a copy if needed)."""
-    hybrids = [m for m in model.modules() if isinstance(m, HybridPointwise)]
-    if any(not h.frozen for h in hybrids):
+    if any(not h.frozen for _, h in hybrid_modules(model)):
         model = copy.deepcopy(model)
-        for h in (m for m in model.modules() if isinstance(m, HybridPointwise)):
+        for _, h in hybrid_modules(model):
             h.freeze()
     return model
 

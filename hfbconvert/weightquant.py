@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
-from .hybrid import HybridPointwise
+from .handlers import is_hybrid, layer_modules
 
 WEIGHT_BITS = (32, 16, 8)
 INT8_MAX = 127
@@ -139,12 +139,8 @@ def weight_params(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     Conv2d and Linear ``weight`` and HybridPointwise ``w_crit`` (not biases, BatchNorm,
     ``a`` or channel scales)."""
     out = []
-    for name, mod in model.named_modules():
-        attr = None
-        if isinstance(mod, HybridPointwise):
-            attr = "w_crit" if mod.n_critical else None
-        elif isinstance(mod, (nn.Conv2d, nn.Linear)):
-            attr = "weight"
+    for name, mod, h in layer_modules(model):
+        attr = ("w_crit" if mod.n_critical else None) if is_hybrid(mod) else h.weight_attr(mod)
         if attr is not None and getattr(mod, attr, None) is not None:
             out.append((f"{name}.{attr}" if name else attr, mod, attr))
     return out

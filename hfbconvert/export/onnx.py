@@ -37,6 +37,7 @@ from torch import nn
 
 from ..errors import CheckFailed, InputError
 from ..fileio import atomic_path, atomic_write_bytes, check_output_path
+from ..handlers import handler_for, hybrid_modules
 from ..hybrid import HybridPointwise
 from ..layers import set_submodule
 from ..ternary import pack_2bit, pack_base3
@@ -45,6 +46,8 @@ from ..weightquant import check_bits, int8_codes, is_fp16_exact, model_weight_bi
 DOMAIN = "hfb"
 DOMAIN_VERSION = 1
 OP_NAME = "StrassenPointwise"
+CONV_OP_NAME = "StrassenConv"  # the k×k bank: W_b a k×k conv (kernel/strides/pads/dilations)
+CONV_ATTRS = ("kernel_shape", "strides", "pads", "dilations")
 # packing name -> (unpack function name, base, codes per byte)
 PACKINGS: dict[str, tuple[str, int, int]] = {
     "2bit": ("UnpackTernary2bit", 4, 4),
@@ -119,7 +122,7 @@ def _unpack_call(packing: str, src: str, out: str, rows: str, cols: str) -> Node
 
 
 def strassen_function(packing: str, opset: int, scaled: bool,
-                      hidden_quant: bool = False) -> FunctionProto:
+                      hidden_quant: bool = False, conv: bool = False) -> FunctionProto:
     """``Y = StrassenPointwise(X, Wb, Wc, a[, s][, h_scale, h_zero_point])
     <c_in, r, c_out, packing>`` on NCHW X.
 
@@ -132,6 +135,10 @@ def strassen_function(packing: str, opset: int, scaled: bool,
     r pairs differ by powers of two (docs/onnx_ops.md). That is ``compress --hidden-bits
     8`` only: by default (int32 hidden units, exact) int8 models use the function without
     ``h_scale``/``h_zero_point``.
+
+    ``conv``: ``hfb::StrassenConv`` <c_in, r, c_out, packing, kernel_shape, strides, pads,
+    dilations>, the k×k bank: W_b [r, c_in = C·kh·kw] is reshaped to [r, C, kh, kw] and
+    applied as a Conv with the node's geometry; the rest is the same.
     """
     inputs = ["X", "Wb", "Wc", "a"] + (["s"] if scaled else []) + (
         ["h_scale", "h_zero_point"] if hidden_quant else [])
@@ -142,9 +149,30 @@ def strassen_function(packing: str, opset: int, scaled: bool,
         _unpack_call(packing, "Wc", "Wc_f", "c_out", "r"),
         _const("hw", np.array([2, 3], dtype=np.int64)),
         _const("chw", np.array([1, 2], dtype=np.int64)),
-        helper.make_node("Unsqueeze", ["Wb_f", "hw"], ["Wb_k"]),  # [r, c_in, 1, 1]
-        helper.make_node("Unsqueeze", ["Wc_f", "hw"], ["Wc_k"]),  # [c_out, r, 1, 1]
-        helper.make_node("Conv", ["X", "Wb_k"], ["H"], kernel_shape=[1, 1]),
+    ]
+    if conv:
+        ks = helper.make_node("Constant", [], ["ks"])
+        ks.attribute.append(_ref("value_ints", "kernel_shape", AttributeProto.INTS))
+        wb_conv = helper.make_node("Conv", ["X", "Wb_k"], ["H"])
+        wb_conv.attribute.extend(_ref(a, a, AttributeProto.INTS) for a in CONV_ATTRS)
+        nodes += [
+            _const_ref("r_s", "r"),
+            _const("ax0c", np.array([0], dtype=np.int64)),
+            helper.make_node("Unsqueeze", ["r_s", "ax0c"], ["r_1"]),
+            _const("minus1", np.array([-1], dtype=np.int64)),
+            ks,
+            helper.make_node("Concat", ["r_1", "minus1", "ks"], ["wb_shape"], axis=0),
+            helper.make_node("Reshape", ["Wb_f", "wb_shape"], ["Wb_k"]),  # [r, C, kh, kw]
+            helper.make_node("Unsqueeze", ["Wc_f", "hw"], ["Wc_k"]),  # [c_out, r, 1, 1]
+            wb_conv,
+        ]
+    else:
+        nodes += [
+            helper.make_node("Unsqueeze", ["Wb_f", "hw"], ["Wb_k"]),  # [r, c_in, 1, 1]
+            helper.make_node("Unsqueeze", ["Wc_f", "hw"], ["Wc_k"]),  # [c_out, r, 1, 1]
+            helper.make_node("Conv", ["X", "Wb_k"], ["H"], kernel_shape=[1, 1]),
+        ]
+    nodes += [
         helper.make_node("Unsqueeze", ["a", "chw"], ["a_k"]),  # [r, 1, 1]
         # a first: onnxruntime folds a Conv -> Mul(X, constant) into the conv weights, which
         # reorders the float products and moves hidden-unit rounding boundaries
@@ -175,6 +203,12 @@ def strassen_function(packing: str, opset: int, scaled: bool,
             helper.make_node("Unsqueeze", ["s", "chw"], ["s_k"]),  # [c_out, 1, 1]
             helper.make_node("Mul", ["Yu", "s_k"], ["Y"]),
         ]
+    if conv:
+        return helper.make_function(
+            DOMAIN, CONV_OP_NAME, inputs, ["Y"], nodes, _opsets(opset),
+            attributes=["c_in", "r", "c_out", "packing", *CONV_ATTRS],
+            doc_string="Ternary StrassenNets k×k conv layer (NCHW); see docs/onnx_ops.md.",
+        )
     return helper.make_function(
         DOMAIN, OP_NAME, inputs, ["Y"], nodes, _opsets(opset),
         attributes=["c_in", "r", "c_out", "packing"],
@@ -183,10 +217,13 @@ def strassen_function(packing: str, opset: int, scaled: bool,
 
 
 def hfb_functions(packing: str, opset: int, scaled: bool,
-                  hidden_quant: bool = False) -> list[FunctionProto]:
-    """The functions a model with ``hfb::StrassenPointwise`` nodes must carry."""
-    return [unpack_function(packing, opset),
-            strassen_function(packing, opset, scaled, hidden_quant)]
+                  hidden_quant: bool = False, pointwise: bool = True,
+                  conv: bool = False) -> list[FunctionProto]:
+    """The functions a model with ``hfb::StrassenPointwise`` (``pointwise``) and/or
+    ``hfb::StrassenConv`` (``conv``) nodes must carry."""
+    return [unpack_function(packing, opset)] + (
+        [strassen_function(packing, opset, scaled, hidden_quant)] if pointwise else []) + (
+        [strassen_function(packing, opset, scaled, hidden_quant, conv=True)] if conv else [])
 
 
 # ---------------------------------------------------------------------------- export
@@ -227,6 +264,49 @@ class _StrassenFn(torch.autograd.Function):
         return out
 
 
+class _StrassenConvFn(torch.autograd.Function):
+    """The k×k ternary bank as one traced op (``hfb::StrassenConv``)."""
+
+    @staticmethod
+    def forward(ctx, x, wb, wc, a, s, c_in: int, r: int, c_out: int, packing: str,  # type: ignore[override]
+                h_scale: tuple[float, ...] | None, h_zp: tuple[int, ...], k: int, stride: int,
+                padding: int, dilation: int):
+        # same ops in the same order as HybridPointwise.forward (k×k conv kind)
+        tb = _unpack_float(wb, r, c_in, packing).reshape(r, -1, k, k)
+        tc = _unpack_float(wc, c_out, r, packing)[:, :, None, None]
+        h = F.conv2d(x, tb, None, stride, padding, dilation) * a[None, :, None, None]
+        if h_scale is not None:
+            h = _fake_quant_hidden(h, h_scale, h_zp)
+        y = F.conv2d(h, tc)
+        return y if s is None else y * s[None, :, None, None]
+
+    @staticmethod
+    def symbolic(g, x, wb, wc, a, s, c_in, r, c_out, packing, h_scale, h_zp, k, stride,  # type: ignore[no-untyped-def]
+                 padding, dilation):
+        args = [x, wb, wc, a] + ([s] if s is not None and not _is_none(s) else [])
+        if h_scale is not None:
+            args += [g.op("Constant", value_t=torch.tensor(list(h_scale), dtype=torch.float32)),
+                     g.op("Constant", value_t=torch.tensor(list(h_zp), dtype=torch.uint8))]
+        out = g.op(f"{DOMAIN}::{CONV_OP_NAME}", *args, c_in_i=c_in, r_i=r, c_out_i=c_out,
+                   packing_s=packing, kernel_shape_i=[k, k], strides_i=[stride, stride],
+                   pads_i=[padding] * 4, dilations_i=[dilation, dilation])
+        out.setType(x.type().with_dtype(torch.float32).with_sizes([None, c_out, None, None]))
+        return out
+
+
+def strassen_bank(s: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A stand-in's ternary bank on NCHW ``x`` as one ``hfb::StrassenPointwise`` node."""
+    return _StrassenFn.apply(x, s.wb_packed, s.wc_packed, s.a, s.channel_scale, s.c_in, s.r,
+                             s.n_t, s.packing, s.h_scale, s.h_zp)
+
+
+def strassen_conv_bank(s: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A stand-in's k×k ternary bank on NCHW ``x`` as one ``hfb::StrassenConv`` node."""
+    return _StrassenConvFn.apply(x, s.wb_packed, s.wc_packed, s.a, s.channel_scale, s.c_in,
+                                 s.r, s.n_t, s.packing, s.h_scale, s.h_zp, s.kernel_size,
+                                 s.stride, s.padding, s.dilation)
+
+
 def _fake_quant_hidden(h: torch.Tensor, scale: tuple[float, ...], zp: tuple[int, ...],
                        ) -> torch.Tensor:
     """``actquant.ActQuant``'s per-channel arithmetic on the hidden units (traced values
@@ -260,17 +340,20 @@ class _ExportHybrid(nn.Module):
     def __init__(self, h: HybridPointwise, packing: str, scaled: bool) -> None:
         super().__init__()
         pack = _PACKERS[packing]
-        self.conv = h.kind == "conv"
-        self.stride = h.stride
+        ops = handler_for(h)
+        assert ops is not None
+        self.ops = ops  # the layer kind: its products and its ternary-bank node
+        self.stride, self.kernel_size = h.stride, h.kernel_size
+        self.padding, self.dilation = h.padding, h.dilation
         self.c_in, self.r, self.packing = h.c_in, h.r, packing
         self.n_c, self.n_t = h.n_critical, h.n_tolerant
         w = h.w_crit.detach().float().clone()
-        self.register_buffer("w_crit", w[:, :, None, None] if self.conv else w)
+        self.register_buffer("w_crit", ops.export_weight(self, w))
         bias = h.bias.detach().float().clone()
         if self.n_t == 0:
             self.register_buffer("bias", bias)  # all critical: a plain conv/linear with bias
         else:
-            self.register_buffer("bias", bias[None, :, None, None] if self.conv else bias)
+            self.register_buffer("bias", ops.per_channel(bias))
         self.register_buffer("wb_packed", pack(h.wb_codes.detach().cpu()))
         self.register_buffer("wc_packed", pack(h.wc_codes.detach().cpu()))
         self.register_buffer("a", h.a.detach().float().clone())
@@ -292,29 +375,17 @@ class _ExportHybrid(nn.Module):
             float(v) for v in hq.scale.detach().float().expand(r))
         self.h_zp = () if hq is None else tuple(int(v) for v in hq.zero_point.expand(r))
 
-    def _critical(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.conv:
-            return F.conv2d(x, self.w_crit, bias)
-        return F.linear(x, self.w_crit, bias)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quant is not None:
             x = self.input_quant(x)
-        if self.stride > 1:  # a standard strided Slice before the function
-            x = x[:, :, ::self.stride, ::self.stride]
+        x = self.ops.read(self, x)  # e.g. a standard strided Slice before the function
         if self.n_t == 0:
-            return self._critical(x, self.bias)
-        lead = x.shape[:-1]
-        # a Linear on (..., C): rows of C as a 1x1 image batch, the leading dims restored
-        x4 = x if self.conv else x.reshape(-1, self.c_in)[:, :, None, None]
-        yt = _StrassenFn.apply(x4, self.wb_packed, self.wc_packed, self.a, self.channel_scale,
-                               self.c_in, self.r, self.n_t, self.packing, self.h_scale,
-                               self.h_zp)
-        yt = yt if self.conv else yt.reshape(*lead, self.n_t)
+            return self.ops.export_critical(self, x, self.w_crit, self.bias)
+        yt = self.ops.export_bank(self, x)
         if self.n_c == 0:
             return yt + self.bias
-        ch = 1 if self.conv else -1
-        y = torch.cat([self._critical(x, None), yt], dim=ch)
+        ch = self.ops.channel_dim
+        y = torch.cat([self.ops.export_critical(self, x, self.w_crit, None), yt], dim=ch)
         return y.index_select(ch, self.perm) + self.bias
 
 
@@ -328,7 +399,7 @@ def _export_ready(model: nn.Module, packing: str, qdq: bool = False,
     for q in m.modules():
         if isinstance(q, ActQuant):
             q.export_qdq = qdq
-    hybrids = {n: h for n, h in m.named_modules() if isinstance(h, HybridPointwise)}
+    hybrids = dict(hybrid_modules(m))
     scaled = any(h.channel_scale is not None and h.n_tolerant for h in hybrids.values())
     hq = [h.hidden_quant is not None for h in hybrids.values() if h.n_tolerant]
     if any(hq) and not all(hq):
@@ -378,9 +449,13 @@ def _convert_opset(mp: ModelProto, opset: int) -> ModelProto:
 
 def _attach_functions(mp: ModelProto, packing: str, opset: int, scaled: bool,
                       hidden_quant: bool = False) -> None:
+    """The hfb functions the graph's nodes call (StrassenConv only with k×k banks)."""
     if not any(o.domain == DOMAIN for o in mp.opset_import):
         mp.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
-    mp.functions.extend(hfb_functions(packing, opset, scaled, hidden_quant))
+    used = {n.op_type for n in mp.graph.node if n.domain == DOMAIN}
+    mp.functions.extend(hfb_functions(packing, opset, scaled, hidden_quant,
+                                      pointwise=OP_NAME in used or CONV_OP_NAME not in used,
+                                      conv=CONV_OP_NAME in used))
 
 
 # op type -> index of its weight input; the channel axis of that weight is below

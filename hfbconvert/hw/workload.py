@@ -97,21 +97,18 @@ def hybrid_parts(name, c_in, n_c, n_t, r, ox, oy, stride, act_bits, fp_bits, hid
 def from_model(model, resolution: int, fp_bits: int = 32) -> list[Layer]:
     """Walk one forward pass of ``model`` and describe every Conv2d, Linear and hybrid."""
     import torch
-    from torch import nn
 
     from ..actquant import model_act_bits
-    from ..hybrid import HybridPointwise
+    from ..handlers import family, layer_modules
 
     abits = model_act_bits(model)
     layers: list[Layer] = []
-    inside = set()
-    for m in model.modules():
-        if isinstance(m, HybridPointwise):
-            inside.update(id(x) for x in m.modules() if x is not m)
 
     def hook_for(name, mod):
+        fam = family(mod)
+
         def hook(_m, inp, out):
-            if isinstance(mod, HybridPointwise):
+            if fam == "hybrid":
                 if out.dim() == 4:
                     oy, ox = int(out.shape[2]), int(out.shape[3])
                 else:
@@ -128,7 +125,7 @@ def from_model(model, resolution: int, fp_bits: int = 32) -> list[Layer]:
                                     else 0, extra={"c_in": mod.c_in, "c_out": mod.c_out,
                                                    "critical": int(mod.n_critical),
                                                    "r": mod.r}))
-            elif isinstance(mod, nn.Conv2d):
+            elif fam == "conv":
                 oy, ox = int(out.shape[2]), int(out.shape[3])
                 dw = mod.groups == mod.in_channels and mod.groups > 1
                 f = mod.kernel_size[0]
@@ -141,18 +138,15 @@ def from_model(model, resolution: int, fp_bits: int = 32) -> list[Layer]:
                     p = dense_part(name, kind, mod.out_channels, mod.in_channels // mod.groups,
                                    1, ox, oy, f, mod.stride[0], abits, fp_bits)
                 layers.append(Layer(name, kind, [p]))
-            elif isinstance(mod, nn.Linear):
+            elif fam == "linear":
                 p = dense_part(name, "linear", mod.out_features, mod.in_features, 1, 1, 1, 1, 1,
                                abits, fp_bits)
                 layers.append(Layer(name, "linear", [p]))
         return hook
 
     hooks = []
-    for name, mod in model.named_modules():
-        if id(mod) in inside:
-            continue
-        if isinstance(mod, (nn.Conv2d, nn.Linear, HybridPointwise)):
-            hooks.append(mod.register_forward_hook(hook_for(name, mod)))
+    for name, mod, _ in layer_modules(model):
+        hooks.append(mod.register_forward_hook(hook_for(name, mod)))
     was = model.training
     model.eval()
     try:
