@@ -1,0 +1,138 @@
+"""k×k conv hybrid banks (StrassenNets for convolutions): the matrix form over im2col
+rows is the conv, the hybrid computes W_c·(a ⊙ (W_b ∗ x)) with W_b a ternary k×k conv,
+and it survives the artifact, costs, BN folding and ONNX export."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hfbconvert.artifact import artifact_dict, build_compressed, hybrid_from_spec, layer_spec
+from hfbconvert.bnfold import fold_batchnorms
+from hfbconvert.costs import model_cost
+from hfbconvert.handlers import handler_for
+from hfbconvert.hybrid import HybridPointwise
+from hfbconvert.layers import find_pointwise, layer_weight, pointwise_input, set_submodule
+from hfbconvert.models.info import ModelInfo
+
+GEOMS = [dict(kernel_size=3, stride=1, padding=1, dilation=1),
+         dict(kernel_size=3, stride=2, padding=1, dilation=1),
+         dict(kernel_size=5, stride=1, padding=4, dilation=2)]
+
+
+def _conv(g: dict, cin: int = 4, cout: int = 6) -> nn.Conv2d:
+    torch.manual_seed(0)
+    return nn.Conv2d(cin, cout, **g)
+
+
+def _hybrid(conv: nn.Conv2d, crit: list[int], r: int) -> HybridPointwise:
+    k = conv.kernel_size[0]
+    h = HybridPointwise(conv.in_channels * k * k, conv.out_channels, torch.tensor(crit), r,
+                        stride=conv.stride[0], kernel_size=k, padding=conv.padding[0],
+                        dilation=conv.dilation[0])
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        h.w_crit.copy_(conv.weight.reshape(conv.out_channels, -1)[crit])
+        h.bias.copy_(conv.bias)
+        n_t = conv.out_channels - len(crit)
+        h.set_factors(torch.randint(-1, 2, (r, h.c_in), generator=g).float(),
+                      torch.rand(r, generator=g) + 0.5,
+                      torch.randint(-1, 2, (n_t, r), generator=g).float())
+    return h.eval()
+
+
+@pytest.mark.parametrize("g", GEOMS)
+def test_im2col_rows_are_the_conv(g: dict) -> None:
+    """W · (im2col rows) is the conv: Σ over these rows is the metric of the k×k layer."""
+    conv = _conv(g)
+    x = torch.randn(2, 4, 9, 11)
+    rows = pointwise_input(conv, x)  # (N, C·k·k, Ho, Wo)
+    y = torch.einsum("oc,nchw->nohw", layer_weight(nn.Sequential(conv), "0"), rows)
+    assert torch.allclose(y + conv.bias[None, :, None, None], conv(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("g", GEOMS)
+def test_hybrid_is_its_effective_conv(g: dict) -> None:
+    conv = _conv(g)
+    x = torch.randn(2, 4, 9, 11)
+    full = _hybrid(conv, list(range(6)), 0)  # all critical: the conv itself
+    assert torch.allclose(full(x), conv(x), atol=1e-5)
+    h = _hybrid(conv, [1, 4], 3)
+    w = h.effective_weight().reshape(6, 4, g["kernel_size"], g["kernel_size"])
+    ref = F.conv2d(x, w, h.bias, g["stride"], g["padding"], g["dilation"])
+    assert torch.allclose(h(x), ref, atol=1e-4)
+    h.train()  # the fine-tuning form computes the same function
+    assert torch.allclose(h(x), ref, atol=1e-4)
+    h.eval()
+    y = h(x)
+    h.freeze()
+    assert torch.equal(h(x), y)
+
+
+def test_discovery_is_opt_in_and_sizes_are_right() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 16, 1),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+    assert [ly.name for ly in find_pointwise(net, 16)] == ["3", "6"]
+    lys = find_pointwise(net, 16, kinds=("pointwise", "linear", "conv"))
+    assert [ly.name for ly in lys] == ["0", "3", "6"]  # the depthwise conv stays as it is
+    k = lys[0]
+    assert (k.c_in, k.c_out, k.height, k.width, k.kernel, k.stride, k.padding) == (
+        27, 8, 8, 8, 3, 2, 1)
+
+
+def test_costs_count_the_kxk_bank() -> None:
+    conv = _conv(GEOMS[1], cin=3)
+    h = _hybrid(conv, [1, 4], 3)
+    dense = model_cost(nn.Sequential(conv), 16).layers[0]
+    c = model_cost(nn.Sequential(h), 16).layers[0]
+    pix = 8 * 8  # 16 px, stride 2, padding 1
+    assert dense.muls == pix * 27 * 6 and c.pixels == pix and c.kind == "hybrid"
+    tb, _, tc = h.ternary_factors()
+    assert c.muls == pix * (2 * 27 + 3)  # critical rows + one MUL per hidden unit
+    nnz = int(((tb != 0).sum(1) - 1).clamp_min(0).sum()
+              + ((tc != 0).sum(1) - 1).clamp_min(0).sum())
+    assert c.adds == pix * (2 * 26 + nnz)
+
+
+def test_bn_folds_into_a_kxk_hybrid() -> None:
+    conv = _conv(GEOMS[0])
+    bn = nn.BatchNorm2d(6).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 2)
+    net = nn.Sequential(_hybrid(conv, [0, 5], 2), bn).eval()
+    x = torch.randn(2, 4, 8, 8)
+    y = net(x)
+    assert fold_batchnorms(net) == [("0", "1")]
+    assert torch.allclose(net(x), y, atol=1e-5)
+
+
+def test_artifact_round_trip_and_old_specs() -> None:
+    conv = _conv(GEOMS[2])
+    h = _hybrid(conv, [2], 2)
+    spec = layer_spec(h)
+    assert (spec["kernel"], spec["padding"], spec["dilation"]) == (5, 4, 2)
+    assert handler_for(hybrid_from_spec(spec)).kind == "conv"
+    # a pointwise spec has no geometry beyond stride (files as before k×k banks)
+    p = HybridPointwise(8, 4, torch.tensor([0]), 2)
+    assert "kernel" not in layer_spec(p) and handler_for(hybrid_from_spec(
+        {k: v for k, v in layer_spec(p).items() if k != "stride"})).kind == "pointwise"
+
+
+def test_artifact_rebuilds_a_custom_model_with_a_kxk_bank() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(6, 4)).eval()
+    hyb = copy.deepcopy(net)
+    set_submodule(hyb, "0", _hybrid(net[0], [1], 2))
+    info = ModelInfo(arch="custom", config={}, resolution=8)
+    obj = artifact_dict(hyb, info, {})
+    x = torch.randn(2, 3, 8, 8)
+    rebuilt, _ = build_compressed(obj, "t", skeleton=net)
+    assert torch.equal(rebuilt(x), hyb(x))
