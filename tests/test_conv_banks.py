@@ -136,3 +136,42 @@ def test_artifact_rebuilds_a_custom_model_with_a_kxk_bank() -> None:
     x = torch.randn(2, 3, 8, 8)
     rebuilt, _ = build_compressed(obj, "t", skeleton=net)
     assert torch.equal(rebuilt(x), hyb(x))
+
+
+@pytest.mark.parametrize("packing,scaled", [("2bit", False), ("base3", True)])
+def test_onnx_strassen_conv_matches_pytorch_contract_and_onnxruntime(packing: str,
+                                                                     scaled: bool) -> None:
+    """One ``hfb::StrassenConv`` node per k×k bank; its function body, the numpy contract,
+    onnxruntime and PyTorch agree (stride 2, padding, dilation included)."""
+    import onnxruntime as ort
+    from onnx.reference import ReferenceEvaluator
+
+    from hfbconvert.export import build_onnx
+    from hfbconvert.export.reference import HFB_OPS
+
+    torch.manual_seed(0)
+    c1 = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+    c2 = nn.Conv2d(6, 8, 3, padding=2, dilation=2)
+    h1, h2 = _hybrid(c1, [0, 3], 3), _hybrid(c2, [], 4)
+    if scaled:
+        with torch.no_grad():
+            h1.channel_scale = nn.Parameter(torch.rand(4) + 0.5)
+    net = nn.Sequential(h1, nn.ReLU(), h2, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 5)).eval()
+    mp = build_onnx(net, 16, pack=packing)
+    ops = [n.op_type for n in mp.graph.node if n.domain == "hfb"]
+    assert ops == ["StrassenConv", "StrassenConv"]
+    assert {f.name for f in mp.functions} == {"StrassenConv", PACK_FN[packing]}
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = net(x).numpy()
+    feeds = {mp.graph.input[0].name: x.numpy()}
+    bodies = ReferenceEvaluator(mp).run(None, feeds)[0]
+    contract = ReferenceEvaluator(mp, new_ops=HFB_OPS).run(None, feeds)[0]
+    sess = ort.InferenceSession(mp.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, feeds)[0]
+    for y in (bodies, contract, got):
+        assert abs(y - want).max() <= 1e-5 * max(1.0, abs(want).max())
+
+
+PACK_FN = {"2bit": "UnpackTernary2bit", "base3": "UnpackTernaryBase3"}

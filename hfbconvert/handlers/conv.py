@@ -61,11 +61,12 @@ class ConvHandler(ConvLike):
     def apply(self, h: HybridPointwise, x: torch.Tensor, w: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
         k = h.kernel_size
-        return F.conv2d(x, w.reshape(w.shape[0], -1, k, k), bias, h.stride, h.padding,
-                        h.dilation)
+        return F.conv2d(x, w.reshape(w.shape[0], h.c_in // (k * k), k, k), bias, h.stride,
+                        h.padding, h.dilation)
 
     def export_weight(self, s: nn.Module, w: torch.Tensor) -> torch.Tensor:
-        return w.reshape(w.shape[0], -1, s.kernel_size, s.kernel_size)
+        k = s.kernel_size
+        return w.reshape(w.shape[0], s.c_in // (k * k), k, k)
 
     def export_critical(self, s: nn.Module, x: torch.Tensor, w: torch.Tensor,
                         bias: torch.Tensor | None) -> torch.Tensor:

@@ -11,10 +11,11 @@ With ``new_ops`` the evaluator runs these instead of the function bodies in the 
 
 from __future__ import annotations
 
+from .op_strassen_conv import StrassenConv
 from .op_strassen_pointwise import StrassenPointwise
 from .op_unpack_ternary import UnpackTernary2bit, UnpackTernaryBase3, unpack
 
-HFB_OPS = [StrassenPointwise, UnpackTernary2bit, UnpackTernaryBase3]
+HFB_OPS = [StrassenPointwise, UnpackTernary2bit, UnpackTernaryBase3, StrassenConv]
 
-__all__ = ["HFB_OPS", "StrassenPointwise", "UnpackTernary2bit", "UnpackTernaryBase3",
-           "unpack"]
+__all__ = ["HFB_OPS", "StrassenConv", "StrassenPointwise", "UnpackTernary2bit",
+           "UnpackTernaryBase3", "unpack"]
