@@ -175,3 +175,57 @@ def test_onnx_strassen_conv_matches_pytorch_contract_and_onnxruntime(packing: st
 
 
 PACK_FN = {"2bit": "UnpackTernary2bit", "base3": "UnpackTernaryBase3"}
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_resnet18_kxk_banks_end_to_end(tmp_path) -> None:
+    """ResNet-18 (random weights, 32 px) with 3x3 hybrid banks: analyze -> compress
+    --layers pointwise,linear,conv -> eval -> export (onnxruntime verified) -> report.
+    Converting layer1/layer2 and fc keeps it to seconds; every kind is in it (3x3 convs,
+    the stride-2 1x1 downsample, the Linear)."""
+    import json
+
+    import numpy as np
+
+    from hfbconvert.artifact import load_compressed_meta
+    from hfbconvert.models import families
+
+    from .test_cli import ok, run
+
+    rng = np.random.default_rng(0)
+    imgs = tmp_path / "c.npz"
+    np.savez(imgs, images=rng.integers(0, 256, (24, 32, 32, 3)).astype(np.uint8),
+             labels=rng.integers(0, 10, 24))
+    fam, cfg = families.resolve("resnet18")
+    torch.manual_seed(0)
+    net = families.FAMILIES[fam](**cfg, num_classes=10).eval()
+    model = tmp_path / "r18.pt"
+    torch.save(net.state_dict(), model)
+    pick = ["--layers", "pointwise,linear,conv", "--include", "layer1.*", "--include",
+            "layer2.*", "--include", "fc"]
+    sens = json.loads(ok(run("analyze", model, "--resolution", "32", "--calib", imgs,
+                             "--budgets", "1,2", "--json", "-q", *pick)).stdout)
+    kernels = {ly["name"]: ly.get("kernel", 1) for ly in sens["layers"]}
+    assert kernels["layer1.0.conv1"] == 3 and kernels["layer2.0.downsample.0"] == 1
+    out = tmp_path / "m.hfb.pt"
+    res = json.loads(ok(run("compress", model, "--resolution", "32", "--calib", imgs,
+                            "--steps", "0", "--budget", "0.8", "-o", out, "--json", "-q",
+                            *pick)).stdout)
+    assert res["cost"]["muls"] <= 0.8 * res["original_cost"]["muls"] + 1
+    _, meta = load_compressed_meta(out)
+    planned = {lp["name"]: lp for lp in meta["plan"]["layers"]}
+    assert any(lp["n_critical"] < lp["c_out"] for n, lp in planned.items()
+               if kernels[n] == 3), "no 3x3 layer got a ternary bank"
+    ev = json.loads(ok(run("eval", out, "--data", imgs, "--original", model, "--json",
+                           "-q")).stdout)
+    assert ev["n"] == 24 and ev["agreement"] is not None
+    exp = json.loads(ok(run("export", "onnx", out, "-o", tmp_path / "m.onnx", "--calib",
+                            imgs, "--calib-size", "8", "--json", "-q")).stdout)
+    assert exp["verify"]["passed"] and exp["verify"]["max_rel_diff"] < 1e-3
+    import onnx
+
+    mp = onnx.load(str(tmp_path / "m.onnx"))
+    assert "StrassenConv" in {n.op_type for n in mp.graph.node}
+    rep = json.loads(ok(run("report", out, "--json", "-q")).stdout)
+    assert set(planned) <= {ly["name"] for ly in rep["layers"]}
