@@ -73,7 +73,7 @@ class ConvHandler(ConvLike):
         return F.conv2d(x, w, bias, s.stride, s.padding, s.dilation)
 
     def export_bank(self, s: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        from ..export.onnx import strassen_conv_bank
+        from ..export.bridge import strassen_conv_bank
 
         return strassen_conv_bank(s, x)
 

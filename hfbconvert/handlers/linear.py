@@ -56,7 +56,7 @@ class LinearHandler(LayerHandler):
 
     def export_bank(self, s: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Rows of C as a 1x1 image batch through StrassenPointwise, leading dims restored."""
-        from ..export.onnx import strassen_bank
+        from ..export.bridge import strassen_bank
 
         lead = x.shape[:-1]
         yt = strassen_bank(s, x.reshape(-1, s.c_in)[:, :, None, None])

@@ -65,7 +65,7 @@ class PointwiseHandler(ConvLike):
         return F.conv2d(x, w, bias)
 
     def export_bank(self, s: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        from ..export.onnx import strassen_bank
+        from ..export.bridge import strassen_bank
 
         return strassen_bank(s, x)
 
