@@ -76,6 +76,17 @@ def test_conv2d_subclass_is_matched_by_geometry() -> None:
     assert handler_for(SamePadConv(4, 4, 3, padding=1)).kind == "conv"
 
 
+class PadInForwardConv(nn.Conv2d):
+    """A TF-"same" conv: pads in its own forward, so its attributes understate it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(nn.functional.pad(x, (0, 1, 0, 1)))
+
+
+def test_kxk_subclass_with_its_own_forward_is_left_alone() -> None:
+    assert handler_for(PadInForwardConv(4, 4, 3, stride=2)).kind == "grouped"
+
+
 def test_hybrid_layers_are_owned_by_their_kind() -> None:
     crit = torch.tensor([0])
     assert handler_for(HybridPointwise(8, 4, crit, 2)).kind == "pointwise"

@@ -1,8 +1,10 @@
 """k×k conv kind (opt-in: ``--layers pointwise,linear,conv``): a ``Conv2d`` with a square
 k×k kernel (k > 1), groups 1, square stride and dilation, the same zero padding on every
-side. As a matrix it reads im2col rows of in_channels·k·k values (``F.unfold`` order:
-channel-major, then kernel row, then column: the order of ``weight.reshape(c_out, -1)``),
-so Σ, fitting and planning are those of a pointwise layer with that fan-in.
+side, and nn.Conv2d's own forward (a subclass that pads or reshapes in its forward is
+left alone: its attributes do not say what it computes). As a matrix it reads im2col
+rows of in_channels·k·k values (``F.unfold`` order: channel-major, then kernel row, then
+column: the order of ``weight.reshape(c_out, -1)``), so Σ, fitting and planning are those
+of a pointwise layer with that fan-in.
 
 The hybrid bank (StrassenNets for convolutions): W_b is a ternary k×k conv with the
 original stride/padding/dilation producing r hidden units, ``a`` scales them, W_c is a
@@ -32,6 +34,10 @@ class ConvHandler(ConvLike):
 
     def matches(self, m: nn.Module) -> bool:
         if not isinstance(m, nn.Conv2d) or m.groups != 1 or m.padding_mode != "zeros":
+            return False
+        if type(m).forward is not nn.Conv2d.forward:
+            # a subclass that pads in its own forward (TF "same" convs): the geometry the
+            # attributes state is not what it computes, so it is not replaced
             return False
         k = square(tuple(m.kernel_size))
         pad = m.padding if not isinstance(m.padding, str) else (
