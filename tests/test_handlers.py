@@ -106,3 +106,27 @@ def test_kinds_parse_and_defaults() -> None:
     with pytest.raises(ValueError, match="already registered"):
         register(handler_by_kind("conv"))
     assert [h.kind for h in handlers()] == ["pointwise", "linear", "conv", "grouped"]
+
+
+class Tokens(nn.Module):
+    """(B, T, C) features through a Linear, then pooled to logits."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.fc = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.mean(1).reshape(x.shape[0], -1, 8)  # (B, T, 8), T = H·W/8
+        return self.fc(t).mean(1)
+
+
+def test_nd_linear_hybrid_counts_every_token() -> None:
+    """A hybrid Linear on (B, T, C) costs T positions, as its dense layer does (the cost
+    walk once divided by the token count instead of the feature count)."""
+    from hfbconvert.costs import model_cost
+
+    dense = model_cost(Tokens(nn.Linear(8, 6)), 16).layers[0]
+    hyb = model_cost(Tokens(HybridPointwise(8, 6, torch.tensor([0, 1]), 2, "linear")),
+                     16).layers[0]
+    assert dense.pixels == hyb.pixels == 16 * 16 // 8
+    assert hyb.muls == hyb.pixels * (2 * 8 + 2)
