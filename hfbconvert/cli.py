@@ -550,6 +550,7 @@ def compress(ctx, model, arch, trust_pickle, calib, calib_size, resolution, pres
 
     t_cmd = time.perf_counter()
     _setup(quiet, seed)
+    kinds = parse_kinds(layer_kinds)  # before any work, as every option check
     device = _device(device)  # before any work: --device cuda without CUDA is refused
     main_rank = distributed.is_main()
     if distributed.is_distributed() and not dry_run:
@@ -576,7 +577,7 @@ def compress(ctx, model, arch, trust_pickle, calib, calib_size, resolution, pres
         size_budget=size_budget, energy_budget=energy_budget, reconstruct=reconstruct,
         sequential=sequential, bias_correction=bias_correction, bn_adjust=bn_adjust,
         min_agreement=min_agreement, seed=seed, include=tuple(include),
-        exclude=tuple(exclude), layer_kinds=parse_kinds(layer_kinds),
+        exclude=tuple(exclude), layer_kinds=kinds,
         finetune=FinetuneConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                                 eval_every=eval_every, patience=patience, device=device),
         weight_bits=weight_bits, activation_bits=activation_bits, hidden_bits=hidden_bits)

@@ -229,3 +229,13 @@ def test_resnet18_kxk_banks_end_to_end(tmp_path) -> None:
     assert "StrassenConv" in {n.op_type for n in mp.graph.node}
     rep = json.loads(ok(run("report", out, "--json", "-q")).stdout)
     assert set(planned) <= {ly["name"] for ly in rep["layers"]}
+
+
+def test_unknown_layer_kind_is_one_line_exit_2(tmp_path) -> None:
+    from .test_cli import one_error, run
+
+    m = tmp_path / "m.pt"
+    torch.save(nn.Sequential(nn.Conv2d(3, 4, 1)).state_dict(), m)
+    for cmd in ("analyze", "compress"):
+        one_error(run(cmd, m, "--layers", "pointwise,depthwise", "-q"),
+                  "--layers", "unknown layer kind 'depthwise'", "pointwise, linear, conv")
