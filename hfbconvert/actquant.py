@@ -34,10 +34,11 @@ from torch import nn
 
 from .errors import InputError
 from .hybrid import HybridPointwise
+from .quant import primitives as P
 
 ACT_BITS = (32, 8)
 HIDDEN_BITS = (32, 8)
-QMIN, QMAX = 0, 255
+QMIN, QMAX = P.UINT8
 CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2)
 SAMPLE_VALUES = 1 << 18  # values per tensor the clipping search is run on
 ATTR = "hfb_activation_bits"
@@ -99,9 +100,8 @@ class ActQuant(nn.Module):
                                                          QMIN, QMAX)
         # ONNX QuantizeLinear arithmetic (x / scale, round half to even), and ~100x faster
         # on CPU than fake_quantize with tensor qparams; straight-through gradient
-        shape = (1, -1) + (1,) * (x.dim() - 2) if self.scale.dim() else ()
-        q = fake_quant_ref(x, self.scale.reshape(shape), self.zero_point.float().reshape(shape))
-        return q if not x.requires_grad else x + (q - x).detach()
+        axis = 1 if self.scale.dim() else None
+        return P.fake_quantize(x, self.scale, self.zero_point, QMIN, QMAX, axis=axis)
 
     def extra_repr(self) -> str:
         if self.scale.dim():
@@ -112,17 +112,12 @@ class ActQuant(nn.Module):
 def qparams(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 (scale, zero_point) covering [lo, hi] ∪ {0} (zero is exactly representable, so
     ReLU zeros and padding stay exact). Vectorized over any shape."""
-    lo = torch.minimum(lo.float(), torch.zeros_like(lo, dtype=torch.float32))
-    hi = torch.maximum(hi.float(), torch.zeros_like(hi, dtype=torch.float32))
-    scale = ((hi - lo) / (QMAX - QMIN)).clamp_min(1e-8)
-    zp = torch.round(QMIN - lo / scale).clamp(QMIN, QMAX).to(torch.int32)
-    return scale, zp
+    return P.choose_qparams(lo, hi, QMIN, QMAX)
 
 
 def fake_quant_ref(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
-    """Plain reference of the quantizer (broadcasting over candidate ranges)."""
-    q = torch.clamp(torch.round(x / scale) + zp, QMIN, QMAX)
-    return (q - zp) * scale
+    """The uint8 quantizer without gradient (qparams broadcast against ``x``)."""
+    return P.fake_quantize(x, scale, zp, QMIN, QMAX, ste=False)
 
 
 def choose_range(values: torch.Tensor, lo: float, hi: float,
@@ -222,7 +217,7 @@ def _fit_pow2(q: ActQuant, x: torch.Tensor, fit: Callable) -> dict:
     e = e.clamp(0, HIDDEN_EXPONENTS - 1)
     scale = s_max * torch.pow(2.0, -e)
     q.scale.copy_(scale)
-    q.zero_point.copy_(torch.round(-lo_c / scale).clamp(QMIN, QMAX).to(torch.int32))
+    q.zero_point.copy_(P.zero_point_for(lo_c, scale, QMIN, QMAX))
     counts = torch.bincount(e.long(), minlength=HIDDEN_EXPONENTS)
     return {"s_max": s_max, "clip_ratio": ratio, "min": lo, "max": hi,
             "units_per_shift": counts.tolist()}
