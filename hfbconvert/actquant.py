@@ -14,14 +14,14 @@ with the quantizers in the loop. ONNX export writes that arithmetic out in stand
 by default; only ``export --qdq`` (``export_qdq``) traces it through
 ``torch.fake_quantize_per_tensor_affine`` into a QuantizeLinear/DequantizeLinear pair.
 
-Calibration is MSE-optimal clipping: for each tensor the range [lo, hi] of the calibration
-activations is shrunk by each ratio in :data:`CLIP_RATIOS` and the one with the smallest
-squared quantization error on a seeded sample of the values is kept. The search includes
-MinMax (ratio 1), so it is never worse in squared error; with 256 levels it clips only
-heavy-tailed tensors. Quantizers are calibrated
-in network order within one forward pass, each seeing the activations of the network with
-all earlier quantizers already active, so the ranges match what the int8 network will
-actually produce.
+Calibration is MSE-optimal clipping (``quant.calibrators.MSEClipCalibrator``): for each
+tensor the range [lo, hi] of the calibration activations is shrunk by each ratio in
+:data:`CLIP_RATIOS` and the one with the smallest squared quantization error on a seeded
+sample of the values is kept. The search includes MinMax (ratio 1), so it is never worse in
+squared error; with 256 levels it clips only heavy-tailed tensors. Quantizers are
+calibrated in network order within one forward pass, each seeing the activations of the
+network with all earlier quantizers already active, so the ranges match what the int8
+network will actually produce.
 """
 
 from __future__ import annotations
@@ -34,13 +34,14 @@ from torch import nn
 
 from .errors import InputError
 from .hybrid import HybridPointwise
+from .quant import calibrators as C
 from .quant import primitives as P
 
 ACT_BITS = (32, 8)
 HIDDEN_BITS = (32, 8)
 QMIN, QMAX = P.UINT8
-CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2)
-SAMPLE_VALUES = 1 << 18  # values per tensor the clipping search is run on
+CLIP_RATIOS = C.ACTIVATION_CLIP_RATIOS
+SAMPLE_VALUES = C.SAMPLE_VALUES  # values per tensor the clipping search is run on
 ATTR = "hfb_activation_bits"
 
 
@@ -122,14 +123,8 @@ def fake_quant_ref(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> to
 
 def choose_range(values: torch.Tensor, lo: float, hi: float,
                  ratios: tuple[float, ...] = CLIP_RATIOS) -> tuple[float, int, float]:
-    """(scale, zero_point, clip ratio) minimising Σ (x − q(x))² over ``values`` among the
-    ranges ``ratio · [lo, hi]``; all ratios are tried at once."""
-    r = torch.tensor(ratios, dtype=torch.float32)
-    scale, zp = qparams(r * lo, r * hi)
-    v = values.float()[None, :]
-    err = (fake_quant_ref(v, scale[:, None], zp[:, None].float()) - v).pow(2).sum(1)
-    k = int(torch.argmin(err))  # ties: the first (widest) range
-    return float(scale[k]), int(zp[k]), float(r[k])
+    """(scale, zero_point, clip ratio): :func:`quant.calibrators.mse_clip` for uint8."""
+    return C.mse_clip(values, lo, hi, ratios, QMIN, QMAX)
 
 
 # ---------------------------------------------------------------------------- placement
@@ -244,27 +239,36 @@ def quantizers(model: nn.Module) -> list[tuple[str, ActQuant]]:
 @torch.no_grad()
 def calibrate(model: nn.Module, images: torch.Tensor, seed: int = 0,
               on_quantizer: Callable[[str], None] | None = None,
-              clip_ratios: tuple[float, ...] = CLIP_RATIOS) -> dict[str, dict]:
+              clip_ratios: tuple[float, ...] = CLIP_RATIOS,
+              calibrator: Callable[[], C.Calibrator] | None = None) -> dict[str, dict]:
     """Calibrate every quantizer of ``model`` (after :func:`attach`) in ONE forward pass
     over ``images`` (one batch): each quantizer picks its range from the tensor it receives,
     then quantizes it, so every later quantizer sees the int8 network's activations.
-    Returns per-quantizer ranges (plain data for the report). ``clip_ratios`` ``(1.0,)``
-    is MinMax calibration (for comparisons; the search includes it).
+    Returns per-quantizer ranges (plain data for the report). Each tensor's range comes
+    from a fresh ``calibrator()`` (default: MSE clipping over ``clip_ratios``, sampling
+    from one generator seeded by ``seed``; ``clip_ratios`` ``(1.0,)`` is MinMax, for
+    comparisons: the search includes it).
 
     Raises :class:`InputError` when a quantizer sees no activations (no calibration image
     reaches that layer)."""
     if images.numel() == 0:
         raise InputError("--activation-bits 8 needs calibration images (give --calib)")
     qs = dict(quantizers(model))
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # one stream, drawn in network order
     report: dict[str, dict] = {}
 
+    def default() -> C.Calibrator:
+        if tuple(clip_ratios) == (1.0,):
+            return C.MinMaxCalibrator(QMIN, QMAX)
+        return C.MSEClipCalibrator(clip_ratios, gen, SAMPLE_VALUES, QMIN, QMAX)
+
+    make = calibrator if calibrator is not None else default
+
     def fit(flat: torch.Tensor) -> tuple[float, int, float, float, float]:
-        lo, hi = float(flat.min()), float(flat.max())
-        if flat.numel() > SAMPLE_VALUES:
-            idx = torch.randint(flat.numel(), (SAMPLE_VALUES,), generator=gen)
-            flat = flat[idx.to(flat.device)]
-        return (*choose_range(flat.cpu(), lo, hi, clip_ratios), lo, hi)
+        c = make()
+        c.collect(flat)
+        r = c.compute()
+        return r.scale, r.zero_point, r.clip_ratio, r.lo, r.hi
 
     def observer(name: str, q: ActQuant) -> Callable[[torch.Tensor], None]:
         def observe(x: torch.Tensor) -> None:

@@ -30,12 +30,13 @@ from torch import nn
 
 from .errors import InputError
 from .hybrid import HybridPointwise
+from .quant import calibrators as C
 from .quant import primitives as P
 
 WEIGHT_BITS = (32, 16, 8)
 INT8_MIN, INT8_MAX = P.INT8_SYMMETRIC
 # per-channel clipping ratios searched for the int8 scale (1.0 = no clipping)
-CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+CLIP_RATIOS = C.WEIGHT_CLIP_RATIOS
 ATTR = "hfb_weight_bits"  # set on the root module of a model whose weights were rounded
 
 
