@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .hybrid import HybridPointwise
 from .quant import calibrators as C
 from .quant import primitives as P
@@ -45,35 +45,35 @@ SAMPLE_VALUES = C.SAMPLE_VALUES  # values per tensor the clipping search is run 
 ATTR = "hfb_activation_bits"
 
 
-def _check_bits(bits: Any, allowed: tuple[int, ...], message: str) -> int:
+def _check_bits(bits: Any, allowed: tuple[int, ...], field: str, choices: str) -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in allowed:
-        raise InputError(message)
+        raise ConfigError(field, bits, f"not supported; choose {choices}")
     return int(bits)
 
 
-def check_act_bits(bits: Any, what: str = "--activation-bits") -> int:
-    return _check_bits(bits, ACT_BITS, f"{what} {bits} is not supported; choose 32 (float) "
-                                       "or 8")
+def check_act_bits(bits: Any, field: str = "activation_bits") -> int:
+    return _check_bits(bits, ACT_BITS, field, "32 (float) or 8")
 
 
 def check_hidden_bits(bits: Any) -> int:
-    return _check_bits(bits, HIDDEN_BITS, f"--hidden-bits {bits} is not supported; choose "
-                                          "32 (int32 hidden units) or 8")
+    return _check_bits(bits, HIDDEN_BITS, "hidden_bits", "32 (int32 hidden units) or 8")
 
 
 def check_config(act_bits: Any, weight_bits: int, has_data: bool,
                  hidden_bits: Any = 32) -> int:
-    """Validate ``--activation-bits`` (and ``--hidden-bits``) against the weight bits and
-    the calibration data (shared by the CLI, which checks before loading anything, and the
-    library)."""
+    """Validate the activation and hidden-unit bits against the weight bits and the
+    calibration data; raises :class:`ConfigError` naming the field at fault."""
     check_hidden_bits(hidden_bits)
     bits = check_act_bits(act_bits)
+    if hidden_bits != 32 and bits != 8:
+        raise ConfigError("hidden_bits", hidden_bits, "applies only with {other} 8",
+                          other="activation_bits")
     if bits == 8 and weight_bits != 8:
-        raise InputError(f"--activation-bits 8 needs --weight-bits 8 (int8 kernels take "
-                         f"int8 weights), not {weight_bits}")
+        raise ConfigError("activation_bits", 8, f"needs {{other}} 8 (int8 kernels take "
+                          f"int8 weights), not {weight_bits}", other="weight_bits")
     if bits == 8 and not has_data:
-        raise InputError("--activation-bits 8 needs calibration images to set the "
-                         "activation ranges (give --calib DIR or --calib synthetic)")
+        raise ConfigError("activation_bits", 8, "needs calibration images to set the "
+                          "activation ranges (give {other})", other="calib")
     return bits
 
 
@@ -252,7 +252,7 @@ def calibrate(model: nn.Module, images: torch.Tensor, seed: int = 0,
     Raises :class:`InputError` when a quantizer sees no activations (no calibration image
     reaches that layer)."""
     if images.numel() == 0:
-        raise InputError("--activation-bits 8 needs calibration images (give --calib)")
+        raise InputError("int8 activation calibration needs images; none were given")
     qs = dict(quantizers(model))
     gen = torch.Generator().manual_seed(seed)  # one stream, drawn in network order
     report: dict[str, dict] = {}

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import InputError
+from .errors import ConfigError
 from .hybrid import HybridPointwise
 from .quant import calibrators as C
 from .quant import primitives as P
@@ -40,9 +40,9 @@ CLIP_RATIOS = C.WEIGHT_CLIP_RATIOS
 ATTR = "hfb_weight_bits"  # set on the root module of a model whose weights were rounded
 
 
-def check_bits(bits: Any, what: str = "--weight-bits") -> int:
+def check_bits(bits: Any, field: str = "weight_bits") -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in WEIGHT_BITS:
-        raise InputError(f"{what} {bits} is not supported; choose 32, 16 or 8")
+        raise ConfigError(field, bits, "not supported; choose 32, 16 or 8")
     return int(bits)
 
 
@@ -157,7 +157,7 @@ def model_weight_bits(model: nn.Module) -> int:
 
 
 def mark_weight_bits(model: nn.Module, bits: int) -> None:
-    setattr(model, ATTR, check_bits(bits, "weight bits"))
+    setattr(model, ATTR, check_bits(bits))
 
 
 @torch.no_grad()
