@@ -47,18 +47,24 @@ def _rel(after: float | None, before: float | None) -> float | None:
     return after / before - 1
 
 
-def _energy(muls: float, adds: float, fp_bits: int, consts: dict) -> float:
-    """Arithmetic energy of one layer, as ``LayerCost.energy_pj`` computes it."""
-    p = "fp32" if fp_bits == 32 else "fp16"
-    return muls * consts[f"{p}_mul"] + adds * consts[f"{p}_add"]
+def _energy(c: dict, fp_bits: int, act_bits: int) -> float:
+    """Arithmetic energy of one layer (or a sum of layers): ``LayerCost.energy_pj`` itself,
+    at the precision its side was costed at (int8: MACs, int32 scale MULs, int32 ADDs)."""
+    return costs.LayerCost("", "", c.get("muls", 0), c.get("adds", 0), 0, 0.0,
+                           scale_muls=c.get("scale_muls", 0)).energy_pj(fp_bits, act_bits)
 
 
-def _cost_cell(c: dict | None, fp_bits: int, consts: dict) -> dict | None:
+def _cost_cell(c: dict | None, bits: tuple[int, int]) -> dict | None:
     if not c:
         return None
     return {"muls": c.get("muls"), "adds": c.get("adds"), "params": c.get("params"),
-            "bytes": c.get("bytes"),
-            "energy_pj": _energy(c.get("muls", 0), c.get("adds", 0), fp_bits, consts)}
+            "bytes": c.get("bytes"), "energy_pj": _energy(c, *bits)}
+
+
+def _bits(cost: dict | None) -> tuple[int, int]:
+    """(fp_bits, activation bits) a cost table was computed at."""
+    tot = (cost or {}).get("totals") or {}
+    return int(tot.get("fp_bits", 32)), int(tot.get("activation_bits", 32))
 
 
 def _median_curve(per_filter: Sequence[Sequence[float]] | None) -> list[float] | None:
@@ -92,15 +98,15 @@ def _split_counts(ly: dict, after: dict | None, lp: dict | None) -> dict:
 
 
 def _layer_row(ly: dict, meta: dict, before: dict | None, after: dict | None,
-               lp: dict | None, fp_bits: int, consts: dict) -> dict:
+               lp: dict | None) -> dict:
     name = ly["name"]
     errs = (meta.get("layer_errors") or {}).get(name) or {}
     recon = (meta.get("reconstruction") or {}).get(name) or {}
     row = {"name": name, "kind": ly.get("kind"), "c_in": ly.get("c_in"), "c_out": ly.get("c_out"),
            "height": ly.get("height"), "width": ly.get("width")}
     row.update(_split_counts(ly, after, lp))
-    row["before"] = _cost_cell(before, fp_bits, consts)
-    row["after"] = _cost_cell(after, fp_bits, consts)
+    row["before"] = _cost_cell(before, _bits(meta.get("original_cost")))
+    row["after"] = _cost_cell(after, _bits(meta.get("cost")))
     row["predicted_err"] = _finite((lp or {}).get("predicted_err"))
     row["fragility"] = _finite((meta.get("fragility") or {}).get(name))
     recon = recon if isinstance(recon, dict) else {}
@@ -114,18 +120,20 @@ def _layer_row(ly: dict, meta: dict, before: dict | None, after: dict | None,
     return row
 
 
-def _other_layers(names: set[str], before: list[dict], after: list[dict], fp_bits: int,
-                  consts: dict) -> dict:
+def _other_layers(names: set[str], meta: dict) -> dict:
     """Stem, depthwise etc.: not converted, summed so per-layer rows add up to totals."""
-    def total(rows: list[dict]) -> dict:
-        keep = [r for r in rows if r.get("name") not in names]
+    def total(side: str) -> dict:
+        keep = [r for r in (meta.get(side) or {}).get("layers") or []
+                if r.get("name") not in names]
         s = {k: sum(r.get(k, 0) for r in keep) for k in ("muls", "adds", "params", "bytes")}
-        s["energy_pj"] = _energy(s["muls"], s["adds"], fp_bits, consts)
+        s["energy_pj"] = _energy({**s, "scale_muls": sum(r.get("scale_muls", 0) for r in keep)},
+                                 *_bits(meta.get(side)))
         return s
 
+    before = (meta.get("original_cost") or {}).get("layers") or []
     rest = [r for r in before if r.get("name") not in names]
     return {"count": len(rest), "kinds": sorted({r.get("kind", "?") for r in rest}),
-            "before": total(before), "after": total(after)}
+            "before": total("original_cost"), "after": total("cost")}
 
 
 def model_totals(meta: dict) -> dict:
@@ -182,7 +190,9 @@ def _conventions(meta: dict) -> dict:
         "weight_bits": tot.get("weight_bits", meta.get("weight_bits", tot.get("fp_bits", 32))),
         "energy_constants_pj": dict(tot.get("energy_constants") or costs.ENERGY_PJ),
         "energy_source": tot.get("energy_source") or costs.ENERGY_SOURCE,
-        "per_layer_energy": "MULs·E_mul + ADDs·E_add at fp_bits (arithmetic only); the total "
+        "per_layer_energy": "MULs·E_mul + ADDs·E_add at fp_bits, or with int8 activations "
+                            "int8 MACs, int32 scale MULs and int32 ADDs, as each model's "
+                            "totals are priced (arithmetic only); the total "
                             "'with weight reads' adds one DRAM read per 32-bit word of weights",
         "errors": dict(ERROR_DEFINITIONS),
     }
@@ -233,7 +243,6 @@ def _export(export: dict | None) -> dict | None:
 def build_report(meta: dict, info: ModelInfo | None, export: dict | None = None) -> dict:
     """Per-layer rows, totals and conventions of one compression, as plain JSON data."""
     conv = _conventions(meta)
-    fp_bits, consts = conv["fp_bits"], conv["energy_constants_pj"]
     before = (meta.get("original_cost") or {}).get("layers") or []
     after = (meta.get("cost") or {}).get("layers") or []
     b_by, a_by = {c["name"]: c for c in before}, {c["name"]: c for c in after}
@@ -241,7 +250,7 @@ def build_report(meta: dict, info: ModelInfo | None, export: dict | None = None)
     p_by = {lp["name"]: lp for lp in plan.get("layers", [])}
     layers = _pointwise_layers(meta)
     rows = [_layer_row(ly, meta, b_by.get(ly["name"]), a_by.get(ly["name"]),
-                       p_by.get(ly["name"]), fp_bits, consts) for ly in layers]
+                       p_by.get(ly["name"])) for ly in layers]
     names = {ly["name"] for ly in layers}
     calib = meta.get("calibration")
     return _clean({
@@ -252,7 +261,7 @@ def build_report(meta: dict, info: ModelInfo | None, export: dict | None = None)
         "calibration": dict(calib) if calib else None,
         "budgets": list(meta.get("budgets") or []),
         "layers": rows,
-        "other_layers": _other_layers(names, before, after, fp_bits, consts),
+        "other_layers": _other_layers(names, meta),
         "totals": model_totals(meta),
         "stages": [dict(s) for s in meta.get("stages") or []],
         "final_agreement": _finite(meta.get("final_agreement")),
