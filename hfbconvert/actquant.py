@@ -236,6 +236,29 @@ def quantizers(model: nn.Module) -> list[tuple[str, ActQuant]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, ActQuant)]
 
 
+Fit = Callable[[torch.Tensor], tuple[float, int, float, float, float]]
+
+
+def _observer(name: str, q: ActQuant, fit: Fit, report: dict[str, dict],
+              on_quantizer: Callable[[str], None] | None) -> Callable[[torch.Tensor], None]:
+    """``q``'s one-shot observer: sets its range from the first tensor it sees, records
+    it in ``report`` and switches itself off, so ``q`` quantizes that same tensor."""
+    def observe(x: torch.Tensor) -> None:
+        x = x.detach().float()
+        if q.scale.dim() == 0:
+            scale, zp, ratio, lo, hi = fit(x.reshape(-1))
+            q.scale.fill_(scale)
+            q.zero_point.fill_(zp)
+            report[name] = {"min": lo, "max": hi, "clip_ratio": ratio, "scale": scale,
+                            "zero_point": zp}
+        else:
+            report[name] = _fit_pow2(q, x, fit)
+        q.observer = None  # calibrated: quantize from now on (this call included)
+        if on_quantizer is not None:
+            on_quantizer(name)
+    return observe
+
+
 @torch.no_grad()
 def calibrate(model: nn.Module, images: torch.Tensor, seed: int = 0,
               on_quantizer: Callable[[str], None] | None = None,
@@ -270,24 +293,8 @@ def calibrate(model: nn.Module, images: torch.Tensor, seed: int = 0,
         r = c.compute()
         return r.scale, r.zero_point, r.clip_ratio, r.lo, r.hi
 
-    def observer(name: str, q: ActQuant) -> Callable[[torch.Tensor], None]:
-        def observe(x: torch.Tensor) -> None:
-            x = x.detach().float()
-            if q.scale.dim() == 0:
-                scale, zp, ratio, lo, hi = fit(x.reshape(-1))
-                q.scale.fill_(scale)
-                q.zero_point.fill_(zp)
-                report[name] = {"min": lo, "max": hi, "clip_ratio": ratio, "scale": scale,
-                                "zero_point": zp}
-            else:
-                report[name] = _fit_pow2(q, x, fit)
-            q.observer = None  # calibrated: quantize from now on (this call included)
-            if on_quantizer is not None:
-                on_quantizer(name)
-        return observe
-
     for name, q in qs.items():
-        q.observer = observer(name, q)
+        q.observer = _observer(name, q, fit, report, on_quantizer)
     was = model.training
     model.eval()
     try:
