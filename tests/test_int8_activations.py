@@ -319,16 +319,20 @@ def a8(tmp_path_factory: pytest.TempPathFactory) -> dict:
             "export8": json.loads(exp8.stdout)}
 
 
-def _assert_int8_verified(ver: dict) -> None:
-    """onnxruntime's int8 kernels round at the same points as the fake quantizers: most
-    images match to float precision; an image with a value on a rounding boundary differs
-    by an LSB, which the tiny net's small logits (max ~0.3) magnify."""
+def _assert_int8_verified(ver: dict, max_rel: float = 0.05) -> None:
+    """The arithmetic export computes what PyTorch computes, to float rounding, on almost
+    every image. The exceptions are codes flipped at a rounding tie: the runtime's conv
+    sums in another order, so a value within an ulp of a .5 boundary may round the other
+    way (onnx.reference shows the same), and the tiny net's small logits (max ~0.3)
+    magnify one flipped code. Measured: 6 of 64 images differ at all, by at most 4.1% of
+    the largest logit (uint8 hidden units: 4 images, 11%)."""
     ort = ver["ort"]
-    assert ver["passed"] and ver["max_rel_diff"] <= 0.15
-    # a boundary image may flip a near-tied top-1 (logits of max ~0.3): at most 5% of them
+    assert ver["passed"] and ver["max_rel_diff"] <= max_rel
+    # at least 85% of the images (all but the 10 worst listed, of 64) to float rounding
+    assert ort["n_images"] >= 64 and len(ort["worst"]) == 10
+    assert ort["worst"][-1]["max_abs_diff"] <= 1e-5 * ort["max_abs_logit"]
     assert ort["top1_mismatches"] <= ort["allowed"] <= 0.05 * ort["n_images"] + 1
     assert ort["n_over_tolerance"] <= 0.05 * ort["n_images"]
-    assert min(w["max_abs_diff"] for w in ort["worst"]) < 1e-5
 
 
 def test_cli_int8_activations_end_to_end(a8):
@@ -371,7 +375,7 @@ def test_cli_uint8_hidden_units_end_to_end(a8):
     banks = [m for m in net.modules() if isinstance(m, HybridPointwise) and m.n_tolerant]
     assert banks and all(m.hidden_quant is not None for m in banks)
     ver = a8["export8"]["verify"]
-    _assert_int8_verified(ver)
+    _assert_int8_verified(ver, max_rel=0.15)
     mp = onnx.load(str(a8["qdq8"]))
     fn = next(f for f in mp.functions if f.name == "StrassenPointwise")
     assert list(fn.input)[-2:] == ["h_scale", "h_zero_point"]
