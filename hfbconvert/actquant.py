@@ -14,14 +14,14 @@ with the quantizers in the loop. ONNX export writes that arithmetic out in stand
 by default; only ``export --qdq`` (``export_qdq``) traces it through
 ``torch.fake_quantize_per_tensor_affine`` into a QuantizeLinear/DequantizeLinear pair.
 
-Calibration is MSE-optimal clipping: for each tensor the range [lo, hi] of the calibration
-activations is shrunk by each ratio in :data:`CLIP_RATIOS` and the one with the smallest
-squared quantization error on a seeded sample of the values is kept. The search includes
-MinMax (ratio 1), so it is never worse in squared error; with 256 levels it clips only
-heavy-tailed tensors. Quantizers are calibrated
-in network order within one forward pass, each seeing the activations of the network with
-all earlier quantizers already active, so the ranges match what the int8 network will
-actually produce.
+Calibration is MSE-optimal clipping (``quant.calibrators.MSEClipCalibrator``): for each
+tensor the range [lo, hi] of the calibration activations is shrunk by each ratio in
+:data:`CLIP_RATIOS` and the one with the smallest squared quantization error on a seeded
+sample of the values is kept. The search includes MinMax (ratio 1), so it is never worse in
+squared error; with 256 levels it clips only heavy-tailed tensors. Quantizers are
+calibrated in network order within one forward pass, each seeing the activations of the
+network with all earlier quantizers already active, so the ranges match what the int8
+network will actually produce.
 """
 
 from __future__ import annotations
@@ -32,46 +32,48 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .handlers import is_hybrid, layer_modules
+from .quant import calibrators as C
+from .quant import primitives as P
 
 ACT_BITS = (32, 8)
 HIDDEN_BITS = (32, 8)
-QMIN, QMAX = 0, 255
-CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2)
-SAMPLE_VALUES = 1 << 18  # values per tensor the clipping search is run on
+QMIN, QMAX = P.UINT8
+CLIP_RATIOS = C.ACTIVATION_CLIP_RATIOS
+SAMPLE_VALUES = C.SAMPLE_VALUES  # values per tensor the clipping search is run on
 ATTR = "hfb_activation_bits"
 
 
-def _check_bits(bits: Any, allowed: tuple[int, ...], message: str) -> int:
+def _check_bits(bits: Any, allowed: tuple[int, ...], field: str, choices: str) -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in allowed:
-        raise InputError(message)
+        raise ConfigError(field, bits, f"not supported; choose {choices}")
     return int(bits)
 
 
-def check_act_bits(bits: Any, what: str = "--activation-bits") -> int:
-    return _check_bits(bits, ACT_BITS, f"{what} {bits} is not supported; choose 32 (float) "
-                                       "or 8")
+def check_act_bits(bits: Any, field: str = "activation_bits") -> int:
+    return _check_bits(bits, ACT_BITS, field, "32 (float) or 8")
 
 
 def check_hidden_bits(bits: Any) -> int:
-    return _check_bits(bits, HIDDEN_BITS, f"--hidden-bits {bits} is not supported; choose "
-                                          "32 (int32 hidden units) or 8")
+    return _check_bits(bits, HIDDEN_BITS, "hidden_bits", "32 (int32 hidden units) or 8")
 
 
 def check_config(act_bits: Any, weight_bits: int, has_data: bool,
                  hidden_bits: Any = 32) -> int:
-    """Validate ``--activation-bits`` (and ``--hidden-bits``) against the weight bits and
-    the calibration data (shared by the CLI, which checks before loading anything, and the
-    library)."""
+    """Validate the activation and hidden-unit bits against the weight bits and the
+    calibration data; raises :class:`ConfigError` naming the field at fault."""
     check_hidden_bits(hidden_bits)
     bits = check_act_bits(act_bits)
+    if hidden_bits != 32 and bits != 8:
+        raise ConfigError("hidden_bits", hidden_bits, "applies only with {other} 8",
+                          other="activation_bits")
     if bits == 8 and weight_bits != 8:
-        raise InputError(f"--activation-bits 8 needs --weight-bits 8 (int8 kernels take "
-                         f"int8 weights), not {weight_bits}")
+        raise ConfigError("activation_bits", 8, f"needs {{other}} 8 (int8 kernels take "
+                          f"int8 weights), not {weight_bits}", other="weight_bits")
     if bits == 8 and not has_data:
-        raise InputError("--activation-bits 8 needs calibration images to set the "
-                         "activation ranges (give --calib DIR or --calib synthetic)")
+        raise ConfigError("activation_bits", 8, "needs calibration images to set the "
+                          "activation ranges (give {other})", other="calib")
     return bits
 
 
@@ -99,9 +101,8 @@ class ActQuant(nn.Module):
                                                          QMIN, QMAX)
         # ONNX QuantizeLinear arithmetic (x / scale, round half to even), and ~100x faster
         # on CPU than fake_quantize with tensor qparams; straight-through gradient
-        shape = (1, -1) + (1,) * (x.dim() - 2) if self.scale.dim() else ()
-        q = fake_quant_ref(x, self.scale.reshape(shape), self.zero_point.float().reshape(shape))
-        return q if not x.requires_grad else x + (q - x).detach()
+        axis = 1 if self.scale.dim() else None
+        return P.fake_quantize(x, self.scale, self.zero_point, QMIN, QMAX, axis=axis)
 
     def extra_repr(self) -> str:
         if self.scale.dim():
@@ -112,29 +113,18 @@ class ActQuant(nn.Module):
 def qparams(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 (scale, zero_point) covering [lo, hi] ∪ {0} (zero is exactly representable, so
     ReLU zeros and padding stay exact). Vectorized over any shape."""
-    lo = torch.minimum(lo.float(), torch.zeros_like(lo, dtype=torch.float32))
-    hi = torch.maximum(hi.float(), torch.zeros_like(hi, dtype=torch.float32))
-    scale = ((hi - lo) / (QMAX - QMIN)).clamp_min(1e-8)
-    zp = torch.round(QMIN - lo / scale).clamp(QMIN, QMAX).to(torch.int32)
-    return scale, zp
+    return P.choose_qparams(lo, hi, QMIN, QMAX)
 
 
 def fake_quant_ref(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
-    """Plain reference of the quantizer (broadcasting over candidate ranges)."""
-    q = torch.clamp(torch.round(x / scale) + zp, QMIN, QMAX)
-    return (q - zp) * scale
+    """The uint8 quantizer without gradient (qparams broadcast against ``x``)."""
+    return P.fake_quantize(x, scale, zp, QMIN, QMAX, ste=False)
 
 
 def choose_range(values: torch.Tensor, lo: float, hi: float,
                  ratios: tuple[float, ...] = CLIP_RATIOS) -> tuple[float, int, float]:
-    """(scale, zero_point, clip ratio) minimising Σ (x − q(x))² over ``values`` among the
-    ranges ``ratio · [lo, hi]``; all ratios are tried at once."""
-    r = torch.tensor(ratios, dtype=torch.float32)
-    scale, zp = qparams(r * lo, r * hi)
-    v = values.float()[None, :]
-    err = (fake_quant_ref(v, scale[:, None], zp[:, None].float()) - v).pow(2).sum(1)
-    k = int(torch.argmin(err))  # ties: the first (widest) range
-    return float(scale[k]), int(zp[k]), float(r[k])
+    """(scale, zero_point, clip ratio): :func:`quant.calibrators.mse_clip` for uint8."""
+    return C.mse_clip(values, lo, hi, ratios, QMIN, QMAX)
 
 
 # ---------------------------------------------------------------------------- placement
@@ -214,7 +204,7 @@ def _fit_pow2(q: ActQuant, x: torch.Tensor, fit: Callable) -> dict:
     e = e.clamp(0, HIDDEN_EXPONENTS - 1)
     scale = s_max * torch.pow(2.0, -e)
     q.scale.copy_(scale)
-    q.zero_point.copy_(torch.round(-lo_c / scale).clamp(QMIN, QMAX).to(torch.int32))
+    q.zero_point.copy_(P.zero_point_for(lo_c, scale, QMIN, QMAX))
     counts = torch.bincount(e.long(), minlength=HIDDEN_EXPONENTS)
     return {"s_max": s_max, "clip_ratio": ratio, "min": lo, "max": hi,
             "units_per_shift": counts.tolist()}
@@ -238,49 +228,65 @@ def quantizers(model: nn.Module) -> list[tuple[str, ActQuant]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, ActQuant)]
 
 
+Fit = Callable[[torch.Tensor], tuple[float, int, float, float, float]]
+
+
+def _observer(name: str, q: ActQuant, fit: Fit, report: dict[str, dict],
+              on_quantizer: Callable[[str], None] | None) -> Callable[[torch.Tensor], None]:
+    """``q``'s one-shot observer: sets its range from the first tensor it sees, records
+    it in ``report`` and switches itself off, so ``q`` quantizes that same tensor."""
+    def observe(x: torch.Tensor) -> None:
+        x = x.detach().float()
+        if q.scale.dim() == 0:
+            scale, zp, ratio, lo, hi = fit(x.reshape(-1))
+            q.scale.fill_(scale)
+            q.zero_point.fill_(zp)
+            report[name] = {"min": lo, "max": hi, "clip_ratio": ratio, "scale": scale,
+                            "zero_point": zp}
+        else:
+            report[name] = _fit_pow2(q, x, fit)
+        q.observer = None  # calibrated: quantize from now on (this call included)
+        if on_quantizer is not None:
+            on_quantizer(name)
+    return observe
+
+
 @torch.no_grad()
 def calibrate(model: nn.Module, images: torch.Tensor, seed: int = 0,
               on_quantizer: Callable[[str], None] | None = None,
-              clip_ratios: tuple[float, ...] = CLIP_RATIOS) -> dict[str, dict]:
+              clip_ratios: tuple[float, ...] = CLIP_RATIOS,
+              calibrator: Callable[[], C.Calibrator] | None = None) -> dict[str, dict]:
     """Calibrate every quantizer of ``model`` (after :func:`attach`) in ONE forward pass
     over ``images`` (one batch): each quantizer picks its range from the tensor it receives,
     then quantizes it, so every later quantizer sees the int8 network's activations.
-    Returns per-quantizer ranges (plain data for the report). ``clip_ratios`` ``(1.0,)``
-    is MinMax calibration (for comparisons; the search includes it).
+    Returns per-quantizer ranges (plain data for the report). Each tensor's range comes
+    from a fresh ``calibrator()`` (default: MSE clipping over ``clip_ratios``, sampling
+    from one generator seeded by ``seed``; ``clip_ratios`` ``(1.0,)`` is MinMax, for
+    comparisons: the search includes it).
 
     Raises :class:`InputError` when a quantizer sees no activations (no calibration image
     reaches that layer)."""
     if images.numel() == 0:
-        raise InputError("--activation-bits 8 needs calibration images (give --calib)")
+        raise InputError("int8 activation calibration needs images; none were given")
     qs = dict(quantizers(model))
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # one stream, drawn in network order
     report: dict[str, dict] = {}
 
-    def fit(flat: torch.Tensor) -> tuple[float, int, float, float, float]:
-        lo, hi = float(flat.min()), float(flat.max())
-        if flat.numel() > SAMPLE_VALUES:
-            idx = torch.randint(flat.numel(), (SAMPLE_VALUES,), generator=gen)
-            flat = flat[idx.to(flat.device)]
-        return (*choose_range(flat.cpu(), lo, hi, clip_ratios), lo, hi)
+    def default() -> C.Calibrator:
+        if tuple(clip_ratios) == (1.0,):
+            return C.MinMaxCalibrator(QMIN, QMAX)
+        return C.MSEClipCalibrator(clip_ratios, gen, SAMPLE_VALUES, QMIN, QMAX)
 
-    def observer(name: str, q: ActQuant) -> Callable[[torch.Tensor], None]:
-        def observe(x: torch.Tensor) -> None:
-            x = x.detach().float()
-            if q.scale.dim() == 0:
-                scale, zp, ratio, lo, hi = fit(x.reshape(-1))
-                q.scale.fill_(scale)
-                q.zero_point.fill_(zp)
-                report[name] = {"min": lo, "max": hi, "clip_ratio": ratio, "scale": scale,
-                                "zero_point": zp}
-            else:
-                report[name] = _fit_pow2(q, x, fit)
-            q.observer = None  # calibrated: quantize from now on (this call included)
-            if on_quantizer is not None:
-                on_quantizer(name)
-        return observe
+    make = calibrator if calibrator is not None else default
+
+    def fit(flat: torch.Tensor) -> tuple[float, int, float, float, float]:
+        c = make()
+        c.collect(flat)
+        r = c.compute()
+        return r.scale, r.zero_point, r.clip_ratio, r.lo, r.hi
 
     for name, q in qs.items():
-        q.observer = observer(name, q)
+        q.observer = _observer(name, q, fit, report, on_quantizer)
     was = model.training
     model.eval()
     try:

@@ -15,10 +15,23 @@ from typing import Any
 import click
 
 from . import __version__, progress
-from .errors import HfbError, InputError
+from .errors import ConfigError, HfbError, InputError
 from .handlers import parse_kinds
 
 JSON_SCHEMA_VERSION = 1
+# library configuration fields (ConfigError.field) -> the flag that sets them; a field not
+# listed is shown as the library names it
+CONFIG_FLAGS = {
+    "method": "--method", "budget": "--budget", "critical_fraction": "--critical-fraction",
+    "size_budget": "--size-budget", "energy_budget": "--energy-budget",
+    "max_add_increase": "--max-add-increase", "weight_bits": "--weight-bits",
+    "activation_bits": "--activation-bits", "hidden_bits": "--hidden-bits",
+    "calib": "--calib", "bn_adjust": "--bn-adjust", "plan_override": "--plan",
+}
+
+
+def _flag(field: str) -> str:
+    return CONFIG_FLAGS.get(field, field)
 
 
 class _Group(click.Group):
@@ -57,6 +70,10 @@ class _Group(click.Group):
         loud = is_main()
         try:
             return super().invoke(ctx)
+        except ConfigError as exc:  # typed: the field becomes its flag, no message parsing
+            if loud:
+                click.echo(f"error: {exc.render(_flag)}", err=True)
+            ctx.exit(exc.exit_code)
         except HfbError as exc:
             if loud or isinstance(exc, DistributedFailure):
                 click.echo(f"error: {exc}", err=True)
@@ -542,11 +559,9 @@ def compress(ctx, model, arch, trust_pickle, calib, calib_size, resolution, pres
     import time
 
     from . import distributed
-    from .actquant import check_config
     from .fileio import output_lock
     from .finetune import FinetuneConfig
-    from .pipeline import CompressConfig, check_caps
-    from .weightquant import check_bits
+    from .pipeline import CompressConfig, validate_config
 
     t_cmd = time.perf_counter()
     _setup(quiet, seed)
@@ -558,19 +573,8 @@ def compress(ctx, model, arch, trust_pickle, calib, calib_size, resolution, pres
     if critical_fraction is not None and budget is not None:
         raise InputError("--critical-fraction replaces --budget (uniform mode); give one")
     budget = 0.536 if budget is None else budget
-    check_caps(method, critical_fraction, size_budget, energy_budget)
     activation_bits, hidden_bits = int(activation_bits), int(hidden_bits)
-    if hidden_bits != 32 and activation_bits != 8:
-        raise InputError("--hidden-bits applies only with --activation-bits 8")
     weight_bits = (8 if activation_bits == 8 else 16) if weight_bits is None else int(weight_bits)
-    check_bits(weight_bits, "--weight-bits")
-    check_config(activation_bits, weight_bits, calib is not None, hidden_bits)
-    override = _read_plan(plan_file) if plan_file else None
-    # the model first: a missing MODEL is reported as such, not as its default output
-    net, info = _load(model, arch, trust_pickle, resolution)
-    out = Path(output) if output else _default_out(model)
-    if not dry_run and not (resume and out.exists() and force):
-        _outputs([out], force, [model, calib, plan_file])
     cfg = CompressConfig(
         method=method, budget=budget, critical_fraction=critical_fraction,
         hidden_units_ratio=hidden_units_ratio, max_add_increase=max_add_increase,
@@ -581,6 +585,13 @@ def compress(ctx, model, arch, trust_pickle, calib, calib_size, resolution, pres
         finetune=FinetuneConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                                 eval_every=eval_every, patience=patience, device=device),
         weight_bits=weight_bits, activation_bits=activation_bits, hidden_bits=hidden_bits)
+    validate_config(cfg, has_data=calib is not None)  # before loading anything
+    override = _read_plan(plan_file) if plan_file else None
+    # the model first: a missing MODEL is reported as such, not as its default output
+    net, info = _load(model, arch, trust_pickle, resolution)
+    out = Path(output) if output else _default_out(model)
+    if not dry_run and not (resume and out.exists() and force):
+        _outputs([out], force, [model, calib, plan_file])
     # rank 0 alone holds the lock: it alone writes the output and the checkpoint
     with distributed.session(device), \
             output_lock([] if dry_run or not main_rank else [out]):
@@ -610,11 +621,10 @@ def _compress(net, info, data, cfg, model: str, out: Path, force: bool, resume: 
     try:
         hybrid, meta = run_compress(net, info, data, cfg, checkpoint=ckpt, resume=resume,
                                     plan_override=override, dry_run=dry_run)
-    except InputError as exc:
-        # the library names the plan "plan file"; the user wants to know which file
-        msg = str(exc)
-        if plan_file and msg.startswith("plan file:"):
-            raise InputError(f"{plan_file}:{msg[len('plan file:'):]}") from None
+    except ConfigError as exc:
+        if plan_file and exc.field == "plan_override":  # name the file the user gave
+            names = {"plan_override": str(plan_file)}
+            raise InputError(exc.render(lambda f: names.get(f) or _flag(f))) from None
         raise
     if not is_main():  # the same conversion as rank 0's; the gate below still applies
         _agreement_gate(meta, cfg.min_agreement, gate_always, out)

@@ -23,7 +23,7 @@ from calib.readers import CalibData
 from . import actquant, progress
 from .bnadjust import BN_MODES, BN_SCOPES, bn_targets, match_bn, reestimate_bn
 from .costs import model_cost
-from .errors import InputError
+from .errors import ConfigError
 from .finetune import FinetuneConfig, finetune, fingerprint
 from .fitting import PairStats
 from .handlers import is_hybrid, parse_kinds
@@ -251,13 +251,35 @@ def build_hybrid(model: nn.Module, plans: list[LayerPlan],
 def check_caps(method: str, critical_fraction: float | None, size_budget: float | None,
                energy_budget: float | None) -> None:
     """Size/energy caps are fractions in (0, 1] and steer only the budget planner."""
-    for flag, frac in (("--size-budget", size_budget), ("--energy-budget", energy_budget)):
+    for name, frac in (("size_budget", size_budget), ("energy_budget", energy_budget)):
         if frac is not None and not (math.isfinite(frac) and 0 < frac <= 1):
-            raise InputError(f"{flag} must be a number in (0, 1], got {frac}")
-    if (size_budget is not None or energy_budget is not None) and (
-            method != "hybrid" or critical_fraction is not None):
-        raise InputError("--size-budget/--energy-budget steer the budget planner; they do not "
-                         "apply to --critical-fraction or --method twn|strassen")
+            raise ConfigError(name, frac, "must be a number in (0, 1]")
+    for name, frac in (("size_budget", size_budget), ("energy_budget", energy_budget)):
+        if frac is not None and critical_fraction is not None:
+            raise ConfigError(name, frac, "steers the budget planner; it does not apply "
+                              "with {other}", other="critical_fraction")
+        if frac is not None and method != "hybrid":
+            raise ConfigError(name, frac, f"steers the budget planner; it does not apply "
+                              f"to {{other}} {method}", other="method")
+
+
+def validate_config(cfg: CompressConfig, has_data: bool) -> None:
+    """Every check of a :class:`CompressConfig` on its own (no model needed), in one place:
+    the CLI calls it before loading anything, :func:`compress` before any work. Raises
+    :class:`ConfigError` naming the field, its value and why."""
+    if cfg.method not in METHODS:
+        raise ConfigError("method", cfg.method, f"unknown; choose from {', '.join(METHODS)}")
+    if cfg.budget is not None and not (math.isfinite(cfg.budget) and 0 < cfg.budget <= 1):
+        raise ConfigError("budget", cfg.budget, "must be in (0, 1]")
+    check_caps(cfg.method, cfg.critical_fraction, cfg.size_budget, cfg.energy_budget)
+    check_bits(cfg.weight_bits)
+    actquant.check_config(cfg.activation_bits, cfg.weight_bits, has_data, cfg.hidden_bits)
+    if cfg.bn_adjust not in BN_MODES:
+        raise ConfigError("bn_adjust", cfg.bn_adjust, f"unknown; choose from "
+                          f"{', '.join(BN_MODES)}")
+    if cfg.bn_scope not in BN_SCOPES:
+        raise ConfigError("bn_scope", cfg.bn_scope, f"unknown; choose from "
+                          f"{', '.join(BN_SCOPES)}")
 
 
 def make_plan(model: nn.Module, info: ModelInfo, layers: list[PointwiseLayer],
@@ -295,13 +317,13 @@ def make_plan(model: nn.Module, info: ModelInfo, layers: list[PointwiseLayer],
                                 cost.muls, cost.adds, cfg.max_add_increase, cfg.ratios,
                                 densities, weight_bits=cfg.weight_bits,
                                 act_bits=cfg.activation_bits, **caps)
-        except InputError as exc:
-            msg = str(exc)
-            for frac, flag, cap in ((cfg.size_budget, "--size-budget", "size budget"),
-                                    (cfg.energy_budget, "--energy-budget", "energy budget")):
-                if frac is not None and cap in msg:
-                    raise InputError(f"{flag} {frac:g}: {msg}") from None
-            raise
+        except ConfigError as exc:
+            # the planner knows its caps in bytes and pJ; the user gave fractions
+            frac = {"max_bytes": ("size_budget", cfg.size_budget),
+                    "max_energy_pj": ("energy_budget", cfg.energy_budget)}.get(exc.field)
+            if frac is None:
+                raise
+            raise ConfigError(*frac, exc.reason, exc.other) from None
     notes = []
     if caps:
         if "max_bytes" in caps:
@@ -321,35 +343,40 @@ def make_plan(model: nn.Module, info: ModelInfo, layers: list[PointwiseLayer],
                 fixed, cost.muls, cost.adds, notes)
 
 
+def _bad_plan(reason: str) -> ConfigError:
+    return ConfigError("plan_override", None, reason)
+
+
 def apply_plan_override(plans: list[LayerPlan], override: dict, layers: list[PointwiseLayer],
-                        source: str = "plan file") -> list[LayerPlan]:
-    """Per-layer overrides: {"layers": {name: {"critical": n | "critical_idx": [..], "r": r}}}."""
+                        ) -> list[LayerPlan]:
+    """Per-layer overrides: {"layers": {name: {"critical": n | "critical_idx": [..], "r": r}}}.
+    Raises :class:`ConfigError` with field ``plan_override`` (the caller names the file)."""
     by = {lp.name: lp for lp in plans}
     entries = override.get("layers", override)
     if not isinstance(entries, dict):
-        raise InputError(f"{source}: expected an object mapping layer names to settings")
+        raise _bad_plan("expected an object mapping layer names to settings")
     unknown = [n for n in entries if n not in by]
     if unknown:
-        raise InputError(f"{source}: unknown layer(s) {', '.join(unknown[:3])}; "
-                         f"known: {', '.join(list(by)[:3])}, ...")
+        raise _bad_plan(f"unknown layer(s) {', '.join(unknown[:3])}; "
+                        f"known: {', '.join(list(by)[:3])}, ...")
     for name, spec in entries.items():
         lp = by[name]
         if "critical_idx" in spec:
             idx = sorted({int(i) for i in spec["critical_idx"]})
             if idx and (idx[0] < 0 or idx[-1] >= lp.c_out):
-                raise InputError(f"{source}: {name}: critical_idx out of range 0..{lp.c_out - 1}")
+                raise _bad_plan(f"{name}: critical_idx out of range 0..{lp.c_out - 1}")
             lp.critical_idx, lp.n_critical = idx, len(idx)
         elif "critical" in spec:
             n_c = int(spec["critical"])
             if not 0 <= n_c <= lp.c_out:
-                raise InputError(f"{source}: {name}: critical must be in 0..{lp.c_out}")
+                raise _bad_plan(f"{name}: critical must be in 0..{lp.c_out}")
             lp.critical_idx = lp.critical_idx[:n_c] if n_c <= lp.n_critical else lp.critical_idx
             lp.n_critical = len(lp.critical_idx)
         if "r" in spec:
             lp.r = int(spec["r"])
         if lp.n_tolerant and lp.r < lp.n_tolerant:
-            raise InputError(f"{source}: {name}: r={lp.r} is below the {lp.n_tolerant} "
-                             "tolerant filters (at least one hidden unit per filter)")
+            raise _bad_plan(f"{name}: r={lp.r} is below the {lp.n_tolerant} "
+                            "tolerant filters (at least one hidden unit per filter)")
     return plans
 
 
@@ -388,16 +415,7 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
              ) -> tuple[nn.Module | None, dict[str, Any]]:
     """Run the pipeline; returns (deploy-form hybrid model, metadata). ``dry_run`` stops
     after planning and returns (None, metadata with the plan)."""
-    if cfg.method not in METHODS:
-        raise InputError(f"unknown --method {cfg.method!r}; choose from {', '.join(METHODS)}")
-    check_bits(cfg.weight_bits)
-    actquant.check_config(cfg.activation_bits, cfg.weight_bits, data is not None,
-                          cfg.hidden_bits)
-    if cfg.bn_adjust not in BN_MODES:
-        raise InputError(f"unknown --bn-adjust {cfg.bn_adjust!r}; choose from "
-                         f"{', '.join(BN_MODES)}")
-    if cfg.bn_scope not in BN_SCOPES:
-        raise InputError(f"unknown BN scope {cfg.bn_scope!r}; choose from {', '.join(BN_SCOPES)}")
+    validate_config(cfg, data is not None)
     torch.manual_seed(cfg.seed)
     from . import stages as S
 
@@ -451,7 +469,7 @@ def _bn_stage(model: nn.Module, hybrid: nn.Module, layers: list[PointwiseLayer],
     or record in ``meta["bn_adjust_skipped"]`` why there was nothing to do."""
     if train is None:
         meta["bn_adjust_skipped"] = "no calibration images"
-        progress.warn("--bn-adjust needs --calib images; skipped")
+        progress.warn("BN adjustment needs calibration images; skipped")
         return
     t = time.perf_counter()
     batches = _batches(train, cfg.bn_images, seed=seed)

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 
 from .costs import LayerCost, ternary_bytes, weight_bytes
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .layers import PointwiseLayer
 
 CRITICAL_STEPS = 32  # critical-fraction grid resolution (n_c multiples of c_out/32)
@@ -153,6 +153,7 @@ class _Opt(NamedTuple):
 
 
 CAP_NAMES = ("ADD cap", "size budget", "energy budget")
+CAP_FIELDS = ("max_add_increase", "max_bytes", "max_energy_pj")  # ConfigError.field
 
 
 def plan_caps(layers: list[PointwiseLayer], original_adds: int, max_add_increase: float,
@@ -223,7 +224,7 @@ def budget_plan(layers: list[PointwiseLayer], curves: dict[str, torch.Tensor],
     Kept over one function body of 100+ lines' worth of helpers: the three phases share
     ``opts`` and the caps."""
     if not (0 < budget <= 1):
-        raise InputError(f"--budget must be in (0, 1], got {budget}")
+        raise ConfigError("budget", budget, "must be in (0, 1]")
     limit = budget * original_muls - fixed_muls
     caps = plan_caps(layers, original_adds, max_add_increase, max_bytes, fixed_bytes,
                      max_energy_pj, fixed_energy_pj)
@@ -232,16 +233,17 @@ def budget_plan(layers: list[PointwiseLayer], curves: dict[str, torch.Tensor],
     min_muls = sum(min(o.muls for o in lo) for lo in opts)
     if min_muls > limit:
         smallest = (min_muls + fixed_muls) / original_muls
-        raise InputError(
-            f"--budget {budget:g} is unreachable: the smallest reachable budget is "
+        raise ConfigError(
+            "budget", budget, "unreachable: the smallest reachable budget is "
             f"{math.ceil(smallest * 1000) / 1000:.3f} (non-pointwise layers alone use "
             f"{fixed_muls / original_muls:.3f} of the MULs)")
     for k, (cap, fixed, unit) in ((1, (max_bytes, fixed_bytes, "bytes")),
                                   (2, (max_energy_pj, fixed_energy_pj, "pJ"))):
         least = sum(min(o.use(k) for o in lo) for lo in opts)
         if cap is not None and least > caps[k]:
-            raise InputError(
-                f"the {CAP_NAMES[k]} ({cap:,.0f} {unit}) is unreachable: the smallest plan "
+            raise ConfigError(
+                CAP_FIELDS[k], cap, f"the {CAP_NAMES[k]} ({cap:,.0f} {unit}) is unreachable: "
+                f"the smallest plan "
                 f"needs {least + fixed:,.0f} {unit} ({fixed:,.0f} of them in layers that "
                 f"are not planned)")
 
@@ -282,11 +284,12 @@ def budget_plan(layers: list[PointwiseLayer], curves: dict[str, torch.Tensor],
     exceeded = over(sel)
     if exceeded[1] or exceeded[2]:
         k = 1 if exceeded[1] else 2
-        raise InputError(
-            f"the {CAP_NAMES[k]} cannot be met together with --budget {budget:g} and the "
+        raise ConfigError(
+            CAP_FIELDS[k], (max_bytes, max_energy_pj)[k - 1],
+            f"the {CAP_NAMES[k]} cannot be met together with {{other}} {budget:g} and the "
             f"other caps: the closest plan needs "
             f"{sum(o.use(k) for o in sel) + (fixed_bytes, fixed_energy_pj)[k - 1]:,.0f} "
-            f"{('bytes', 'pJ')[k - 1]}; raise it or --budget")
+            f"{('bytes', 'pJ')[k - 1]}; raise it or {{other}}", other="budget")
     # greedy fill: spend leftover MULs on the best error reduction per MUL
     used = sum(o.muls for o in sel)
     improved = True

@@ -28,19 +28,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import InputError
+from .errors import ConfigError
 from .handlers import is_hybrid, layer_modules
+from .quant import calibrators as C
+from .quant import primitives as P
 
 WEIGHT_BITS = (32, 16, 8)
-INT8_MAX = 127
+INT8_MIN, INT8_MAX = P.INT8_SYMMETRIC
 # per-channel clipping ratios searched for the int8 scale (1.0 = no clipping)
-CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+CLIP_RATIOS = C.WEIGHT_CLIP_RATIOS
 ATTR = "hfb_weight_bits"  # set on the root module of a model whose weights were rounded
 
 
-def check_bits(bits: Any, what: str = "--weight-bits") -> int:
+def check_bits(bits: Any, field: str = "weight_bits") -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in WEIGHT_BITS:
-        raise InputError(f"{what} {bits} is not supported; choose 32, 16 or 8")
+        raise ConfigError(field, bits, "not supported; choose 32, 16 or 8")
     return int(bits)
 
 
@@ -61,12 +63,12 @@ def _stable_scale(s: torch.Tensor) -> torch.Tensor:
 
 
 def _quant_rows(rows: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
-    amax = rows.abs().amax(1)
-    scale = amax * ratio / INT8_MAX
+    scale, _ = P.choose_qparams(rows.amin(1), rows.amax(1), INT8_MIN, INT8_MAX,
+                                symmetric=True, clip_ratio=ratio, eps=None)
     # channels that are zero, or so small that the scale is not a normal float: all codes 0
     zero = ~(scale >= torch.finfo(torch.float32).tiny)
     scale = _stable_scale(torch.where(zero, torch.ones_like(scale), scale))
-    codes = torch.round(rows / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX)
+    codes = P.quantize(rows, scale, torch.zeros_like(scale), INT8_MIN, INT8_MAX, axis=0)
     codes[zero] = 0
     return codes, scale
 
@@ -96,8 +98,7 @@ def quantize_int8(w: torch.Tensor, clip_ratios: tuple[float, ...] = CLIP_RATIOS,
 
 
 def dequantize_int8(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    shape = (-1,) + (1,) * (codes.dim() - 1)
-    return codes.float() * scale.reshape(shape)
+    return P.dequantize(codes, scale, torch.zeros_like(scale), axis=0)
 
 
 def fake_quant(w: torch.Tensor, bits: int, clip_ratios: tuple[float, ...] = CLIP_RATIOS,
@@ -152,7 +153,7 @@ def model_weight_bits(model: nn.Module) -> int:
 
 
 def mark_weight_bits(model: nn.Module, bits: int) -> None:
-    setattr(model, ATTR, check_bits(bits, "weight bits"))
+    setattr(model, ATTR, check_bits(bits))
 
 
 @torch.no_grad()

@@ -115,7 +115,17 @@ def test_compress_end_to_end_improves_over_stages():
     assert names == ["fit", "sequential", "finetune_20", "weights_16bit"]
     assert all(m.frozen for m in hybrid.modules() if hasattr(m, "frozen"))
     assert meta["cost"]["totals"]["muls"] <= 0.6 * meta["original_cost"]["totals"]["muls"] * 1.001
-    assert meta["stages"][1]["agreement"] >= meta["stages"][0]["agreement"] - 0.05
+    ag = {s["stage"]: s["agreement"] for s in meta["stages"]}
+    assert ag["sequential"] >= ag["fit"] - 0.05  # reconstruction: not a guarantee, a bound
+    # the fine-tune ships its best held-apart state, the start included: it never loses in
+    # the metric it is guarded on, and a reverted one ships exactly the model before it.
+    # (This tiny random net is fitted almost exactly -- held KL ~1e-13 after the fit, at
+    # budgets down to 0.25 -- so a strict gain cannot be asserted on it.)
+    kl = meta["finetune_held_kl"]
+    assert kl["best"] <= kl["before"] and kl["best"] == min(meta["finetune_log"]["held_kl"])
+    if "finetune_reverted" in meta:
+        assert kl["best_step"] == 0 and ag["finetune_20"] == ag["sequential"]
+    assert meta["final_agreement"] == ag["weights_16bit"]
 
 
 

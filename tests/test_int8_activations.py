@@ -164,12 +164,45 @@ def test_calibration_is_one_pass_and_sequential():
     assert len(qs) == len(actquant.quant_sites(net)) + 1  # + the hidden units of one bank
     assert actquant.attach(net, hidden_bits=8) == []  # idempotent
     x = torch.randn(16, 3, TINY_RES, TINY_RES, generator=torch.Generator().manual_seed(3))
+    float_net = copy.deepcopy(net)  # the same quantizer sites, each a pass-through
+    for _, q in actquant.quantizers(float_net):
+        q.forward = lambda t: t
+    calls = []
+    handle = net.register_forward_pre_hook(lambda m, a: calls.append(1))
     rep = actquant.calibrate(net, x)
+    handle.remove()
+    assert len(calls) == 1  # one pass over the images
     assert set(rep) == {n for n, _ in actquant.quantizers(net)}
-    # every later quantizer saw the quantized network: its range is that of the int8 input
-    stem_q = net.get_submodule("conv_stem.input_quant")
-    assert rep["conv_stem.input_quant"]["scale"] == pytest.approx(float(stem_q.scale))
     assert actquant.model_act_bits(net) == 8
+
+    def inputs(model: nn.Module) -> dict[str, torch.Tensor]:
+        """What each per-tensor quantizer receives in a forward of ``model``."""
+        seen = {}
+        hooks = [q.register_forward_pre_hook(
+                 lambda m, a, n=n: seen.setdefault(n, a[0].detach().clone()))
+                 for n, q in actquant.quantizers(model) if q.scale.dim() == 0]
+        with torch.no_grad():
+            model(x)
+        for h in hooks:
+            h.remove()
+        return seen
+
+    def minmax_mse(v: torch.Tensor) -> tuple[float, int]:
+        scale, zp, _ = actquant.choose_range(v.reshape(-1), float(v.min()), float(v.max()))
+        return scale, zp
+
+    # sequential: each range is the best range for the input the int8 network feeds it
+    # (earlier quantizers active); these tensors are below the sampling size, so exact
+    int8_in = inputs(net)
+    assert len(int8_in) == len(rep) - 1  # all but the hidden-unit (per-channel) one
+    for n, v in int8_in.items():
+        assert v.numel() <= actquant.SAMPLE_VALUES
+        assert (rep[n]["scale"], rep[n]["zero_point"]) == minmax_mse(v), n
+    # and that is a different range from the float network's for some later quantizer,
+    # so a calibrator that ranged every tensor of the float network fails the check above
+    float_in = inputs(float_net)
+    differ = [n for n in int8_in if minmax_mse(float_in[n]) != minmax_mse(int8_in[n])]
+    assert differ and "conv_stem.input_quant" not in differ
 
 
 def test_unreached_quantizer_is_an_input_error():
@@ -286,16 +319,20 @@ def a8(tmp_path_factory: pytest.TempPathFactory) -> dict:
             "export8": json.loads(exp8.stdout)}
 
 
-def _assert_int8_verified(ver: dict) -> None:
-    """onnxruntime's int8 kernels round at the same points as the fake quantizers: most
-    images match to float precision; an image with a value on a rounding boundary differs
-    by an LSB, which the tiny net's small logits (max ~0.3) magnify."""
+def _assert_int8_verified(ver: dict, max_rel: float = 0.05) -> None:
+    """The arithmetic export computes what PyTorch computes, to float rounding, on almost
+    every image. The exceptions are codes flipped at a rounding tie: the runtime's conv
+    sums in another order, so a value within an ulp of a .5 boundary may round the other
+    way (onnx.reference shows the same), and the tiny net's small logits (max ~0.3)
+    magnify one flipped code. Measured: 6 of 64 images differ at all, by at most 4.1% of
+    the largest logit (uint8 hidden units: 4 images, 11%)."""
     ort = ver["ort"]
-    assert ver["passed"] and ver["max_rel_diff"] <= 0.15
-    # a boundary image may flip a near-tied top-1 (logits of max ~0.3): at most 5% of them
+    assert ver["passed"] and ver["max_rel_diff"] <= max_rel
+    # at least 85% of the images (all but the 10 worst listed, of 64) to float rounding
+    assert ort["n_images"] >= 64 and len(ort["worst"]) == 10
+    assert ort["worst"][-1]["max_abs_diff"] <= 1e-5 * ort["max_abs_logit"]
     assert ort["top1_mismatches"] <= ort["allowed"] <= 0.05 * ort["n_images"] + 1
     assert ort["n_over_tolerance"] <= 0.05 * ort["n_images"]
-    assert min(w["max_abs_diff"] for w in ort["worst"]) < 1e-5
 
 
 def test_cli_int8_activations_end_to_end(a8):
@@ -338,7 +375,7 @@ def test_cli_uint8_hidden_units_end_to_end(a8):
     banks = [m for m in net.modules() if isinstance(m, HybridPointwise) and m.n_tolerant]
     assert banks and all(m.hidden_quant is not None for m in banks)
     ver = a8["export8"]["verify"]
-    _assert_int8_verified(ver)
+    _assert_int8_verified(ver, max_rel=0.15)
     mp = onnx.load(str(a8["qdq8"]))
     fn = next(f for f in mp.functions if f.name == "StrassenPointwise")
     assert list(fn.input)[-2:] == ["h_scale", "h_zero_point"]

@@ -47,8 +47,16 @@ def test_fragile_layers_get_more_critical_filters():
     base = budget_plan(layers, curves, energies, {}, (1, 2, 4), 0.5, fixed, orig, adds, 0.48)
     frag = budget_plan(layers, curves, energies, {"a": 100.0}, (1, 2, 4), 0.5, fixed, orig,
                        adds, 0.48)
-    assert frag[0].n_critical >= base[0].n_critical
-    assert frag[0].predicted_err <= base[0].predicted_err
+    # strict: a planner that ignored fragility would return the same plan and fail here
+    assert frag[0].n_critical > base[0].n_critical
+    assert frag[0].predicted_err < base[0].predicted_err
+    # paid for by the other layers, within the same MUL budget
+    assert sum(lp.predicted_err for lp in frag[1:]) > sum(lp.predicted_err for lp in base[1:])
+    for plans in (base, frag):
+        assert Plan("hybrid", plans, 0.5, fixed, orig, adds).predicted_muls() <= 0.5 * orig
+    neutral = budget_plan(layers, curves, energies, {n.name: 1.0 for n in layers}, (1, 2, 4),
+                          0.5, fixed, orig, adds, 0.48)
+    assert [lp.critical_idx for lp in neutral] == [lp.critical_idx for lp in base]
 
 
 def test_unreachable_budget_names_smallest():
