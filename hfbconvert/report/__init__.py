@@ -284,6 +284,36 @@ def _finetune(meta: dict) -> dict | None:
             "agreement": list(log.get("agreement") or [])}
 
 
+def _held_curve(meta: dict) -> dict | None:
+    """Held-apart curve: ``hfbconvert finetune``'s (with top-1 where labels exist), else
+    compress's early-stopping checks."""
+    c = meta.get("finetune_curve")
+    if c and c.get("steps"):
+        return {"source": "finetune", "steps": list(c["steps"]),
+                "held_kl": list(c.get("held_kl") or []),
+                "held_agreement": list(c.get("held_agreement") or []),
+                "held_top1": list(c.get("held_top1") or [None] * len(c["steps"])),
+                "best_step": c.get("best_step"), "stopped_early_at": c.get("stopped_early_at")}
+    log = meta.get("finetune_log") or {}
+    if not log.get("eval_steps"):
+        return None
+    return {"source": "compress", "steps": list(log["eval_steps"]),
+            "held_kl": list(log.get("held_kl") or []),
+            "held_agreement": list(log.get("held_agreement") or []),
+            "held_top1": list(log.get("held_top1") or [None] * len(log["eval_steps"])),
+            "best_step": log.get("best_step"), "stopped_early_at": log.get("stopped_early_at")}
+
+
+def held_curve_table(rep: dict) -> tuple[list[str], list[list[str]]]:
+    c = rep.get("held_curve") or {}
+    rows = [[str(st) + (" (shipped)" if st == c.get("best_step") else ""),
+             fmt_num(_finite(kl), ".4f"), fmt_num(_finite(ag), ".4f"), fmt_num(_finite(t1), ".4f")]
+            for st, kl, ag, t1 in zip(c.get("steps") or [], c.get("held_kl") or [],
+                                      c.get("held_agreement") or [], c.get("held_top1") or [],
+                                      strict=False)]
+    return ["step", "held KL", "agreement", "top-1"], rows
+
+
 def _export(export: dict | None) -> dict | None:
     if not export:
         return None
@@ -325,6 +355,7 @@ def build_report(meta: dict, info: ModelInfo | None, export: dict | None = None)
         "stages": [dict(s) for s in meta.get("stages") or []],
         "final_agreement": _finite(meta.get("final_agreement")),
         "finetune": _finetune(meta),
+        "held_curve": _held_curve(meta),
         "export": _export(export),
         "plan_notes": list(plan.get("notes") or []),
         "conventions": conv,
@@ -463,6 +494,9 @@ def render_markdown(rep: dict) -> str:
     if rep.get("stages"):
         parts += ["## Agreement per stage (held-apart images)", "",
                   _md_table(*stage_table(rep)), ""]
+    if rep.get("held_curve"):
+        parts += [f"## Fine-tune curve (held-apart images, {rep['held_curve']['source']})", "",
+                  _md_table(*held_curve_table(rep)), ""]
     parts += ["## Conventions", "", *[f"- {s}" for s in convention_lines(rep)], "",
               "Error columns:", "",
               *[f"- **{k}**: {v}" for k, v in (rep.get("conventions") or {})
