@@ -222,3 +222,29 @@ def test_bad_input_is_one_line_exit_2(setup, tmp_path) -> None:
     with pytest.raises(InputError, match="epochs must be"):
         RetrainConfig(epochs=0)
     assert TINY_CONFIG["num_classes"] == 10
+
+
+@pytest.mark.slow
+def test_under_torchrun_two_ranks_match_one_process(setup, tmp_path) -> None:
+    """2 gloo ranks, the global batch split: rank 0 alone writes and prints, and the
+    curve and the shipped weights match one process."""
+    from .test_distributed import TOL, _max_diff, _torchrun
+
+    args = ["finetune", str(setup["art"]), "--data", str(setup["npz"]), "--epochs", "1",
+            "--batch-size", "16", "--eval-every", "2", "--json"]
+    d2 = tmp_path / "two"
+    d2.mkdir()
+    res = _torchrun(["-m", "hfbconvert.cli", *args, "-o", str(d2 / "out.hfb.pt")], d2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    two = json.loads(res.stdout)  # one JSON document: rank 1 prints nothing
+    assert sorted(p.name for p in d2.iterdir()) == ["out.hfb.pt"]
+    one = run(*args, "-o", tmp_path / "one.hfb.pt")
+    assert one.exit_code == 0, one.output
+    one = json.loads(one.stdout)
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert one["curve"]["steps"] == two["curve"]["steps"] == [0, 2, 4]
+    for a, b in zip(one["curve"]["held_kl"], two["curve"]["held_kl"], strict=True):
+        assert abs(a - b) < TOL
+    m1 = api.load_compressed(tmp_path / "one.hfb.pt").model.state_dict()
+    m2 = api.load_compressed(d2 / "out.hfb.pt").model.state_dict()
+    assert _max_diff(m1, m2) < TOL
