@@ -180,12 +180,21 @@ def _model_opts(f):
     return f
 
 
+# --calib images used when --calib-size is not given: every stage samples far fewer
+# (statistics 256, reconstruction 256, held-apart 200, auto fine-tune <= 300 x 32 draws),
+# and the decoded images stay in memory (peak RSS grows ~linearly with them, see
+# bench/rss.py), so a training set of 100k images must not be read whole by default
+DEFAULT_CALIB_CAP = 2048
+
+
 def _calib_opts(f):
     f = click.option("--calib", "calib", default=None, metavar="PATH",
                      help="Calibration images: ImageFolder tree, flat folder, .npz, or "
                           "synthetic[:N[:ITERATIONS]] (from BatchNorm statistics).")(f)
     f = click.option("--calib-size", type=click.IntRange(min=1), default=None,
-                     help="Use a seeded random subset of N of the --calib images.")(f)
+                     help="Use a seeded random subset of N of the --calib images. [default: "
+                          f"all, at most {DEFAULT_CALIB_CAP}: every image is held in memory "
+                          "decoded, and no stage gains from more]")(f)
     f = click.option("--resolution", type=click.IntRange(8, 4096), default=None,
                      help="Input side in pixels (default: the model's own).")(f)
     f = click.option("--preset", default=None,
@@ -282,11 +291,14 @@ def _load_calib(path: str | None, info, size: int | None, seed: int, resolution:
             data = data.subset(np.sort(np.random.default_rng(seed).permutation(n)[:size]))
         return data, info
     with progress.task("reading images", None):
-        data = load_images(path, prep, size=size, seed=seed)
+        data = load_images(path, prep, size=size or DEFAULT_CALIB_CAP, seed=seed)
     if data.skipped:
         progress.warn(f"{path}: skipped {data.skipped} unreadable image(s)"
                       + (f", e.g. {data.skipped_examples[0]}" if data.skipped_examples else ""))
-    progress.info(f"calibration: {len(data)} images from {path}")
+    capped = size is None and len(data) + data.skipped >= DEFAULT_CALIB_CAP
+    progress.info(f"calibration: {len(data)} images from {path}"
+                  + (f" (a seeded random {DEFAULT_CALIB_CAP}, the default cap; --calib-size N "
+                     "for another number)" if capped else ""))
     return data, info
 
 

@@ -248,3 +248,16 @@ def test_under_torchrun_two_ranks_match_one_process(setup, tmp_path) -> None:
     m1 = api.load_compressed(tmp_path / "one.hfb.pt").model.state_dict()
     m2 = api.load_compressed(d2 / "out.hfb.pt").model.state_dict()
     assert _max_diff(m1, m2) < TOL
+
+
+def test_default_calib_size_is_capped(setup, monkeypatch) -> None:
+    """Without --calib-size at most DEFAULT_CALIB_CAP images are read (seeded); an explicit
+    N still takes N."""
+    from hfbconvert import cli
+
+    monkeypatch.setattr(cli, "DEFAULT_CALIB_CAP", 30)
+    capped, _ = cli._load_calib(str(setup["npz"]), tiny_info(), None, 0, None, None)
+    again, _ = cli._load_calib(str(setup["npz"]), tiny_info(), None, 0, None, None)
+    more, _ = cli._load_calib(str(setup["npz"]), tiny_info(), 50, 0, None, None)
+    assert len(capped) == 30 and len(more) == 50
+    assert capped.files == again.files
