@@ -261,3 +261,19 @@ def test_default_calib_size_is_capped(setup, monkeypatch) -> None:
     more, _ = cli._load_calib(str(setup["npz"]), tiny_info(), 50, 0, None, None)
     assert len(capped) == 30 and len(more) == 50
     assert capped.files == again.files
+
+
+def test_report_curve_falls_back_to_compress_checks() -> None:
+    """An artifact compress fine-tuned (no finetune_curve) shows compress's early-stopping
+    checks; one with neither has no curve section."""
+    from hfbconvert.report import build_report, render_markdown
+
+    log = {"steps": [0, 1, 2], "loss": [1.0, 0.9, 0.8], "agreement": [0.5, 0.6, 0.7],
+           "eval_steps": [0, 2], "held_kl": [0.3, 0.2], "held_agreement": [0.9, 0.95],
+           "best_step": 2, "stopped_early_at": None}
+    rep = build_report({"finetune_log": log}, None)
+    schemas.validate(rep, "report")
+    assert rep["held_curve"]["source"] == "compress" and rep["held_curve"]["steps"] == [0, 2]
+    md = render_markdown(rep)
+    assert "| 2 (shipped) | 0.2000 | 0.9500 | n/a |" in md
+    assert "Fine-tune curve" not in render_markdown(build_report({}, None))
