@@ -2,7 +2,7 @@
 
 Each run is a fresh ``python -m hfbconvert.cli compress`` in its own wrapper process, whose
 ``RUSAGE_CHILDREN`` peak resident set is the compress process's. The decode cache is
-warmed first (an unmeasured load of the same images into a private HFB_CACHE), so every
+warmed first (an unmeasured load of the same images into HFB_CACHE), so every
 measured run reads decoded images from the cache, as a user's second run does. ``--code``
 runs another checkout (e.g. main before a change) for a before/after table. Writes
 bench/results/rss-TAG.json. Heavy: run it under ``flock /tmp/hfb-heavy.lock``.
@@ -83,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated --calib-size values; 'default' passes none")
     ap.add_argument("--code", default=str(REPO), help="checkout whose hfbconvert runs")
     ap.add_argument("--tag", required=True)
-    ap.add_argument("--cache", default="/tmp/hfb-rss-cache",
-                    help="decode cache shared by runs (HFB_CACHE of every process)")
+    ap.add_argument("--cache", default=os.environ.get("HFB_CACHE")
+                    or str(Path.home() / ".cache" / "hfbconvert"),
+                    help="decode cache of every run (HFB_CACHE; default: the user's)")
     ap.add_argument("--out-dir", default=str(REPO / "bench" / "results"))
     a = ap.parse_args(argv)
     code = Path(a.code).resolve()
