@@ -17,7 +17,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = ("Compressed", "CompressConfig", "describe", "load_model", "load_images", "analyze",
-        "compress", "save_compressed", "load_compressed", "export_onnx", "evaluate")
+        "compress", "save_compressed", "load_compressed", "export_onnx", "evaluate", "finetune")
 __all__ = ["__version__", *_API]
 
 

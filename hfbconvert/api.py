@@ -31,7 +31,8 @@ from .handlers import modules_of_kind
 from .models.info import ModelInfo
 
 __all__ = ["Compressed", "describe", "load_model", "load_images", "analyze", "compress",
-           "save_compressed", "load_compressed", "export_onnx", "evaluate", "CompressConfig"]
+           "save_compressed", "load_compressed", "export_onnx", "evaluate", "CompressConfig",
+           "finetune"]
 
 from .pipeline import CompressConfig  # noqa: E402  (re-exported: the one configuration)
 
@@ -172,3 +173,30 @@ def evaluate(model: nn.Module, data: CalibData, *, reference: nn.Module | None =
     from .evaluation import evaluate as _evaluate
 
     return _evaluate(model, data, label_offset, reference=reference, device=device)
+
+
+def finetune(compressed: Compressed, data: CalibData, *, teacher: nn.Module,
+             epochs: int = 1, learn_codes: bool = False, batch_size: int = 32,
+             lr: float = 1e-4, latent_lr: float = 2e-3, label_weight: float = 1.0,
+             feature_weight: float = 1.0, temperature: float = 1.0,
+             held_fraction: float = 0.1, eval_every: int = 25, patience: int = 3,
+             seed: int = 0, device: str = "cpu", checkpoint: str | os.PathLike | None = None,
+             checkpoint_every: int = 50, resume: bool = False) -> Compressed:
+    """Fine-tune a compressed model further on labelled ``data`` (``load_images`` with the
+    model's classes): distillation from ``teacher`` (the original) plus cross-entropy,
+    optionally learning the ternary codes; early stopping on a held-apart split, whose
+    curve (held KL, agreement, top-1) lands in ``meta["finetune_curve"]``. ``compressed``
+    is left as it was; the result is a new :class:`Compressed` (save it with
+    :func:`save_compressed`). Under torchrun it runs on DDP like ``compress``."""
+    from .retrain import RetrainConfig, retrain
+
+    cfg = RetrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, latent_lr=latent_lr,
+                        label_weight=label_weight, temperature=temperature,
+                        feature_weight=feature_weight, learn_codes=learn_codes,
+                        held_fraction=held_fraction, eval_every=eval_every, patience=patience,
+                        seed=seed)
+    model, meta, _ = retrain(compressed.model, compressed.info, compressed.meta, teacher, data,
+                             cfg, device=device,
+                             checkpoint=None if checkpoint is None else str(checkpoint),
+                             checkpoint_every=checkpoint_every, resume=resume)
+    return Compressed(model, compressed.info, meta)

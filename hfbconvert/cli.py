@@ -203,12 +203,21 @@ def _model_opts(f):
     return f
 
 
+# --calib images used when --calib-size is not given: every stage samples far fewer
+# (statistics 256, reconstruction 256, held-apart 200, auto fine-tune <= 300 x 32 draws),
+# and the decoded images stay in memory (peak RSS grows ~linearly with them, see
+# bench/rss.py), so a training set of 100k images must not be read whole by default
+DEFAULT_CALIB_CAP = 2048
+
+
 def _calib_opts(f):
     f = click.option("--calib", "calib", default=None, metavar="PATH",
                      help="Calibration images: ImageFolder tree, flat folder, .npz, or "
                           "synthetic[:N[:ITERATIONS]] (from BatchNorm statistics).")(f)
     f = click.option("--calib-size", type=click.IntRange(min=1), default=None,
-                     help="Use a seeded random subset of N of the --calib images.")(f)
+                     help="Use a seeded random subset of N of the --calib images. [default: "
+                          f"all, at most {DEFAULT_CALIB_CAP}: every image is held in memory "
+                          "decoded, and no stage gains from more]")(f)
     f = click.option("--resolution", type=click.IntRange(8, 4096), default=None,
                      help="Input side in pixels (default: the model's own).")(f)
     f = click.option("--preset", default=None,
@@ -305,11 +314,14 @@ def _load_calib(path: str | None, info, size: int | None, seed: int, resolution:
             data = data.subset(np.sort(np.random.default_rng(seed).permutation(n)[:size]))
         return data, info
     with progress.task("reading images", None):
-        data = load_images(path, prep, size=size, seed=seed)
+        data = load_images(path, prep, size=size or DEFAULT_CALIB_CAP, seed=seed)
     if data.skipped:
         progress.warn(f"{path}: skipped {data.skipped} unreadable image(s)"
                       + (f", e.g. {data.skipped_examples[0]}" if data.skipped_examples else ""))
-    progress.info(f"calibration: {len(data)} images from {path}")
+    capped = size is None and len(data) + data.skipped >= DEFAULT_CALIB_CAP
+    progress.info(f"calibration: {len(data)} images from {path}"
+                  + (f" (a seeded random {DEFAULT_CALIB_CAP}, the default cap; --calib-size N "
+                     "for another number)" if capped else ""))
     return data, info
 
 
@@ -757,6 +769,161 @@ def _versions() -> dict:
     # str(): torch.__version__ is a TorchVersion, which weights-only loading refuses
     return {"hfbconvert": __version__, "torch": str(torch.__version__),
             "onnx": str(onnx.__version__)}
+
+
+# ------------------------------------------------------------------------ finetune
+@main.command("finetune")
+@click.argument("compressed")
+@click.option("--data", "data_path", required=True, metavar="TRAIN_DIR",
+              help="Labelled training images: an ImageFolder (class folders named as the "
+                   "model's classes, or ImageNet wnids; mapped as eval --data maps them) or "
+                   "an .npz with integer labels. A seeded --held-fraction is held apart.")
+@click.option("--data-size", "size", type=click.IntRange(min=1), default=None,
+              help="Use a seeded random subset of N of the --data images.")
+@click.option("--epochs", type=click.IntRange(min=1), required=True,
+              help="Passes over the training images (steps = epochs x images / batch; each "
+                   "step draws a seeded random batch).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="New compressed model (default: COMPRESSED's stem + .ft.hfb.pt); never "
+                   "the input.")
+@click.option("--force", is_flag=True,
+              help="Overwrite the output if it is an existing regular file (never the input).")
+@click.option("--teacher", default=None, metavar="MODEL",
+              help="The original model to distill from (default: the source model the "
+                   "artifact records, loaded without pickle).")
+@click.option("--learn-codes/--freeze-codes", default=False, show_default=True,
+              help="Also learn the ternary codes (latent codes, straight-through rounding "
+                   "at ±0.5, frozen at the end). Changes the ADD count the plan was made for; "
+                   "the new cost is recorded.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Images per step (the global batch: under torchrun split across the "
+                   "processes, so a multiple of their number).")
+@click.option("--lr", type=FiniteFloat(0.0, lo_open=True), default=1e-4, show_default=True,
+              help="Learning rate (Adam) of the continuous parameters, > 0.")
+@click.option("--latent-lr", type=FiniteFloat(0.0, lo_open=True), default=2e-3,
+              show_default=True, help="Learning rate of the latent codes (--learn-codes).")
+@click.option("--label-weight", type=FiniteFloat(0.0), default=1.0, show_default=True,
+              help="Weight of the cross-entropy on the labels next to the distillation "
+                   "terms (0: distillation only).")
+@click.option("--held-fraction", type=FiniteFloat(0.0, 1.0, lo_open=True), default=0.1,
+              show_default=True,
+              help="Fraction of --data held apart for the curve and early stopping (raised "
+                   "towards 200 images while at most a fifth of the data).")
+@click.option("--eval-every", type=click.IntRange(min=0), default=25, show_default=True,
+              help="Check held KL / agreement / top-1 every N steps and keep the best state "
+                   "(0: only before and after).")
+@click.option("--patience", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Stop after this many checks in a row without a new best held KL; the "
+                   "best state is shipped.")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Write OUTPUT.ckpt every N steps (for --resume).")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run from OUTPUT.ckpt (refused when any option "
+                   "or input differs).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a JSON summary to stdout (schema: hfbconvert/schemas/finetune.json).")
+@_source_opt
+@click.option("--trust-pickle", is_flag=True,
+              help="Allow loading a fully pickled --teacher / --source-model (runs code "
+                   "from the file).")
+@_device_opt
+@_common
+def finetune_cmd(compressed, data_path, size, epochs, output, force, teacher, learn_codes,
+                 batch_size, lr, latent_lr, label_weight, held_fraction, eval_every, patience,
+                 checkpoint_every, resume, as_json, source_model, trust_pickle, device, seed,
+                 quiet):
+    """Fine-tune a compressed model further on labelled data: distillation from the
+    original plus cross-entropy on the labels, optionally learning the ternary codes, with
+    early stopping on a held-apart split; writes a new artifact whose report shows the
+    curve. Under torchrun it runs on PyTorch DDP like compress (rank 0 writes and prints)."""
+    import time
+
+    from . import distributed
+    from .artifact import save_compressed
+    from .fileio import output_lock
+    from .retrain import RetrainConfig, retrain
+
+    t0 = time.perf_counter()
+    _setup(quiet, seed)
+    device = _device(device)  # before any work
+    if distributed.is_distributed():
+        distributed.check_batch(batch_size)
+    if compressed.lower().endswith(".onnx"):
+        raise InputError(f"{compressed}: an ONNX file cannot be fine-tuned; pass the .hfb.pt")
+    out = Path(output) if output else _ft_out(compressed)
+    if not (resume and out.exists() and force):
+        _outputs([out], force, [compressed, data_path, teacher, source_model])
+    net, info, meta = _load_any(compressed, None, trust_pickle, source_model)
+    if meta is None:
+        raise InputError(f"{compressed}: not an hfbconvert compressed model (.hfb.pt); "
+                         "compress it first")
+    src = teacher or source_model or meta.get("source_model")
+    if not src:
+        raise InputError(f"{compressed}: records no source model; pass --teacher")
+    if not teacher and not source_model and not src.startswith("builtin:") \
+            and not Path(src).exists():
+        raise InputError(f"{compressed}: its source model {src} is not found from here; "
+                         "pass --teacher")
+    ref, ref_info, _ = _eval_load(src, None, trust_pickle and bool(teacher or source_model),
+                                  compressed_ok=False, need_resolution=False)
+    if ref_info.num_classes != info.num_classes:
+        raise InputError(f"teacher {src} has {ref_info.num_classes} classes but {compressed} "
+                         f"has {info.num_classes}")
+    cfg = RetrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, latent_lr=latent_lr,
+                        label_weight=label_weight, learn_codes=learn_codes,
+                        held_fraction=held_fraction, eval_every=eval_every,
+                        patience=patience, seed=seed)
+    main_rank = distributed.is_main()
+    ckpt = str(out) + ".ckpt"
+    with distributed.session(device), output_lock([out] if main_rank else []):
+        data = _eval_data(compressed, info, data_path, size, seed)
+        t_run = time.perf_counter()
+        model, new_meta, log = retrain(net, info, meta, ref, data, cfg, device=device,
+                                       checkpoint=ckpt, checkpoint_every=checkpoint_every,
+                                       resume=resume, source=compressed)
+        if not main_rank:
+            return
+        new_meta["finetuned_from"] = compressed
+        if Path(compressed).is_file():
+            from .fileio import file_sha256
+
+            new_meta["finetuned_from_sha256"] = file_sha256(compressed)
+        new_meta["versions"] = _versions()
+        t_write = time.perf_counter()
+        save_compressed(out, model, info, new_meta, overwrite=force)
+        Path(ckpt).unlink(missing_ok=True)
+        timings = {"load_s": t_run - t0, "finetune_s": t_write - t_run,
+                   "write_s": time.perf_counter() - t_write}
+    curve = new_meta["finetune_curve"]
+    summary = {"schema_version": JSON_SCHEMA_VERSION, "output": str(out), "input": compressed,
+               "teacher": src, **{k: curve[k] for k in (
+                   "epochs", "steps_planned", "steps_run", "best_step", "stopped_early_at",
+                   "learn_codes", "train_images", "held_images", "world_size")},
+               "curve": {k: curve[k] for k in ("steps", "held_kl", "held_agreement",
+                                               "held_top1")},
+               "final": curve["final"], "cost": new_meta["cost"]["totals"],
+               "timings": timings}
+    if as_json:
+        _emit_json(summary)
+        return
+    click.echo(f"{out}: {curve['steps_run']} of {curve['steps_planned']} steps "
+               f"({curve['train_images']} training images, {curve['held_images']} held apart)"
+               + (f", stopped early at {curve['stopped_early_at']}"
+                  if curve["stopped_early_at"] else "")
+               + f", best state at step {curve['best_step']}")
+    for st, kl, ag, t1 in zip(*(curve[k] for k in ("steps", "held_kl", "held_agreement",
+                                                   "held_top1")), strict=True):
+        click.echo(f"  step {st:>6}  held KL {kl:.4f}  agreement {ag:.4f}"
+                   + (f"  top-1 {t1:.4f}" if t1 is not None else ""))
+    f = curve["final"]
+    click.echo(f"  shipped: held KL {f['held_kl']:.4f}  agreement {f['held_agreement']:.4f}"
+               + (f"  top-1 {f['held_top1']:.4f}" if f["held_top1"] is not None else ""))
+
+
+def _ft_out(compressed: str) -> Path:
+    p = Path(compressed)
+    stem = p.name[:-len(".hfb.pt")] if p.name.endswith(".hfb.pt") else p.stem
+    return p.with_name(stem + ".ft.hfb.pt")
 
 
 # ------------------------------------------------------------------------ eval

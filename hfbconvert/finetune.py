@@ -24,6 +24,8 @@ import hashlib
 import json
 import math
 import os
+import sys
+import types
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -183,6 +185,8 @@ class FinetuneLog:
     eval_steps: list[int] = field(default_factory=list)
     held_kl: list[float] = field(default_factory=list)
     held_agreement: list[float] = field(default_factory=list)
+    # top-1 on the held-apart images, where the evaluator has labels (None where not)
+    held_top1: list[float | None] = field(default_factory=list)
     best_step: int | None = None  # the state shipped (0: the student as given)
     stopped_early_at: int | None = None  # steps done when the held KL stopped improving
     world_size: int = 1  # processes of the run that produced the last steps
@@ -308,7 +312,8 @@ def _set_eval_parts(model: nn.Module) -> None:
             m.eval()
 
 
-Evaluator = Callable[[nn.Module], tuple[float, float]]
+# student -> (held KL, agreement) or (held KL, agreement, top-1 or None)
+Evaluator = Callable[[nn.Module], tuple[float, ...]]
 
 
 def finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
@@ -424,11 +429,13 @@ class _EarlyStop:
         ``patience`` checks in a row)."""
         if self.evaluate is None:
             return False
-        kl, ag = self.evaluate(student) if distributed.is_main() else (0.0, 0.0)
-        kl, ag = distributed.broadcast_floats([kl, ag], self.dev)
+        got = tuple(self.evaluate(student)) if distributed.is_main() else (0.0, 0.0)
+        top1 = got[2] if len(got) > 2 and got[2] is not None else math.nan
+        kl, ag, top1 = distributed.broadcast_floats([got[0], got[1], top1], self.dev)
         self.log.eval_steps.append(done)
         self.log.held_kl.append(kl)
         self.log.held_agreement.append(ag)
+        self.log.held_top1.append(None if math.isnan(top1) else top1)
         if self.best is None or kl < self.best["kl"]:
             self.best = {"step": done, "kl": kl, "student": _deploy_state(student)}
             return False
@@ -558,3 +565,18 @@ def _loop(student, teacher, images, labels, normalize, cfg, opt, start, freeze_s
                           f"held-apart KL not below its best ({stop.best['kl']:.4g} at step "
                           f"{stop.best['step']}) for {cfg.patience} checks")
             return
+
+
+class _CallableModule(types.ModuleType):
+    """``hfbconvert.finetune`` is this module (the package attribute the import system
+    sets for a submodule) and also the public ``hfbconvert.finetune(...)`` of
+    :func:`hfbconvert.api.finetune`: calling the module calls that function, so the API
+    name works whichever was imported first."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from .api import finetune as api_finetune
+
+        return api_finetune(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

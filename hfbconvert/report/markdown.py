@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from .tables import convention_lines, layer_table, stage_table, summary_lines, totals_table
+from .tables import (
+    convention_lines,
+    held_curve_table,
+    layer_table,
+    stage_table,
+    summary_lines,
+    totals_table,
+)
 
 
 def _md_cell(s: str) -> str:
@@ -27,6 +34,9 @@ def render_markdown(rep: dict) -> str:
     if rep.get("stages"):
         parts += ["## Agreement per stage (held-apart images)", "",
                   _md_table(*stage_table(rep)), ""]
+    if rep.get("held_curve"):
+        parts += [f"## Fine-tune curve (held-apart images, {rep['held_curve']['source']})", "",
+                  _md_table(*held_curve_table(rep)), ""]
     parts += ["## Conventions", "", *[f"- {s}" for s in convention_lines(rep)], "",
               "Error columns:", "",
               *[f"- **{k}**: {v}" for k, v in (rep.get("conventions") or {})

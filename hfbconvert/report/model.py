@@ -226,6 +226,26 @@ def _finetune(meta: dict) -> dict | None:
             "agreement": list(log.get("agreement") or [])}
 
 
+
+def _held_curve(meta: dict) -> dict | None:
+    """Held-apart curve: ``hfbconvert finetune``'s (with top-1 where labels exist), else
+    compress's early-stopping checks."""
+    c = meta.get("finetune_curve")
+    if c and c.get("steps"):
+        return {"source": "finetune", "steps": list(c["steps"]),
+                "held_kl": list(c.get("held_kl") or []),
+                "held_agreement": list(c.get("held_agreement") or []),
+                "held_top1": list(c.get("held_top1") or [None] * len(c["steps"])),
+                "best_step": c.get("best_step"), "stopped_early_at": c.get("stopped_early_at")}
+    log = meta.get("finetune_log") or {}
+    if not log.get("eval_steps"):
+        return None
+    return {"source": "compress", "steps": list(log["eval_steps"]),
+            "held_kl": list(log.get("held_kl") or []),
+            "held_agreement": list(log.get("held_agreement") or []),
+            "held_top1": list(log.get("held_top1") or [None] * len(log["eval_steps"])),
+            "best_step": log.get("best_step"), "stopped_early_at": log.get("stopped_early_at")}
+
 def _export(export: dict | None) -> dict | None:
     if not export:
         return None
@@ -266,6 +286,7 @@ def build_report(meta: dict, info: ModelInfo | None, export: dict | None = None)
         "stages": [dict(s) for s in meta.get("stages") or []],
         "final_agreement": _finite(meta.get("final_agreement")),
         "finetune": _finetune(meta),
+        "held_curve": _held_curve(meta),
         "export": _export(export),
         "plan_notes": list(plan.get("notes") or []),
         "conventions": conv,

@@ -74,6 +74,16 @@ def stage_table(rep: dict) -> tuple[list[str], list[list[str]]]:
     return ["stage", "top-1 agreement", "seconds"], rows
 
 
+
+def held_curve_table(rep: dict) -> tuple[list[str], list[list[str]]]:
+    c = rep.get("held_curve") or {}
+    rows = [[str(st) + (" (shipped)" if st == c.get("best_step") else ""),
+             fmt_num(_finite(kl), ".4f"), fmt_num(_finite(ag), ".4f"), fmt_num(_finite(t1), ".4f")]
+            for st, kl, ag, t1 in zip(c.get("steps") or [], c.get("held_kl") or [],
+                                      c.get("held_agreement") or [], c.get("held_top1") or [],
+                                      strict=False)]
+    return ["step", "held KL", "agreement", "top-1"], rows
+
 def summary_lines(rep: dict) -> list[str]:
     """One-line facts above the tables (model, method, budget, calibration, export)."""
     m, t = rep.get("model") or {}, rep.get("totals") or {}

@@ -10,6 +10,7 @@
 ``artifact-meta``     the ``meta`` dict inside a ``.hfb.pt``
 ``eval``              ``eval --json``
 ``eval-compare``      ``eval --compare A B --json``
+``finetune``          ``finetune --json``
 ====================  ==================================================================
 
 :func:`validate` uses the ``jsonschema`` package when it is installed (the ``dev``
@@ -27,7 +28,7 @@ from importlib import resources
 from typing import Any
 
 NAMES = ("analyze", "compress", "compress-plan", "report", "export-onnx", "hw",
-         "artifact-meta", "eval", "eval-compare")
+         "artifact-meta", "eval", "eval-compare", "finetune")
 
 # what the built-in checker understands; a test keeps the schemas inside this set
 KEYWORDS = frozenset({

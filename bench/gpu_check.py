@@ -1,0 +1,117 @@
+"""End-to-end check of the CUDA path: ``compress --device cuda`` against the same command on
+the CPU, on MobileNetV1-0.5-160 with the shared calibration images. It compares the plan
+(must be identical: planning runs the same float64 statistics), the held-apart agreement,
+the fine-tuned weights (float tolerance) and the wall time of each run, and writes
+bench/results/gpu-check.json. Without CUDA it says so and exits 0 (no test depends on a GPU).
+
+    HFB_SHARED=/work/shared python -m bench.gpu_check                # defaults below
+    python -m bench.gpu_check --calib-size 500 --steps 100 --out bench/results/gpu-check.json
+
+Exit 0: checks passed, or no CUDA (skipped); 1: a check failed; 2: inputs missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+SHARED = os.environ.get("HFB_SHARED", "../shared")
+
+
+def _run(args: list[str], out: Path) -> tuple[dict[str, Any], float]:
+    """One ``compress --json`` in a fresh process (its own CUDA context), timed."""
+    cmd = [sys.executable, "-m", "hfbconvert.cli", "compress", *args, "-o", str(out), "--json",
+           "--min-agreement", "0"]
+    t = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if res.returncode != 0:
+        raise SystemExit(f"FAIL: {' '.join(cmd)} exited {res.returncode}: "
+                         f"{res.stderr.strip().splitlines()[-1:]}")
+    return json.loads(res.stdout), wall
+
+
+def _plan_key(meta: dict[str, Any]) -> list[tuple[str, int, tuple[int, ...]]]:
+    return [(lp["name"], int(lp["r"]), tuple(lp.get("critical_idx") or []))
+            for lp in meta["plan"]["layers"]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=os.path.join(SHARED, "models/mobilenet_v1_0.5_160.pt"))
+    ap.add_argument("--calib", default=os.path.join(SHARED, "data/imagenet/calib"))
+    ap.add_argument("--calib-size", type=int, default=1000)
+    ap.add_argument("--steps", default="100", help="fine-tune steps of both runs")
+    ap.add_argument("--weight-tol", type=float, default=1e-2,
+                    help="max relative difference of any fine-tuned weight tensor")
+    ap.add_argument("--agreement-tol", type=float, default=0.01)
+    ap.add_argument("--out", default="bench/results/gpu-check.json")
+    ap.add_argument("--against", default="cuda",
+                    help="device compared with the CPU run ('cpu' exercises this script "
+                         "without a GPU)")
+    a = ap.parse_args(argv)
+
+    import torch
+
+    if a.against == "cuda" and not torch.cuda.is_available():
+        print("no CUDA: skipped (bench/gpu_check.py checks the --device cuda path on a GPU "
+              "machine)")
+        return 0
+    for p in (a.model, a.calib):
+        if not Path(p).exists():
+            print(f"error: {p}: not found (set HFB_SHARED)", file=sys.stderr)
+            return 2
+    from hfbconvert.artifact import load_compressed
+
+    common = [a.model, "--calib", a.calib, "--calib-size", str(a.calib_size), "--steps",
+              a.steps, "--seed", "0", "-q"]
+    with tempfile.TemporaryDirectory() as d:
+        runs = {}
+        for key, dev in (("cpu", "cpu"), ("cuda", a.against)):
+            out = Path(d) / f"{key}.hfb.pt"
+            summary, wall = _run([*common, "--device", dev], out)
+            model, _, meta = load_compressed(out)
+            runs[key] = {"summary": summary, "wall_s": wall, "meta": meta,
+                         "state": model.state_dict()}
+    cpu, gpu = runs["cpu"], runs["cuda"]
+    same_plan = _plan_key(cpu["meta"]) == _plan_key(gpu["meta"])
+    rel = 0.0
+    for k, v in cpu["state"].items():
+        w = gpu["state"][k]
+        if v.is_floating_point():
+            rel = max(rel, float((v.double() - w.double()).norm()
+                                 / v.double().norm().clamp_min(1e-30)))
+        elif not torch.equal(v, w):
+            rel = max(rel, float("inf"))
+    ag_cpu = cpu["summary"]["final_agreement"]
+    ag_gpu = gpu["summary"]["final_agreement"]
+    checks = {"same_plan": same_plan, "weights_within_tol": rel <= a.weight_tol,
+              "agreement_within_tol": ag_cpu is not None and ag_gpu is not None
+              and abs(ag_cpu - ag_gpu) <= a.agreement_tol}
+    result = {
+        "command": "python -m bench.gpu_check " + " ".join(argv if argv is not None
+                                                          else sys.argv[1:]),
+        "device": torch.cuda.get_device_name(0) if a.against == "cuda" else a.against,
+        "torch": str(torch.__version__),
+        "model": a.model, "calib": a.calib, "calib_size": a.calib_size, "steps": a.steps,
+        "agreement": {"cpu": ag_cpu, "cuda": ag_gpu},
+        "max_rel_weight_diff": rel,
+        "wall_s": {"cpu": round(cpu["wall_s"], 2), "cuda": round(gpu["wall_s"], 2)},
+        "timings": {"cpu": cpu["summary"]["timings"], "cuda": gpu["summary"]["timings"]},
+        "checks": checks, "passed": all(checks.values())}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: result[k] for k in ("device", "agreement", "max_rel_weight_diff",
+                                             "wall_s", "checks", "passed")}, indent=1))
+    return 0 if result["passed"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

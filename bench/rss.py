@@ -1,0 +1,115 @@
+"""Peak RSS of ``compress --steps 0`` against the number of calibration images.
+
+Each run is a fresh ``python -m hfbconvert.cli compress`` in its own wrapper process, whose
+``RUSAGE_CHILDREN`` peak resident set is the compress process's. The decode cache is
+warmed first (an unmeasured load of the same images into HFB_CACHE), so every
+measured run reads decoded images from the cache, as a user's second run does. ``--code``
+runs another checkout (e.g. main before a change) for a before/after table. Writes
+bench/results/rss-TAG.json. Heavy: run it under ``flock /tmp/hfb-heavy.lock``.
+
+    flock /tmp/hfb-heavy.lock python -m bench.rss --tag after --sizes 256,1024,5000,default
+    flock /tmp/hfb-heavy.lock python -m bench.rss --tag before --code /path/to/main
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHARED = os.environ.get("HFB_SHARED", "../shared")
+REPO = Path(__file__).resolve().parent.parent
+
+WRAPPER = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+           "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)")
+
+
+def _env(code: Path, cache: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"PYTHONPATH": str(code), "HFB_CACHE": str(cache),
+                "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1")})
+    return env
+
+
+def warm(code: Path, cache: Path, model: str, calib: str, size: int | None) -> None:
+    """Decode (and cache) exactly the images compress will read, unmeasured."""
+    script = ("import sys; from calib.presets import preset_for; "
+              "from calib.readers import load_images; "
+              "from hfbconvert.models.loading import load_model; "
+              "_, info = load_model(sys.argv[1]); "
+              "import hfbconvert.cli as c; "
+              "n = getattr(c, 'DEFAULT_CALIB_CAP', None) if sys.argv[3] == 'None' "
+              "else int(sys.argv[3]); "
+              "load_images(sys.argv[2], preset_for(info), size=n, seed=0)")
+    subprocess.run([sys.executable, "-c", script, model, calib, str(size)], check=True,
+                   env=_env(code, cache), cwd=code)
+
+
+def measure(code: Path, cache: Path, model: str, calib: str, size: int | None,
+            out: Path) -> dict:
+    cmd = [sys.executable, "-m", "hfbconvert.cli", "compress", model, "--calib", calib,
+           "--steps", "0", "-o", str(out), "--force", "-q", "--min-agreement", "0"]
+    if size is not None:
+        cmd += ["--calib-size", str(size)]
+    t = time.perf_counter()
+    res = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], capture_output=True,
+                         text=True, env=_env(code, cache), cwd=code)
+    wall = time.perf_counter() - t
+    kib, rc = res.stdout.split()[-2:]
+    if int(rc) != 0:
+        raise SystemExit(f"compress failed ({rc}): {res.stderr.strip()[-500:]}")
+    meta_n = None
+    try:  # the images compress used (the default cap shows here)
+        import torch
+
+        obj = torch.load(out, weights_only=True)
+        meta_n = (obj.get("meta") or {}).get("calibration", {}).get("n_images")
+    except Exception:  # an older checkout's artifact: the count stays unknown
+        pass
+    return {"calib_size": "default" if size is None else size, "images_used": meta_n,
+            "peak_rss_mib": round(int(kib) / 1024, 1), "wall_s": round(wall, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=os.path.join(SHARED, "models/mobilenet_v1_0.5_160.pt"))
+    ap.add_argument("--calib", default=os.path.join(SHARED, "data/imagenet/calib"))
+    ap.add_argument("--sizes", default="256,1024,5000,default",
+                    help="comma-separated --calib-size values; 'default' passes none")
+    ap.add_argument("--code", default=str(REPO), help="checkout whose hfbconvert runs")
+    ap.add_argument("--tag", required=True)
+    ap.add_argument("--cache", default=os.environ.get("HFB_CACHE")
+                    or str(Path.home() / ".cache" / "hfbconvert"),
+                    help="decode cache of every run (HFB_CACHE; default: the user's)")
+    ap.add_argument("--out-dir", default=str(REPO / "bench" / "results"))
+    a = ap.parse_args(argv)
+    code = Path(a.code).resolve()
+    sizes = [None if s == "default" else int(s) for s in a.sizes.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        cache = Path(a.cache)
+        for size in sizes:
+            warm(code, cache, a.model, a.calib, size)
+            row = measure(code, cache, a.model, a.calib, size, Path(d) / "m.hfb.pt")
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    git = subprocess.run(["git", "-C", str(code), "rev-parse", "--short", "HEAD"],
+                         capture_output=True, text=True).stdout.strip()
+    result = {"command": "python -m bench.rss " + " ".join(argv if argv is not None
+                                                          else sys.argv[1:]),
+              "code": str(code), "commit": git, "model": a.model, "calib": a.calib,
+              "what": "peak RSS (ru_maxrss) of compress --steps 0, decode cache warm",
+              "rows": rows}
+    out = Path(a.out_dir) / f"rss-{a.tag}.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,219 @@
+"""Longer fine-tuning of a finished compressed model (``hfbconvert finetune``).
+
+``compress`` fine-tunes briefly on the calibration images (a few hundred steps, the
+ternary codes kept). A user with time and a labelled training set can take the result
+further: distillation from the original (logits and every hybrid layer's output, as in
+compress) plus cross-entropy on the labels, optionally learning the ternary codes too
+(latent codes with straight-through rounding, :mod:`.hybrid`). A seeded held-apart split
+of the training data gives the curve (held KL, agreement with the original, top-1) that
+early stopping reads; the best state checked ships, the input artifact is never touched.
+
+Everything distributed, resumable and deterministic comes from :func:`.finetune.finetune`
+(DDP under torchrun, checkpoints refusing a changed configuration, batches a function of
+(seed, step)); this module only prepares the student, the held split and the metadata.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from calib.readers import CalibData
+
+from . import progress
+from .costs import model_cost
+from .errors import InputError
+from .finetune import FinetuneConfig, FinetuneLog, finetune, fingerprint
+from .hybrid import HybridPointwise
+from .metrics import wilson_interval
+from .models.info import ModelInfo
+from .pipeline import normalizer
+from .weightquant import apply_weight_bits
+
+# fewer held-apart images than this and the curve's agreement is noise (95% interval
+# +-0.07 at 200); the split takes held_fraction of the data, raised towards this
+MIN_HELD = 200
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    """Options of ``hfbconvert finetune`` that decide the result (all recorded in the
+    artifact and in the checkpoint)."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 1e-4
+    latent_lr: float = 2e-3
+    label_weight: float = 1.0
+    temperature: float = 1.0
+    feature_weight: float = 1.0
+    learn_codes: bool = False
+    held_fraction: float = 0.1
+    eval_every: int = 25
+    patience: int = 3
+    warmup: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) \
+                or self.epochs < 1:
+            raise InputError(f"epochs must be an integer >= 1, got {self.epochs!r}")
+        if not (isinstance(self.held_fraction, float | int)
+                and 0.0 < self.held_fraction < 1.0):
+            raise InputError(f"held_fraction must be in (0, 1), got {self.held_fraction!r}")
+
+
+def steps_for(n_train: int, epochs: int, batch_size: int) -> int:
+    """Optimizer steps of ``epochs`` passes: each step draws a seeded random batch (with
+    replacement, as compress's fine-tune does), so an "epoch" is as many samples as
+    training images, not a permutation."""
+    return epochs * math.ceil(n_train / batch_size)
+
+
+def unfreeze_codes(model: nn.Module) -> int:
+    """Deploy form -> training form for every hybrid layer: latents start exactly at the
+    codes (rounding gives them back unchanged), so the function is the same until a
+    latent crosses ±0.5. Returns how many layers were unfrozen."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, HybridPointwise) and m.frozen:
+            m.wb_latent = nn.Parameter(m.wb_codes.float().clone())
+            m.wc_latent = nn.Parameter(m.wc_codes.float().clone())
+            m.frozen = False
+            n += 1
+    return n
+
+
+def code_counts(model: nn.Module) -> dict[str, int]:
+    """Non-zero ternary codes (ADDs per output pixel, roughly) over all hybrid layers."""
+    nz = tot = 0
+    for m in model.modules():
+        if isinstance(m, HybridPointwise):
+            for t in (m.wb_codes, m.wc_codes):
+                nz += int((t != 0).sum())
+                tot += t.numel()
+    return {"nonzero": nz, "total": tot}
+
+
+def check_labels(data: CalibData, info: ModelInfo, what: str) -> None:
+    """Labels present and inside the model's classes (one line naming ``what``)."""
+    if data.labels is None:
+        raise InputError(f"{what}: no labels (expected class sub-folders named as the "
+                         "model's classes, or an .npz with 'labels')")
+    n = int(info.num_classes) - int(info.label_offset)
+    hi, lo = int(data.labels.max()), int(data.labels.min())
+    if lo < 0 or hi >= n:
+        raise InputError(f"{what}: labels span {lo}..{hi} but the model has {n} classes "
+                         "(the class folders do not match the model's classes)")
+
+
+def held_evaluator(teacher: nn.Module, held: CalibData, label_offset: int,
+                   batch_size: int = 256) -> Callable[[nn.Module], tuple[float, ...]]:
+    """student -> (mean KL(teacher||student), agreement, top-1 or None) on ``held``; the
+    teacher's log-probabilities are computed once."""
+    batches = list(held.batches(batch_size))
+    teacher.eval()
+    dev_t = next(iter(teacher.parameters()), torch.zeros(())).device
+    with torch.no_grad():
+        t_log = [torch.log_softmax(teacher(x.to(dev_t)).cpu().double(), 1) for x, _ in batches]
+
+    @torch.no_grad()
+    def evaluate(student: nn.Module) -> tuple[float, float, float | None]:
+        student.eval()
+        dev = next(iter(student.parameters()), torch.zeros(())).device
+        kl, hit, right, n = 0.0, 0, 0, 0
+        for (x, y), lt in zip(batches, t_log, strict=True):
+            s = student(x.to(dev)).cpu()
+            ls = torch.log_softmax(s.double(), 1)
+            kl += float((lt.exp() * (lt - ls)).sum())
+            pred = s.argmax(1)
+            hit += int((pred == lt.argmax(1)).sum())
+            if y is not None:
+                right += int((pred == y + label_offset).sum())
+            n += s.shape[0]
+        top1 = right / max(n, 1) if held.labels is not None else None
+        return kl / max(n, 1), hit / max(n, 1), top1
+
+    return evaluate
+
+
+def _teacher_at(meta: dict[str, Any]) -> dict[str, str]:
+    """A BN folded into a student layer: match that layer at the teacher's BN output."""
+    return {str(a): str(b) for a, b in (meta.get("bn_folded") or [])}
+
+
+def retrain(student: nn.Module, info: ModelInfo, meta: dict[str, Any], teacher: nn.Module,
+            data: CalibData, cfg: RetrainConfig, *, device: str = "cpu",
+            checkpoint: str | None = None, checkpoint_every: int = 50, resume: bool = False,
+            source: str = "compressed model") -> tuple[nn.Module, dict[str, Any], FinetuneLog]:
+    """Fine-tune a copy of ``student`` (a loaded artifact's deploy-form model); returns
+    (deploy-form model, new metadata, log). ``student`` and ``teacher`` are left as given."""
+    if meta.get("activation_bits", 32) == 8:
+        raise InputError(f"{source}: has int8 activations; fine-tuning such an artifact is "
+                         "not supported (fine-tune the float artifact, then compress with "
+                         "--activation-bits 8)")
+    check_labels(data, info, data.source or "data")
+    if len(data) < 10:
+        raise InputError(f"{data.source or 'data'}: {len(data)} image(s); need at least 10 "
+                         "(some are held apart for the curve and early stopping)")
+    count = max(1, round(cfg.held_fraction * len(data)), min(MIN_HELD, len(data) // 5))
+    train, held = data.split(cfg.held_fraction, seed=cfg.seed, count=count)
+    steps = steps_for(len(train), cfg.epochs, cfg.batch_size)
+    ft = FinetuneConfig(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                        latent_lr=cfg.latent_lr, freeze_at=1.0 if cfg.learn_codes else 0.0,
+                        temperature=cfg.temperature, label_weight=cfg.label_weight,
+                        feature_weight=cfg.feature_weight, warmup=min(cfg.warmup, steps),
+                        seed=cfg.seed, checkpoint_every=checkpoint_every,
+                        eval_every=cfg.eval_every, patience=cfg.patience, device=device)
+    model = copy.deepcopy(student).eval()
+    teacher = copy.deepcopy(teacher).eval()
+    codes_before = code_counts(model)
+    identity = {"command": "finetune", "epochs": cfg.epochs, "learn_codes": cfg.learn_codes,
+                "held_fraction": cfg.held_fraction,
+                "input model": fingerprint(model.state_dict().items()),
+                "held images": fingerprint([("images", held.images),
+                                            ("labels", held.labels)])}
+    if cfg.learn_codes:
+        unfreeze_codes(model)
+    evaluate = held_evaluator(teacher, held, info.label_offset)
+    progress.info(f"fine-tune: {len(train)} training images, {len(held)} held apart, "
+                  f"{cfg.epochs} epoch(s) = {steps} steps of {cfg.batch_size}"
+                  + (", learning the ternary codes" if cfg.learn_codes else ""))
+    with progress.task("fine-tune", steps) as bar:
+        log = finetune(model, teacher, train.images, train.labels, normalizer(train), ft,
+                       checkpoint, resume, label_offset=info.label_offset,
+                       on_step=lambda s, lo, ag: bar.advance(
+                           1, info=f"loss {lo:.4f} agree {ag:.2f}"),
+                       teacher_at=_teacher_at(meta), identity=identity, evaluate=evaluate)
+    bits = int(meta.get("weight_bits", 32))
+    new = copy.deepcopy(meta)
+    if bits < 32:  # the trained weights back at the artifact's storage precision
+        new["weight_quant"] = apply_weight_bits(model, bits)
+    final = evaluate(model)  # what ships, after rounding
+    curve = {"steps": list(log.eval_steps), "held_kl": list(log.held_kl),
+             "held_agreement": list(log.held_agreement), "held_top1": list(log.held_top1)}
+    new["finetune_curve"] = {
+        **curve, "epochs": cfg.epochs, "steps_planned": steps,
+        "steps_run": len(log.steps), "best_step": log.best_step,
+        "stopped_early_at": log.stopped_early_at, "learn_codes": cfg.learn_codes,
+        "train_images": len(train), "held_images": len(held), "data": data.source,
+        "config": {k: v for k, v in ft.to_dict().items()
+                   if k not in ("device", "checkpoint_every")},
+        "final": {"held_kl": final[0], "held_agreement": final[1], "held_top1": final[2]},
+        "codes_before": codes_before, "codes_after": code_counts(model),
+        "world_size": log.world_size}
+    new["stages"] = [*(meta.get("stages") or []),
+                     {"stage": f"finetune_cmd_{len(log.steps)}", "agreement": final[1]}]
+    n_held = len(held)
+    k = round(final[1] * n_held)
+    new["final_agreement"] = final[1]  # now on this run's held split
+    new["final_agreement_interval"] = {"n": n_held, "agree": k,
+                                       "ci95": list(wilson_interval(k, n_held))}
+    new["cost"] = model_cost(model, info.resolution).to_dict()
+    return model, new, log

@@ -1,0 +1,279 @@
+"""``hfbconvert finetune`` / ``hfbconvert.finetune``: longer fine-tuning of a compressed
+model with labels (tiny model, a few steps; no shared data needed)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner, Result
+from PIL import Image
+
+import hfbconvert
+from hfbconvert import api, schemas
+from hfbconvert import finetune as finetune_mod
+from hfbconvert.cli import main
+from hfbconvert.errors import InputError
+from hfbconvert.fileio import file_sha256
+from hfbconvert.finetune import FinetuneConfig
+from hfbconvert.pipeline import normalizer
+from hfbconvert.retrain import RetrainConfig, code_counts, retrain, steps_for, unfreeze_codes
+
+from .tiny import TINY_CONFIG, TINY_RES, tiny_info, tiny_v1
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def run(*args: str | Path) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_error(res: Result, *needles: str) -> str:
+    assert res.exit_code == 2, (res.exit_code, res.output, res.exception)
+    assert "Traceback" not in res.output
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1, res.stderr
+    for n in needles:
+        assert n in errors[0], (n, errors[0])
+    return errors[0]
+
+
+def _separable(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two classes a linear read-out separates: red-heavy (0) vs blue-heavy (1)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    img = rng.normal(128, 30, size=(n, TINY_RES, TINY_RES, 3))
+    img[labels == 0, :, :, 0] += 80
+    img[labels == 1, :, :, 2] += 80
+    return np.clip(img, 0, 255).astype(np.uint8), labels
+
+
+def _teacher(npz: Path) -> torch.nn.Module:
+    """The tiny net with BN statistics of the toy images: random BN statistics leave its
+    output the same for every image, which no label can move."""
+    t = tiny_v1()
+    x = api.load_images(npz, tiny_info()).normalized()
+    for m in t.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    t.train()
+    with torch.no_grad():
+        t(x)
+    return t.eval()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("ft")
+    images, labels = _separable(64)
+    npz = d / "sep.npz"
+    np.savez(npz, images=images, labels=labels)
+    teacher = _teacher(npz)
+    ref = d / "teacher.pt"
+    torch.save({"format": "mobilenet-reference-checkpoint/1", "arch": "mobilenet_v1",
+                "width_mult": 0.25, "resolution": TINY_RES, "num_classes": 10,
+                "label_offset": 0, "padding": "pytorch", "stem_stride": 1,
+                "activation": "relu6", "batchnorm": "unfolded",
+                "normalize": {"mean": [0.5] * 3, "std": [0.25] * 3}, "eval_crop": 1.0,
+                "state_dict": teacher.state_dict()}, ref)
+    art = d / "m.hfb.pt"
+    res = run("compress", ref, "--calib", npz, "--steps", "0", "--budget", "0.6", "-o", art,
+              "-q")
+    assert res.exit_code == 0, res.output
+    return {"dir": d, "npz": npz, "ref": ref, "art": art, "teacher": teacher}
+
+
+FAST = ["--epochs", "1", "--batch-size", "16", "--eval-every", "1", "-q"]
+
+
+def test_labels_drive_the_loss_down_on_a_separable_set(setup) -> None:
+    """Cross-entropy dominates (distillation of logits only, small): the training loss
+    falls by more than half within three passes."""
+    comp = api.load_compressed(setup["art"])
+    data = api.load_images(setup["npz"], comp.info)
+    cfg = RetrainConfig(epochs=3, batch_size=16, lr=1e-2, label_weight=10.0,
+                        feature_weight=0.0, eval_every=0, warmup=2)
+    _, meta, log = retrain(comp.model, comp.info, comp.meta, setup["teacher"], data, cfg)
+    k = len(log.loss) // 3
+    assert len(log.loss) == steps_for(meta["finetune_curve"]["train_images"], 3, 16)
+    assert np.mean(log.loss[-k:]) < 0.5 * np.mean(log.loss[:k]), log.loss
+    without = RetrainConfig(epochs=1, batch_size=16, lr=1e-2, label_weight=0.0,
+                            feature_weight=0.0, eval_every=0, warmup=2)
+    _, _, log0 = retrain(comp.model, comp.info, comp.meta, setup["teacher"], data, without)
+    assert log.loss[0] > 10 * log0.loss[0]  # the labels are in the loss
+
+
+def test_public_api_name_is_callable_and_leaves_its_input(setup) -> None:
+    comp = api.load_compressed(setup["art"])
+    before = {k: v.clone() for k, v in comp.model.state_dict().items()}
+    data = api.load_images(setup["npz"], comp.info)
+    out = hfbconvert.finetune(comp, data, teacher=setup["teacher"], epochs=1, batch_size=16,
+                              learn_codes=True, eval_every=0)
+    assert all(torch.equal(before[k], v) for k, v in comp.model.state_dict().items())
+    c = out.meta["finetune_curve"]
+    assert c["learn_codes"] and c["steps"] == [0, c["steps_run"]] and c["steps_run"] == 4
+    assert code_counts(out.model) == c["codes_after"]
+    assert out.meta["stages"][-1]["stage"] == "finetune_cmd_4"
+
+
+def test_learned_codes_move_from_a_loaded_artifact(setup) -> None:
+    """Deploy form -> latents -> STE updates -> frozen again: codes change, and the cost
+    the artifact records follows them."""
+    comp = api.load_compressed(setup["art"])
+    data = api.load_images(setup["npz"], comp.info)
+    model = comp.model
+    before = code_counts(model)
+    codes = {n: b.clone() for n, b in model.named_buffers() if n.endswith("_codes")}
+    unfreeze_codes(model)
+    cfg = FinetuneConfig(steps=3, batch_size=16, latent_lr=0.5, freeze_at=1.0, warmup=0)
+    finetune_mod.finetune(model, setup["teacher"], data.images, data.labels,
+                          normalizer(data), cfg)
+    changed = sum(int((b != codes[n]).sum()) for n, b in model.named_buffers()
+                  if n.endswith("_codes"))
+    assert changed > 0 and code_counts(model) != before
+    assert all(m.frozen for m in model.modules() if hasattr(m, "frozen"))
+
+
+def test_unfreeze_keeps_the_function(setup) -> None:
+    comp = api.load_compressed(setup["art"])
+    x = api.load_images(setup["npz"], comp.info).normalized()[:4]
+    with torch.no_grad():
+        y0 = comp.model(x)
+        assert unfreeze_codes(comp.model) > 0
+        torch.testing.assert_close(comp.model(x), y0)
+
+
+def test_cli_writes_a_new_artifact_with_the_curve(setup) -> None:
+    art, out = setup["art"], setup["dir"] / "out.hfb.pt"
+    sha = file_sha256(art)
+    res = run("finetune", art, "--data", setup["npz"], *FAST, "-o", out, "--json")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    schemas.validate(summary, "finetune")
+    assert file_sha256(art) == sha and out.exists() and not Path(f"{out}.ckpt").exists()
+    assert summary["curve"]["steps"][0] == 0 and len(summary["curve"]["held_top1"]) > 1
+    assert all(t is not None for t in summary["curve"]["held_top1"])
+    meta = api.load_compressed(out).meta
+    assert meta["finetune_curve"]["steps"] == summary["curve"]["steps"]
+    schemas.validate(meta, "artifact-meta")
+    # the output exists now: refused without --force, one line
+    one_error(run("finetune", art, "--data", setup["npz"], *FAST, "-o", out), str(out))
+    rep = setup["dir"] / "rep"
+    res = run("report", out, "--output-dir", rep, "-q")
+    assert res.exit_code == 0, res.output
+    md = (rep / "report.md").read_text()
+    assert "## Fine-tune curve (held-apart images, finetune)" in md
+    assert re.search(r"\| 0( \(shipped\))? \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \|", md)
+
+
+def test_resume_refuses_a_changed_configuration(setup) -> None:
+    comp = api.load_compressed(setup["art"])
+    data = api.load_images(setup["npz"], comp.info)
+    out = setup["dir"] / "resumed.hfb.pt"
+    ckpt = f"{out}.ckpt"
+    # a run the CLI would make with FAST, interrupted after its last checkpoint
+    cfg = RetrainConfig(epochs=1, batch_size=16, eval_every=1)
+    retrain(comp.model, comp.info, comp.meta, api.load_model(setup["ref"])[0], data, cfg,
+            checkpoint=ckpt, checkpoint_every=1)
+    err = one_error(run("finetune", setup["art"], "--data", setup["npz"], *FAST, "-o", out,
+                        "--resume", "--lr", "0.001"), ckpt, "finetune.lr")
+    assert "not resuming" in err
+    one_error(run("finetune", setup["art"], "--data", setup["npz"], *FAST, "-o", out,
+                  "--resume", "--learn-codes"), ckpt, "learn_codes")
+    res = run("finetune", setup["art"], "--data", setup["npz"], *FAST[:-1], "-o", out,
+              "--resume")
+    assert res.exit_code == 0, res.output
+    assert "resuming from step" in res.stderr
+
+
+def _folder(root: Path, classes: list[str], per: int = 3) -> Path:
+    images, _ = _separable(per * len(classes))
+    for i, c in enumerate(classes):
+        (root / c).mkdir(parents=True)
+        for j in range(per):
+            Image.fromarray(images[i * per + j]).save(root / c / f"{j}.png")
+    return root
+
+
+def test_bad_input_is_one_line_exit_2(setup, tmp_path) -> None:
+    art, npz = setup["art"], setup["npz"]
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    images, _ = _separable(12)
+    for j, im in enumerate(images):
+        Image.fromarray(im).save(flat / f"{j}.png")
+    one_error(run("finetune", art, "--data", flat, *FAST, "-o", tmp_path / "a.hfb.pt"),
+              "no labels")
+    one_error(run("finetune", art, "--data", npz, "--epochs", "0", "-o", tmp_path / "b"),
+              "--epochs")
+    twelve = _folder(tmp_path / "twelve", [f"c{i:02d}" for i in range(12)])
+    one_error(run("finetune", art, "--data", twelve, *FAST, "-o", tmp_path / "c.hfb.pt"),
+              str(twelve), "10 classes")
+    one_error(run("finetune", art, "--data", npz, *FAST, "-o", art, "--force"), str(art))
+    one_error(run("finetune", setup["ref"], "--data", npz, *FAST, "-o", tmp_path / "d"),
+              "not an hfbconvert compressed model")
+    one_error(run("finetune", art, "--data", npz, *FAST, "-o", tmp_path / "e",
+                  "--teacher", tmp_path / "missing.pt"), "missing.pt")
+    with pytest.raises(InputError, match="epochs must be"):
+        RetrainConfig(epochs=0)
+    assert TINY_CONFIG["num_classes"] == 10
+
+
+@pytest.mark.slow
+def test_under_torchrun_two_ranks_match_one_process(setup, tmp_path) -> None:
+    """2 gloo ranks, the global batch split: rank 0 alone writes and prints, and the
+    curve and the shipped weights match one process."""
+    from .test_distributed import TOL, _max_diff, _torchrun
+
+    args = ["finetune", str(setup["art"]), "--data", str(setup["npz"]), "--epochs", "1",
+            "--batch-size", "16", "--eval-every", "2", "--json"]
+    d2 = tmp_path / "two"
+    d2.mkdir()
+    res = _torchrun(["-m", "hfbconvert.cli", *args, "-o", str(d2 / "out.hfb.pt")], d2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    two = json.loads(res.stdout)  # one JSON document: rank 1 prints nothing
+    assert sorted(p.name for p in d2.iterdir()) == ["out.hfb.pt"]
+    one = run(*args, "-o", tmp_path / "one.hfb.pt")
+    assert one.exit_code == 0, one.output
+    one = json.loads(one.stdout)
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert one["curve"]["steps"] == two["curve"]["steps"] == [0, 2, 4]
+    for a, b in zip(one["curve"]["held_kl"], two["curve"]["held_kl"], strict=True):
+        assert abs(a - b) < TOL
+    m1 = api.load_compressed(tmp_path / "one.hfb.pt").model.state_dict()
+    m2 = api.load_compressed(d2 / "out.hfb.pt").model.state_dict()
+    assert _max_diff(m1, m2) < TOL
+
+
+def test_default_calib_size_is_capped(setup, monkeypatch) -> None:
+    """Without --calib-size at most DEFAULT_CALIB_CAP images are read (seeded); an explicit
+    N still takes N."""
+    from hfbconvert import cli
+
+    monkeypatch.setattr(cli, "DEFAULT_CALIB_CAP", 30)
+    capped, _ = cli._load_calib(str(setup["npz"]), tiny_info(), None, 0, None, None)
+    again, _ = cli._load_calib(str(setup["npz"]), tiny_info(), None, 0, None, None)
+    more, _ = cli._load_calib(str(setup["npz"]), tiny_info(), 50, 0, None, None)
+    assert len(capped) == 30 and len(more) == 50
+    assert capped.files == again.files
+
+
+def test_report_curve_falls_back_to_compress_checks() -> None:
+    """An artifact compress fine-tuned (no finetune_curve) shows compress's early-stopping
+    checks; one with neither has no curve section."""
+    from hfbconvert.report import build_report, render_markdown
+
+    log = {"steps": [0, 1, 2], "loss": [1.0, 0.9, 0.8], "agreement": [0.5, 0.6, 0.7],
+           "eval_steps": [0, 2], "held_kl": [0.3, 0.2], "held_agreement": [0.9, 0.95],
+           "best_step": 2, "stopped_early_at": None}
+    rep = build_report({"finetune_log": log}, None)
+    schemas.validate(rep, "report")
+    assert rep["held_curve"]["source"] == "compress" and rep["held_curve"]["steps"] == [0, 2]
+    md = render_markdown(rep)
+    assert "| 2 (shipped) | 0.2000 | 0.9500 | n/a |" in md
+    assert "Fine-tune curve" not in render_markdown(build_report({}, None))
