@@ -439,6 +439,13 @@ def _analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, b
               help="Cap on arithmetic energy (cost model) as a fraction of the original "
                    "model's at the same activation bits, in (0, 1]; with "
                    "--activation-bits 8, 1.0 means no more than int8 PTQ.")
+@click.option("--energy-model", default="constants", show_default=True,
+              metavar="constants|NAME|FILE.yaml",
+              help="What prices --energy-budget: 'constants' (the 45 nm arithmetic table), or "
+                   "an accelerator (shipped name such as hybrid_int8, or a YAML; "
+                   "docs/hardware.md) priced by ZigZag with memory traffic; the budget is "
+                   "then a fraction of the original model on that design's equal-area "
+                   "MAC-only baseline.")
 @click.option("--critical-fraction", type=FiniteFloat(0.0, 1.0), default=None,
               help="Paper-style uniform mode: this fraction of each layer stays full "
                    "precision (replaces --budget; the two are refused together).")
@@ -521,6 +528,7 @@ def _analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, b
 @click.pass_context
 def compress(ctx, model, arch, trust_pickle, calib, calib_size, resolution, preset, output,
              force, method, budget, max_add_increase, size_budget, energy_budget,
+             energy_model,
              critical_fraction, hidden_units_ratio, plan_file, dry_run, steps, batch_size,
              eval_every, patience, lr, reconstruct, sequential, bias_correction, bn_adjust,
              min_agreement, resume,
@@ -550,6 +558,12 @@ def compress(ctx, model, arch, trust_pickle, calib, calib_size, resolution, pres
         raise InputError("--critical-fraction replaces --budget (uniform mode); give one")
     budget = 0.536 if budget is None else budget
     check_caps(method, critical_fraction, size_budget, energy_budget)
+    if energy_model != "constants":
+        from .hw.spec import load_design
+
+        if energy_budget is None:
+            raise InputError("--energy-model prices --energy-budget; give --energy-budget too")
+        load_design(energy_model)  # a bad accelerator file fails before any work
     activation_bits, hidden_bits = int(activation_bits), int(hidden_bits)
     if hidden_bits != 32 and activation_bits != 8:
         raise InputError("--hidden-bits applies only with --activation-bits 8")
@@ -566,6 +580,7 @@ def compress(ctx, model, arch, trust_pickle, calib, calib_size, resolution, pres
         method=method, budget=budget, critical_fraction=critical_fraction,
         hidden_units_ratio=hidden_units_ratio, max_add_increase=max_add_increase,
         size_budget=size_budget, energy_budget=energy_budget, reconstruct=reconstruct,
+        energy_model=energy_model,
         sequential=sequential, bias_correction=bias_correction, bn_adjust=bn_adjust,
         min_agreement=min_agreement, seed=seed, include=tuple(include),
         exclude=tuple(exclude),
