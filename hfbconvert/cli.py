@@ -1067,8 +1067,11 @@ def export_onnx_cmd(model, arch, trust_pickle, output, force, opset, pack, verif
                    "pickled code, so report never unpickles anything.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the report as JSON to stdout (schema_version inside).")
+@click.option("--hw", "hw_json", type=click.Path(dir_okay=False), default=None,
+              help="Add a hardware section (table, energy-split plots) from this "
+                   "'hfbconvert hw -o FILE.json' report.")
 @_quiet
-def report(compressed, output_dir, force, trust_pickle, as_json, quiet):
+def report(compressed, output_dir, force, trust_pickle, as_json, hw_json, quiet):
     """Per-layer report of a compressed model (terminal table, or files)."""
     from .artifact import load_compressed_meta
     from .fileio import output_lock
@@ -1084,16 +1087,31 @@ def report(compressed, output_dir, force, trust_pickle, as_json, quiet):
         d.mkdir(parents=True, exist_ok=True)
         paths = _outputs([d / f"report.{ext}" for ext in ("json", "md", "html")], force,
                          [compressed])
+    hardware = _read_hw_json(hw_json) if hw_json else None
     info, meta = load_compressed_meta(compressed)  # no network needed: any model reports
-    rep = build_report(meta, info)
+    rep = build_report(meta, info, hardware=hardware)
     with output_lock(paths):
         if output_dir:
-            for p in write_reports(meta, info, Path(output_dir), overwrite=force):
+            for p in write_reports(meta, info, Path(output_dir), overwrite=force,
+                                   hardware=hardware):
                 progress.info(f"wrote {p}")
     if as_json:
         _emit_json(rep)
     else:
         print_report(rep)
+
+
+def _read_hw_json(path: str) -> dict:
+    """An ``hfbconvert hw`` JSON report (report --hw), or one InputError line."""
+    from .hw.report import check_hw_report
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file (--hw)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable JSON file (--hw: {exc})") from None
+    return check_hw_report(data, path)
 
 
 @main.command("hw")

@@ -298,8 +298,10 @@ def _export(export: dict | None) -> dict | None:
                 "agreement": _finite(ver.get("agreement"))}}
 
 
-def build_report(meta: dict, info: ModelInfo | None, export: dict | None = None) -> dict:
-    """Per-layer rows, totals and conventions of one compression, as plain JSON data."""
+def build_report(meta: dict, info: ModelInfo | None, export: dict | None = None,
+                 hardware: dict | None = None) -> dict:
+    """Per-layer rows, totals and conventions of one compression, as plain JSON data;
+    ``hardware``: an ``hfbconvert hw`` JSON report to include (``report --hw``)."""
     conv = _conventions(meta)
     fp_bits, consts = conv["fp_bits"], conv["energy_constants_pj"]
     before = (meta.get("original_cost") or {}).get("layers") or []
@@ -312,7 +314,9 @@ def build_report(meta: dict, info: ModelInfo | None, export: dict | None = None)
                        p_by.get(ly["name"]), fp_bits, consts) for ly in layers]
     names = {ly["name"] for ly in layers}
     calib = meta.get("calibration")
+    extra = {"hardware": hardware} if hardware is not None else {}
     return _clean({
+        **extra,
         "schema_version": SCHEMA_VERSION,
         "kind": "hfb_report",
         "model": _model(meta, info),
@@ -469,6 +473,10 @@ def render_markdown(rep: dict) -> str:
                 .get("errors", {}).items()], ""]
     if rep.get("plan_notes"):
         parts += ["## Planner notes", "", *[f"- {n}" for n in rep["plan_notes"]], ""]
+    if rep.get("hardware"):
+        from ..hw.report import markdown as hw_markdown
+
+        parts += ["## Hardware (accelerator model)", "", hw_markdown(rep["hardware"]), ""]
     if rep.get("versions"):
         parts += ["## Versions", "", ", ".join(f"{k} {v}" for k, v in rep["versions"].items()),
                   ""]
@@ -642,6 +650,10 @@ def render_html(rep: dict) -> str:
     ft = plot_finetune(rep)
     if ft is not None:
         body += ["<h2>Fine-tuning</h2>", _img(ft, "fine-tuning loss and agreement")]
+    if rep.get("hardware"):
+        from ..hw.report import html_section
+
+        body.append(html_section(rep["hardware"]))
     body += ["<h2>Conventions</h2>",
              "<ul>" + "".join(f"<li>{e(s)}</li>" for s in convention_lines(rep)) + "</ul>",
              "<ul>" + "".join(f"<li><b>{e(k)}</b>: {e(v)}</li>"
@@ -659,11 +671,12 @@ def render_html(rep: dict) -> str:
 
 # ------------------------------------------------------------------------ files
 def write_reports(meta: dict, info: ModelInfo | None, out_dir: Path,
-                  export: dict | None = None, overwrite: bool = True) -> list[Path]:
+                  export: dict | None = None, overwrite: bool = True,
+                  hardware: dict | None = None) -> list[Path]:
     """Write report.json, report.md and report.html into ``out_dir`` (each atomically;
     ``overwrite`` False refuses a file that exists at the rename)."""
     out_dir = Path(out_dir)
-    rep = build_report(meta, info, export)
+    rep = build_report(meta, info, export, hardware)
     text = json.dumps(rep, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
     return [atomic_write_text(out_dir / "report.json", text, overwrite),
             atomic_write_text(out_dir / "report.md", render_markdown(rep), overwrite),
