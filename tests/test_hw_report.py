@@ -114,3 +114,28 @@ def test_report_hw_bad_file(artifact, tmp_path) -> None:
                      "original_on_baseline")
     _one_line_exit_2(CliRunner().invoke(main, ["report", str(artifact), "--hw",
                                                str(tmp_path / "none.json")]), "no such file")
+
+
+@pytest.mark.skipif(not HAS_ZIGZAG, reason="zigzag-dse not installed")
+def test_hw_cli_bad_inputs(artifact, tmp_path, monkeypatch) -> None:
+    """A model too large for the memory hierarchy: one line naming the layer and the field,
+    exit 2; a layer the engine cannot map: priced by constants and listed."""
+    small = tmp_path / "small.yaml"
+    small.write_text("name: s\nprecision: fp32\ncompute_area_um2: 3042304\n"
+                     "mac_area_fraction: 0.5\nmemory: {act_sram_kib: 1}\n")
+    _one_line_exit_2(CliRunner().invoke(main, ["hw", str(artifact), "--accelerator",
+                                               str(small)]),
+                     "too large", "layer ", "act_sram_kib")
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- name: x\n")
+    _one_line_exit_2(CliRunner().invoke(main, ["hw", str(artifact), "--accelerator",
+                                               str(listy)]), str(listy), "mapping")
+
+    def boom(self, core, layer):
+        raise RuntimeError("cannot map")
+    monkeypatch.setattr(engine.Engine, "_zigzag", boom)
+    res = CliRunner().invoke(main, ["hw", str(artifact), "--accelerator", "hybrid_fp32",
+                                    "-q"])
+    assert res.exit_code == 0, res.output
+    assert "Layers priced by the constants model (engine could not map them): " in res.output
+    assert "| constants |" in res.output
