@@ -182,6 +182,42 @@ def knobs(args) -> int:
     return 0
 
 
+def planner_check(args) -> int:
+    """How close the engine-priced planner's prediction (``--energy-model``) comes to the
+    engine's own figure for the model it planned: the compressed model priced by
+    ``run_hw`` against ``hw.planner.engine_prices`` of its plan (predicted W_b density)."""
+    from hfbconvert.artifact import load_compressed
+    from hfbconvert.hw.engine import Engine
+    from hfbconvert.hw.planner import engine_prices
+    from hfbconvert.models.loading import load_model
+    from hfbconvert.plan import LayerPlan
+
+    net, info, meta = load_compressed(args.compressed)
+    orig, oinfo = load_model(args.original)
+    cfg = meta.get("config") or {}
+    act = int(cfg.get("activation_bits", 32))
+    plans = [LayerPlan(**lp) for lp in meta["plan"]["layers"]]
+    eng = Engine()
+    prices = engine_prices(orig, oinfo.resolution, [lp.name for lp in plans], args.accelerator,
+                           act, int(cfg.get("hidden_bits", 32)), engine=eng)
+    predicted = prices.fixed_pj + sum(prices.plan_pj(lp) for lp in plans)
+    rep = run_hw(args.compressed, args.accelerator, engine=eng)
+    actual = rep["hybrid_on_design"]["totals"]["energy_pj"]["total"]
+    res = {"command": " ".join(sys.argv), "engine": f"zigzag-dse {zigzag_version()}",
+           "compressed": args.compressed, "accelerator": args.accelerator,
+           "energy_budget": cfg.get("energy_budget"), "energy_model": cfg.get("energy_model"),
+           "reference_pj": prices.reference_pj, "predicted_pj": predicted,
+           "engine_pj": actual, "relative_error": predicted / actual - 1,
+           "engine_vs_reference": actual / prices.reference_pj,
+           "baseline_pj": rep["original_on_baseline"]["totals"]["energy_pj"]["total"],
+           "cycles_ratio": rep["comparison"]["cycles_ratio"],
+           "plan_notes": meta["plan"].get("notes", [])}
+    with open(args.output, "w") as fh:
+        json.dump(res, fh, indent=1)
+    print(json.dumps({k: v for k, v in res.items() if k != "plan_notes"}, indent=1))
+    return 0
+
+
 def _uj(x: float) -> str:
     return f"{x / 1e6:.1f}"
 
@@ -378,9 +414,14 @@ def main(argv=None) -> int:
     mt.add_argument("--doc", action="append", default=[],
                     help="replace the block between the hw-models markers of this file "
                          "(repeatable)")
+    pc = sub.add_parser("planner-check")
+    pc.add_argument("compressed", help=".hfb.pt made with --energy-model")
+    pc.add_argument("--original", required=True)
+    pc.add_argument("--accelerator", required=True)
+    pc.add_argument("-o", "--output", required=True)
     a = ap.parse_args(argv)
     return {"run": run, "table": table, "costs": costs, "models": models, "knobs": knobs,
-            "models-table": models_table}[a.cmd](a)
+            "models-table": models_table, "planner-check": planner_check}[a.cmd](a)
 
 
 if __name__ == "__main__":
