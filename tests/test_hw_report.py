@@ -139,3 +139,28 @@ def test_hw_cli_bad_inputs(artifact, tmp_path, monkeypatch) -> None:
     assert res.exit_code == 0, res.output
     assert "Layers priced by the constants model (engine could not map them): " in res.output
     assert "| constants |" in res.output
+
+
+def _point(knob: str, cycles_ratio: float, saving: float) -> dict:
+    e = {"compute": 1.0, "onchip": 2.0, "dram": 1.0, "total": 4.0}
+    rows = [{"name": "dw", "kind": "depthwise", "cycles": 10.0, "energy_pj": e},
+            {"name": "pw", "kind": "hybrid", "cycles": 5.0, "energy_pj": e}]
+    return {"knob": knob, "value": 1, "mac_area_fraction": 0.5, "r_scale": 1.0,
+            "adder_bits": 32, "cycles_ratio": cycles_ratio, "energy_saving": saving,
+            "energy_ratio": 1 - saving, "cycles": {"original": 100.0, "hybrid": 100.0},
+            "meets_goal": cycles_ratio <= 1 and saving >= 0.2,
+            "energy_pj": {"original": {**e, "total": 10e6}, "hybrid": {**e, "total": 9e6}},
+            "layers_hybrid": rows, "layers_original": [dict(rows[0], cycles=5.0)]}
+
+
+def test_knob_verdict_names_what_meets_the_goal_or_why_not() -> None:
+    from bench.hw import _verdict
+
+    (text,) = _verdict({"goal_saving": 0.2, "points": [_point("a", 1.2, 0.1),
+                                                         _point("b", 0.9, 0.25)]})
+    assert text.startswith("Met by b ") and "25.0% less energy" in text
+    (text,) = _verdict({"goal_saving": 0.2, "points": [_point("a", 1.2, 0.3),
+                                                         _point("b", 1.5, 0.1)]})
+    assert "No point meets the goal" in text and "energy goal alone is reached by a" in text
+    assert "No point is as fast as int8 PTQ (fastest: a " in text
+    assert "take 10 cycles against 5 on the MAC-only baseline" in text
