@@ -115,9 +115,9 @@ def models(args) -> int:
                 "layers": {"original": _layer_rows(rep["original_on_baseline"]),
                            "hybrid": _layer_rows(rep["hybrid_on_design"])}}
             print(tag, label, f"{rep['comparison']['energy_ratio']:.3f}", file=sys.stderr)
-    res["seconds"] = time.time() - t0
-    with open(args.output, "w") as fh:
-        json.dump(res, fh, indent=1)
+            res["seconds"] = time.time() - t0
+            with open(args.output, "w") as fh:  # after each run: partial results survive
+                json.dump(res, fh, indent=1)
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
 
@@ -155,6 +155,9 @@ def knobs(args) -> int:
         res["points"].append(s)
         print(knob, value, f"cycles x{s['cycles_ratio']:.2f}",
               f"saving {100 * s['energy_saving']:+.1f}%", file=sys.stderr)
+        res["seconds"] = time.time() - t0
+        with open(args.output, "w") as fh:  # after each point: partial results survive
+            json.dump(res, fh, indent=1)
         return s
 
     best = {}
