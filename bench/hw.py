@@ -91,6 +91,136 @@ def costs(args) -> int:
     return 0
 
 
+def _layer_rows(ev: dict) -> list[dict]:
+    """Per-layer cycles and energy split, without the per-part detail."""
+    return [{"name": r["name"], "kind": r["kind"], "cycles": r["cycles"],
+             "energy_pj": r["energy_pj"], "engine": r["engine"]} for r in ev["layers"]]
+
+
+def models(args) -> int:
+    """The 3-model hardware table: per model, the float hybrid on hybrid_fp32 and the int8
+    hybrid on hybrid_int8, each against its original on the equal-area MAC-only baseline."""
+    from hfbconvert.hw.engine import Engine
+
+    eng = Engine()
+    res = {"engine": f"zigzag-dse {zigzag_version()}", "command": args.command,
+           "models": {}}
+    t0 = time.time()
+    for tag, fp, int8 in args.case:
+        res["models"][tag] = {}
+        for label, path, acc in (("fp32", fp, "hybrid_fp32"), ("int8", int8, "hybrid_int8")):
+            rep = run_hw(path, acc, engine=eng)
+            res["models"][tag][label] = {
+                "input": path, "summary": _summary(rep),
+                "layers": {"original": _layer_rows(rep["original_on_baseline"]),
+                           "hybrid": _layer_rows(rep["hybrid_on_design"])}}
+            print(tag, label, f"{rep['comparison']['energy_ratio']:.3f}", file=sys.stderr)
+            res["seconds"] = time.time() - t0
+            with open(args.output, "w") as fh:  # after each run: partial results survive
+                json.dump(res, fh, indent=1)
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+KNOB_FRACTIONS = (0.25, 0.5, 0.75, 0.9)
+KNOB_R_SCALES = (1.0, 0.75, 0.5, 0.25)
+KNOB_ADDER_BITS = (32, 24, 16, 12)
+
+
+def knobs(args) -> int:
+    """The int8 hybrid of one model on hybrid_int8 with one knob moved at a time (MAC area
+    fraction, hidden units per tolerant filter, adder width), then the best of each
+    together; each point against int8 PTQ on the equal-area MAC-only baseline."""
+    from hfbconvert.hw.engine import Engine
+    from hfbconvert.hw.knobs import adder_width, scale_hidden_units
+    from hfbconvert.hw.report import load_layers
+    from hfbconvert.hw.spec import load_design
+
+    eng = Engine()
+    layers, _ = load_layers(args.int8)
+    des0 = load_design("hybrid_int8")
+    res = {"engine": f"zigzag-dse {zigzag_version()}", "command": args.command,
+           "model": args.model, "input": args.int8, "goal_saving": 0.2, "points": []}
+    t0 = time.time()
+
+    def point(knob: str, value, frac: float, scale: float, bits: int) -> dict:
+        des, lay = adder_width(des0.with_fraction(frac), scale_hidden_units(layers, scale),
+                               bits)
+        rep = run_hw(args.int8, des, engine=eng, layers=lay)
+        s = _summary(rep)
+        s.update(knob=knob, value=value, r_scale=scale, adder_bits=bits,
+                 meets_goal=s["cycles_ratio"] <= 1 and s["energy_saving"] >= 0.2,
+                 layers_hybrid=_layer_rows(rep["hybrid_on_design"]),
+                 layers_original=_layer_rows(rep["original_on_baseline"]))
+        res["points"].append(s)
+        print(knob, value, f"cycles x{s['cycles_ratio']:.2f}",
+              f"saving {100 * s['energy_saving']:+.1f}%", file=sys.stderr)
+        res["seconds"] = time.time() - t0
+        with open(args.output, "w") as fh:  # after each point: partial results survive
+            json.dump(res, fh, indent=1)
+        return s
+
+    best = {}
+    for f in KNOB_FRACTIONS:
+        best.setdefault("mac_area_fraction", []).append(point("mac_area_fraction", f, f, 1.0,
+                                                              32))
+    for sc in KNOB_R_SCALES[1:]:
+        best.setdefault("r_scale", []).append(point("r_scale", sc, 0.5, sc, 32))
+    for b in KNOB_ADDER_BITS[1:]:
+        best.setdefault("adder_bits", []).append(point("adder_bits", b, 0.5, 1.0, b))
+    # all three at their most favourable value (least energy among equal-or-faster points,
+    # else least energy)
+    pick = {}
+    for k, pts in best.items():
+        ok = [p for p in pts if p["cycles_ratio"] <= 1] or pts
+        pick[k] = min(ok, key=lambda p: p["energy_pj"]["hybrid"]["total"])["value"]
+    point("combined", pick, pick["mac_area_fraction"], pick["r_scale"], pick["adder_bits"])
+    point("combined_extreme", {"mac_area_fraction": 0.5, "r_scale": min(KNOB_R_SCALES),
+                               "adder_bits": min(KNOB_ADDER_BITS)},
+          0.5, min(KNOB_R_SCALES), min(KNOB_ADDER_BITS))
+    res["seconds"] = time.time() - t0
+    with open(args.output, "w") as fh:
+        json.dump(res, fh, indent=1)
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def planner_check(args) -> int:
+    """How close the engine-priced planner's prediction (``--energy-model``) comes to the
+    engine's own figure for the model it planned: the compressed model priced by
+    ``run_hw`` against ``hw.planner.engine_prices`` of its plan (predicted W_b density)."""
+    from hfbconvert.artifact import load_compressed
+    from hfbconvert.hw.engine import Engine
+    from hfbconvert.hw.planner import engine_prices
+    from hfbconvert.models.loading import load_model
+    from hfbconvert.plan import LayerPlan
+
+    net, info, meta = load_compressed(args.compressed)
+    orig, oinfo = load_model(args.original)
+    cfg = meta.get("config") or {}
+    act = int(cfg.get("activation_bits", 32))
+    plans = [LayerPlan(**lp) for lp in meta["plan"]["layers"]]
+    eng = Engine()
+    prices = engine_prices(orig, oinfo.resolution, [lp.name for lp in plans], args.accelerator,
+                           act, int(cfg.get("hidden_bits", 32)), engine=eng)
+    predicted = prices.fixed_pj + sum(prices.plan_pj(lp) for lp in plans)
+    rep = run_hw(args.compressed, args.accelerator, engine=eng)
+    actual = rep["hybrid_on_design"]["totals"]["energy_pj"]["total"]
+    res = {"command": args.command, "engine": f"zigzag-dse {zigzag_version()}",
+           "compressed": args.compressed, "accelerator": args.accelerator,
+           "energy_budget": cfg.get("energy_budget"), "energy_model": cfg.get("energy_model"),
+           "reference_pj": prices.reference_pj, "predicted_pj": predicted,
+           "engine_pj": actual, "relative_error": predicted / actual - 1,
+           "engine_vs_reference": actual / prices.reference_pj,
+           "baseline_pj": rep["original_on_baseline"]["totals"]["energy_pj"]["total"],
+           "cycles_ratio": rep["comparison"]["cycles_ratio"],
+           "plan_notes": meta["plan"].get("notes", [])}
+    with open(args.output, "w") as fh:
+        json.dump(res, fh, indent=1)
+    print(json.dumps({k: v for k, v in res.items() if k != "plan_notes"}, indent=1))
+    return 0
+
+
 def _uj(x: float) -> str:
     return f"{x / 1e6:.1f}"
 
@@ -153,6 +283,144 @@ def table(args) -> int:
     return 0
 
 
+def _split(e: dict) -> str:
+    return f"{_uj(e['compute'])} | {_uj(e['onchip'])} | {_uj(e['dram'])} | {_uj(e['total'])}"
+
+
+def _losing_layers(rows_h: list[dict], rows_o: list[dict], n: int = 3) -> str:
+    """The layers where the hybrid adds the most energy, with the memory level of it."""
+    orig = {r["name"]: r for r in rows_o}
+    deltas = []
+    for r in rows_h:
+        o = orig.get(r["name"])
+        if o is None:
+            continue
+        d = {k: r["energy_pj"][k] - o["energy_pj"][k] for k in ("compute", "onchip", "dram",
+                                                                 "total")}
+        deltas.append((d["total"], r["name"], d))
+    deltas.sort(reverse=True)
+    return "; ".join(f"{name} {_uj(d['total'])} ({_uj(d['onchip'])} on-chip, "
+                     f"{_uj(d['dram'])} DRAM, {_uj(d['compute'])} compute)"
+                     for _t, name, d in deltas[:n])
+
+
+def _verdict(k: dict) -> list[str]:
+    """Which knob meets the goal (less energy by goal_saving at cycles <= x1), or how far
+    the closest points are and where their energy goes."""
+    pts, goal = k["points"], k["goal_saving"]
+    ptq = pts[0]["energy_pj"]["original"]
+    met = [p for p in pts if p["meets_goal"]]
+
+    def name(p: dict) -> str:
+        return (f"{p['knob']} (MAC area {p['mac_area_fraction']:.2f}, r x{p['r_scale']:.2f}, "
+                f"{p['adder_bits']}-bit adders)")
+    if met:
+        b = min(met, key=lambda p: p["energy_ratio"])
+        return [f"Met by {name(b)}: {100 * b['energy_saving']:.1f}% less energy at cycles "
+                f"x{b['cycles_ratio']:.2f}."]
+    out = ["No point meets the goal."]
+    cheap = [p for p in pts if p["energy_saving"] >= goal]
+    fast = [p for p in pts if p["cycles_ratio"] <= 1]
+    if cheap:
+        b = min(cheap, key=lambda p: p["cycles_ratio"])
+        out.append(f"The energy goal alone is reached by {name(b)} "
+                   f"({100 * b['energy_saving']:.1f}% less), but at cycles "
+                   f"x{b['cycles_ratio']:.2f} of int8 PTQ.")
+    else:
+        b = min(pts, key=lambda p: p["energy_ratio"])
+        need = b["energy_pj"]["hybrid"]["total"] - (1 - goal) * ptq["total"]
+        out.append(f"The lowest energy is {name(b)} at {100 * (b['energy_ratio'] - 1):+.1f}% "
+                   f"vs int8 PTQ (cycles x{b['cycles_ratio']:.2f}); the goal needs {_uj(need)} "
+                   "uJ less.")
+    if fast:
+        f = min(fast, key=lambda p: p["energy_ratio"])
+        out.append(f"The cheapest point as fast as int8 PTQ is {name(f)} at "
+                   f"{100 * (f['energy_ratio'] - 1):+.1f}% energy.")
+    else:
+        f = min(pts, key=lambda p: p["cycles_ratio"])
+        out.append(f"No point is as fast as int8 PTQ (fastest: {name(f)} at cycles "
+                   f"x{f['cycles_ratio']:.2f}).")
+    e = b["energy_pj"]["hybrid"]
+    out.append(f"int8 PTQ spends {_uj(ptq['compute'])} / {_uj(ptq['onchip'])} / "
+               f"{_uj(ptq['dram'])} uJ (compute / on-chip / DRAM); {name(b)} spends "
+               f"{_uj(e['compute'])} / {_uj(e['onchip'])} / {_uj(e['dram'])}; the layers that "
+               "add the most there: " + _losing_layers(b["layers_hybrid"],
+                                                        b["layers_original"]) + ".")
+    dense_h = sum(r["cycles"] for r in f["layers_hybrid"] if r["kind"] != "hybrid")
+    dense_o = sum(r["cycles"] for r in f["layers_original"]
+                  if r["name"] in {x["name"] for x in f["layers_hybrid"] if x["kind"] != "hybrid"})
+    out.append(f"Throughput: at {name(f)} the layers that stay on the MAC array (stem, "
+               f"depthwise, classifier, unconverted) alone take {dense_h:.0f} cycles against "
+               f"{dense_o:.0f} on the MAC-only baseline, of int8 PTQ's "
+               f"{f['cycles']['original']:.0f} in all.")
+    return [" ".join(out)]
+
+
+def models_table(args) -> int:
+    res = json.load(open(args.models_results))
+    out = [f"Generated by `python -m bench.hw models-table` from "
+           f"`{args.models_results}`" + (f" and {', '.join(f'`{k}`' for k in args.knobs)}"
+                                         if args.knobs else "") +
+           f" (engine {res['engine']}; produced by `{res['command']}`). Energies in uJ per "
+           "inference; unit costs Horowitz 45 nm; compute area only (memories not in the "
+           "area); the original on the MAC-only baseline, the hybrid on the area-equivalent "
+           "MAC + adder design (MAC area fraction 0.5); hybrids from `compress --steps 0`.",
+           "", "| model | arithmetic | accelerator | area (um^2) | MACs + adders | cycles | "
+           "cycles vs original | utilization | compute | on-chip | DRAM | total | "
+           "energy vs original |", "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"
+           "---:|"]
+    losers = []
+    for tag, runs in res["models"].items():
+        for label, run_ in runs.items():
+            s = run_["summary"]
+            for who, name, units in (("original", s["baseline"], f"{s['n_mac_baseline']} + 0"),
+                                     ("hybrid", s["design"], f"{s['n_mac']} + {s['n_adder']}")):
+                e = s["energy_pj"][who]
+                cyc = "" if who == "original" else f"x{s['cycles_ratio']:.2f}"
+                en = "" if who == "original" else f"{100 * (s['energy_ratio'] - 1):+.1f}%"
+                out.append(f"| {tag} | {label} {who} | {name} | "
+                           f"{s['area_um2']['budget_um2']:.0f} | {units} | "
+                           f"{s['cycles'][who]:.0f} | {cyc} | {s['utilization'][who]:.2f} | "
+                           f"{_split(e)} | {en} |")
+            eo, eh = s["energy_pj"]["original"], s["energy_pj"]["hybrid"]
+            losers.append(f"- {tag} {label}: hybrid - original = "
+                          f"{_uj(eh['compute'] - eo['compute'])} compute, "
+                          f"{_uj(eh['onchip'] - eo['onchip'])} on-chip, "
+                          f"{_uj(eh['dram'] - eo['dram'])} DRAM uJ; most in "
+                          + _losing_layers(run_["layers"]["hybrid"], run_["layers"]["original"]))
+    out += ["", "Where the energy goes (hybrid minus original, by memory level, and the three "
+            "layers that add the most):", ""] + losers
+    for path in args.knobs:
+        k = json.load(open(path))
+        out += ["", f"Knobs, {k['model']} int8 hybrid on hybrid_int8 against int8 PTQ on the "
+                f"equal-area MAC-only baseline (goal: at least {100 * k['goal_saving']:.0f}% "
+                "less energy at equal or better throughput; `r scale`: hidden units per "
+                "tolerant filter times this; `adder bits`: adder width, the ternary parts' "
+                f"partial sums and hidden units at that width; from `{path}`, produced by "
+                f"`{k['command']}`):", "",
+                "| knob | MAC area fraction | r scale | adder bits | MACs + adders | "
+                "cycles vs PTQ | hybrid compute | on-chip | DRAM | total | energy vs PTQ | "
+                "goal |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+        for p in k["points"]:
+            out.append(f"| {p['knob']} | {p['mac_area_fraction']:.2f} | {p['r_scale']:.2f} | "
+                       f"{p['adder_bits']} | {p['n_mac']} + {p['n_adder']} | "
+                       f"x{p['cycles_ratio']:.2f} | {_split(p['energy_pj']['hybrid'])} | "
+                       f"{100 * (p['energy_ratio'] - 1):+.1f}% | "
+                       f"{'met' if p['meets_goal'] else 'not met'} |")
+        out += [""] + _verdict(k)
+    text = "\n".join(out)
+    begin, end = "<!-- hw-models:begin -->", "<!-- hw-models:end -->"
+    for doc in args.doc:
+        body = open(doc).read()
+        i, j = body.index(begin) + len(begin), body.index(end)
+        with open(doc, "w") as fh:
+            fh.write(body[:i] + "\n" + text + "\n" + body[j:])
+        print(f"updated {doc}", file=sys.stderr)
+    if not args.doc:
+        print(text)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.hw")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -169,8 +437,30 @@ def main(argv=None) -> int:
     c.add_argument("--original", required=True)
     c.add_argument("--fp32", required=True, help="float hybrid .hfb.pt")
     c.add_argument("--int8-pt", required=True, help="int8 hybrid .hfb.pt")
+    m = sub.add_parser("models")
+    m.add_argument("--case", nargs=3, action="append", required=True,
+                   metavar=("TAG", "FLOAT", "INT8"),
+                   help="model tag, float hybrid (.hfb.pt), int8 hybrid (.onnx)")
+    m.add_argument("-o", "--output", required=True)
+    k = sub.add_parser("knobs")
+    k.add_argument("--model", required=True, help="model tag for the results file")
+    k.add_argument("--int8", required=True, help="int8 hybrid (.onnx or .hfb.pt)")
+    k.add_argument("-o", "--output", required=True)
+    mt = sub.add_parser("models-table")
+    mt.add_argument("models_results")
+    mt.add_argument("--knobs", nargs="*", default=[], help="knob results files")
+    mt.add_argument("--doc", action="append", default=[],
+                    help="replace the block between the hw-models markers of this file "
+                         "(repeatable)")
+    pc = sub.add_parser("planner-check")
+    pc.add_argument("compressed", help=".hfb.pt made with --energy-model")
+    pc.add_argument("--original", required=True)
+    pc.add_argument("--accelerator", required=True)
+    pc.add_argument("-o", "--output", required=True)
     a = ap.parse_args(argv)
-    return {"run": run, "table": table, "costs": costs}[a.cmd](a)
+    a.command = "python -m bench.hw " + " ".join(sys.argv[1:] if argv is None else argv)
+    return {"run": run, "table": table, "costs": costs, "models": models, "knobs": knobs,
+            "models-table": models_table, "planner-check": planner_check}[a.cmd](a)
 
 
 if __name__ == "__main__":

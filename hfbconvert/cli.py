@@ -476,6 +476,13 @@ def _analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, b
               help="Cap on arithmetic energy (cost model) as a fraction of the original "
                    "model's at the same activation bits, in (0, 1]; with "
                    "--activation-bits 8, 1.0 means no more than int8 PTQ.")
+@click.option("--energy-model", default="constants", show_default=True,
+              metavar="constants|NAME|FILE.yaml",
+              help="What prices --energy-budget: 'constants' (the 45 nm arithmetic table), or "
+                   "an accelerator (shipped name such as hybrid_int8, or a YAML; "
+                   "docs/hardware.md) priced by ZigZag with memory traffic; the budget is "
+                   "then a fraction of the original model on that design's equal-area "
+                   "MAC-only baseline.")
 @click.option("--critical-fraction", type=FiniteFloat(0.0, 1.0), default=None,
               help="Paper-style uniform mode: this fraction of each layer stays full "
                    "precision (replaces --budget; the two are refused together).")
@@ -558,6 +565,7 @@ def _analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, b
 @click.pass_context
 def compress(ctx, model, arch, trust_pickle, calib, calib_size, resolution, preset, output,
              force, method, budget, max_add_increase, size_budget, energy_budget,
+             energy_model,
              critical_fraction, hidden_units_ratio, plan_file, dry_run, steps, batch_size,
              eval_every, patience, lr, reconstruct, sequential, bias_correction, bn_adjust,
              min_agreement, resume,
@@ -585,12 +593,19 @@ def compress(ctx, model, arch, trust_pickle, calib, calib_size, resolution, pres
     if critical_fraction is not None and budget is not None:
         raise InputError("--critical-fraction replaces --budget (uniform mode); give one")
     budget = 0.536 if budget is None else budget
+    if energy_model != "constants":
+        from .hw.spec import load_design
+
+        if energy_budget is None:
+            raise InputError("--energy-model prices --energy-budget; give --energy-budget too")
+        load_design(energy_model)  # a bad accelerator file fails before any work
     activation_bits, hidden_bits = int(activation_bits), int(hidden_bits)
     weight_bits = (8 if activation_bits == 8 else 16) if weight_bits is None else int(weight_bits)
     cfg = CompressConfig(
         method=method, budget=budget, critical_fraction=critical_fraction,
         hidden_units_ratio=hidden_units_ratio, max_add_increase=max_add_increase,
         size_budget=size_budget, energy_budget=energy_budget, reconstruct=reconstruct,
+        energy_model=energy_model,
         sequential=sequential, bias_correction=bias_correction, bn_adjust=bn_adjust,
         min_agreement=min_agreement, seed=seed, include=tuple(include),
         exclude=tuple(exclude), layer_kinds=kinds,
@@ -1238,8 +1253,11 @@ def export_onnx_cmd(model, arch, trust_pickle, output, force, opset, pack, verif
                    "pickled code, so report never unpickles anything.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the report as JSON to stdout (schema_version inside).")
+@click.option("--hw", "hw_json", type=click.Path(dir_okay=False), default=None,
+              help="Add a hardware section (table, energy-split plots) from this "
+                   "'hfbconvert hw -o FILE.json' report.")
 @_quiet
-def report(compressed, output_dir, force, trust_pickle, as_json, quiet):
+def report(compressed, output_dir, force, trust_pickle, as_json, hw_json, quiet):
     """Per-layer report of a compressed model (terminal table, or files)."""
     from .artifact import load_compressed_meta
     from .fileio import output_lock
@@ -1255,16 +1273,31 @@ def report(compressed, output_dir, force, trust_pickle, as_json, quiet):
         d.mkdir(parents=True, exist_ok=True)
         paths = _outputs([d / f"report.{ext}" for ext in ("json", "md", "html")], force,
                          [compressed])
+    hardware = _read_hw_json(hw_json) if hw_json else None
     info, meta = load_compressed_meta(compressed)  # no network needed: any model reports
-    rep = build_report(meta, info)
+    rep = build_report(meta, info, hardware=hardware)
     with output_lock(paths):
         if output_dir:
-            for p in write_reports(meta, info, Path(output_dir), overwrite=force):
+            for p in write_reports(meta, info, Path(output_dir), overwrite=force,
+                                   hardware=hardware):
                 progress.info(f"wrote {p}")
     if as_json:
         _emit_json(rep)
     else:
         print_report(rep)
+
+
+def _read_hw_json(path: str) -> dict:
+    """An ``hfbconvert hw`` JSON report (report --hw), or one InputError line."""
+    from .hw.report import check_hw_report
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file (--hw)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable JSON file (--hw: {exc})") from None
+    return check_hw_report(data, path)
 
 
 @main.command("hw")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -60,6 +60,9 @@ class CompressConfig:
     # cap on arithmetic energy (cost model), as a fraction of the original model's at the
     # same activation bits: with int8 activations 1.0 means "no more than int8 PTQ"
     energy_budget: float | None = None
+    # what prices --energy-budget: "constants" (costs.py, arithmetic only) or an accelerator
+    # (shipped name or YAML) priced by ZigZag, memory included (hfbconvert.hw.planner)
+    energy_model: str = "constants"
     budgets: tuple[int, ...] = (1, 2, 3, 4)
     ratios: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0)
     # off by default: measured on MobileNetV1-0.5-160 (budget 0.536, 1000 images) the
@@ -291,6 +294,9 @@ def make_plan(model: nn.Module, info: ModelInfo, layers: list[PointwiseLayer],
     pw_names = {ly.name for ly in layers}
     fixed = sum(c.muls for c in cost.layers if c.name not in pw_names)
     caps: dict = {}  # the planner's size/energy caps (budget mode only)
+    # --energy-model: the accelerator's price of each option (else the constants table)
+    energy_fn: Callable[[LayerPlan], float] | None = None
+    prices = None
     check_caps(cfg.method, cfg.critical_fraction, cfg.size_budget, cfg.energy_budget)
     if cfg.method == "twn":
         plans = uniform_plan(layers, curves, energies, cfg.budgets, 0.0, 1.0, "twn")
@@ -307,7 +313,15 @@ def make_plan(model: nn.Module, info: ModelInfo, layers: list[PointwiseLayer],
             if cfg.size_budget is not None:
                 caps.update(max_bytes=cfg.size_budget * cost.bytes,
                             fixed_bytes=sum(c.bytes for c in outside))
-            if cfg.energy_budget is not None:
+            if cfg.energy_budget is not None and cfg.energy_model != "constants":
+                from .hw.planner import engine_prices
+
+                prices = engine_prices(model, info.resolution, [ly.name for ly in layers],
+                                       cfg.energy_model, cfg.activation_bits, cfg.hidden_bits)
+                energy_fn = prices.plan_pj
+                caps.update(max_energy_pj=cfg.energy_budget * prices.reference_pj,
+                            fixed_energy_pj=prices.fixed_pj)
+            elif cfg.energy_budget is not None:
                 caps.update(max_energy_pj=cfg.energy_budget * stored.energy_pj,
                             fixed_energy_pj=sum(c.energy_pj(stored.fp_bits, stored.act_bits)
                                                 for c in outside))
@@ -316,7 +330,8 @@ def make_plan(model: nn.Module, info: ModelInfo, layers: list[PointwiseLayer],
                                 float(cfg.budget if cfg.budget is not None else 0.536), fixed,
                                 cost.muls, cost.adds, cfg.max_add_increase, cfg.ratios,
                                 densities, weight_bits=cfg.weight_bits,
-                                act_bits=cfg.activation_bits, **caps)
+                                act_bits=cfg.activation_bits, energy_fn=energy_fn,
+                                **caps)
         except ConfigError as exc:
             # the planner knows its caps in bytes and pJ; the user gave fractions
             frac = {"max_bytes": ("size_budget", cfg.size_budget),
@@ -331,7 +346,17 @@ def make_plan(model: nn.Module, info: ModelInfo, layers: list[PointwiseLayer],
             notes.append(f"size budget {cfg.size_budget:.1%}: {b:,.0f} of "
                          f"{caps['max_bytes']:,.0f} bytes predicted ({b / cost.bytes:.1%} of "
                          "the float32 weights)")
-        if "max_energy_pj" in caps:
+        if "max_energy_pj" in caps and prices is not None:
+            e = caps["fixed_energy_pj"] + sum(prices.plan_pj(lp) for lp in plans)
+            notes.append(f"energy budget {cfg.energy_budget:.1%} priced on {prices.design.name} "
+                         f"(ZigZag, memory included): {e / 1e6:,.2f} of "
+                         f"{caps['max_energy_pj'] / 1e6:,.2f} uJ predicted (the original on "
+                         "the equal-area MAC-only baseline: "
+                         f"{prices.reference_pj / 1e6:,.2f} uJ)")
+            if prices.fallback_layers:
+                notes.append("energy model: priced by the constants model (the engine could "
+                             f"not map them): {', '.join(prices.fallback_layers)}")
+        elif "max_energy_pj" in caps:
             e = caps["fixed_energy_pj"] + sum(lp.predicted_energy_pj(32, cfg.activation_bits)
                                               for lp in plans)
             notes.append(f"energy budget {cfg.energy_budget:.1%}: {e / 1e6:,.2f} of "

@@ -14,6 +14,7 @@ the multiple-choice knapsack (bisection on the MUL price) followed by a greedy f
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
@@ -172,10 +173,13 @@ def plan_options(layers: list[PointwiseLayer], curves: dict[str, torch.Tensor],
                  budgets: tuple[int, ...], ratios: tuple[float, ...] = (1.0, 2.0),
                  densities: dict[str, torch.Tensor] | None = None, *,
                  weight_bits: int = 32, fp_bits: int = 32,
-                 act_bits: int = 32) -> list[list[_Opt]]:
+                 act_bits: int = 32,
+                 energy_fn: Callable[[LayerPlan], float] | None = None) -> list[list[_Opt]]:
     """Every (n_c, ρ) choice of every layer with its MULs, ADDs, bytes, energy and
     fragility-weighted predicted error: the multiple-choice knapsack that
-    :func:`budget_plan` solves (and ``bench/planner_exact.py`` solves exactly)."""
+    :func:`budget_plan` solves (and ``bench/planner_exact.py`` solves exactly).
+    ``energy_fn`` prices an option's energy (pJ) instead of the constants table (the
+    accelerator model, :mod:`hfbconvert.hw.planner`)."""
     opts: list[list[_Opt]] = []
     for ly in layers:
         lam = fragility.get(ly.name, 1.0)
@@ -196,6 +200,7 @@ def plan_options(layers: list[PointwiseLayer], curves: dict[str, torch.Tensor],
                                density=dens)
                 lo.append(_Opt(lp.predicted_muls(), lp.predicted_adds(),
                                lp.predicted_bytes(weight_bits, fp_bits),
+                               energy_fn(lp) if energy_fn else
                                lp.predicted_energy_pj(fp_bits, act_bits), lam * float(err[n_c]),
                                n_c, r, order, float(err[n_c]), dens))
         opts.append(lo)
@@ -211,7 +216,8 @@ def budget_plan(layers: list[PointwiseLayer], curves: dict[str, torch.Tensor],
                 max_bytes: float | None = None, fixed_bytes: float = 0.0,
                 weight_bits: int = 32, fp_bits: int = 32,
                 max_energy_pj: float | None = None, fixed_energy_pj: float = 0.0,
-                act_bits: int = 32) -> list[LayerPlan]:
+                act_bits: int = 32,
+                energy_fn: Callable[[LayerPlan], float] | None = None) -> list[LayerPlan]:
     """Choose (n_c, ρ) per layer minimizing Σ λ·err under the MUL budget and three caps:
     ADDs; with ``max_bytes`` the whole model's stored bytes (``fixed_bytes``: layers outside
     the plan; critical rows at ``weight_bits``, biases and ``a`` at ``fp_bits``, ternary at
@@ -229,7 +235,8 @@ def budget_plan(layers: list[PointwiseLayer], curves: dict[str, torch.Tensor],
     caps = plan_caps(layers, original_adds, max_add_increase, max_bytes, fixed_bytes,
                      max_energy_pj, fixed_energy_pj)
     opts = plan_options(layers, curves, energies, fragility, budgets, ratios, densities,
-                        weight_bits=weight_bits, fp_bits=fp_bits, act_bits=act_bits)
+                        weight_bits=weight_bits, fp_bits=fp_bits, act_bits=act_bits,
+                        energy_fn=energy_fn)
     min_muls = sum(min(o.muls for o in lo) for lo in opts)
     if min_muls > limit:
         smallest = (min_muls + fixed_muls) / original_muls

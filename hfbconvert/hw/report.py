@@ -45,13 +45,19 @@ def load_layers(path: str, trust_pickle: bool = False) -> tuple[list[Layer], str
     return from_model(net, info.resolution), "pytorch"
 
 
-def run_hw(model: str, accelerator: str, mac_area_fraction: float | None = None,
+def run_hw(model: str, accelerator: str | Design, mac_area_fraction: float | None = None,
            original: str | None = None, trust_pickle: bool = False,
-           progress_cb=None) -> dict[str, Any]:
-    design = load_design(accelerator)
+           progress_cb=None, engine: Engine | None = None,
+           layers: list[Layer] | None = None) -> dict[str, Any]:
+    """``engine``: share one engine's cache across calls (sweeps); ``layers``: a workload
+    already loaded (or transformed, bench/hw.py's knobs) instead of reading ``model``."""
+    design = accelerator if isinstance(accelerator, Design) else load_design(accelerator)
     if mac_area_fraction is not None:
         design = design.with_fraction(mac_area_fraction)
-    layers, source = load_layers(model, trust_pickle)
+    if layers is None:
+        layers, source = load_layers(model, trust_pickle)
+    else:
+        source = "given"
     is_hybrid = any(lay.kind == "hybrid" for lay in layers)
     if original is not None:
         orig_layers, _ = load_layers(original, trust_pickle)
@@ -60,7 +66,7 @@ def run_hw(model: str, accelerator: str, mac_area_fraction: float | None = None,
     baseline = replace(design, mac_area_fraction=1.0,
                        name=design.name.replace("hybrid", "mac") + "_equal_area"
                        if design.hybrid else design.name)
-    eng = Engine()
+    eng = engine or Engine()
     base = evaluate(baseline, orig_layers, eng, progress_cb)
     hyb = evaluate(design, layers, eng, progress_cb) if is_hybrid else None
     rep: dict[str, Any] = {"model": str(model), "workload_source": source,
@@ -151,3 +157,101 @@ def markdown(rep: dict[str, Any]) -> str:
         lines.append(f"Layers priced by the constants model (engine could not map them): "
                      f"{', '.join(sorted(set(fb)))}.")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- HTML (report --hw)
+LEVELS = (("compute", "#4c72b0"), ("onchip", "#dd8452"), ("dram", "#55a868"))
+
+
+def _svg_bars(rows: list[tuple[str, dict[str, float]]], title: str, width: int = 720,
+              bar_h: int = 14, gap: int = 6) -> str:
+    """Horizontal stacked bars (compute / on-chip / DRAM energy) as inline SVG: no
+    plotting dependency, one self-contained page."""
+    import html
+
+    label_w, right = 230, 70
+    scale_w = width - label_w - right
+    top = max((sum(v[k] for k, _ in LEVELS) for _, v in rows), default=0.0) or 1.0
+    h = 28 + len(rows) * (bar_h + gap) + 24
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{h}" '
+           f'role="img" aria-label="{html.escape(title)}" font-family="sans-serif" '
+           'font-size="11">', f'<text x="0" y="14" font-weight="bold">{html.escape(title)}'
+           '</text>']
+    y = 28
+    for name, e in rows:
+        out.append(f'<text x="{label_w - 6}" y="{y + bar_h - 3}" text-anchor="end">'
+                   f'{html.escape(name)}</text>')
+        x = float(label_w)
+        for key, colour in LEVELS:
+            w = scale_w * e[key] / top
+            out.append(f'<rect x="{x:.1f}" y="{y}" width="{max(w, 0):.1f}" height="{bar_h}" '
+                       f'fill="{colour}"><title>{key}: {e[key] / 1e6:.2f} uJ</title></rect>')
+            x += w
+        total = sum(e[k] for k, _ in LEVELS)
+        out.append(f'<text x="{x + 4:.1f}" y="{y + bar_h - 3}">{total / 1e6:.1f} uJ</text>')
+        y += bar_h + gap
+    x = label_w
+    for key, colour in LEVELS:
+        out.append(f'<rect x="{x}" y="{y + 4}" width="10" height="10" fill="{colour}"/>'
+                   f'<text x="{x + 14}" y="{y + 13}">{"on-chip" if key == "onchip" else key}'
+                   '</text>')
+        x += 90
+    out.append("</svg>")
+    return "".join(out)
+
+
+def html_section(rep: dict[str, Any]) -> str:
+    """The hardware section of the HTML report: totals, the energy split per design and
+    per layer (inline SVG), from an ``hfbconvert hw`` JSON report."""
+    import html
+
+    base, hyb = rep["original_on_baseline"], rep.get("hybrid_on_design")
+    runs = [("original on " + base["accelerator"]["name"], base)]
+    if hyb:
+        runs.append(("hybrid on " + hyb["accelerator"]["name"], hyb))
+    rows = ["<tr><th>design</th><th>MACs + adders</th><th>cycles</th><th>utilization</th>"
+            "<th>energy uJ (compute / on-chip / DRAM = total)</th></tr>"]
+    for name, ev in runs:
+        a, t = ev["accelerator"], ev["totals"]
+        e = t["energy_pj"]
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{a['n_mac']} + {a['n_adder']}</td>"
+                    f"<td>{t['cycles']:.0f}</td><td>{t['utilization']:.2f}</td><td>"
+                    f"{_uj(e['compute'])} / {_uj(e['onchip'])} / {_uj(e['dram'])} = "
+                    f"{_uj(e['total'])}</td></tr>")
+    parts = ["<h2>Hardware (accelerator model)</h2>",
+             f"<p><small>{html.escape(base['engine'])}; model "
+             f"{html.escape(str(rep.get('model', '')))}; see docs/hardware.md for what is "
+             "modelled.</small></p>", "<table>" + "".join(rows) + "</table>",
+             _svg_bars([(n, ev["totals"]["energy_pj"]) for n, ev in runs],
+                       "Energy per inference")]
+    if hyb:
+        c = rep["comparison"]
+        parts.append(f"<p>Hybrid vs original: cycles x{c['cycles_ratio']:.2f}, energy "
+                     f"x{c['energy_ratio']:.2f}; arithmetic-only constants model: "
+                     f"{100 * rep['constants_model']['saving']:+.1f}% saved.</p>")
+        orig = {r["name"]: r for r in base["layers"]}
+        per = []
+        for r in hyb["layers"]:
+            if r["kind"] == "hybrid" and r["name"] in orig:
+                per += [(r["name"] + " (orig)", orig[r["name"]]["energy_pj"]),
+                        (r["name"] + " (hybrid)", r["energy_pj"])]
+        if per:
+            parts.append(_svg_bars(per, "Energy per hybrid layer, original vs hybrid"))
+        fb = hyb["totals"]["fallback_layers"] + base["totals"]["fallback_layers"]
+        if fb:
+            parts.append("<p>Priced by the constants model (the engine could not map them): "
+                         + html.escape(", ".join(sorted(set(fb)))) + ".</p>")
+    return "\n".join(parts)
+
+
+def check_hw_report(data: Any, where: str) -> dict[str, Any]:
+    """A parsed ``hfbconvert hw`` JSON report, or InputError naming what is missing."""
+    if not isinstance(data, dict) or not isinstance(data.get("original_on_baseline"), dict):
+        raise InputError(f"{where}: not an 'hfbconvert hw' JSON report (no "
+                         "original_on_baseline)")
+    for key in ("totals", "layers", "accelerator"):
+        if key not in data["original_on_baseline"]:
+            raise InputError(f"{where}: original_on_baseline has no {key!r}")
+    if data.get("hybrid_on_design") and "comparison" not in data:
+        raise InputError(f"{where}: a hybrid_on_design without 'comparison'")
+    return data

@@ -42,11 +42,12 @@ __all__ = [
 
 
 def write_reports(meta: dict, info: ModelInfo | None, out_dir: Path,
-                  export: dict | None = None, overwrite: bool = True) -> list[Path]:
+                  export: dict | None = None, overwrite: bool = True,
+                  hardware: dict | None = None) -> list[Path]:
     """Write report.json, report.md and report.html into ``out_dir`` (each atomically;
     ``overwrite`` False refuses a file that exists at the rename)."""
     out_dir = Path(out_dir)
-    rep = build_report(meta, info, export)
+    rep = build_report(meta, info, export, hardware)
     text = json.dumps(rep, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
     return [atomic_write_text(out_dir / "report.json", text, overwrite),
             atomic_write_text(out_dir / "report.md", render_markdown(rep), overwrite),

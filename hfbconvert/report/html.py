@@ -64,6 +64,10 @@ def render_html(rep: dict) -> str:
     ft = plot_finetune(rep)
     if ft is not None:
         body += ["<h2>Fine-tuning</h2>", _img(ft, "fine-tuning loss and agreement")]
+    if rep.get("hardware"):
+        from ..hw.report import html_section
+
+        body.append(html_section(rep["hardware"]))
     body += ["<h2>Conventions</h2>",
              "<ul>" + "".join(f"<li>{e(s)}</li>" for s in convention_lines(rep)) + "</ul>",
              "<ul>" + "".join(f"<li><b>{e(k)}</b>: {e(v)}</li>"

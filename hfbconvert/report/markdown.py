@@ -43,6 +43,10 @@ def render_markdown(rep: dict) -> str:
                 .get("errors", {}).items()], ""]
     if rep.get("plan_notes"):
         parts += ["## Planner notes", "", *[f"- {n}" for n in rep["plan_notes"]], ""]
+    if rep.get("hardware"):
+        from ..hw.report import markdown as hw_markdown
+
+        parts += ["## Hardware (accelerator model)", "", hw_markdown(rep["hardware"]), ""]
     if rep.get("versions"):
         parts += ["## Versions", "", ", ".join(f"{k} {v}" for k, v in rep["versions"].items()),
                   ""]

@@ -260,8 +260,10 @@ def _export(export: dict | None) -> dict | None:
                 "agreement": _finite(ver.get("agreement"))}}
 
 
-def build_report(meta: dict, info: ModelInfo | None, export: dict | None = None) -> dict:
-    """Per-layer rows, totals and conventions of one compression, as plain JSON data."""
+def build_report(meta: dict, info: ModelInfo | None, export: dict | None = None,
+                 hardware: dict | None = None) -> dict:
+    """Per-layer rows, totals and conventions of one compression, as plain JSON data;
+    ``hardware``: an ``hfbconvert hw`` JSON report to include (``report --hw``)."""
     conv = _conventions(meta)
     before = (meta.get("original_cost") or {}).get("layers") or []
     after = (meta.get("cost") or {}).get("layers") or []
@@ -273,7 +275,9 @@ def build_report(meta: dict, info: ModelInfo | None, export: dict | None = None)
                        p_by.get(ly["name"])) for ly in layers]
     names = {ly["name"] for ly in layers}
     calib = meta.get("calibration")
+    extra = {"hardware": hardware} if hardware is not None else {}
     return _clean({
+        **extra,
         "schema_version": SCHEMA_VERSION,
         "kind": "hfb_report",
         "model": _model(meta, info),
