@@ -394,8 +394,10 @@ def original_cell(ctx: ModelContext, method: Method, deadline: float | None) -> 
     return cell
 
 
-def compress_cell(ctx: ModelContext, method: Method, deadline: float | None) -> dict:
+def compress_cell(ctx: ModelContext, method: Method, deadline: float | None,
+                  seed: int = 0) -> dict:
     cell = _new_cell(ctx, method)
+    cell["seed"] = seed
     logs = ctx.work / "logs" / ctx.case.key / method.key
     out_dir = ctx.work / ctx.case.key / method.key
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -405,7 +407,7 @@ def compress_cell(ctx: ModelContext, method: Method, deadline: float | None) -> 
     if ctx.case.calib_size:
         args += ["--calib-size", str(ctx.case.calib_size)]
     args += [*method.args, "--steps", str(ctx.case.steps), "-o", str(pt), "--force", "--json",
-             "--min-agreement", "0", "--seed", "0"]
+             "--min-agreement", "0", "--seed", str(seed)]
     cell["steps_finetune"] = ctx.case.steps
     r = run_cli("compress", args, logs, _remaining(deadline), ctx.env)
     cell["convert_wall_s"] = round(r.wall_s, 2)
@@ -524,11 +526,17 @@ def int8_cell(ctx: ModelContext, method: Method, deadline: float | None) -> dict
     return cell
 
 
-def run_cell(ctx: ModelContext, method: Method, deadline: float | None) -> dict:
+def run_cell(ctx: ModelContext, method: Method, deadline: float | None,
+             seed: int = 0) -> dict:
+    """One cell; ``seed`` is the compressed cells' ``compress --seed`` (calibration sample,
+    fit, fine-tune batches)."""
     t0 = time.perf_counter()
-    fn = {"original": original_cell, "compress": compress_cell, "int8": int8_cell}[method.kind]
     try:
-        cell = fn(ctx, method, deadline)
+        if method.kind == "compress":
+            cell = compress_cell(ctx, method, deadline, seed)
+        else:
+            cell = {"original": original_cell, "int8": int8_cell}[method.kind](
+                ctx, method, deadline)
     except Exception as exc:  # a broken cell must never end the run
         cell = _new_cell(ctx, method)
         cell.update(status="failed", errors=[f"harness: {type(exc).__name__}: {exc}"])
