@@ -419,10 +419,12 @@ def main(argv: list[str] | None = None) -> int:
             pass
     print(f"\nwrote {out_path} ({results['duration_s']:.0f} s)")
     if not args.no_report:
-        from .report import write_benchmarks
+        from .report import write_benchmarks, write_readme
 
         for p in write_benchmarks(args.out, args.markdown, args.plots):
             print(f"wrote {p}")
+        if args.out.resolve() == DEFAULT_OUT.resolve() and write_readme(args.out):
+            print(f"wrote {REPO / 'README.md'}")
     failed = [c for c in results["cells"] if c["status"] == "failed"]
     if failed:
         print(f"{len(failed)} cell(s) failed; see the errors above and in {out_path}")

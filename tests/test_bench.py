@@ -110,7 +110,7 @@ def test_suites_are_well_formed() -> None:
     args = run.build_parser().parse_args(["--suite", "full", "--methods", "twn"])
     name, cases, methods, _ = run.plan(args)
     assert name == "full" and len(cases) == 3
-    order = [(c.key, m.key) for c, m in run.schedule(cases, methods)]
+    order = [(c.key, m.key) for c, m, _ in run.schedule(cases, methods)]
     assert order == [(k, m) for k in ("v1-0.5-160", "cifar10-v1-0.5", "v2")
                      for m in ("original", "twn")]
     assert all(m.key in ("original", "twn") for ms in methods.values() for m in ms)
