@@ -114,7 +114,11 @@ def order_table(files: list[Path], md_dir: Path) -> list[str]:
         a, n, ref = d.get("args", {}), d.get("n_eval"), d.get("top1_original")
         for r in d["rows"]:
             vs, verdict = _vs(r.get("top1"), n, ref)
-            rows.append(f"| {_rel(f, md_dir)} | {_model(a)} | `{r.get('variant')}` | {n} | "
+            if r.get("vs_original"):  # per-image results stored: the paired interval
+                di = dict(r["vs_original"], paired=True, n=n)
+                vs, verdict = fmt_diff(di, True), words(di)
+            rows.append(f"| {_rel(f, md_dir)} | {_model(a)} | `{r.get('variant')}` | "
+                        f"{d.get('split', 'eval')}, {n} | "
                         f"{_pc(ref)} | {_pc(r.get('top1'))} | {vs} | {verdict} | "
                         f"{_pc(r.get('agreement'))} |")
     if not rows:
@@ -124,7 +128,7 @@ def order_table(files: list[Path], md_dir: Path) -> list[str]:
             "BN folding: `w` per-channel int8 weights (MSE clip search), `X` the same with "
             "max-abs scales, `a` uint8 activations, `s` the mean-shift correction; flags: "
             "`m` MinMax activation ranges, `L` no mean shift on Linear layers. " + CAVEAT, "",
-            "| results file | model | variant | eval images | original top-1 % | top-1 % | "
+            "| results file | model | variant | split, images | original top-1 % | top-1 % | "
             "Δ (pp) [95%] | vs original | agreement % |",
             "|---|---|---|---|---|---|---|---|---|", *rows, ""]
 
@@ -197,5 +201,5 @@ def render_ablation(results_dir: Path, md_dir: Path) -> str:
             "(each row names its file; the command that produced a file is in the script's "
             "docstring and in the file's `args`). The hand-written history these runs came "
             "with, including the reasons for each default, is `bench/ablation.md` (not "
-            "regenerated; its figures are the files' figures as typed then).", ""]
+            "regenerated: some of its figures come from code states no results file records).", ""]
     return "\n".join(head + parts)
