@@ -92,7 +92,23 @@ def paired(x, y) -> dict:
 
 
 orig_pi = evaluate_per_image(net, val, info.label_offset)
-rows = []
+orig = float(orig_pi.correct.mean())
+rows: list[dict] = []
+os.makedirs("bench/results", exist_ok=True)
+out = f"bench/results/int8-order-{a.tag}.json"
+
+
+def save() -> None:
+    """Rewritten after every row (atomically), so a stopped run keeps what it measured."""
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"tag": a.tag, "args": vars(a), "top1_original": orig, "n_eval": len(val),
+                   "split": a.split, "splits": splits,
+                   "original_per_image": per_image_record(orig_pi, val), "rows": rows}, f,
+                  indent=1)
+    os.replace(tmp, out)
+
+
 prev = orig_pi.correct
 for v in a.variants.split(","):
     t = time.perf_counter()
@@ -115,13 +131,6 @@ for v in a.variants.split(","):
                  "vs_previous_row": paired(pi.correct, prev),
                  "per_image": per_image_record(pi, val)})
     prev = pi.correct
+    save()
     print(json.dumps({k: x for k, x in rows[-1].items() if k != "per_image"}), flush=True)
-orig = float(orig_pi.correct.mean())
-os.makedirs("bench/results", exist_ok=True)
-out = f"bench/results/int8-order-{a.tag}.json"
-with open(out, "w") as f:
-    json.dump({"tag": a.tag, "args": vars(a), "top1_original": orig, "n_eval": len(val),
-               "split": a.split, "splits": splits,
-               "original_per_image": per_image_record(orig_pi, val), "rows": rows}, f,
-              indent=1)
 print(out)
