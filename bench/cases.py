@@ -161,7 +161,7 @@ SUITES: dict[str, Suite] = {
     "seeds": Suite(
         "seeds", ("v1-0.5-160",),
         {"v1-0.5-160": ("original", "int8-ptq", "hybrid-0.536", "hybrid-0.536-int8")},
-        overrides={"v1-0.5-160": {"steps": "auto", "calib_size": 2000}},
+        overrides={"v1-0.5-160": {"steps": "auto", "calib_size": 1000}},  # as the README
         time_budget_min=60.0, latency_repeats=(20, 3), seeds=(0, 1, 2),
         notes=("Seeds suite: the compressed cells once per calibration seed "
                "(`hfbconvert compress --seed S`: the calibration sample, the fit and the "
