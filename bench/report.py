@@ -480,6 +480,19 @@ produced it; only measured numbers appear in the tables. Differences come with t
 """
 
 
+def _yerr(cells: list[dict]) -> np.ndarray:
+    """Error bars (points below, above) of each cell's top-1: its 95% interval (stored
+    bootstrap, else Wilson)."""
+    out = []
+    for c in cells:
+        ci = c.get("top1_ci95")
+        if ci is None and c.get("n_eval"):
+            ci = wilson_interval(round(c["top1"] * c["n_eval"]), c["n_eval"])
+        lo, hi = ci if ci is not None else (c["top1"], c["top1"])
+        out.append((100 * max(0.0, c["top1"] - lo), 100 * max(0.0, hi - c["top1"])))
+    return np.array(out, dtype=float).T.reshape(2, -1)
+
+
 EXTRA_COLORS = ["tab:cyan", "tab:brown", "tab:pink", "tab:olive", "tab:gray"]
 
 
@@ -520,6 +533,8 @@ def plot_model(res: dict, model: str, path: Path) -> Path | None:
             if c is None or c.get(metric) is None:
                 continue
             hollow = key == "int8-ptq"  # sits on the original's x: keep both visible
+            ax.errorbar([c[metric] / 1e6], [100 * c["top1"]], yerr=_yerr([c]), fmt="none",
+                        ecolor=col, elinewidth=0.8, alpha=0.6, capsize=0)
             ax.plot([c[metric] / 1e6], [100 * c["top1"]], mk, color=col, label=lab,
                     markersize=11 if hollow else 8, linestyle="none",
                     markerfacecolor="none" if hollow else col, markeredgewidth=1.8,
@@ -530,6 +545,9 @@ def plot_model(res: dict, model: str, path: Path) -> Path | None:
         for i, key in enumerate(dict.fromkeys(c["method"] for c in others)):
             pts = [c for c in others if c["method"] == key]
             int8 = pts[0].get("family") == "hybrid-int8"
+            ax.errorbar([c[metric] / 1e6 for c in pts], [100 * c["top1"] for c in pts],
+                        yerr=_yerr(pts), fmt="none", ecolor=EXTRA_COLORS[i % len(EXTRA_COLORS)],
+                        elinewidth=0.8, alpha=0.6, capsize=0)
             ax.plot([c[metric] / 1e6 for c in pts], [100 * c["top1"] for c in pts],
                     "P" if int8 else "d", color=EXTRA_COLORS[i % len(EXTRA_COLORS)],
                     markersize=9, linestyle="none", zorder=5,
@@ -551,7 +569,8 @@ def plot_model(res: dict, model: str, path: Path) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best", numpoints=1)
     n = next((c.get("n_eval") for c in cells.values() if c.get("n_eval")), "?")
-    fig.suptitle(f"{case.get('title', model)} — {res['suite']} suite, top-1 on {n} images",
+    fig.suptitle(f"{case.get('title', model)} — {res['suite']} suite, top-1 on {n} images "
+                 "(bars: 95% intervals)",
                  fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
