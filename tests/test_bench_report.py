@@ -206,3 +206,26 @@ def test_committed_generated_sections_match_the_results_files() -> None:
     rfound = dict(report.MARK_BODY.findall(rtext))
     for name, body in report.readme_blocks(latest, readme).items():
         assert rfound.get(name) == body.rstrip(), f"README.md block {name} is stale"
+
+
+def test_tied_logits_count_once_and_the_same_way(tmp_path: Path) -> None:
+    """A tied top-1 is the first index in both the cell's top-1 and its per-image bits;
+    results files from before agree with their bits once loaded."""
+    import json
+
+    import torch
+
+    from bench import RESULTS_SCHEMA
+    from bench.measure import accuracy
+
+    logits = np.array([[2.0, 2.0, 0.0]] * 50 + [[0.0, 2.0, 2.0]] * 50, dtype=np.float32)
+    labels = np.array([0] * 50 + [2] * 50)
+    acc = accuracy(logits, torch.from_numpy(labels), 0)
+    assert acc["top1"] == 0.5  # first index wins: right on the first half only
+    assert (logits.argmax(1) == labels).mean() == acc["top1"]  # as the per-image bits
+    cell = _cell("int8-ptq", np.array([True] * 40 + [False] * 60), kind="int8")
+    cell["top1"] = 0.45  # as an older run recorded it
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"schema": RESULTS_SCHEMA, "suite": "x", "cells": [cell]}))
+    loaded = report.load_results(path)["cells"][0]
+    assert loaded["top1"] == 0.4 and loaded["top1_as_recorded"] == 0.45
