@@ -60,8 +60,9 @@ def _top1_from_bits(cell: dict) -> None:
     files before the fix in bench/measure.accuracy counted a tied top-1 by an unstable
     sort, the bits by argmax (the first index, as onnxruntime's ArgMax)."""
     p = cell.get("per_image") or {}
-    if cell.get("top1") is None or not p.get("correct_hex") or not p.get("n"):
-        return
+    if cell.get("kind") != "int8" or cell.get("top1") is None or not p.get("correct_hex") \
+            or not p.get("n"):
+        return  # only the harness's own onnxruntime cells counted top-1 separately
     t = float(decode_bits(p["correct_hex"], int(p["n"])).mean())
     if abs(t - cell["top1"]) > 1e-12:
         cell["top1_as_recorded"] = cell["top1"]
