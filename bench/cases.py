@@ -84,6 +84,9 @@ class ModelCase:
     steps: int | str = 50  # fine-tuning steps of every compress cell, or "auto"
     int8_calib: int = 256  # calibration images of the int8 PTQ baseline
     paper_reference: bool = False
+    # images of the calibration folder held apart as the tuning split (bench/splits.py);
+    # None: no split (a calibration file rather than a folder)
+    tune_size: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,14 +96,14 @@ MODELS: dict[str, ModelCase] = {m.key: m for m in [
     ModelCase("v1-0.5-160", "ImageNet MobileNetV1 0.5-160",
               "{shared}/models/mobilenet_v1_0.5_160.pt",
               "{shared}/data/imagenet/calib", "{shared}/data/imagenet/val",
-              calib_size=2000, eval_total=1300, steps=0, paper_reference=True),
+              calib_size=2000, eval_total=1300, steps=0, paper_reference=True, tune_size=300),
     ModelCase("cifar10-v1-0.5", "CIFAR-10 MobileNetV1 0.5",
               "{shared}/models/mobilenet_v1_0.5_cifar10.pt",
               "{cifar10}/train", "{cifar10}/test",
-              calib_size=5000, eval_total=10000, steps=0),
+              calib_size=5000, eval_total=10000, steps=0, tune_size=1000),
     ModelCase("v2", "ImageNet MobileNetV2 1.0-224 (torchvision)", "builtin:mobilenet_v2",
               "{shared}/data/imagenet/calib", "{shared}/data/imagenet/val",
-              calib_size=1000, eval_total=1300, steps=0),
+              calib_size=1000, eval_total=1300, steps=0, tune_size=300),
 ]}
 
 
@@ -117,6 +120,7 @@ class Suite:
     # MobileNetV1 0.5-160), and single-thread latencies are the least noisy.
     torch_threads: int | None = 1
     ort_threads: int = 1
+    seeds: tuple[int, ...] = (0,)  # `compress --seed` of every compressed cell
     notes: tuple[str, ...] = ()
 
     def model_cases(self) -> list[ModelCase]:
@@ -150,6 +154,19 @@ SUITES: dict[str, Suite] = {
                "classifier weights, uint8 activations, int32 ternary-bank hidden units, "
                "--hidden-bits 32) against onnxruntime int8 PTQ; energy of both rows with the "
                "int8 constants.",),
+    ),
+    # Issue 20's headline cells at today's CLI defaults (`--steps auto`): the hybrids for
+    # several calibration seeds (`--seeds`, default 0,1,2), reported as mean ± spread with
+    # paired intervals against FP32 and the int8 hybrid against PTQ.
+    "seeds": Suite(
+        "seeds", ("v1-0.5-160",),
+        {"v1-0.5-160": ("original", "int8-ptq", "hybrid-0.536", "hybrid-0.536-int8")},
+        overrides={"v1-0.5-160": {"steps": "auto", "calib_size": 1000}},  # as the README
+        time_budget_min=60.0, latency_repeats=(20, 3), seeds=(0, 1, 2),
+        notes=("Seeds suite: the compressed cells once per calibration seed "
+               "(`hfbconvert compress --seed S`: the calibration sample, the fit and the "
+               "fine-tune's batches); the original and the int8 PTQ baseline do not depend "
+               "on it.",),
     ),
     "quick": Suite(
         "quick", ("v1-0.5-160",),

@@ -67,6 +67,13 @@ FIELDS = [("top-1", "top1", "pct"), ("MULs", "muls", "M"), ("ONNX", "onnx_bytes"
           ("convert", "convert_wall_s", "s"), ("b1 ratio", "lat_b1", "x")]
 
 
+def _key(cell: dict) -> tuple[str, str]:
+    """(model, method), the method suffixed with its seed past seed 0 (seeds suite), so
+    that every seed's cell is compared with the same seed's."""
+    seed = cell.get("seed", 0)
+    return cell["model"], cell["method"] + (f" s{seed}" if seed else "")
+
+
 def compare(old: dict, new: dict) -> list[str]:
     lines = []
     for tag, r in (("old", old), ("new", new)):
@@ -86,8 +93,8 @@ def compare(old: dict, new: dict) -> list[str]:
             if o.get(k) != m.get(k):
                 lines.append(f"{m['key']}: {k} {o.get(k)} -> {m.get(k)}")
     lines.append("")
-    co = {(c["model"], c["method"]): c for c in old["cells"]}
-    cn = {(c["model"], c["method"]): c for c in new["cells"]}
+    co = {_key(c): c for c in old["cells"]}
+    cn = {_key(c): c for c in new["cells"]}
     models = list(dict.fromkeys([k[0] for k in cn] + [k[0] for k in co]))
     rank = {m: i for i, m in enumerate(TABLE_ORDER)}
     header = f"{'model':<16} {'method':<20} " + " ".join(f"{f[0]:>26}" for f in FIELDS)
@@ -95,7 +102,7 @@ def compare(old: dict, new: dict) -> list[str]:
     lines.append("-" * len(header))
     for model in models:
         keys = sorted({k[1] for k in (*co, *cn) if k[0] == model},
-                      key=lambda m: rank.get(m, 99))
+                      key=lambda m: (rank.get(m.split(" ")[0], 99), m))
         for meth in keys:
             a, b = co.get((model, meth)), cn.get((model, meth))
             cols = []
@@ -158,12 +165,14 @@ def paired_line(a: dict | None, b: dict | None, seed: int = 0) -> str:
 
 
 def paired_section(old: dict, new: dict) -> list[str]:
-    co = {(c["model"], c["method"]): c for c in old["cells"]}
-    cn = {(c["model"], c["method"]): c for c in new["cells"]}
+    co = {_key(c): c for c in old["cells"]}
+    cn = {_key(c): c for c in new["cells"]}
     lines = ["", "top-1 with 95% interval (old -> new); paired difference over the same "
              "images where both files stored per-image results"]
     rank = {m: i for i, m in enumerate(TABLE_ORDER)}
-    for key in sorted(set(co) | set(cn), key=lambda k: (k[0], rank.get(k[1], 99), k[1])):
+    keys = sorted(set(co) | set(cn),
+                  key=lambda k: (k[0], rank.get(k[1].split(" ")[0], 99), k[1]))
+    for key in keys:
         a, b = co.get(key), cn.get(key)
         if (a or {}).get("top1") is None and (b or {}).get("top1") is None:
             continue

@@ -10,6 +10,12 @@ no mean shift on Linear layers. ``wsa`` is what ``compress --activation-bits 8``
 
     OMP_NUM_THREADS=1 python -m bench.int8_order --model builtin:mobilenet_v2 \\
         --variants w,a,ws,wa,was,wsa --tag v2
+
+``--split tune`` calibrates on the calibration folder minus its tuning split and
+evaluates on the tuning split (bench/splits.py): for choosing a stage order without
+touching the evaluation images. Each row then also stores its per-image results and its
+paired difference against the original and against the row before it (the stage
+added), with McNemar's exact p.
 """
 
 import argparse
@@ -24,7 +30,6 @@ from calib.presets import preset_for
 from calib.readers import load_images
 from hfbconvert import actquant
 from hfbconvert.bnfold import fold_batchnorms
-from hfbconvert.evaluation import evaluate
 from hfbconvert.meanshift import correction_sites, match_output_means
 from hfbconvert.models.loading import load_model
 from hfbconvert.pipeline import CompressConfig, normalizer
@@ -41,7 +46,16 @@ ap.add_argument("--val", type=int, default=1300, help="eval images (seeded sampl
 ap.add_argument("--variants", default="w,a,ws,wa,was,wsa")
 ap.add_argument("--seed", type=int, default=0)
 ap.add_argument("--tag", default="x")
+ap.add_argument("--split", choices=("eval", "tune"), default="eval",
+                help="eval: --eval images; tune: the tuning split (calibration without it)")
 a = ap.parse_args()
+splits = {}
+if a.split == "tune":
+    from bench.splits import calib_splits
+
+    _cal, _tune = calib_splits(a.calib)
+    splits = {"calibration": _cal.record(), "tuning": _tune.record()}
+    a.calib, a.eval, a.val = str(_cal.path), str(_tune.path), len(_tune.names)
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 net, info = load_model(a.model)
 net.eval()
@@ -66,7 +80,36 @@ def mean_shift(m: torch.nn.Module, pairs: list, variant: str) -> None:
     match_output_means(m, net, sample(a.seed + 4), layers, owners)
 
 
-rows = []
+from hfbconvert.evaluation import evaluate_per_image, per_image_record, summarize  # noqa: E402
+from hfbconvert.metrics import discordant, mcnemar_exact, paired_difference_interval  # noqa: E402
+
+
+def paired(x, y) -> dict:
+    """x - y over the same images: bootstrap interval and McNemar's exact p."""
+    d, (lo, hi) = paired_difference_interval(x, y)
+    b, c = discordant(x, y)
+    return {"d": d, "lo": lo, "hi": hi, "p": mcnemar_exact(b, c), "only_x": b, "only_y": c}
+
+
+orig_pi = evaluate_per_image(net, val, info.label_offset)
+orig = float(orig_pi.correct.mean())
+rows: list[dict] = []
+os.makedirs("bench/results", exist_ok=True)
+out = f"bench/results/int8-order-{a.tag}.json"
+
+
+def save() -> None:
+    """Rewritten after every row (atomically), so a stopped run keeps what it measured."""
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"tag": a.tag, "args": vars(a), "top1_original": orig, "n_eval": len(val),
+                   "split": a.split, "splits": splits,
+                   "original_per_image": per_image_record(orig_pi, val), "rows": rows}, f,
+                  indent=1)
+    os.replace(tmp, out)
+
+
+prev = orig_pi.correct
 for v in a.variants.split(","):
     t = time.perf_counter()
     m = copy.deepcopy(net).eval()
@@ -80,14 +123,14 @@ for v in a.variants.split(","):
             actquant.calibrate(m, sample(a.seed + 3), seed=a.seed, clip_ratios=ranges)
         elif stage == "s":
             mean_shift(m, pairs, v)
-    r = evaluate(m, val, info.label_offset, reference=net)
-    rows.append({"variant": v, "top1": r["top1"], "agreement": r["agreement"],
-                 "seconds": round(time.perf_counter() - t, 1)})
-    print(json.dumps(rows[-1]), flush=True)
-orig = evaluate(net, val, info.label_offset)["top1"]
-os.makedirs("bench/results", exist_ok=True)
-out = f"bench/results/int8-order-{a.tag}.json"
-with open(out, "w") as f:
-    json.dump({"tag": a.tag, "args": vars(a), "top1_original": orig, "n_eval": len(val),
-               "rows": rows}, f, indent=1)
+    pi = evaluate_per_image(m, val, info.label_offset, reference=net)
+    r = summarize(pi)
+    rows.append({"variant": v, "top1": r["top1"], "agreement": r["agreement"], "kl": r["kl"],
+                 "seconds": round(time.perf_counter() - t, 1),
+                 "vs_original": paired(pi.correct, orig_pi.correct),
+                 "vs_previous_row": paired(pi.correct, prev),
+                 "per_image": per_image_record(pi, val)})
+    prev = pi.correct
+    save()
+    print(json.dumps({k: x for k, x in rows[-1].items() if k != "per_image"}), flush=True)
 print(out)

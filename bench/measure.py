@@ -225,7 +225,9 @@ def ort_logits(sess, images) -> np.ndarray:
 
 def accuracy(logits: np.ndarray, labels, label_offset: int,
              ref_logits: np.ndarray | None = None) -> dict:
-    top5 = np.argsort(-logits, axis=1)[:, :5]
+    # stable: a tied top-1 (common with int8 logits) is the first index, as argmax and
+    # the per-image bits count it
+    top5 = np.argsort(-logits, axis=1, kind="stable")[:, :5]
     n = logits.shape[0]
     res: dict[str, Any] = {"n": n, "top1": None, "top5": None, "agreement": None}
     if labels is not None:
@@ -394,8 +396,10 @@ def original_cell(ctx: ModelContext, method: Method, deadline: float | None) -> 
     return cell
 
 
-def compress_cell(ctx: ModelContext, method: Method, deadline: float | None) -> dict:
+def compress_cell(ctx: ModelContext, method: Method, deadline: float | None,
+                  seed: int = 0) -> dict:
     cell = _new_cell(ctx, method)
+    cell["seed"] = seed
     logs = ctx.work / "logs" / ctx.case.key / method.key
     out_dir = ctx.work / ctx.case.key / method.key
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -405,7 +409,7 @@ def compress_cell(ctx: ModelContext, method: Method, deadline: float | None) -> 
     if ctx.case.calib_size:
         args += ["--calib-size", str(ctx.case.calib_size)]
     args += [*method.args, "--steps", str(ctx.case.steps), "-o", str(pt), "--force", "--json",
-             "--min-agreement", "0", "--seed", "0"]
+             "--min-agreement", "0", "--seed", str(seed)]
     cell["steps_finetune"] = ctx.case.steps
     r = run_cli("compress", args, logs, _remaining(deadline), ctx.env)
     cell["convert_wall_s"] = round(r.wall_s, 2)
@@ -524,11 +528,17 @@ def int8_cell(ctx: ModelContext, method: Method, deadline: float | None) -> dict
     return cell
 
 
-def run_cell(ctx: ModelContext, method: Method, deadline: float | None) -> dict:
+def run_cell(ctx: ModelContext, method: Method, deadline: float | None,
+             seed: int = 0) -> dict:
+    """One cell; ``seed`` is the compressed cells' ``compress --seed`` (calibration sample,
+    fit, fine-tune batches)."""
     t0 = time.perf_counter()
-    fn = {"original": original_cell, "compress": compress_cell, "int8": int8_cell}[method.kind]
     try:
-        cell = fn(ctx, method, deadline)
+        if method.kind == "compress":
+            cell = compress_cell(ctx, method, deadline, seed)
+        else:
+            cell = {"original": original_cell, "int8": int8_cell}[method.kind](
+                ctx, method, deadline)
     except Exception as exc:  # a broken cell must never end the run
         cell = _new_cell(ctx, method)
         cell.update(status="failed", errors=[f"harness: {type(exc).__name__}: {exc}"])

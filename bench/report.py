@@ -1,20 +1,44 @@
-"""Results JSON -> BENCHMARKS.md sections (one per suite, from its latest results file)
+"""Results JSON -> BENCHMARKS.md sections (one per suite, from its latest results file;
+the ablation from the ablation scripts' results files), the README's generated tables,
 and plots (top-1 vs MULs / ADDs per model).
 
-Only measured numbers are written; the paper's reported point appears on the ImageNet
-MobileNetV1 0.5 plot as a reference marker, placed relative to the measured original.
+Only measured numbers are written, each difference with its 95% interval: paired over
+images (bootstrap, McNemar's exact test) where both cells stored per-image results on
+the same images, else an unpaired normal interval from the two top-1s (wider: it ignores
+that the images are shared) marked ᵘ. Words follow the rule of hfbconvert.metrics.verdict:
+"better"/"worse"/"beats" only where the interval excludes zero, else "within noise (±x)".
+
+Generated text sits between ``<!-- generated:NAME -->`` and ``<!-- /generated -->``;
+``write_benchmarks``/``write_readme`` replace only those blocks, so sections other tools
+own (their own markers, or text outside any block) stay as they are. The paper's
+reported point appears on the ImageNet MobileNetV1 0.5 plot as a reference marker, placed
+relative to the measured original.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from pathlib import Path
+
+import numpy as np
+
+from hfbconvert.metrics import (
+    Z95,
+    decode_bits,
+    discordant,
+    mcnemar_exact,
+    paired_difference_interval,
+    verdict,
+    wilson_interval,
+)
 
 from . import RESULTS_SCHEMA
 from .cases import PAPER_POINT, REPO, SUITES, TABLE_ORDER
 
-SECTION_ORDER = ["full", "int8", "quick"]
+SECTION_ORDER = ["seeds", "int8", "full", "quick"]
 
 
 # ------------------------------------------------------------------------ loading
@@ -25,7 +49,24 @@ def load_results(path: str | Path) -> dict:
     if d.get("schema") != RESULTS_SCHEMA:
         raise ValueError(f"{path}: not a bench results file (schema {d.get('schema')!r})")
     d["_path"] = str(path)
+    for c in d.get("cells", []):
+        _top1_from_bits(c)
     return d
+
+
+def _top1_from_bits(cell: dict) -> None:
+    """Make a cell's top-1 the mean of its stored per-image bits (what every paired
+    interval uses). They differ only where logits tie: the int8 PTQ cells of results
+    files before the fix in bench/measure.accuracy counted a tied top-1 by an unstable
+    sort, the bits by argmax (the first index, as onnxruntime's ArgMax)."""
+    p = cell.get("per_image") or {}
+    if cell.get("kind") != "int8" or cell.get("top1") is None or not p.get("correct_hex") \
+            or not p.get("n"):
+        return  # only the harness's own onnxruntime cells counted top-1 separately
+    t = float(decode_bits(p["correct_hex"], int(p["n"])).mean())
+    if abs(t - cell["top1"]) > 1e-12:
+        cell["top1_as_recorded"] = cell["top1"]
+        cell["top1"] = t
 
 
 def results_files(results_dir: str | Path) -> list[Path]:
@@ -70,12 +111,6 @@ def _delta_pct(v, ref) -> str:
     return f"{100 * (v - ref) / ref:+.1f}%"
 
 
-def _delta_pp(v, ref) -> str:
-    if v is None or ref is None:
-        return "—"
-    return f"{100 * (v - ref):+.2f}"
-
-
 def _lat(cell: dict, key: str) -> str:
     lat = (cell.get("latency") or {}).get(key)
     if not lat:
@@ -84,11 +119,89 @@ def _lat(cell: dict, key: str) -> str:
     return f"{ms} (×{lat['ratio']:.2f})" if lat.get("ratio") else ms
 
 
+def _first_seed(res: dict) -> int:
+    return int((res.get("settings", {}).get("seeds") or [0])[0])
+
+
 def _cells(res: dict, model: str) -> dict[str, dict]:
-    return {c["method"]: c for c in res["cells"] if c["model"] == model}
+    """The model's cells by method: seed-independent ones and the first seed's."""
+    first = _first_seed(res)
+    return {c["method"]: c for c in res["cells"]
+            if c["model"] == model and c.get("seed", first) == first}
 
 
-COLUMNS = ["method", "top-1 %", "Δ top-1 (pp)", "top-5 %", "agree %", "MULs (M)", "Δ MULs",
+def _seed_cells(res: dict, model: str, method: str) -> list[dict]:
+    """Every seed's cell of one compressed method, in seed order."""
+    return sorted((c for c in res["cells"] if c["model"] == model and c["method"] == method),
+                  key=lambda c: c.get("seed", 0))
+
+
+# ------------------------------------------------------------------------ intervals
+
+
+def _bits(cell: dict | None) -> tuple[np.ndarray, str] | None:
+    p = (cell or {}).get("per_image") or {}
+    if not p.get("correct_hex") or not p.get("n"):
+        return None
+    return decode_bits(p["correct_hex"], int(p["n"])), str(p.get("images_sha256"))
+
+
+def diff(cell: dict | None, ref: dict | None, seed: int = 0) -> dict | None:
+    """top-1 of ``cell`` minus ``ref`` with its 95% interval: paired (bootstrap over the
+    images, McNemar's exact p) when both stored per-image results on the same images,
+    else unpaired (normal, from both top-1s and image counts). None without both top-1s."""
+    if not cell or not ref or cell.get("top1") is None or ref.get("top1") is None:
+        return None
+    a, b = _bits(cell), _bits(ref)
+    if a is not None and b is not None and a[1] == b[1] and a[0].size == b[0].size:
+        d, (lo, hi) = paired_difference_interval(a[0], b[0], seed=seed)
+        only_a, only_b = discordant(a[0], b[0])
+        return {"d": d, "lo": lo, "hi": hi, "paired": True, "n": int(a[0].size),
+                "p": mcnemar_exact(only_a, only_b), "only_a": only_a, "only_b": only_b}
+    n1, n0 = cell.get("n_eval"), ref.get("n_eval")
+    if not n1 or not n0:
+        return None
+    return unpaired(cell["top1"], n1, ref["top1"], n0)
+
+
+def unpaired(p1: float, n1: int, p0: float, n0: int) -> dict:
+    """p1 - p0 with the normal 95% interval of two independent proportions (conservative
+    for two models on the same images, whose outcomes are positively correlated)."""
+    d = p1 - p0
+    half = Z95 * math.sqrt(p1 * (1 - p1) / n1 + p0 * (1 - p0) / n0)
+    return {"d": d, "lo": d - half, "hi": d + half, "paired": False, "n": min(n1, n0)}
+
+
+def fmt_diff(di: dict | None, p: bool = False) -> str:
+    """'+0.31 [-0.85, +1.46]' in points; ᵘ marks an unpaired interval."""
+    if di is None:
+        return "—"
+    out = f"{100 * di['d']:+.2f} [{100 * di['lo']:+.2f}, {100 * di['hi']:+.2f}]"
+    if not di["paired"]:
+        return out + "ᵘ"
+    return out + (f", p = {di['p']:.2g}" if p else "")
+
+
+def words(di: dict | None, better: str = "better", worse: str = "worse") -> str:
+    """The wording rule (hfbconvert.metrics.verdict) applied to one difference."""
+    if di is None:
+        return "not measured"
+    return verdict(di["d"], di["lo"], di["hi"], better=better, worse=worse)
+
+
+def _top1_ci(cell: dict | None) -> str:
+    """top-1 (%) with its 95% interval: the stored bootstrap one, else Wilson."""
+    if not cell or cell.get("top1") is None:
+        return "—"
+    ci = cell.get("top1_ci95")
+    if ci is None and cell.get("n_eval"):
+        ci = wilson_interval(round(cell["top1"] * cell["n_eval"]), cell["n_eval"])
+    if ci is None:
+        return f"{100 * cell['top1']:.2f}"
+    return f"{100 * cell['top1']:.2f} [{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]"
+
+
+COLUMNS = ["method", "top-1 %", "Δ top-1 (pp) [95%]", "top-5 %", "agree %", "MULs (M)", "Δ MULs",
            "ADDs (M)", "Δ ADDs", "params (M)", "size, cost model (MB)", "ONNX (MB)",
            "energy (µJ)", "ORT b1 ms (× orig)", "ORT b32 ms (× orig)", "convert (s)",
            "convert peak RSS (MB)"]
@@ -105,6 +218,10 @@ def model_table(res: dict, model: str) -> tuple[list[str], list[str]]:
     for key in order:
         c = cells[key]
         label = f"`{key}`"
+        if c.get("top1_as_recorded") is not None:
+            notes.append(f"`{key}`: top-1 from its per-image results; the run recorded "
+                         f"{_pct(c['top1_as_recorded'])} (tied logits counted by an unstable "
+                         "sort, fixed since)")
         if c["status"] != "ok":
             label += f" ({c['status']}†)"
             for e in c.get("errors", []):
@@ -112,7 +229,7 @@ def model_table(res: dict, model: str) -> tuple[list[str], list[str]]:
         if c["kind"] == "original":
             d_top1 = "0 (ref)" if c.get("top1") is not None else "—"
         else:
-            d_top1 = _delta_pp(c.get("top1"), o_top1)
+            d_top1 = fmt_diff(diff(c, orig)) if o_top1 is not None else "—"
         row = [
             label, _pct(c.get("top1")), d_top1, _pct(c.get("top5")),
             _pct(c.get("agreement")) if c["kind"] != "original" else "—",
@@ -165,8 +282,28 @@ def _conventions(res: dict) -> list[str]:
         "ONNX in the same process (the original row against itself shows the noise). "
         "*convert*: wall time and peak RSS of the `hfbconvert compress` process "
         "(kernel accounting of that process; includes interpreter start-up); for int8, "
-        "the in-process onnxruntime quantization time.",
+        "the in-process onnxruntime quantization time. Δ top-1 [95%]: paired bootstrap "
+        "interval over the same images (per-image results stored); ᵘ: unpaired normal "
+        "interval from the two top-1s (the results file predates per-image results; wider "
+        "than the paired one would be).",
     ]
+
+
+def split_lines(res: dict, model: str) -> list[str]:
+    """Which images the model's figures came from (split name, count, list sha256)."""
+    case = _case(res, model)
+    sp = case.get("splits") or {}
+    out = []
+    for role in ("evaluation", "calibration", "tuning"):
+        r = sp.get(role)
+        if not r or "list_sha256" not in r:
+            continue
+        out.append(f"{role}: split `{r['name']}`, {r['n']} images, list sha256 "
+                   f"`{r['list_sha256'][:16]}`")
+    if not out:
+        return ["Images: not recorded (results file predates the tuning split; "
+                "calibration may overlap what is now the tuning split)."]
+    return ["Images — " + "; ".join(out) + "."]
 
 
 def render_section(res: dict, md_dir: Path, plots: dict[str, Path]) -> list[str]:
@@ -195,7 +332,15 @@ def render_section(res: dict, md_dir: Path, plots: dict[str, Path]) -> list[str]
     rel = os.path.relpath(res["_path"], md_dir) if "_path" in res else "?"
     out.append(f"- results file: `{rel}`")
     for n in res.get("settings", {}).get("notes", []):
-        out.append(f"- {n}")
+        out.append(f"- note recorded by the run: {n}")
+    stale = sorted({str(c.get("steps")) for c in res["models"]} - {"auto"})
+    if stale:
+        out.append(f"- **Not today's defaults:** these compressed cells ran `--steps "
+                   f"{', '.join(stale)}`, the CLI default is `--steps auto` (a distillation "
+                   "fine-tune): read them as the no-fine-tune ablation; the ternary "
+                   "baselines (TWN, StrassenNets, uniform) get no fine-tune here at all.")
+    out.append(f"- split: {res.get('settings', {}).get('split') or 'eval (not recorded)'}; "
+               f"calibration seeds: {res.get('settings', {}).get('seeds') or [0]}")
     out.append("")
     for case in res["models"]:
         key = case["key"]
@@ -212,10 +357,14 @@ def render_section(res: dict, md_dir: Path, plots: dict[str, Path]) -> list[str]
                    f"{case.get('calib_size') or 'all'} images of `{_disp(case.get('calib'))}`; "
                    f"fine-tuning: `--steps {case.get('steps')}` per compressed cell; int8 PTQ "
                    f"calibration: {case.get('int8_calib')} images.")
+        out += split_lines(res, key)
         out.append("")
         lines, notes = model_table(res, key)
         out += lines
         out.append("")
+        if len(res.get("settings", {}).get("seeds") or [0]) > 1:
+            out += seeds_table(res, key)
+            out.append("")
         if notes:
             out += [f"- {n}" for n in notes]
             out.append("")
@@ -235,10 +384,94 @@ def render_section(res: dict, md_dir: Path, plots: dict[str, Path]) -> list[str]
     return out
 
 
+# ------------------------------------------------------------------------ seeds
+
+
+def seed_mean_diff(cells: list[dict], ref: dict | None, seed: int = 0) -> dict | None:
+    """Seed-averaged top-1 minus ``ref``: per image, the fraction of seeds that got it
+    right minus the reference's bit, bootstrapped over images (paired); None unless every
+    cell stored per-image results on the reference's images."""
+    rb = _bits(ref)
+    bits = [_bits(c) for c in cells if c.get("status") == "ok"]
+    if rb is None or not bits or any(b is None or b[1] != rb[1] for b in bits):
+        return None
+    mean = np.mean([b[0] for b in bits], axis=0)  # type: ignore[index]
+    d, (lo, hi) = paired_difference_interval(mean, rb[0], seed=seed)
+    return {"d": d, "lo": lo, "hi": hi, "paired": True, "n": int(rb[0].size)}
+
+
+def _spread(vals: list[float]) -> str:
+    """'mean ± sd (min..max)' in points over seeds."""
+    if not vals:
+        return "—"
+    m = float(np.mean(vals))
+    if len(vals) == 1:
+        return f"{100 * m:.2f} (one seed)"
+    sd = float(np.std(vals, ddof=1))
+    return f"{100 * m:.2f} ± {100 * sd:.2f} ({100 * min(vals):.2f}..{100 * max(vals):.2f})"
+
+
+def seeds_table(res: dict, model: str) -> list[str]:
+    """Per seed and over seeds: each compressed method against FP32, the int8 ones also
+    against int8 PTQ, paired on the same images."""
+    cells = _cells(res, model)
+    orig, ptq = cells.get("original"), cells.get("int8-ptq")
+    comp = [m for m in dict.fromkeys(c["method"] for c in res["cells"]
+                                     if c["model"] == model and c["kind"] == "compress")]
+    out = ["| cell | seed | top-1 % [95%] | Δ vs FP32 (pp) [95%] | vs FP32 | "
+           "Δ vs int8 PTQ (pp) [95%] | vs int8 PTQ | agree % | convert (s) |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    if orig:
+        out.append(f"| `original` | — | {_top1_ci(orig)} | 0 (ref) | | | | | |")
+    if ptq:
+        d = diff(ptq, orig)
+        out.append(f"| `int8-ptq` | — | {_top1_ci(ptq)} | {fmt_diff(d, True)} | {words(d)} "
+                   f"| 0 (ref) | | {_pct(ptq.get('agreement'))} | "
+                   f"{_num(ptq.get('convert_wall_s'), 1, 0)} |")
+    for m in comp:
+        int8 = any("--activation-bits" in a for a in res["methods"].get(m, {}).get("args", []))
+        for c in _seed_cells(res, model, m):
+            if c.get("status") != "ok":
+                out.append(f"| `{m}` | {c.get('seed')} | {c.get('status')}: "
+                           f"{'; '.join(c.get('errors', []))[:120]} | | | | | | |")
+                continue
+            d = diff(c, orig)
+            dp = diff(c, ptq) if int8 and ptq else None
+            out.append(f"| `{m}` | {c.get('seed')} | {_top1_ci(c)} | {fmt_diff(d, True)} | "
+                       f"{words(d)} | {fmt_diff(dp, True) if dp else ''} | "
+                       f"{words(dp, 'beats PTQ', 'below PTQ') if dp else ''} | "
+                       f"{_pct(c.get('agreement'))} | {_num(c.get('convert_wall_s'), 1, 0)} |")
+    out += ["", "Over seeds (mean ± sample standard deviation, min..max); the seed-averaged "
+            "difference is paired: per image, the fraction of seeds right minus the "
+            "reference's bit, bootstrapped over images.", "",
+            "| method | seeds | top-1 % | Δ vs FP32 (pp) | seed-averaged Δ vs FP32 [95%] | "
+            "vs FP32 | seed-averaged Δ vs int8 PTQ [95%] | vs int8 PTQ |",
+            "|---|---|---|---|---|---|---|---|"]
+    for m in comp:
+        ok = [c for c in _seed_cells(res, model, m) if c.get("status") == "ok"
+              and c.get("top1") is not None]
+        if not ok:
+            continue
+        int8 = any("--activation-bits" in a for a in res["methods"].get(m, {}).get("args", []))
+        deltas = [c["top1"] - orig["top1"] for c in ok] if orig and orig.get("top1") else []
+        d = seed_mean_diff(ok, orig)
+        dp = seed_mean_diff(ok, ptq) if int8 and ptq else None
+        dlt = _spread(deltas).replace(" (", " (").lstrip() if deltas else "—"
+        if deltas:
+            dlt = ("+" if np.mean(deltas) >= 0 else "") + dlt
+        out.append(f"| `{m}` | {', '.join(str(c.get('seed')) for c in ok)} | "
+                   f"{_spread([c['top1'] for c in ok])} | {dlt} | {fmt_diff(d)} | {words(d)} | "
+                   f"{fmt_diff(dp) if dp else ''} | "
+                   f"{words(dp, 'beats PTQ', 'below PTQ') if dp else ''} |")
+    return out
+
+
 HEADER = """# Benchmarks
 
-<!-- Generated by `python -m bench.run` (bench/report.py) from bench/results/*.json.
-     Do not edit by hand: rerun the benchmark. -->
+Every block marked `<!-- generated:... -->` is written by `python -m bench.report`
+(also at the end of `python -m bench.run`) from bench/results/*.json: do not edit it by
+hand, rerun the benchmark or the report. `tests/test_bench_report.py` checks that the
+committed blocks equal what the committed results files give.
 
 How to reproduce:
 
@@ -248,7 +481,13 @@ How to reproduce:
   2 CPU cores (cells past the time budget are recorded as skipped).
 - `make bench-quick` — quick suite (≤ 10 min): MobileNetV1 0.5-160 × {original, TWN,
   hybrid 0.536, int8 PTQ} with fewer fine-tuning steps.
+- `python -m bench.run --suite seeds` — the headline cells (MobileNetV1 0.5-160: FP32,
+  hybrid 0.536 float and int8, int8 PTQ) at `--steps auto`, the hybrids once per
+  calibration seed (0, 1, 2): mean ± spread and paired intervals.
 - `make bench-compare` — differences between the two latest results files.
+- `--split tune` — measure on the tuning split (300 calibration images held apart from
+  calibration, `bench/splits.py`) for any choice made by measurement; the default
+  `--split eval` is for reported figures. Calibration never reads the tuning images.
 - `python -m bench.run --help` — options (`--models`, `--methods`, `--steps`,
   `--eval-size`, `--dry-run`, `--matrix FILE`, ...).
 
@@ -256,8 +495,26 @@ Models and data come from `$HFB_SHARED` (default `../shared`); CIFAR-10 is extra
 once into `$HFB_CACHE` (default `~/.cache/hfbconvert`). Every cell runs the `hfbconvert`
 CLI (`compress`, `eval`, `export onnx`) as a subprocess. Each section below comes from
 the latest results file of its suite and names the command, commit and machine that
-produced it; only measured numbers appear in the tables.
+produced it; only measured numbers appear in the tables. Differences come with their
+95% interval; "better"/"worse"/"beats" appear only where it excludes zero, otherwise
+"within noise (±x points)".
 """
+
+
+def _yerr(cells: list[dict]) -> np.ndarray:
+    """Error bars (points below, above) of each cell's top-1: its 95% interval (stored
+    bootstrap, else Wilson)."""
+    out = []
+    for c in cells:
+        ci = c.get("top1_ci95")
+        if ci is None and c.get("n_eval"):
+            ci = wilson_interval(round(c["top1"] * c["n_eval"]), c["n_eval"])
+        lo, hi = ci if ci is not None else (c["top1"], c["top1"])
+        out.append((100 * max(0.0, c["top1"] - lo), 100 * max(0.0, hi - c["top1"])))
+    return np.array(out, dtype=float).T.reshape(2, -1)
+
+
+EXTRA_COLORS = ["tab:cyan", "tab:brown", "tab:pink", "tab:olive", "tab:gray"]
 
 
 def plot_model(res: dict, model: str, path: Path) -> Path | None:
@@ -271,6 +528,8 @@ def plot_model(res: dict, model: str, path: Path) -> Path | None:
              if c.get("status") == "ok" and c.get("top1") is not None}
     if not cells:
         return None
+    all_cells = [c for c in res["cells"] if c["model"] == model
+                 and c.get("status") == "ok" and c.get("top1") is not None]
     case = _case(res, model)
     orig = cells.get("original")
     style = {"original": ("o", "black", "original FP32"), "twn": ("X", "tab:red", "TWN"),
@@ -295,10 +554,31 @@ def plot_model(res: dict, model: str, path: Path) -> Path | None:
             if c is None or c.get(metric) is None:
                 continue
             hollow = key == "int8-ptq"  # sits on the original's x: keep both visible
+            ax.errorbar([c[metric] / 1e6], [100 * c["top1"]], yerr=_yerr([c]), fmt="none",
+                        ecolor=col, elinewidth=0.8, alpha=0.6, capsize=0)
             ax.plot([c[metric] / 1e6], [100 * c["top1"]], mk, color=col, label=lab,
                     markersize=11 if hollow else 8, linestyle="none",
                     markerfacecolor="none" if hollow else col, markeredgewidth=1.8,
                     zorder=3 if hollow else 4)
+        # every other cell (the int8 hybrids among them), each seed's point, labelled
+        others = [c for c in all_cells if c.get(metric) is not None
+                  and c["method"] not in style and c.get("family") != "hybrid"]
+        for i, key in enumerate(dict.fromkeys(c["method"] for c in others)):
+            pts = [c for c in others if c["method"] == key]
+            int8 = pts[0].get("family") == "hybrid-int8"
+            ax.errorbar([c[metric] / 1e6 for c in pts], [100 * c["top1"] for c in pts],
+                        yerr=_yerr(pts), fmt="none", ecolor=EXTRA_COLORS[i % len(EXTRA_COLORS)],
+                        elinewidth=0.8, alpha=0.6, capsize=0)
+            ax.plot([c[metric] / 1e6 for c in pts], [100 * c["top1"] for c in pts],
+                    "P" if int8 else "d", color=EXTRA_COLORS[i % len(EXTRA_COLORS)],
+                    markersize=9, linestyle="none", zorder=5,
+                    label=key + (f" ({len(pts)} seeds)" if len(pts) > 1 else ""))
+        extra_curve = [c for c in all_cells if c.get("family") == "hybrid"
+                       and c.get(metric) is not None and c not in curve]
+        if extra_curve:  # the budget curve's cells at the other seeds
+            ax.plot([c[metric] / 1e6 for c in extra_curve],
+                    [100 * c["top1"] for c in extra_curve], "o", color="tab:blue",
+                    markerfacecolor="none", linestyle="none", label="hybrid, other seeds")
         if case.get("paper_reference") and orig and orig.get(metric):
             f = (1 - PAPER_POINT["mul_reduction"]) if metric == "muls" else (
                 1 + PAPER_POINT["add_increase"])
@@ -310,7 +590,8 @@ def plot_model(res: dict, model: str, path: Path) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best", numpoints=1)
     n = next((c.get("n_eval") for c in cells.values() if c.get("n_eval")), "?")
-    fig.suptitle(f"{case.get('title', model)} — {res['suite']} suite, top-1 on {n} images",
+    fig.suptitle(f"{case.get('title', model)} — {res['suite']} suite, top-1 on {n} images "
+                 "(bars: 95% intervals)",
                  fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -319,38 +600,199 @@ def plot_model(res: dict, model: str, path: Path) -> Path | None:
     return path
 
 
-def render(latest: dict[str, dict], md_path: Path, plots_dir: Path) -> tuple[str, list[Path]]:
+MARK = re.compile(r"<!-- generated:([\w.-]+) -->\n.*?<!-- /generated -->\n?", re.S)
+MARK_BODY = re.compile(r"<!-- generated:([\w.-]+) -->\n(.*?)\n<!-- /generated -->", re.S)
+OURS = re.compile(r"^(header|suite-[\w.-]+|ablation|readme-[\w.-]+)$")
+
+
+def block(name: str, text: str) -> str:
+    """``text`` between the markers that let a later run replace it (and only it)."""
+    return f"<!-- generated:{name} -->\n{text.rstrip()}\n<!-- /generated -->\n"
+
+
+def compose(existing: str | None, blocks: dict[str, str]) -> str:
+    """``existing`` with each of our blocks replaced by its new text, ours that are no
+    longer rendered dropped, new ones appended in order; every other block and all text
+    outside blocks kept as is. A file without any block (or none) becomes the blocks."""
+    if not existing or not MARK.search(existing):
+        return "\n".join(block(k, v) for k, v in blocks.items())
+    seen: set[str] = set()
+
+    def sub(m: re.Match) -> str:
+        name = m.group(1)
+        if not OURS.match(name):
+            return m.group(0)
+        if name in blocks:
+            seen.add(name)
+            return block(name, blocks[name])
+        return ""
+
+    out = MARK.sub(sub, existing)
+    rest = [block(k, v) for k, v in blocks.items() if k not in seen]
+    if rest:
+        out = out.rstrip("\n") + "\n\n" + "\n".join(rest)
+    return out
+
+
+def plot_paths(res: dict, plots_dir: Path, write: bool) -> dict[str, Path]:
+    """Plot of each model that has something to plot (drawn only when ``write``)."""
+    out = {}
+    for case in res["models"]:
+        path = plots_dir / f"{res['suite']}-{case['key']}.png"
+        if write:
+            if plot_model(res, case["key"], path) is not None:
+                out[case["key"]] = path
+        elif any(c.get("status") == "ok" and c.get("top1") is not None
+                 for c in _cells(res, case["key"]).values()):
+            out[case["key"]] = path
+    return out
+
+
+def render_blocks(latest: dict[str, dict], md_path: Path, plots_dir: Path,
+                  results_dir: Path | None = None, write_plots: bool = True
+                  ) -> tuple[dict[str, str], list[Path]]:
+    """BENCHMARKS.md's generated blocks by name (and the plots written)."""
+    from .ablation_report import render_ablation
+
     md_dir = md_path.resolve().parent
     written: list[Path] = []
-    parts = [HEADER]
+    blocks = {"header": HEADER.strip()}
     order = [s for s in SECTION_ORDER if s in latest] + sorted(set(latest) - set(SECTION_ORDER))
     if not order:
-        parts.append("\n_No results yet: run `make bench-quick` or `make bench`._\n")
+        blocks["header"] += "\n\n_No results yet: run `make bench-quick` or `make bench`._"
     for suite in order:
         res = latest[suite]
-        plots = {}
-        for case in res["models"]:
-            p = plot_model(res, case["key"], plots_dir / f"{suite}-{case['key']}.png")
-            if p is not None:
-                plots[case["key"]] = p
-                written.append(p)
-        parts.append("\n".join(render_section(res, md_dir, plots)))
-    notes = REPO / "bench" / "ablation.md"  # hand-kept measured ablation, carried over as is
-    if notes.exists():
-        parts.append("\n" + notes.read_text())
-    return "\n".join(parts), written
+        plots = plot_paths(res, plots_dir, write_plots)
+        written += list(plots.values()) if write_plots else []
+        blocks[f"suite-{suite}"] = "\n".join(render_section(res, md_dir, plots)).strip()
+    ablation = render_ablation(Path(results_dir or REPO / "bench" / "results"), md_dir)
+    if ablation:
+        blocks["ablation"] = ablation.strip()
+    return blocks, written
+
+
+def render(latest: dict[str, dict], md_path: Path, plots_dir: Path,
+           results_dir: Path | None = None) -> tuple[str, list[Path]]:
+    """The whole BENCHMARKS.md as this run would write it over ``md_path``."""
+    blocks, written = render_blocks(latest, md_path, plots_dir, results_dir)
+    old = md_path.read_text() if md_path.is_file() else None
+    return compose(old, blocks), written
+
+
+def _write(path: Path, text: str) -> None:
+    from hfbconvert.fileio import atomic_write_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text)
 
 
 def write_benchmarks(results_dir: str | Path, md_path: str | Path = REPO / "BENCHMARKS.md",
                      plots_dir: str | Path = REPO / "bench" / "plots") -> list[Path]:
-    """Regenerate BENCHMARKS.md (and its plots) from the latest results of each suite."""
+    """Regenerate BENCHMARKS.md's blocks (and its plots) from the latest results of each
+    suite and the ablation results files."""
     md_path, plots_dir = Path(md_path), Path(plots_dir)
-    text, written = render(latest_per_suite(results_dir), md_path, plots_dir)
-    md_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = md_path.with_name(md_path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, md_path)
+    text, written = render(latest_per_suite(results_dir), md_path, plots_dir, Path(results_dir))
+    _write(md_path, text)
     return [md_path, *written]
+
+
+# ------------------------------------------------------------------------ README
+
+
+def readme_blocks(latest: dict[str, dict], readme: Path) -> dict[str, str]:
+    """The README's generated tables: the seeds headline and the int8 table."""
+    rdir = readme.resolve().parent
+    none = "_Not measured yet: run `python -m bench.run --suite {}`._"
+    return {"readme-seeds": readme_seeds(latest["seeds"], rdir) if "seeds" in latest
+            else none.format("seeds"),
+            "readme-int8": readme_int8(latest["int8"], rdir) if "int8" in latest
+            else none.format("int8")}
+
+
+def _src(res: dict, rdir: Path) -> str:
+    rel = os.path.relpath(res["_path"], rdir) if "_path" in res else "?"
+    g = res.get("git", {})
+    return (f"`{res.get('command')}` → `{rel}` (commit `{(g.get('commit') or '?')[:10]}`"
+            f"{', uncommitted changes' if g.get('dirty') else ''}, {res.get('started')})")
+
+
+def _eval_desc(res: dict, model: str) -> str:
+    case = _case(res, model)
+    ev = (case.get("splits") or {}).get("evaluation") or {}
+    cells = _cells(res, model)
+    n = ev.get("n") or next((c.get("n_eval") for c in cells.values() if c.get("n_eval")), "?")
+    name = ev.get("name")
+    sha = ev.get("list_sha256")
+    return (f"{n} images of split `{name}` (list sha256 `{sha[:16]}`)" if name and sha
+            else f"{n} images of `{_disp(case.get('eval_data'))}`, split not recorded")
+
+
+def readme_seeds(res: dict, rdir: Path) -> str:
+    lines = [f"Measured by {_src(res, rdir)}."]
+    for case in res["models"]:
+        key = case["key"]
+        if not _cells(res, key):
+            continue
+        lines += ["", f"**{case.get('title', key)}**, {_eval_desc(res, key)}; calibration "
+                  f"{case.get('calib_size') or 'all'} images, `--steps {case.get('steps')}`:",
+                  ""]
+        lines += seeds_table(res, key)
+    return "\n".join(lines)
+
+
+def readme_int8(res: dict, rdir: Path) -> str:
+    """The int8 suite as the README shows it: top-1 with intervals, differences against
+    FP32 and int8 PTQ with their verdicts, cost, size and latency."""
+    lines = [f"Measured by {_src(res, rdir)}; ᵘ: unpaired interval (that file predates "
+             "per-image results).", "",
+             "| model | | top-1 % [95%] | Δ vs FP32 (pp) [95%] | vs FP32 | Δ vs int8 PTQ "
+             "(pp) [95%] | vs int8 PTQ | MULs | ADDs | energy | ONNX bytes (of FP32) | "
+             "ORT b1 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for case in res["models"]:
+        key = case["key"]
+        cells = _cells(res, key)
+        orig, ptq = cells.get("original"), cells.get("int8-ptq")
+        first = True
+        order = [k for k in TABLE_ORDER if k in cells] + [k for k in cells if k not in TABLE_ORDER]
+        for k in order:
+            c = cells[k]
+            title = f"{case.get('title', key)} ({_eval_desc(res, key)})" if first else ""
+            first = False
+            if c.get("status") != "ok":
+                lines.append(f"| {title} | `{k}` | {c.get('status')} | | | | | | | | | |")
+                continue
+            d = diff(c, orig) if k != "original" else None
+            dp = diff(c, ptq) if c.get("family") == "hybrid-int8" else None
+            ob, fb = c.get("onnx_bytes"), (orig or {}).get("onnx_bytes")
+            size = f"{ob:,}" + (f" ({100 * ob / fb:.1f}%)" if ob and fb and k != "original"
+                                else "") if ob else "—"
+            lat = ((c.get("latency") or {}).get("b1") or {}).get("ratio")
+            lines.append(
+                f"| {title} | `{k}` | {_top1_ci(c)} | "
+                f"{fmt_diff(d, True) if d else ('0 (ref)' if k == 'original' else '—')} | "
+                f"{words(d) if d else ''} | {fmt_diff(dp, True) if dp else ''} | "
+                f"{words(dp, 'beats PTQ', 'below PTQ') if dp else ''} | "
+                f"{_num(c.get('muls'), 1e6, 1)}M | {_num(c.get('adds'), 1e6, 1)}M | "
+                f"{_num(c.get('energy_pj'), 1e6, 1)} µJ | {size} | "
+                f"{'—' if lat is None else f'{lat:.2f}x'} |")
+    return "\n".join(lines)
+
+
+def write_readme(results_dir: str | Path, readme: str | Path = REPO / "README.md") -> Path | None:
+    """Replace the README's generated blocks (only those already marked in it)."""
+    readme = Path(readme)
+    if not readme.is_file():
+        return None
+    old = readme.read_text()
+    present = set(MARK.findall(old))
+    blocks = {k: v for k, v in readme_blocks(latest_per_suite(results_dir), readme).items()
+              if k in present}
+    if not blocks:
+        return None
+    new = compose(old, blocks)
+    if new != old:
+        _write(readme, new)
+    return readme
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -361,9 +803,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=REPO / "bench" / "results")
     p.add_argument("--markdown", type=Path, default=REPO / "BENCHMARKS.md")
     p.add_argument("--plots", type=Path, default=REPO / "bench" / "plots")
+    p.add_argument("--readme", type=Path, default=REPO / "README.md",
+                   help="README whose generated blocks to refresh")
     a = p.parse_args(argv)
     for path in write_benchmarks(a.results, a.markdown, a.plots):
         print(f"wrote {path}")
+    if write_readme(a.results, a.readme):
+        print(f"wrote {a.readme}")
     return 0
 
 

@@ -56,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tuning steps for every cell (N or auto)")
     p.add_argument("--eval-size", type=int, default=None, help="seeded eval subset per model")
     p.add_argument("--calib-size", type=int, default=None, help="calibration images per model")
+    p.add_argument("--split", choices=("eval", "tune"), default="eval",
+                   help="images every figure is measured on: 'eval' (the evaluation split, "
+                        "once per reported figure) or 'tune' (the tuning split held apart "
+                        "from calibration, for any choice made by measurement; "
+                        "bench/splits.py)")
+    p.add_argument("--seeds", default=None, metavar="S1,S2,...",
+                   help="calibration seeds (`compress --seed`): every compressed cell runs "
+                        "once per seed (default: the suite's)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
     p.add_argument("--markdown", type=Path, default=DEFAULT_MD, help="BENCHMARKS.md to write")
     p.add_argument("--plots", type=Path, default=DEFAULT_PLOTS, help="plots folder")
@@ -107,7 +115,8 @@ def plan(args: argparse.Namespace) -> tuple[str, list[ModelCase], dict[str, list
                     "latency_repeats": list(spec.get("latency_repeats", [10, 3])),
                     "notes": list(spec.get("notes", [])),
                     "torch_threads": spec.get("torch_threads"),
-                    "threads": spec.get("threads", 0)}
+                    "threads": spec.get("threads", 0),
+                    "seeds": [int(x) for x in spec.get("seeds", [0])]}
     else:
         suite = SUITES[args.suite]
         name = suite.name
@@ -115,7 +124,8 @@ def plan(args: argparse.Namespace) -> tuple[str, list[ModelCase], dict[str, list
         methods = {c.key: [METHODS[k] for k in suite.methods[c.key]] for c in cases}
         settings = {"time_budget_min": suite.time_budget_min,
                     "latency_repeats": list(suite.latency_repeats), "notes": list(suite.notes),
-                    "torch_threads": suite.torch_threads, "threads": suite.ort_threads}
+                    "torch_threads": suite.torch_threads, "threads": suite.ort_threads,
+                    "seeds": list(suite.seeds)}
     keep_models = _csv(args.models)
     if keep_models:
         unknown = set(keep_models) - {c.key for c in cases}
@@ -151,14 +161,57 @@ def plan(args: argparse.Namespace) -> tuple[str, list[ModelCase], dict[str, list
     settings["threads"] = settings["threads"] or os.cpu_count() or 1  # 0: all CPUs
     if args.torch_threads is not None:
         settings["torch_threads"] = args.torch_threads or None  # 0: torch's default
+    if args.seeds:
+        settings["seeds"] = [int(x) for x in _csv(args.seeds) or []] or [0]
+    settings["split"] = args.split
     return name, cases, methods, settings
 
 
-def schedule(cases: list[ModelCase], methods: dict[str, list[Method]]):
-    """(case, method) pairs in run order: model by model (the suite's order: the headline
-    model first), methods by priority, so that a run cut short by its time budget loses
-    the least informative cells."""
-    return [(c, m) for c in cases for m in methods[c.key]]
+def schedule(cases: list[ModelCase], methods: dict[str, list[Method]],
+             seeds: list[int] | tuple[int, ...] = (0,)) -> list[tuple[ModelCase, Method, int]]:
+    """(case, method, seed) in run order: model by model (the suite's order: the headline
+    model first), the seed-independent cells first, then the compressed cells seed by seed,
+    methods by priority, so that a run cut short by its time budget loses whole later
+    seeds and the least informative cells."""
+    out = []
+    for c in cases:
+        out += [(c, m, 0) for m in methods[c.key] if m.kind != "compress"]
+        out += [(c, m, s) for s in seeds for m in methods[c.key] if m.kind == "compress"]
+    return out
+
+
+def model_splits(case: ModelCase, calib: str, eval_data: str, split: str) -> tuple[
+        str, str, dict]:
+    """(calibration path, evaluation path, split records) of one model: calibration
+    reads the calibration folder minus its tuning split, evaluation reads the tuning split
+    (``split`` 'tune') or the evaluation folder ('eval')."""
+    from .splits import calib_splits
+
+    records: dict = {}
+    if case.tune_size and Path(calib).is_dir():
+        cal, tune = calib_splits(calib, case.tune_size)
+        records["calibration"] = cal.record()
+        records["tuning"] = tune.record()
+        calib = str(cal.path)
+        if split == "tune":
+            eval_data = str(tune.path)
+    elif split == "tune":
+        raise ValueError(f"{calib}: no tuning split (needs a calibration folder and the "
+                         "model case's tune_size)")
+    return calib, eval_data, records
+
+
+def eval_record(ctx: ModelContext, split: str) -> dict:
+    """The images the model's figures came from: the files `hfbconvert eval` reads (same
+    folder, subset and seed), named relative to the split's folder."""
+    from .splits import list_sha256
+
+    root = Path(ctx.eval_data)
+    files = ctx.eval_images().files
+    names = [Path(f).relative_to(root).as_posix() if Path(f).is_relative_to(root) else f
+             for f in files]
+    return {"name": split, "source": str(root), "n": len(names),
+            "list_sha256": list_sha256(names), "seed": 0, "size": ctx.case.eval_size}
 
 
 # ------------------------------------------------------------------------ environment
@@ -240,7 +293,8 @@ def _print_cell(cell: dict) -> None:
     lat = (cell.get("latency") or {}).get("b1") or {}
     ratio = lat.get("ratio")
     status = cell["status"] if cell["status"] != "ok" else ""
-    print(f"  {cell['method']:<20} top-1 {pct(cell.get('top1'))}  agree "
+    name = cell["method"] + (f" s{cell['seed']}" if "seed" in cell else "")
+    print(f"  {name:<20} top-1 {pct(cell.get('top1'))}  agree "
           f"{pct(cell.get('agreement'))}  MULs "
           f"{'-' if muls is None else f'{muls / 1e6:7.2f}M'}  "
           f"b1 x{'-' if ratio is None else f'{ratio:.2f}'}  "
@@ -258,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(f"suite {name}: {len(cases)} model(s), time budget "
               f"{settings['time_budget_min'] or 'none'} min, threads: hfbconvert "
-              f"{settings.get('torch_threads') or 'default'}, onnxruntime {settings['threads']}")
+              f"{settings.get('torch_threads') or 'default'}, onnxruntime {settings['threads']}"
+              f"; split {settings['split']}, seeds {settings['seeds']}")
         for c in cases:
             print(f"\n{c.key}: {c.title}\n  model {c.model}\n  calib {c.calib} "
                   f"(n={c.calib_size or 'all'})  eval {c.eval_data} (n={c.eval_size or 'all'})"
@@ -284,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         "methods": {m.key: m.to_dict() for ms in methods.values() for m in ms},
         "cells": [],
     }
-    print(f"bench: suite {name}, {sum(len(methods[c.key]) for c in cases)} cells, results -> "
+    n_cells = len(schedule(cases, methods, settings["seeds"]))
+    print(f"bench: suite {name}, {n_cells} cells, results -> "
           f"{out_path}", flush=True)
     write_json(out_path, results)
 
@@ -296,27 +352,35 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(settings["torch_threads"])
     contexts: dict[str, ModelContext | str] = {}
+    split_records: dict[str, dict] = {}
     for c in cases:
         try:
             paths = [resolve(t) for t in (c.model, c.calib, c.eval_data)]
             for p in paths:
                 if not p.startswith("builtin:") and not Path(p).exists():
                     raise FileNotFoundError(f"{p}: not found (is HFB_SHARED set?)")
+            paths[1], paths[2], split_records[c.key] = model_splits(
+                c, paths[1], paths[2], settings["split"])
             contexts[c.key] = ModelContext(
                 case=c, model=paths[0], calib=paths[1], eval_data=paths[2], work=work,
                 threads=settings["threads"], repeats=tuple(settings["latency_repeats"]),
                 keep=args.keep_artifacts, env=env)
         except Exception as exc:  # missing data: every cell of this model fails, not the run
             contexts[c.key] = f"setup: {type(exc).__name__}: {exc}"
+    for entry in results["models"]:
+        entry["splits"] = split_records.get(entry["key"], {})
+    write_json(out_path, results)
     took: dict[str, float] = {}  # longest compress cell so far, per model
     current = None
-    for c, m in schedule(cases, methods):
+    for c, m, seed in schedule(cases, methods, settings["seeds"]):
         if c.key != current:
             print(f"\n{c.key}: {c.title}", flush=True)
             current = c.key
         ctx = contexts[c.key]
         stub = {"model": c.key, "method": m.key, "label": m.label, "family": m.family,
                 "kind": m.kind, "steps": []}
+        if m.kind == "compress":
+            stub["seed"] = seed
         left = None if deadline is None else deadline - time.monotonic()
         if isinstance(ctx, str):
             cell = dict(stub, status="failed", errors=[ctx])
@@ -328,7 +392,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"not run: {left / 60:.1f} min of the {settings['time_budget_min']:g} min "
                 f"budget left, a compress cell of this model took {took[c.key] / 60:.1f} min"])
         else:
-            cell = run_cell(ctx, m, deadline)
+            cell = run_cell(ctx, m, deadline, seed)
+            if m.kind == "original" and cell.get("status") == "ok":
+                try:  # which images every figure of this model came from
+                    split_records[c.key]["evaluation"] = eval_record(ctx, settings["split"])
+                except Exception as exc:  # a record we cannot make must not end the run
+                    split_records[c.key]["evaluation"] = {"error": f"{type(exc).__name__}: "
+                                                                  f"{exc}"}
             if m.kind == "compress":
                 took[c.key] = max(took.get(c.key, 0.0), cell.get("cell_wall_s", 0.0))
         results["cells"].append(cell)
@@ -349,10 +419,12 @@ def main(argv: list[str] | None = None) -> int:
             pass
     print(f"\nwrote {out_path} ({results['duration_s']:.0f} s)")
     if not args.no_report:
-        from .report import write_benchmarks
+        from .report import write_benchmarks, write_readme
 
         for p in write_benchmarks(args.out, args.markdown, args.plots):
             print(f"wrote {p}")
+        if args.out.resolve() == DEFAULT_OUT.resolve() and write_readme(args.out):
+            print(f"wrote {REPO / 'README.md'}")
     failed = [c for c in results["cells"] if c["status"] == "failed"]
     if failed:
         print(f"{len(failed)} cell(s) failed; see the errors above and in {out_path}")

@@ -75,6 +75,10 @@ def test_bench_end_to_end(tmp_path: Path, capsys) -> None:
     # per-image results on the same images for every evaluated cell (paired comparisons)
     shas = {c["per_image"]["images_sha256"] for c in (orig, cell, q)}
     assert len(shas) == 1 and cell["per_image"]["n"] == 32 and cell["top1_ci95"] is not None
+    # which images the figures came from; the compressed cell's calibration seed
+    ev = res["models"][0]["splits"]["evaluation"]
+    assert ev["name"] == "eval" and ev["n"] == 32 and len(ev["list_sha256"]) == 64
+    assert cell["seed"] == 0 and "--seed" in cell["steps"][0]["command"]
     assert cells["gone", "twn-fast"]["status"] == "failed"
     assert "not found" in cells["gone", "twn-fast"]["errors"][0]
 
@@ -110,7 +114,7 @@ def test_suites_are_well_formed() -> None:
     args = run.build_parser().parse_args(["--suite", "full", "--methods", "twn"])
     name, cases, methods, _ = run.plan(args)
     assert name == "full" and len(cases) == 3
-    order = [(c.key, m.key) for c, m in run.schedule(cases, methods)]
+    order = [(c.key, m.key) for c, m, _ in run.schedule(cases, methods)]
     assert order == [(k, m) for k in ("v1-0.5-160", "cifar10-v1-0.5", "v2")
                      for m in ("original", "twn")]
     assert all(m.key in ("original", "twn") for ms in methods.values() for m in ms)

@@ -1,0 +1,205 @@
+"""The ablation section of BENCHMARKS.md, generated from the ablation scripts' results
+files (bench/results/ablation-*.json, finetune-*.json, int8-order-*.json,
+synthetic-calibration.json, *-planner-exact.json) so that no number in it is typed.
+
+These files store top-1 and image counts but not per-image results, so each difference
+against the original carries an unpaired 95% interval (ᵘ; wider than a paired one) and
+is worded by the rule: "better"/"worse" only where that interval excludes zero. They
+were measured on the evaluation images (``data/imagenet/val``, CIFAR-10 test) before the
+tuning split existed, and chose settings on them: the section says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from .report import _num, fmt_diff, unpaired, words
+
+CAVEAT = ("Measured with the evaluation images before the tuning split existed (they "
+          "chose settings and report them); differences carry unpaired 95% intervals (ᵘ: "
+          "the files store no per-image results), so read them as upper bounds on the noise.")
+
+
+def _load(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _model(args: dict) -> str:
+    return os.path.basename(str(args.get("model", "?")))
+
+
+def _vs(top1: float | None, n: int | None, ref: float | None) -> tuple[str, str]:
+    """(difference with its unpaired interval, verdict) against the original."""
+    if top1 is None or ref is None or not n:
+        return "—", ""
+    d = unpaired(top1, n, ref, n)
+    return fmt_diff(d), words(d)
+
+
+def _pc(v) -> str:
+    return "—" if v is None else f"{100 * v:.2f}"
+
+
+def _rel(path: Path, md_dir: Path) -> str:
+    return f"`{os.path.relpath(path, md_dir)}`"
+
+
+def configs_table(files: list[Path], md_dir: Path) -> list[str]:
+    """bench/ablation.py: one compress configuration per file."""
+    rows = []
+    for f in files:
+        d = _load(f)
+        if not d or "args" not in d:
+            continue
+        a = d["args"]
+        n = d.get("n_eval") or a.get("val")
+        ref = d.get("top1_orig")
+        vs, verdict = _vs(d.get("top1"), n, ref)
+        cfg = (f"n {a.get('n')}, steps {a.get('steps')}, "
+               f"{'fit only' if a.get('no_reconstruct') else 'reconstruct'}, "
+               f"BN {a.get('bn_adjust', 'off')}/{a.get('bn_scope', '-')}, "
+               f"ratios {a.get('ratios')}, budgets {a.get('budgets')}")
+        rows.append(f"| {_rel(f, md_dir)} | {_model(a)} | {cfg} | {n} | {_pc(ref)} | "
+                    f"{_pc(d.get('top1'))} | {vs} | {verdict} | {_pc(d.get('agree_val'))} | "
+                    f"{_num(d.get('mul_ratio'), 1, 3)}x | {_num(d.get('add_ratio'), 1, 3)}x |")
+    if not rows:
+        return []
+    return ["### Compress configurations (`python -m bench.ablation`)", "",
+            "One `compress` configuration through the library API per file, budget 0.536. "
+            + CAVEAT, "",
+            "| results file | model | configuration | eval images | original top-1 % | "
+            "top-1 % | Δ (pp) [95%] | vs original | agreement % | MULs | ADDs |",
+            "|---|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
+
+
+def finetune_table(files: list[Path], md_dir: Path) -> list[str]:
+    """bench/finetune_curve.py: the whole compress at each fine-tune length."""
+    rows = []
+    for f in files:
+        d = _load(f)
+        if not d or "rows" not in d:
+            continue
+        a, n, ref = d.get("args", {}), d.get("n_eval"), d.get("top1_original")
+        extra = ", ".join(f"{k} {a[k]}" for k in ("n", "seed", "lr", "budget") if k in a)
+        for r in d["rows"]:
+            vs, verdict = _vs(r.get("top1"), n, ref)
+            ft = r.get("finetune_s")
+            rows.append(f"| {_rel(f, md_dir)} | {_model(a)} | {extra} | {r.get('steps')} | "
+                        f"{_pc(r.get('top1'))} | {vs} | {verdict} | {_pc(r.get('agreement'))} | "
+                        f"{_num(r.get('held_agreement'), 0.01)} | "
+                        f"{_num(r.get('compress_s'), 1, 0)} ({_num(ft, 1, 0)}) |")
+    if not rows:
+        return []
+    return ["### Fine-tune length (`python -m bench.finetune_curve`)", "",
+            "The whole `compress` through the library at each fine-tune length; original "
+            "top-1 and the eval images as in each file. " + CAVEAT, "",
+            "| results file | model | settings | steps | top-1 % | Δ vs original (pp) [95%] | "
+            "vs original | agreement % | held agreement % | compress s (fine-tune s) |",
+            "|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
+
+
+def order_table(files: list[Path], md_dir: Path) -> list[str]:
+    """bench/int8_order.py: int8 post-training stages on the original model."""
+    rows = []
+    for f in files:
+        d = _load(f)
+        if not d or "rows" not in d:
+            continue
+        a, n, ref = d.get("args", {}), d.get("n_eval"), d.get("top1_original")
+        for r in d["rows"]:
+            vs, verdict = _vs(r.get("top1"), n, ref)
+            if r.get("vs_original"):  # per-image results stored: the paired interval
+                di = dict(r["vs_original"], paired=True, n=n)
+                vs, verdict = fmt_diff(di, True), words(di)
+            rows.append(f"| {_rel(f, md_dir)} | {_model(a)} | `{r.get('variant')}` | "
+                        f"{d.get('split', 'eval')}, {n} | "
+                        f"{_pc(ref)} | {_pc(r.get('top1'))} | {vs} | {verdict} | "
+                        f"{_pc(r.get('agreement'))} |")
+    if not rows:
+        return []
+    return ["### Int8 stage order (`python -m bench.int8_order`)", "",
+            "Int8 post-training stages applied to the original model, left to right after "
+            "BN folding: `w` per-channel int8 weights (MSE clip search), `X` the same with "
+            "max-abs scales, `a` uint8 activations, `s` the mean-shift correction; flags: "
+            "`m` MinMax activation ranges, `L` no mean shift on Linear layers. " + CAVEAT, "",
+            "| results file | model | variant | split, images | original top-1 % | top-1 % | "
+            "Δ (pp) [95%] | vs original | agreement % |",
+            "|---|---|---|---|---|---|---|---|---|", *rows, ""]
+
+
+def synthetic_table(files: list[Path], md_dir: Path) -> list[str]:
+    """Data-free (synthetic) vs real calibration: the CLI runs of one results file."""
+    rows = []
+    for f in files:
+        d = _load(f)
+        if not d or "runs" not in d:
+            continue
+        refs = {k.split("-")[0]: r.get("eval", {}) for k, r in d["runs"].items()
+                if k.endswith("-orig")}
+        for k, r in d["runs"].items():
+            ev = r.get("eval") or {}
+            if k.endswith("-orig") or ".shard" in k or ev.get("top1") is None:
+                continue
+            ref = refs.get(k.split("-")[0], {})
+            vs, verdict = _vs(ev.get("top1"), ev.get("n"), ref.get("top1"))
+            rows.append(f"| {_rel(f, md_dir)} | `{k}` | {ev.get('n')} | {_pc(ref.get('top1'))} "
+                        f"| {_pc(ev.get('top1'))} | {vs} | {verdict} | "
+                        f"{_pc(ev.get('agreement'))} |")
+    if not rows:
+        return []
+    return ["### Data-free (synthetic) vs real calibration", "",
+            "`hfbconvert compress` with real or synthetic calibration images (run names: "
+            "model, source, number of images). " + CAVEAT, "",
+            "| results file | run | eval images | original top-1 % | top-1 % | "
+            "Δ (pp) [95%] | vs original | agreement % |",
+            "|---|---|---|---|---|---|---|---|", *rows, ""]
+
+
+def planner_table(files: list[Path], md_dir: Path) -> list[str]:
+    """The budget planner's heuristic against the exact MILP (predicted error)."""
+    rows = []
+    for f in files:
+        d = _load(f)
+        if not d or "models" not in d:
+            continue
+        for model, rs in d["models"].items():
+            for r in rs:
+                rows.append(f"| {_rel(f, md_dir)} | {model} | {r.get('budget')} | "
+                            f"{r.get('heuristic'):.4g} | {r.get('optimum'):.4g} | "
+                            f"{100 * r.get('gap', 0):.1f}% |")
+    if not rows:
+        return []
+    return ["### Budget planner: heuristic vs exact MILP (`python -m bench.planner_exact`)", "",
+            "Predicted error (the planner's objective, not a top-1) of the heuristic and of "
+            "the exact knapsack optimum, and the heuristic's excess over it.", "",
+            "| results file | model | MUL budget | heuristic | optimum | heuristic worse by |",
+            "|---|---|---|---|---|---|", *rows, ""]
+
+
+SECTIONS: list[tuple[str, Callable[[list[Path], Path], list[str]]]] = [
+    ("ablation-*.json", configs_table), ("finetune-*.json", finetune_table),
+    ("int8-order-*.json", order_table), ("synthetic-calibration*.json", synthetic_table),
+    ("*-planner-exact.json", planner_table),
+]
+
+
+def render_ablation(results_dir: Path, md_dir: Path) -> str:
+    """The whole ablation section (empty when there are no ablation results files)."""
+    parts: list[str] = []
+    for pattern, fn in SECTIONS:
+        parts += fn(sorted(results_dir.glob(pattern)), md_dir)
+    if not parts:
+        return ""
+    head = ["## Ablations", "",
+            "Generated by `python -m bench.report` from the ablation scripts' results files "
+            "(each row names its file; the command that produced a file is in the script's "
+            "docstring and in the file's `args`). The hand-written history these runs came "
+            "with, including the reasons for each default, is `bench/ablation.md` (not "
+            "regenerated: some of its figures come from code states no results file records).", ""]
+    return "\n".join(head + parts)

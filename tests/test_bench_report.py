@@ -1,0 +1,231 @@
+"""Issue 20's evidence rules: the tuning split stays out of calibration, generated
+sections equal what bench/report.py writes from the committed results, words follow the
+intervals, seeds are scheduled and summarized, the int8 plots show every cell."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench import report, run
+from bench.cases import METHODS, SUITES, ModelCase
+from bench.splits import CONCENTRATED, calib_splits, image_names, list_sha256, tune_names
+from calib.readers import _list_folder
+from hfbconvert.metrics import encode_bits
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("HFB_SHARED", REPO / ".." / "shared"))
+IMAGENET_CALIB = SHARED / "data" / "imagenet" / "calib"
+
+
+def _tree(root: Path, classes: int = 6, per: int = 5, nette: int = 8) -> Path:
+    for c in range(classes):
+        d = root / f"n0{c:07d}"
+        d.mkdir(parents=True)
+        for i in range(per):
+            (d / f"img_{i}.JPEG").write_bytes(b"x")
+    for i in range(nette):  # a few-class block that must never be drawn into the split
+        (root / "n00000000" / f"nette_n00000000_{i}.JPEG").write_bytes(b"x")
+    (root / "synset_words.txt").write_text(
+        "".join(f"n0{c:07d} class {c}\n" for c in range(classes)))
+    return root
+
+
+def _real_files(folder: Path) -> set[str]:
+    files, _, _ = _list_folder(folder, None, None)
+    return {os.path.realpath(f) for f in files}
+
+
+def test_tuning_split_is_fixed_disjoint_and_spread(tmp_path: Path) -> None:
+    root = _tree(tmp_path / "calib")
+    names = image_names(root)
+    assert len(names) == 6 * 5 + 8
+    tune = tune_names(names, 7)
+    assert tune == tune_names(list(reversed(names)), 7)  # the names decide, not their order
+    assert not any(n.rsplit("/", 1)[-1].startswith(CONCENTRATED) for n in tune)
+    cal, tun = calib_splits(root, 7, base=tmp_path / "splits")
+    assert list(tun.names) == tune and tun.record()["list_sha256"] == list_sha256(tune)
+    assert set(cal.names).isdisjoint(tun.names) and set(cal.names) | set(tun.names) == set(names)
+    # what the readers actually list from the two folders: disjoint real files, same labels
+    c_files, t_files = _real_files(cal.path), _real_files(tun.path)
+    assert c_files.isdisjoint(t_files) and len(c_files | t_files) == len(names)
+    t_list, t_labels, _ = _list_folder(tun.path, None, None)
+    full, full_labels, _ = _list_folder(root, None, None)
+    label_of = {os.path.realpath(f): lab for f, lab in zip(full, full_labels, strict=True)}
+    assert [label_of[os.path.realpath(f)] for f in t_list] == t_labels
+    # a second call reuses the folders; a different size makes different ones
+    assert calib_splits(root, 7, base=tmp_path / "splits")[1].path == tun.path
+    assert calib_splits(root, 8, base=tmp_path / "splits")[1].path != tun.path
+
+
+@pytest.mark.skipif(not IMAGENET_CALIB.is_dir(), reason="HFB_SHARED ImageNet calib absent")
+def test_calibration_never_sees_the_tuning_images(tmp_path: Path, monkeypatch) -> None:
+    """The folders bench.run hands to `compress --calib` and the int8 PTQ never hold a
+    tuning image; `--split tune` evaluates exactly those 300 images, of 300 classes."""
+    monkeypatch.setenv("HFB_CACHE", str(tmp_path))
+    case = ModelCase("m", "m", "x.pt", str(IMAGENET_CALIB), "val", tune_size=300)
+    calib, ev, rec = run.model_splits(case, str(IMAGENET_CALIB), "val", "tune")
+    seen, tuning = _real_files(Path(calib)), _real_files(Path(ev))
+    assert len(tuning) == 300 and seen.isdisjoint(tuning)
+    assert len(seen) + len(tuning) == len(image_names(IMAGENET_CALIB))
+    assert len({Path(f).parent.name for f in tuning}) == 300
+    assert rec["tuning"]["n"] == 300 and rec["calibration"]["n"] == len(seen)
+    calib2, ev2, _ = run.model_splits(case, str(IMAGENET_CALIB), "val", "eval")
+    assert calib2 == calib and ev2 == "val"  # eval split: calibration still without them
+
+
+def test_tune_split_needs_a_calibration_folder(tmp_path: Path) -> None:
+    npz = tmp_path / "c.npz"
+    npz.write_bytes(b"")
+    case = ModelCase("m", "m", "x.pt", str(npz), "val")
+    assert run.model_splits(case, str(npz), "val", "eval")[:2] == (str(npz), "val")
+    with pytest.raises(ValueError, match="no tuning split"):
+        run.model_splits(case, str(npz), "val", "tune")
+
+
+def test_seeds_are_scheduled_after_the_seed_independent_cells() -> None:
+    suite = SUITES["seeds"]
+    case = suite.model_cases()[0]
+    assert case.steps == "auto" and suite.seeds == (0, 1, 2)
+    methods = {case.key: [METHODS[k] for k in suite.methods[case.key]]}
+    order = [(m.key, s) for _, m, s in run.schedule([case], methods, suite.seeds)]
+    assert order[:2] == [("original", 0), ("int8-ptq", 0)]
+    assert order[2:] == [(m, s) for s in (0, 1, 2) for m in ("hybrid-0.536", "hybrid-0.536-int8")]
+
+
+# ------------------------------------------------------------------------ wording
+
+
+def _cell(method: str, bits: np.ndarray, family: str = "baseline", seed: int | None = None,
+          kind: str = "compress", sha: str = "same") -> dict:
+    c = {"model": "m", "method": method, "family": family, "kind": kind, "status": "ok",
+         "top1": float(bits.mean()), "n_eval": bits.size, "muls": 10e6, "adds": 10e6,
+         "per_image": {"n": bits.size, "images_sha256": sha,
+                       "correct_hex": encode_bits(bits.astype(bool))}}
+    if seed is not None:
+        c["seed"] = seed
+    return c
+
+
+def test_words_follow_the_paired_interval() -> None:
+    rng = np.random.default_rng(0)
+    ref = rng.random(2000) < 0.7
+    worse = ref.copy()
+    worse[np.flatnonzero(ref)[:100]] = False  # 5 points lost, every change one way
+    same = ref.copy()  # 10 images lost, 10 others won: a difference of zero
+    same[np.flatnonzero(ref)[:10]] = False
+    same[np.flatnonzero(~ref)[:10]] = True
+    r = _cell("original", ref, kind="original")
+    d = report.diff(_cell("w", worse), r)
+    assert d["paired"] and d["hi"] < 0 and report.words(d) == "worse"
+    d2 = report.diff(_cell("s", same), r)
+    assert d2["lo"] < 0 < d2["hi"] and report.words(d2).startswith("within noise (±")
+    assert report.fmt_diff(d, True).startswith("-5.00 [") and "p = " in report.fmt_diff(d, True)
+    # different images: never paired; the unpaired interval is marked and wider
+    d3 = report.diff(_cell("w", worse, sha="other"), r)
+    assert not d3["paired"] and report.fmt_diff(d3).endswith("ᵘ")
+    assert d3["hi"] - d3["lo"] > d["hi"] - d["lo"]
+
+
+def _seeds_results() -> dict:
+    rng = np.random.default_rng(1)
+    ref = rng.random(1000) < 0.7
+    cells = [_cell("original", ref, kind="original"),
+             _cell("int8-ptq", ref & (rng.random(1000) < 0.97), kind="int8")]
+    for s in (0, 1, 2):
+        cells.append(_cell("hybrid-0.536", ref & (rng.random(1000) < 0.98), "hybrid", s))
+        cells.append(_cell("hybrid-0.536-int8", ref & (rng.random(1000) < 0.99),
+                           "hybrid-int8", s))
+    return {"suite": "seeds", "models": [{"key": "m", "title": "M", "steps": "auto"}],
+            "settings": {"seeds": [0, 1, 2]}, "cells": cells,
+            "methods": {"hybrid-0.536-int8": {"args": ["--activation-bits", "8"]},
+                        "hybrid-0.536": {"args": []}}}
+
+
+def test_seeds_table_reports_every_seed_and_the_spread() -> None:
+    res = _seeds_results()
+    text = "\n".join(report.seeds_table(res, "m"))
+    for s in (0, 1, 2):
+        assert f"| `hybrid-0.536-int8` | {s} |" in text
+    over = [ln for ln in text.splitlines() if ln.startswith("| `hybrid-0.536-int8` | 0, 1, 2 |")]
+    assert len(over) == 1 and " ± " in over[0] and ".." in over[0]
+    assert "below PTQ" in over[0] or "beats PTQ" in over[0] or "within noise" in over[0]
+    # the standard table keeps one row per method: the first seed's
+    assert report._cells(res, "m")["hybrid-0.536"]["seed"] == 0
+
+
+def test_int8_plot_shows_every_cell(tmp_path: Path, monkeypatch) -> None:
+    import matplotlib.figure
+
+    res = _seeds_results()
+    seen: list = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: seen.append(fig))
+    report.plot_model(res, "m", tmp_path / "p.png")
+    (ax, _) = seen[0].axes
+    labels = ax.get_legend_handles_labels()[1]
+    assert "hybrid-0.536-int8 (3 seeds)" in labels and "original FP32" in labels
+    assert any(lab.startswith("int8 PTQ") for lab in labels)
+    n_points = sum(len(line.get_xdata()) for line in ax.get_lines())
+    assert n_points == len(res["cells"])  # 1 + 1 + 3 curve/other-seed + 3 int8
+
+
+# ------------------------------------------------------------------------ generated text
+
+
+def test_compose_replaces_only_our_blocks() -> None:
+    old = ("intro\n<!-- generated:header -->\nold head\n<!-- /generated -->\n"
+           "<!-- generated:hardware -->\ntheirs\n<!-- /generated -->\n"
+           "<!-- generated:suite-gone -->\nstale\n<!-- /generated -->\ntail\n")
+    new = report.compose(old, {"header": "new head", "suite-x": "x"})
+    assert "new head" in new and "old head" not in new and "stale" not in new
+    assert "<!-- generated:hardware -->\ntheirs\n<!-- /generated -->" in new
+    assert new.startswith("intro\n") and "tail\n" in new
+    assert new.rstrip().endswith("<!-- generated:suite-x -->\nx\n<!-- /generated -->")
+    assert report.compose(new, {"header": "new head", "suite-x": "x"}) == new
+
+
+def test_committed_generated_sections_match_the_results_files() -> None:
+    """BENCHMARKS.md and README.md: every generated block is what bench/report.py writes
+    from the committed bench/results (rerun `python -m bench.report` after new results)."""
+    results = REPO / "bench" / "results"
+    latest = report.latest_per_suite(results)
+    md = REPO / "BENCHMARKS.md"
+    blocks, _ = report.render_blocks(latest, md, REPO / "bench" / "plots", results,
+                                     write_plots=False)
+    text = md.read_text()
+    found = dict(report.MARK_BODY.findall(text))
+    assert set(blocks) <= set(found), "blocks missing: rerun python -m bench.report"
+    for name, body in blocks.items():
+        assert found[name] == body.rstrip(), f"BENCHMARKS.md block {name} is stale"
+    readme = REPO / "README.md"
+    rtext = readme.read_text()
+    rfound = dict(report.MARK_BODY.findall(rtext))
+    for name, body in report.readme_blocks(latest, readme).items():
+        assert rfound.get(name) == body.rstrip(), f"README.md block {name} is stale"
+
+
+def test_tied_logits_count_once_and_the_same_way(tmp_path: Path) -> None:
+    """A tied top-1 is the first index in both the cell's top-1 and its per-image bits;
+    results files from before agree with their bits once loaded."""
+    import json
+
+    import torch
+
+    from bench import RESULTS_SCHEMA
+    from bench.measure import accuracy
+
+    logits = np.array([[2.0, 2.0, 0.0]] * 50 + [[0.0, 2.0, 2.0]] * 50, dtype=np.float32)
+    labels = np.array([0] * 50 + [2] * 50)
+    acc = accuracy(logits, torch.from_numpy(labels), 0)
+    assert acc["top1"] == 0.5  # first index wins: right on the first half only
+    assert (logits.argmax(1) == labels).mean() == acc["top1"]  # as the per-image bits
+    cell = _cell("int8-ptq", np.array([True] * 40 + [False] * 60), kind="int8")
+    cell["top1"] = 0.45  # as an older run recorded it
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"schema": RESULTS_SCHEMA, "suite": "x", "cells": [cell]}))
+    loaded = report.load_results(path)["cells"][0]
+    assert loaded["top1"] == 0.4 and loaded["top1_as_recorded"] == 0.45
