@@ -54,11 +54,11 @@ def matrix(weights: str, calib_size: int, steps: str, eval_size: int | None) -> 
                       "with the default fine-tune (--steps auto)."]}
 
 
-def paired(results: dict) -> list[dict]:
-    """Paired differences (A - B, top-1 points) on the same images for :data:`PAIRS`."""
+def paired(results: dict, pairs: list[tuple[str, str]] = PAIRS) -> list[dict]:
+    """Paired differences (A - B, top-1 as a fraction) on the same images, per pair."""
     cells = {c["method"]: c for c in results["cells"] if c.get("per_image")}
     out = []
-    for a, b in PAIRS:
+    for a, b in pairs:
         ca, cb = cells.get(a), cells.get(b)
         if ca is None or cb is None:
             out.append({"a": a, "b": b, "error": "a cell has no per-image results"})
@@ -92,20 +92,27 @@ def main(argv: list[str] | None = None) -> int:
     if not args.weights or not Path(args.weights).is_file():
         print(f"skipped: EfficientNet-Lite0 weights not found ({args.weights or 'set HFB_LITE0'})")
         return 0
-    from . import run
-
     spec = matrix(str(Path(args.weights).resolve()), args.calib_size, args.steps,
                   args.eval_size)
+    return run_with_pairs(spec, args.out, PAIRS)
+
+
+def run_with_pairs(spec: dict, out: Path, pairs_wanted: list[tuple[str, str]]) -> int:
+    """Run ``spec`` through ``bench.run --matrix`` (no BENCHMARKS.md rewrite), then write
+    ``<results stem>-paired.json`` with the paired comparisons and print them."""
+    from . import run
+
+    name = spec["name"]
     with tempfile.TemporaryDirectory() as tmp:
-        mpath = Path(tmp) / "lite0.json"
+        mpath = Path(tmp) / f"{name}.json"
         mpath.write_text(json.dumps(spec))
-        before = set(args.out.glob("*-lite0.json"))
-        rc = run.main(["--matrix", str(mpath), "--no-report", "--out", str(args.out)])
-    new = sorted(set(args.out.glob("*-lite0.json")) - before)
+        before = set(out.glob(f"*-{name}.json"))
+        rc = run.main(["--matrix", str(mpath), "--no-report", "--out", str(out)])
+    new = sorted(set(out.glob(f"*-{name}.json")) - before)
     if rc or not new:
         return rc or 1
     results = json.loads(new[-1].read_text())
-    pairs = paired(results)
+    pairs = paired(results, pairs_wanted)
     dest = new[-1].with_name(new[-1].stem + "-paired.json")
     run.write_json(dest, {"schema_version": 1, "results": new[-1].name, "pairs": pairs})
     for q in pairs:
