@@ -225,7 +225,9 @@ def ort_logits(sess, images) -> np.ndarray:
 
 def accuracy(logits: np.ndarray, labels, label_offset: int,
              ref_logits: np.ndarray | None = None) -> dict:
-    top5 = np.argsort(-logits, axis=1)[:, :5]
+    # stable: among tied logits (common in int8 outputs) the first index wins, as argmax and
+    # the per-image records (hfbconvert.evaluation) do; quicksort made top-1 disagree
+    top5 = np.argsort(-logits, axis=1, kind="stable")[:, :5]
     n = logits.shape[0]
     res: dict[str, Any] = {"n": n, "top1": None, "top5": None, "agreement": None}
     if labels is not None:
