@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.int8:
         methods += ["int8-ptq", "hybrid-0.536-int8"]
     spec = matrix(str(Path(args.checkpoint).resolve()), args.calib_size, args.steps, methods)
-    return run_with_pairs(spec, args.out, PAIRS if args.int8 else PAIRS[:1])
+    return run_with_pairs(spec, args.out, PAIRS if args.int8 else PAIRS[:1], shlex.join(
+        ["python", "-m", "bench.cifar_v3", *(sys.argv[1:] if argv is None else argv)]))
 
 
 if __name__ == "__main__":

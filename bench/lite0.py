@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -94,10 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     spec = matrix(str(Path(args.weights).resolve()), args.calib_size, args.steps,
                   args.eval_size)
-    return run_with_pairs(spec, args.out, PAIRS)
+    return run_with_pairs(spec, args.out, PAIRS, shlex.join(
+        ["python", "-m", "bench.lite0", *(sys.argv[1:] if argv is None else argv)]))
 
 
-def run_with_pairs(spec: dict, out: Path, pairs_wanted: list[tuple[str, str]]) -> int:
+def run_with_pairs(spec: dict, out: Path, pairs_wanted: list[tuple[str, str]],
+                   command: str) -> int:
     """Run ``spec`` through ``bench.run --matrix`` (no BENCHMARKS.md rewrite), then write
     ``<results stem>-paired.json`` with the paired comparisons and print them."""
     from . import run
@@ -114,7 +117,11 @@ def run_with_pairs(spec: dict, out: Path, pairs_wanted: list[tuple[str, str]]) -
     results = json.loads(new[-1].read_text())
     pairs = paired(results, pairs_wanted)
     dest = new[-1].with_name(new[-1].stem + "-paired.json")
-    run.write_json(dest, {"schema_version": 1, "results": new[-1].name, "pairs": pairs})
+    # the results file records the bench.run command with a temporary matrix path: the
+    # command that reproduces the run is this script's
+    run.write_json(dest, {"schema_version": 1, "results": new[-1].name,
+                          "command": command,
+                          "pairs": pairs})
     for q in pairs:
         if "error" in q:
             print(f"{q['a']} - {q['b']}: {q['error']}")
