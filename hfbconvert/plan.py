@@ -13,8 +13,11 @@ the multiple-choice knapsack (bisection on the MUL price) followed by a greedy f
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+import os
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
@@ -331,6 +334,25 @@ def _layer_plans(layers: list[PointwiseLayer], sel: list[_Opt],
                       o.density) for ly, o in zip(layers, sel)]
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send file descriptor 1 to stderr while HiGHS runs: its C++ code prints debug lines
+    (e.g. "HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();") to
+    stdout even with disp off, which corrupted `compress --json` output."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError, AttributeError):  # no real fd 1 (e.g. embedded): as is
+        yield
+        return
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def exact_choice(opts: list[list[_Opt]], limit: float, caps: list[float],
                  time_limit: float = 60.0) -> list[_Opt] | None:
     """The optimal option per layer (multiple-choice knapsack as a MILP, HiGHS via
@@ -367,9 +389,10 @@ def exact_choice(opts: list[list[_Opt]], limit: float, caps: list[float],
         lo_b.append(-math.inf)
         hi_b.append(cap / scale)
     a = coo_matrix((vals, (rows, cols)), shape=(len(lo_b), n)).tocsr()
-    res = milp([o.werr for o in flat], constraints=LinearConstraint(a, lo_b, hi_b),
-               integrality=[1] * n, bounds=Bounds(0, 1),
-               options={"time_limit": time_limit, "mip_rel_gap": 1e-6})
+    with _stdout_to_stderr():
+        res = milp([o.werr for o in flat], constraints=LinearConstraint(a, lo_b, hi_b),
+                   integrality=[1] * n, bounds=Bounds(0, 1),
+                   options={"time_limit": time_limit, "mip_rel_gap": 1e-6})
     if res.x is None:
         if res.status == 2:  # infeasible: the caps exclude every plan
             raise InputError("the ADD cap, size budget and energy budget cannot be met "

@@ -211,17 +211,25 @@ def _from_reference(ckpt: Mapping, path: Path, arch: str | None) -> tuple[nn.Mod
     if not isinstance(state, Mapping) or not _is_state_dict(state):
         raise InputError(f"{path}: {REFERENCE_FORMAT} checkpoint without a tensor state_dict")
     name = arch or ckpt.get("arch")
-    if name not in ("mobilenet_v1", "mobilenet_v2"):
+    if name not in ARCHS:
         raise InputError(f"{path}: unknown arch {name!r} for a {REFERENCE_FORMAT} checkpoint; "
-                         "known: mobilenet_v1, mobilenet_v2")
+                         f"known: {', '.join(sorted(ARCHS))}")
+    # families other than V1/V2 carry their constructor arguments in "config" (e.g. a
+    # CIFAR MobileNetV3 with stem_stride 1, which its weights cannot tell)
+    family = name not in ("mobilenet_v1", "mobilenet_v2")
     try:
         num_classes = int(ckpt["num_classes"])
-        width = float(ckpt["width_mult"])
+        width = float(ckpt.get("width_mult", 1.0) if family else ckpt["width_mult"])
         resolution = int(ckpt["resolution"])
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"{path}: {REFERENCE_FORMAT} checkpoint lacks a valid {exc}") from None
     config: dict[str, Any] = {"width_mult": width, "num_classes": num_classes}
-    if name == "mobilenet_v1":
+    if family:
+        extra = ckpt.get("config") or {}
+        if not isinstance(extra, Mapping):
+            raise InputError(f"{path}: {REFERENCE_FORMAT} checkpoint 'config' is not a dict")
+        config = {**{str(k): v for k, v in extra.items()}, "num_classes": num_classes}
+    elif name == "mobilenet_v1":
         config.update(
             padding=str(ckpt.get("padding", "pytorch")),
             stem_stride=int(ckpt.get("stem_stride", 2)),

@@ -113,6 +113,7 @@ class MobileNetV3(nn.Module):
         dropout: float = 0.2,
         reduced_tail: bool = False,
         dilated: bool = False,
+        stem_stride: int = 2,
     ) -> None:
         super().__init__()
         self.mode = str(mode)
@@ -121,6 +122,11 @@ class MobileNetV3(nn.Module):
         self.dropout = float(dropout)
         self.reduced_tail = bool(reduced_tail)
         self.dilated = bool(dilated)
+        # 1 for small inputs (CIFAR's 32 px), as the shared CIFAR MobileNetV1 does; the
+        # weights do not record it, so a checkpoint's config must (loading._from_reference)
+        self.stem_stride = int(stem_stride)
+        if self.stem_stride not in (1, 2):
+            raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
         if self.width_mult <= 0:
             raise ValueError(f"width_mult must be > 0, got {width_mult}")
         rows = block_settings(self.mode, self.reduced_tail, self.dilated)
@@ -129,7 +135,8 @@ class MobileNetV3(nn.Module):
             return make_divisible(c * self.width_mult, 8)
 
         hs = partial(nn.Hardswish, inplace=False)
-        layers: list[nn.Module] = [conv_bn_act(3, adj(rows[0][0]), 3, 2, activation=hs, **_BN)]
+        layers: list[nn.Module] = [
+            conv_bn_act(3, adj(rows[0][0]), 3, self.stem_stride, activation=hs, **_BN)]
         for cin, k, exp, cout, se, act, s, d in rows:
             layers.append(InvertedResidual(adj(cin), k, adj(exp), adj(cout), se, act, s, d))
         last_in = adj(rows[-1][3])
@@ -148,9 +155,12 @@ class MobileNetV3(nn.Module):
 
     @property
     def config(self) -> dict:
-        return {"mode": self.mode, "width_mult": self.width_mult,
-                "num_classes": self.num_classes, "dropout": self.dropout,
-                "reduced_tail": self.reduced_tail, "dilated": self.dilated}
+        cfg = {"mode": self.mode, "width_mult": self.width_mult,
+               "num_classes": self.num_classes, "dropout": self.dropout,
+               "reduced_tail": self.reduced_tail, "dilated": self.dilated}
+        if self.stem_stride != 2:  # torchvision's configs stay as they were
+            cfg["stem_stride"] = self.stem_stride
+        return cfg
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.avgpool(self.features(x))

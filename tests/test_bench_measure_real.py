@@ -1,0 +1,76 @@
+"""The real-model bench scripts' pure parts: paired comparisons from per-image records, the
+generality table's markdown and its localized splice into BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.generality import END, START, markdown, real_top1, splice
+from bench.lite0 import paired
+from hfbconvert.metrics import encode_bits
+
+
+def _cell(method: str, bits: np.ndarray, sha: str = "x") -> dict:
+    return {"model": "m", "method": method, "top1": float(bits.mean()),
+            "per_image": {"n": bits.size, "images_sha256": sha,
+                          "correct_hex": encode_bits(bits)}}
+
+
+def test_paired_difference_and_refusals() -> None:
+    a = np.array([1, 1, 1, 1, 0, 0, 1, 1] * 25, bool)
+    b = np.array([1, 1, 1, 1, 1, 1, 1, 0] * 25, bool)
+    res = {"cells": [_cell("original", b), _cell("hybrid-0.536", a),
+                     _cell("int8-ptq", a, sha="other")]}
+    out = paired(res, [("hybrid-0.536", "original"), ("int8-ptq", "original"),
+                       ("hybrid-0.536-int8", "original")])
+    first = out[0]
+    assert first["diff"] == pytest.approx(a.mean() - b.mean())
+    assert (first["only_a"], first["only_b"]) == (25, 50)
+    assert first["ci95"][0] <= first["diff"] <= first["ci95"][1]
+    assert first["ci95"][1] < 0 and first["verdict"] == "worse than"
+    assert "different images" in out[1]["error"]
+    assert "no per-image" in out[2]["error"]
+
+
+def _row(name: str, **kw) -> dict:
+    row = {"name": name, "resolution": 224, "budget": 0.536, "errors": [],
+           "status": dict.fromkeys(("analyze", "compress", "eval", "export", "verify"), "pass")}
+    row.update(kw)
+    return row
+
+
+def test_markdown_rows_and_splice(tmp_path: Path) -> None:
+    res = {"command": "python -m bench.generality", "finished": "t", "git": {"commit": "abc"},
+           "settings": {"calib": 32, "eval": 64},
+           "rows": [_row("Net", layers_converted=3, layers_planned=5, muls_before=2e6,
+                         muls_after=1e6, muls_saved=0.5, pointwise_mul_share=0.8),
+                    _row("Res", budget=0.99, errors=["compress: exit 2: unreachable"],
+                         status={"analyze": "pass", "compress": "fail", "eval": "not run",
+                                 "export": "not run", "verify": "not run"})]}
+    md = markdown(res)
+    assert "| Net | 224 | ✓ | ✓ | ✓ | ✓ | ✓ | 80% | 3 / 5 | 2.0M → 1.0M (50.0%) | – |" in md
+    assert "| Res | 224 | ✓ | ✗ | – | – | – |" in md and "unreachable" in md
+    bench = tmp_path / "BENCHMARKS.md"
+    bench.write_text("# B\n\nkeep me\n")
+    splice(bench, md)
+    splice(bench, md.replace("Net", "Net2"))  # replaced in place, not appended twice
+    text = bench.read_text()
+    assert text.startswith("# B\n\nkeep me\n") and text.count(START) == 1
+    assert "| Net2 |" in text and "| Net |" not in text and text.rstrip().endswith(END)
+
+
+def test_real_top1_takes_the_newest_file_with_both_cells(tmp_path: Path) -> None:
+    def write(name: str, before: float | None) -> None:
+        cells = [{"model": "efficientnet-lite0", "method": "original", "top1": before},
+                 {"model": "efficientnet-lite0", "method": "hybrid-0.536", "top1": 0.8}]
+        (tmp_path / name).write_text(json.dumps({"cells": cells, "models": []}))
+
+    write("20260101T000000Z-lite0.json", 0.81)
+    write("20260102T000000Z-lite0.json", None)  # newer but incomplete: skipped
+    got = real_top1(tmp_path, "EfficientNet-Lite0")
+    assert got["before"] == 0.81 and got["results"].startswith("20260101")
+    assert real_top1(tmp_path, "ResNet-50") is None
