@@ -53,7 +53,9 @@ def round_ternary_ste(w: torch.Tensor, thr: float = 0.5) -> torch.Tensor:
 # base-3: five codes per byte, byte = sum_i code_i * 3**i (i = 0..4), max 242.
 
 def _flat_codes(t: torch.Tensor) -> torch.Tensor:
-    if t.numel() and (t.abs() > 1).any():
+    """Codes v+1 in {0,1,2}. Membership is tested exactly: ``abs() > 1`` let through
+    int8 -128 (its abs overflows to -128), NaN and fractions such as 0.5."""
+    if t.numel() and not ((t == -1) | (t == 0) | (t == 1)).all():
         raise ValueError("ternary tensor holds values outside {-1, 0, 1}")
     return (t.reshape(-1).to(torch.int16) + 1).to(torch.uint8)
 

@@ -107,3 +107,15 @@ def test_onnx_unpack_matches(packing: str, rows: int, cols: int, data: st.DataOb
     assert got_ort.dtype == np.float32
     torch.testing.assert_close(_unpack_float(packed, rows, cols, packing),
                                torch.from_numpy(want), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad", [
+    torch.tensor([-128, 0, 1], dtype=torch.int8),   # abs(-128) overflows to -128 in int8
+    torch.tensor([0.5, 0.0, -1.0]),                 # a fraction is not a ternary value
+    torch.tensor([float("nan"), 1.0]),              # NaN compares false with everything
+    torch.tensor([2, 0], dtype=torch.int8),
+])
+@pytest.mark.parametrize("pack", [pack_2bit, pack_base3])
+def test_packers_refuse_non_ternary_values(bad: torch.Tensor, pack) -> None:
+    with pytest.raises(ValueError, match="outside"):
+        pack(bad)
