@@ -36,7 +36,7 @@ test: $(STAMP) $(DEMO_DATA)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
-	$(BIN)/ruff check hfbconvert calib tests bench
+	$(BIN)/ruff check hfbconvert tests bench
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run --suite full

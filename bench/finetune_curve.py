@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from calib.presets import preset_for
-from calib.readers import load_images
+from hfbconvert.calib.presets import preset_for
+from hfbconvert.calib.readers import load_images
 from hfbconvert.evaluation import evaluate
 from hfbconvert.finetune import FinetuneConfig
 from hfbconvert.models.loading import load_model

@@ -26,10 +26,10 @@ import time
 
 import torch
 
-from calib.presets import preset_for
-from calib.readers import load_images
 from hfbconvert import actquant
 from hfbconvert.bnfold import fold_batchnorms
+from hfbconvert.calib.presets import preset_for
+from hfbconvert.calib.readers import load_images
 from hfbconvert.meanshift import correction_sites, match_output_means
 from hfbconvert.models.loading import load_model
 from hfbconvert.pipeline import CompressConfig, normalizer

@@ -273,8 +273,8 @@ class ModelContext:
 
     def eval_images(self):
         if self._eval_images is None:
-            from calib.presets import preset_for
-            from calib.readers import load_images
+            from hfbconvert.calib.presets import preset_for
+            from hfbconvert.calib.readers import load_images
 
             # same subset and preprocessing as `hfbconvert eval --size N --seed 0`
             self._eval_images = load_images(self.eval_data, preset_for(self.info),
@@ -481,8 +481,8 @@ def int8_cell(ctx: ModelContext, method: Method, deadline: float | None) -> dict
         )
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
-        from calib.presets import preset_for
-        from calib.readers import load_images
+        from hfbconvert.calib.presets import preset_for
+        from hfbconvert.calib.readers import load_images
 
         reader_cls = type("BenchReader", (_Reader, CalibrationDataReader), {})
         out_dir = ctx.work / ctx.case.key / method.key

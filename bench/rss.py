@@ -38,8 +38,9 @@ def _env(code: Path, cache: Path) -> dict[str, str]:
 
 def warm(code: Path, cache: Path, model: str, calib: str, size: int | None) -> None:
     """Decode (and cache) exactly the images compress will read, unmeasured."""
-    script = ("import sys; from calib.presets import preset_for; "
-              "from calib.readers import load_images; "
+    # hfbconvert.calib since the package move; plain ``calib`` in older checkouts (--code)
+    script = ("import sys\ntry:\n from hfbconvert.calib import load_images, preset_for\n"
+              "except ImportError:\n from calib import load_images, preset_for\n"
               "from hfbconvert.models.loading import load_model; "
               "_, info = load_model(sys.argv[1]); "
               "import hfbconvert.cli as c; "

@@ -33,7 +33,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from calib.readers import CLASSES_FILE, IMAGE_EXTS
+from hfbconvert.calib.readers import CLASSES_FILE, IMAGE_EXTS
 
 SALT = "hfbconvert-tune-split/1:"
 TUNE_SIZE = 300  # ImageNet: 300 of the 5,000 calib images (one standard error ~2.6 points)

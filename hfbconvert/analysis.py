@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from calib.readers import CalibData
+from hfbconvert.calib.readers import CalibData
 
 from . import __version__, progress
 from .costs import model_cost

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from calib.readers import CalibData
+from hfbconvert.calib.readers import CalibData
 
 from .errors import InputError
 from .handlers import modules_of_kind
@@ -82,8 +82,8 @@ def load_images(path: str | os.PathLike, info: ModelInfo, *, size: int | None = 
                 seed: int = 0) -> CalibData:
     """Images preprocessed as ``info`` says: an ImageFolder tree (labels by the model's
     class names), a flat folder, or an ``.npz`` with ``images`` (and ``labels``)."""
-    from calib.presets import preset_for
-    from calib.readers import load_images as _load
+    from hfbconvert.calib.presets import preset_for
+    from hfbconvert.calib.readers import load_images as _load
 
     kw: dict[str, Any] = {"classes": list(info.classes)} if info.classes else {}
     return _load(path, preset_for(info), size=size, seed=seed, **kw)

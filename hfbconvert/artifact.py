@@ -208,7 +208,7 @@ class _Checker:
 
 
 def _check_model_info(d: Any, c: _Checker) -> ModelInfo:
-    from calib.presets import RESIZE_MODES
+    from hfbconvert.calib.presets import RESIZE_MODES
 
     from .models.loading import ARCHS, CUSTOM
 

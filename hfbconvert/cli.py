@@ -294,9 +294,9 @@ def _load_calib(path: str | None, info, size: int | None, seed: int, resolution:
     with an explicit N, --calib-size picks a seeded subset as it does for real images)."""
     if path is None:
         return None, info
-    from calib.presets import apply_overrides, preset_for
-    from calib.readers import load_images
-    from calib.synthetic import DEFAULT_N, is_synthetic, parse_spec, synthesize
+    from hfbconvert.calib.presets import apply_overrides, preset_for
+    from hfbconvert.calib.readers import load_images
+    from hfbconvert.calib.synthetic import DEFAULT_N, is_synthetic, parse_spec, synthesize
 
     prep = apply_overrides(preset_for(info), preset=preset, resolution=resolution)
     if resolution is not None:
@@ -1036,7 +1036,7 @@ def _eval_compare(paths: tuple[str, str], arch, trust_pickle: bool, data_path: s
     """``eval --compare A B``: both models on the same images in one pass. Different
     preprocessing is refused rather than run twice: a paired difference should come from
     identical inputs, and a model exported with other preprocessing is usually a mistake."""
-    from calib.presets import preset_for
+    from hfbconvert.calib.presets import preset_for
 
     from .evaluation import compare_summary, evaluate_per_image
 
@@ -1115,9 +1115,9 @@ def _eval_data(model: str, info, data_path: str, size: int | None, seed: int):
     model's class names, or to ImageNet wnids for an unnamed 1000-class model (an
     unmatched folder is an error); only a model with neither gets sorted folder order,
     with a warning. An ``.npz``'s integer labels are used as they are."""
-    from calib.imagenet import imagenet_wnids
-    from calib.presets import preset_for
-    from calib.readers import load_images
+    from hfbconvert.calib.imagenet import imagenet_wnids
+    from hfbconvert.calib.presets import preset_for
+    from hfbconvert.calib.readers import load_images
 
     kw: dict[str, Any] = {}
     n_labels = int(info.num_classes) - int(info.label_offset)

@@ -141,7 +141,7 @@ def load_photo(path: Path, size: int = PHOTO_SIZE):
     import numpy as np
     from PIL import Image
 
-    from calib.readers import to_rgb
+    from hfbconvert.calib.readers import to_rgb
 
     with Image.open(path) as im:
         img = to_rgb(im)
@@ -168,8 +168,8 @@ def photo_predictions(compressed: Path, photos: Path) -> dict:
     and preprocessing (what ``hfbconvert eval`` computes, image by image)."""
     import torch
 
-    from calib.presets import preset_for
-    from calib.readers import load_images
+    from hfbconvert.calib.presets import preset_for
+    from hfbconvert.calib.readers import load_images
 
     from .artifact import load_compressed
     from .models.loading import load_model
@@ -256,7 +256,7 @@ def _size_line(compressed: Path) -> str:
 
 
 def main() -> int:
-    from calib.readers import cache_dir
+    from hfbconvert.calib.readers import cache_dir
 
     from .errors import InputError
     from .models.loading import builtin_path

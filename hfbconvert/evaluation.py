@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from calib.readers import CalibData
+from hfbconvert.calib.readers import CalibData
 
 from .errors import InputError
 from .metrics import (

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from calib.readers import CalibData
+from hfbconvert.calib.readers import CalibData
 
 from . import actquant, progress
 from .bnadjust import BN_MODES, BN_SCOPES, bn_targets, match_bn, reestimate_bn

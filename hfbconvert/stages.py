@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from calib.readers import CalibData
+from hfbconvert.calib.readers import CalibData
 
 from . import actquant, progress, weightquant
 from .bnfold import fold_batchnorms

@@ -13,7 +13,7 @@ import pytest
 from bench import report, run
 from bench.cases import METHODS, SUITES, ModelCase
 from bench.splits import CONCENTRATED, calib_splits, image_names, list_sha256, tune_names
-from calib.readers import _list_folder
+from hfbconvert.calib.readers import _list_folder
 from hfbconvert.metrics import encode_bits
 
 REPO = Path(__file__).resolve().parent.parent

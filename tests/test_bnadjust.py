@@ -14,9 +14,9 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from calib import preset_for
-from calib.readers import CalibData, load_images
 from hfbconvert.bnadjust import bn_targets, match_bn, reestimate_bn
+from hfbconvert.calib import preset_for
+from hfbconvert.calib.readers import CalibData, load_images
 from hfbconvert.cli import main
 from hfbconvert.errors import InputError
 from hfbconvert.finetune import FinetuneConfig

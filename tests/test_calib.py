@@ -12,8 +12,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from calib import PRESETS, Preprocess, apply_overrides, get_preset, load_images, preset_for, readers
-from calib.readers import CalibData, preprocess_image
+from hfbconvert.calib import (
+    PRESETS,
+    Preprocess,
+    apply_overrides,
+    get_preset,
+    load_images,
+    preset_for,
+    readers,
+)
+from hfbconvert.calib.readers import CalibData, preprocess_image
 from hfbconvert.errors import InputError
 from hfbconvert.models import ModelInfo
 

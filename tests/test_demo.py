@@ -52,8 +52,8 @@ def test_builtin_model_recognises_demo_photos(tmp_path, one_thread) -> None:
     _need_photos()
     import torch
 
-    from calib.presets import preset_for
-    from calib.readers import load_images
+    from hfbconvert.calib.presets import preset_for
+    from hfbconvert.calib.readers import load_images
     from hfbconvert.models.loading import builtin_path, load_model
 
     try:

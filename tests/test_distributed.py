@@ -19,8 +19,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from calib.readers import CalibData
 from hfbconvert.artifact import load_compressed
+from hfbconvert.calib.readers import CalibData
 from hfbconvert.cli import main
 from hfbconvert.finetune import FinetuneConfig, finetune
 from hfbconvert.pipeline import CompressConfig, compress

@@ -15,8 +15,8 @@ from click.testing import CliRunner, Result
 from PIL import Image
 from torch import nn
 
-from calib.imagenet import imagenet_wnids
 from hfbconvert import __version__
+from hfbconvert.calib.imagenet import imagenet_wnids
 from hfbconvert.cli import main
 from hfbconvert.export.onnx import build_onnx
 from hfbconvert.models.mobilenet_v1 import MobileNetV1

@@ -206,8 +206,8 @@ def test_bench_per_image_record_matches_the_cli(models) -> None:
     import torch
 
     from bench.measure import per_image_from_logits
-    from calib.presets import preset_for
-    from calib.readers import load_images
+    from hfbconvert.calib.presets import preset_for
+    from hfbconvert.calib.readers import load_images
     from hfbconvert.models.loading import load_model
 
     cli = _json(models["a"], "--data", models["npz"], "--per-image")["per_image"]

@@ -102,7 +102,7 @@ def test_compress_end_to_end_improves_over_stages():
     """fit -> sequential reconstruction -> fine-tune on a tiny random net: agreement with
     the original is recorded per stage and the final model is frozen (deploy form)."""
     teacher = tiny_v1()
-    from calib.readers import CalibData
+    from hfbconvert.calib.readers import CalibData
 
     data = CalibData(_images(120), None, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25),
                      [f"{i}" for i in range(120)], source="random")
@@ -153,7 +153,7 @@ def test_harmful_finetune_is_reverted_to_the_fit():
     """A fine-tune that raises the held-apart KL (here: a learning rate far too high) is
     undone: the shipped model is bit-identical to the one without fine-tuning, and the
     metadata says why."""
-    from calib.readers import CalibData
+    from hfbconvert.calib.readers import CalibData
 
     from .tiny import tiny_info
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from calib import load_images, preset_for
+from hfbconvert.calib import load_images, preset_for
 from hfbconvert.evaluation import evaluate
 from hfbconvert.fileio import load_torch
 from hfbconvert.models import ARCHS, ModelInfo, build_model, load_model
@@ -112,7 +112,7 @@ class _Fixed(nn.Module):
 
 
 def test_evaluate_metrics_and_offset() -> None:
-    from calib.readers import CalibData
+    from hfbconvert.calib.readers import CalibData
 
     imgs = torch.zeros(4, 3, 2, 2, dtype=torch.uint8)
     imgs[:, 0, 0, 0] = torch.tensor([1, 2, 3, 4], dtype=torch.uint8)

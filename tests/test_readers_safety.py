@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from calib.imagenet import imagenet_classes
-from calib.presets import Preprocess
-from calib.readers import _list_folder, load_images
+from hfbconvert.calib.imagenet import imagenet_classes
+from hfbconvert.calib.presets import Preprocess
+from hfbconvert.calib.readers import _list_folder, load_images
 from hfbconvert.errors import InputError
 
 PREP = Preprocess(16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 1.0, "crop_then_resize")

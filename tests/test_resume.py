@@ -18,10 +18,10 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 
-from calib.readers import CalibData
 from hfbconvert import fileio
 from hfbconvert import finetune as finetune_mod
 from hfbconvert import pipeline as compress_mod
+from hfbconvert.calib.readers import CalibData
 from hfbconvert.cli import main
 from hfbconvert.errors import CheckFailed, InputError
 from hfbconvert.finetune import FinetuneConfig, finetune

@@ -15,9 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-from calib.readers import CalibData
 from hfbconvert import pipeline as compress_mod
 from hfbconvert.bnfold import fold_batchnorms
+from hfbconvert.calib.readers import CalibData
 from hfbconvert.finetune import FinetuneConfig, finetune
 from hfbconvert.hybrid import HybridPointwise
 from hfbconvert.layers import find_pointwise, layer_bias, layer_weight

@@ -12,9 +12,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from calib import preset_for
-from calib import synthetic as syn
-from calib.readers import CalibData, load_images
+from hfbconvert.calib import preset_for
+from hfbconvert.calib import synthetic as syn
+from hfbconvert.calib.readers import CalibData, load_images
 from hfbconvert.cli import main
 from hfbconvert.errors import InputError
 from hfbconvert.models.mobilenet_v1 import MobileNetV1

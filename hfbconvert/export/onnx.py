@@ -87,7 +87,7 @@ def onnx_metadata(info: Any, source: str | None = None) -> dict[str, str]:
     import hashlib
     import json
 
-    from calib.presets import preset_for, preset_name
+    from hfbconvert.calib.presets import preset_for, preset_name
 
     from .. import __version__
 

@@ -402,7 +402,7 @@ def _default_info(arch: str, config: dict[str, Any], path: Path) -> ModelInfo:
                 label_offset=0, num_classes=int(config.get("num_classes", 1000)),
                 source=str(path), extra={"variant": variant.name},
             )
-            from calib.presets import preset_for, preset_name
+            from hfbconvert.calib.presets import preset_for, preset_name
 
             name = preset_name(preset_for(info))
             if name:
