@@ -16,8 +16,8 @@ import torch
 
 from hfbconvert.calib.presets import preset_for
 from hfbconvert.calib.readers import load_images
+from hfbconvert.distill import FinetuneConfig
 from hfbconvert.evaluation import evaluate
-from hfbconvert.finetune import FinetuneConfig
 from hfbconvert.models.loading import load_model
 from hfbconvert.pipeline import CompressConfig, compress
 

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import hfbconvert
     from hfbconvert.costs import model_cost
-    from hfbconvert.finetune import FinetuneConfig
+    from hfbconvert.distill import FinetuneConfig
     from hfbconvert.models import families
     from hfbconvert.models.info import ModelInfo
     from hfbconvert.pipeline import CompressConfig, compress

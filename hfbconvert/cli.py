@@ -579,8 +579,8 @@ def compress(ctx, model, arch, trust_pickle, calib, calib_size, resolution, pres
     import time
 
     from . import distributed
+    from .distill import FinetuneConfig
     from .fileio import output_lock
-    from .finetune import FinetuneConfig
     from .pipeline import CompressConfig, validate_config
 
     t_cmd = time.perf_counter()

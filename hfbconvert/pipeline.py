@@ -23,8 +23,8 @@ from hfbconvert.calib.readers import CalibData
 from . import actquant, progress
 from .bnadjust import BN_MODES, BN_SCOPES, bn_targets, match_bn, reestimate_bn
 from .costs import model_cost
+from .distill import FinetuneConfig, finetune, fingerprint
 from .errors import ConfigError
-from .finetune import FinetuneConfig, finetune, fingerprint
 from .fitting import PairStats
 from .handlers import is_hybrid, parse_kinds
 from .hybrid import HybridPointwise

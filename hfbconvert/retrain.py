@@ -28,8 +28,8 @@ from hfbconvert.calib.readers import CalibData
 
 from . import progress
 from .costs import model_cost
+from .distill import FinetuneConfig, FinetuneLog, finetune, fingerprint
 from .errors import InputError
-from .finetune import FinetuneConfig, FinetuneLog, finetune, fingerprint
 from .hybrid import HybridPointwise
 from .metrics import wilson_interval
 from .models.info import ModelInfo

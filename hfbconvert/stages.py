@@ -26,7 +26,7 @@ from hfbconvert.calib.readers import CalibData
 from . import actquant, progress, weightquant
 from .bnfold import fold_batchnorms
 from .costs import ModelCost, model_cost
-from .finetune import FinetuneConfig, auto_steps
+from .distill import FinetuneConfig, auto_steps
 from .fitting import PairStats, fit_layer
 from .handlers import hybrid_modules
 from .layers import PointwiseLayer, layer_bias, layer_weight

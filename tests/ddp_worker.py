@@ -13,8 +13,8 @@ import sys
 import torch
 
 from hfbconvert import distributed
+from hfbconvert.distill import FinetuneConfig, finetune
 from hfbconvert.errors import HfbError
-from hfbconvert.finetune import FinetuneConfig, finetune
 from tests.test_finetune import _images, _norm, _student
 from tests.tiny import tiny_v1
 

@@ -18,8 +18,8 @@ from hfbconvert.bnadjust import bn_targets, match_bn, reestimate_bn
 from hfbconvert.calib import preset_for
 from hfbconvert.calib.readers import CalibData, load_images
 from hfbconvert.cli import main
+from hfbconvert.distill import FinetuneConfig
 from hfbconvert.errors import InputError
-from hfbconvert.finetune import FinetuneConfig
 from hfbconvert.models.mobilenet_v1 import MobileNetV1
 from hfbconvert.pipeline import CompressConfig, compress
 

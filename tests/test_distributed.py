@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from hfbconvert.artifact import load_compressed
 from hfbconvert.calib.readers import CalibData
 from hfbconvert.cli import main
-from hfbconvert.finetune import FinetuneConfig, finetune
+from hfbconvert.distill import FinetuneConfig, finetune
 from hfbconvert.pipeline import CompressConfig, compress
 
 from . import ddp_worker

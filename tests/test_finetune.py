@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
+from hfbconvert.distill import FinetuneConfig, finetune
 from hfbconvert.errors import CheckFailed
-from hfbconvert.finetune import FinetuneConfig, finetune
 from hfbconvert.layers import find_pointwise
 from hfbconvert.pipeline import CompressConfig, build_hybrid, compress
 from hfbconvert.plan import uniform_plan

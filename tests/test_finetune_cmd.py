@@ -15,11 +15,11 @@ from PIL import Image
 
 import hfbconvert
 from hfbconvert import api, schemas
-from hfbconvert import finetune as finetune_mod
+from hfbconvert import distill as finetune_mod
 from hfbconvert.cli import main
+from hfbconvert.distill import FinetuneConfig
 from hfbconvert.errors import InputError
 from hfbconvert.fileio import file_sha256
-from hfbconvert.finetune import FinetuneConfig
 from hfbconvert.pipeline import normalizer
 from hfbconvert.retrain import RetrainConfig, code_counts, retrain, steps_for, unfreeze_codes
 

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from hfbconvert.finetune import FinetuneConfig, finetune
+from hfbconvert.distill import FinetuneConfig, finetune
 
 from .test_finetune import _images, _norm, _student
 from .tiny import tiny_v1

@@ -18,13 +18,13 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 
+from hfbconvert import distill as finetune_mod
 from hfbconvert import fileio
-from hfbconvert import finetune as finetune_mod
 from hfbconvert import pipeline as compress_mod
 from hfbconvert.calib.readers import CalibData
 from hfbconvert.cli import main
+from hfbconvert.distill import FinetuneConfig, finetune
 from hfbconvert.errors import CheckFailed, InputError
-from hfbconvert.finetune import FinetuneConfig, finetune
 from hfbconvert.pipeline import CompressConfig, compress
 
 from .test_finetune import _images, _norm, _student

@@ -18,7 +18,7 @@ from torch import nn
 from hfbconvert import pipeline as compress_mod
 from hfbconvert.bnfold import fold_batchnorms
 from hfbconvert.calib.readers import CalibData
-from hfbconvert.finetune import FinetuneConfig, finetune
+from hfbconvert.distill import FinetuneConfig, finetune
 from hfbconvert.hybrid import HybridPointwise
 from hfbconvert.layers import find_pointwise, layer_bias, layer_weight
 from hfbconvert.pipeline import CompressConfig, compress
@@ -200,7 +200,7 @@ def test_finetune_does_not_move_or_switch_the_teacher(monkeypatch: pytest.Monkey
 def test_finetune_device_copy_of_teacher(monkeypatch: pytest.MonkeyPatch) -> None:
     """When the teacher is not on the fine-tune's device, a copy of it goes there (here the
     device check is made to say so; the run itself stays on the CPU)."""
-    from hfbconvert import finetune as finetune_mod
+    from hfbconvert import distill as finetune_mod
 
     teacher = tiny_v1().eval()
     student = copy.deepcopy(teacher)

@@ -24,8 +24,6 @@ import hashlib
 import json
 import math
 import os
-import sys
-import types
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -565,18 +563,3 @@ def _loop(student, teacher, images, labels, normalize, cfg, opt, start, freeze_s
                           f"held-apart KL not below its best ({stop.best['kl']:.4g} at step "
                           f"{stop.best['step']}) for {cfg.patience} checks")
             return
-
-
-class _CallableModule(types.ModuleType):
-    """``hfbconvert.finetune`` is this module (the package attribute the import system
-    sets for a submodule) and also the public ``hfbconvert.finetune(...)`` of
-    :func:`hfbconvert.api.finetune`: calling the module calls that function, so the API
-    name works whichever was imported first."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        from .api import finetune as api_finetune
-
-        return api_finetune(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
