@@ -30,7 +30,7 @@ from . import progress
 from .costs import model_cost
 from .distill import FinetuneConfig, FinetuneLog, finetune, fingerprint
 from .errors import InputError
-from .hybrid import HybridPointwise
+from .handlers import is_hybrid
 from .metrics import wilson_interval
 from .models.info import ModelInfo
 from .pipeline import normalizer
@@ -82,7 +82,7 @@ def unfreeze_codes(model: nn.Module) -> int:
     latent crosses ±0.5. Returns how many layers were unfrozen."""
     n = 0
     for m in model.modules():
-        if isinstance(m, HybridPointwise) and m.frozen:
+        if is_hybrid(m) and m.frozen:
             m.wb_latent = nn.Parameter(m.wb_codes.float().clone())
             m.wc_latent = nn.Parameter(m.wc_codes.float().clone())
             m.frozen = False
@@ -94,7 +94,7 @@ def code_counts(model: nn.Module) -> dict[str, int]:
     """Non-zero ternary codes (ADDs per output pixel, roughly) over all hybrid layers."""
     nz = tot = 0
     for m in model.modules():
-        if isinstance(m, HybridPointwise):
+        if is_hybrid(m):
             for t in (m.wb_codes, m.wc_codes):
                 nz += int((t != 0).sum())
                 tot += t.numel()

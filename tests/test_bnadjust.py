@@ -159,7 +159,7 @@ def test_bn_folded_model_is_skipped_with_a_reason(data: CalibData) -> None:
 
 
 def test_unknown_mode_is_an_input_error(model: nn.Module, data: CalibData) -> None:
-    with pytest.raises(InputError, match="bn-adjust"):
+    with pytest.raises(InputError, match="bn_adjust"):
         compress(model, tiny_info(), data, CompressConfig(bn_adjust="yes"))
 
 
