@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from onnx.reference.op_run import OpRun
 
-from .op_unpack_ternary import unpack
+from .op_strassen_pointwise import strassen_pointwise
 
 
 def im2col(x: np.ndarray, kernel: tuple[int, int], strides: tuple[int, int],
@@ -39,21 +39,11 @@ def strassen_conv(x: np.ndarray, wb_packed: np.ndarray, wc_packed: np.ndarray, a
     kh, kw = (int(v) for v in kernel_shape)
     if x.ndim != 4 or x.shape[1] * kh * kw != c_in:
         raise ValueError(f"X must be [N, {c_in}/({kh}·{kw}), H, W], got {list(x.shape)}")
-    wb = unpack(wb_packed, r, c_in, packing).astype(np.float64)
-    wc = unpack(wc_packed, c_out, r, packing).astype(np.float64)
+    # a k×k bank is the pointwise contract over im2col rows: one copy of the rule
     cols = im2col(x.astype(np.float64), (kh, kw), tuple(strides), tuple(pads),
                   tuple(dilations))
-    h = np.einsum("rc,nchw->nrhw", wb, cols)
-    ha = a.astype(np.float64)[None, :, None, None] * h
-    if h_scale is not None:
-        sc = h_scale.astype(np.float64)[None, :, None, None]
-        zp = h_zero_point.astype(np.float64)[None, :, None, None]
-        q = np.clip(np.round(ha / sc) + zp, 0, 255)  # np.round: half to even
-        ha = (q - zp) * sc
-    y = np.einsum("or,nrhw->nohw", wc, ha)
-    if s is not None:
-        y = y * s.astype(np.float64)[None, :, None, None]
-    return y.astype(np.float32)
+    return strassen_pointwise(cols, wb_packed, wc_packed, a, s, h_scale, h_zero_point,
+                              c_in, r, c_out, packing)
 
 
 class StrassenConv(OpRun):
