@@ -22,11 +22,10 @@ from hfbconvert.metrics import (
     mcnemar_exact,
     paired_difference_interval,
     verdict,
-    wilson_interval,
 )
 
 from .cases import REPO, TABLE_ORDER
-from .report import load_results, results_files
+from .report import _top1_ci, load_results, results_files
 
 
 def _get(cell: dict | None, key: str):
@@ -121,19 +120,6 @@ def compare(old: dict, new: dict) -> list[str]:
                 status = f"  ({b.get('status')})"
             lines.append(f"{model:<16} {meth:<20} " + " ".join(cols) + status)
     return lines
-
-
-def _top1_ci(cell: dict | None) -> str:
-    """Top-1 with its interval: the stored bootstrap one, else Wilson from top-1 and n
-    (results files written before per-image results)."""
-    if not cell or cell.get("top1") is None:
-        return "—"
-    ci = cell.get("top1_ci95")
-    if ci is None and cell.get("n_eval"):
-        ci = wilson_interval(round(cell["top1"] * cell["n_eval"]), cell["n_eval"])
-    if ci is None:
-        return f"{100 * cell['top1']:.2f}"
-    return f"{100 * cell['top1']:.2f} [{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]"
 
 
 def _bits(cell: dict | None) -> tuple[np.ndarray, str] | None:
