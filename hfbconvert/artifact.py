@@ -42,7 +42,7 @@ from torch import nn
 from . import actquant, tensorcodec
 from .bnfold import prepare_structure
 from .errors import InputError
-from .fileio import load_torch, save_torch
+from .fileio import PickleRefused, load_torch, save_torch
 from .handlers import (
     PointwiseLayer,
     handler_for,
@@ -404,8 +404,8 @@ def _skeleton(info: ModelInfo, c: _Checker, skeleton: nn.Module | None) -> nn.Mo
         cls = info.extra.get("pickled_module", "nn.Module")
         raise InputError(
             f"{c.source}: a compressed custom model ({cls}); its network is rebuilt from the "
-            f"source model: pass --source-model {info.source or 'MODEL'} (with --trust-pickle "
-            "for a pickled module)")
+            f"source model: pass {{source}} {info.source or 'MODEL'} (with {{trust}} "
+            "for a pickled module)", source="source_model", trust="trust_pickle=True")
 
     try:
         with torch.device("meta"):
@@ -521,9 +521,7 @@ def read_compressed(path: str | os.PathLike) -> dict[str, Any]:
     """The artifact dict of ``path`` (weights only, never pickled code), or one line."""
     try:
         obj = load_torch(path)
-    except InputError as exc:
-        if "--trust-pickle" not in str(exc):
-            raise
+    except PickleRefused:
         # our artifacts never hold pickled code, and `report` has no --trust-pickle
         raise InputError(f"{path}: not an hfbconvert compressed model (it contains pickled "
                          "Python objects)") from None

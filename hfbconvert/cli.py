@@ -27,6 +27,11 @@ CONFIG_FLAGS = {
     "max_add_increase": "--max-add-increase", "weight_bits": "--weight-bits",
     "activation_bits": "--activation-bits", "hidden_bits": "--hidden-bits",
     "calib": "--calib", "bn_adjust": "--bn-adjust", "plan_override": "--plan",
+    # fields that library errors (HfbError placeholders) point at; switches as name=True
+    "force=True": "--force", "resume=True": "--resume", "trust_pickle=True": "--trust-pickle",
+    "source_model": "--source-model", "opset": "--opset", "pack": "--pack", "arch": "--arch",
+    "batch_size": "--batch-size", "include": "--include", "exclude": "--exclude",
+    "layer_kinds": "--layers", "energy_model": "--energy-model", "resolution": "--resolution",
 }
 
 
@@ -74,9 +79,9 @@ class _Group(click.Group):
             if loud:
                 click.echo(f"error: {exc.render(_flag)}", err=True)
             ctx.exit(exc.exit_code)
-        except HfbError as exc:
+        except HfbError as exc:  # fields the message points at become their flags
             if loud or isinstance(exc, DistributedFailure):
-                click.echo(f"error: {exc}", err=True)
+                click.echo(f"error: {exc.render(_flag)}", err=True)
             ctx.exit(exc.exit_code)
         except OSError as exc:  # e.g. disk full or permission denied while writing
             where = f"{exc.filename}: " if exc.filename else ""
@@ -579,39 +584,22 @@ def compress(ctx, model, arch, trust_pickle, calib, calib_size, resolution, pres
     import time
 
     from . import distributed
-    from .distill import FinetuneConfig
     from .fileio import output_lock
-    from .pipeline import CompressConfig, validate_config
+    from .pipeline import validate_config
 
     t_cmd = time.perf_counter()
     _setup(quiet, seed)
-    kinds = parse_kinds(layer_kinds)  # before any work, as every option check
-    device = _device(device)  # before any work: --device cuda without CUDA is refused
     main_rank = distributed.is_main()
+    cfg = compress_config(ctx.params)  # every option check, before any work
+    device = cfg.finetune.device
     if distributed.is_distributed() and not dry_run:
         distributed.check_batch(batch_size)
-    if critical_fraction is not None and budget is not None:
-        raise InputError("--critical-fraction replaces --budget (uniform mode); give one")
-    budget = 0.536 if budget is None else budget
     if energy_model != "constants":
         from .hw.spec import load_design
 
         if energy_budget is None:
             raise InputError("--energy-model prices --energy-budget; give --energy-budget too")
         load_design(energy_model)  # a bad accelerator file fails before any work
-    activation_bits, hidden_bits = int(activation_bits), int(hidden_bits)
-    weight_bits = (8 if activation_bits == 8 else 16) if weight_bits is None else int(weight_bits)
-    cfg = CompressConfig(
-        method=method, budget=budget, critical_fraction=critical_fraction,
-        hidden_units_ratio=hidden_units_ratio, max_add_increase=max_add_increase,
-        size_budget=size_budget, energy_budget=energy_budget, reconstruct=reconstruct,
-        energy_model=energy_model,
-        sequential=sequential, bias_correction=bias_correction, bn_adjust=bn_adjust,
-        min_agreement=min_agreement, seed=seed, include=tuple(include),
-        exclude=tuple(exclude), layer_kinds=kinds,
-        finetune=FinetuneConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                                eval_every=eval_every, patience=patience, device=device),
-        weight_bits=weight_bits, activation_bits=activation_bits, hidden_bits=hidden_bits)
     validate_config(cfg, has_data=calib is not None)  # before loading anything
     override = _read_plan(plan_file) if plan_file else None
     # the model first: a missing MODEL is reported as such, not as its default output
@@ -628,6 +616,36 @@ def compress(ctx, model, arch, trust_pickle, calib, calib_size, resolution, pres
                           "fine-tune")
         _compress(net, info, data, cfg, model, out, force, resume, override, plan_file,
                   dry_run, as_json, gate_always=_explicit(ctx, "min_agreement"), t_cmd=t_cmd)
+
+
+def compress_config(params: dict[str, Any]) -> Any:
+    """The :class:`~hfbconvert.pipeline.CompressConfig` that ``compress``'s options (click's
+    ``ctx.params``) ask for. An option left at its default leaves the library's default:
+    ``--weight-bits`` unset passes None (16, or 8 with int8 activations, decided by the
+    library); tests/test_config_defaults.py checks that every default agrees."""
+    from .distill import FinetuneConfig
+    from .pipeline import CompressConfig
+
+    p = params
+    kinds = parse_kinds(p["layer_kinds"])  # before any work, as every option check
+    device = _device(p["device"])  # before any work: --device cuda without CUDA is refused
+    if p["critical_fraction"] is not None and p["budget"] is not None:
+        raise InputError("--critical-fraction replaces --budget (uniform mode); give one")
+    budget = CompressConfig.budget if p["budget"] is None else p["budget"]
+    wb = p["weight_bits"]
+    return CompressConfig(
+        method=p["method"], budget=budget, critical_fraction=p["critical_fraction"],
+        hidden_units_ratio=p["hidden_units_ratio"], max_add_increase=p["max_add_increase"],
+        size_budget=p["size_budget"], energy_budget=p["energy_budget"],
+        energy_model=p["energy_model"], reconstruct=p["reconstruct"],
+        sequential=p["sequential"], bias_correction=p["bias_correction"],
+        bn_adjust=p["bn_adjust"], min_agreement=p["min_agreement"], seed=p["seed"],
+        include=tuple(p["include"]), exclude=tuple(p["exclude"]), layer_kinds=kinds,
+        finetune=FinetuneConfig(steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"],
+                                seed=p["seed"], eval_every=p["eval_every"],
+                                patience=p["patience"], device=device),
+        weight_bits=None if wb is None else int(wb),
+        activation_bits=int(p["activation_bits"]), hidden_bits=int(p["hidden_bits"]))
 
 
 def _compress(net, info, data, cfg, model: str, out: Path, force: bool, resume: bool,

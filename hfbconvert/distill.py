@@ -164,14 +164,15 @@ def check_identity(path: Path, recorded: Any, now: Mapping[str, Any]) -> None:
     """Refuse to resume a checkpoint made with other options or inputs, naming each."""
     if not isinstance(recorded, dict):
         raise InputError(f"{path}: checkpoint does not record the options it was made with "
-                         "(older hfbconvert?); delete it or run without --resume")
+                         "(older hfbconvert?); delete it or run without {resume}",
+                         resume="resume=True")
     diffs = [f"{k}: checkpoint {_show(recorded.get(k))}, now {_show(now.get(k))}"
              for k in list(recorded) + [k for k in now if k not in recorded]
              if recorded.get(k) != now.get(k)]
     if diffs:
         raise InputError(f"{path}: checkpoint made with other options or inputs, not "
                          f"resuming ({'; '.join(diffs)}); rerun with the checkpoint's "
-                         "options, or without --resume to start over")
+                         "options, or without {resume} to start over", resume="resume=True")
 
 
 @dataclass

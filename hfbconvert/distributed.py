@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from .errors import HfbError, InputError
+from .errors import ConfigError, HfbError, InputError
 
 DEFAULT_TIMEOUT_S = 600.0
 
@@ -127,7 +127,7 @@ def session(device: str = "cpu") -> Iterator[bool]:
         def stopped(signum, _frame):
             raise DistributedFailure(f"rank {rank()}: stopped by torchrun (another rank "
                                      "failed); the last fine-tuning checkpoint, if any, is "
-                                     "kept: rerun with --resume")
+                                     "kept: rerun with {resume}", resume="resume=True")
         old = signal.signal(signal.SIGTERM, stopped)
     try:
         yield started
@@ -141,9 +141,9 @@ def check_batch(global_batch: int) -> int:
     """The per-rank batch; refuses a world size that does not divide the global batch."""
     w = world_size()
     if global_batch % w:
-        raise InputError(f"--batch-size {global_batch} is the global batch and must be a "
-                         f"multiple of the {w} processes torchrun started (e.g. "
-                         f"{max(w, global_batch - global_batch % w)})")
+        raise ConfigError("batch_size", global_batch, f"is the global batch and must be a "
+                          f"multiple of the {w} processes torchrun started (e.g. "
+                          f"{max(w, global_batch - global_batch % w)})")
     return global_batch // w
 
 
@@ -158,7 +158,8 @@ def collective(what: str) -> Iterator[None]:
         raise DistributedFailure(f"rank {rank()}: {what} failed: another rank stopped, or "
                                  f"did not answer within {timeout_s():g} s "
                                  f"({_first_line(exc)}); the last fine-tuning checkpoint, "
-                                 "if any, is kept: rerun with --resume") from None
+                                 "if any, is kept: rerun with {resume}",
+                                 resume="resume=True") from None
 
 
 def broadcast_state(module: torch.nn.Module) -> None:

@@ -2,13 +2,38 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+
+_FIELD = re.compile(r"\{(\w+)\}")
+
+
+def _plain(field: str) -> str:
+    return field
 
 
 class HfbError(Exception):
-    """Base class; ``exit_code`` is what the CLI exits with, the message is one line."""
+    """Base class; ``exit_code`` is what the CLI exits with, the message is one line.
+
+    The library never spells CLI flags: a message that points at a setting writes it as a
+    placeholder ``{key}`` and passes ``key=FIELD``, FIELD being the library's name for it
+    (a configuration field, a parameter, or ``param=True`` for a switch). ``str(exc)``
+    shows FIELD; the CLI renders it as its flag (:meth:`render`), so neither side parses
+    the other's text. ``HfbError(f"{p}: exists (pass {{force}})", force="force=True")``.
+    Only ``{key}`` for a key given is replaced (a path's other braces are left alone)."""
 
     exit_code = 2
+
+    def __init__(self, message: str = "", /, **fields: str) -> None:
+        self.template, self.fields = message, fields
+        super().__init__(self.render(_plain) if fields else message)
+
+    def render(self, name: Callable[[str], str]) -> str:
+        """The message with every field placeholder passed through ``name``."""
+        if not self.fields:
+            return str(self)
+        return _FIELD.sub(lambda m: name(self.fields[m[1]]) if m[1] in self.fields
+                          else m[0], self.template)
 
 
 class InputError(HfbError):
@@ -35,7 +60,7 @@ class ConfigError(InputError):
     def __init__(self, field: str, value: object, reason: str, other: str | None = None,
                  ) -> None:
         self.field, self.value, self.reason, self.other = field, value, reason, other
-        super().__init__(self.render(lambda f: f))
+        super().__init__(self.render(_plain))
 
     def render(self, name: Callable[[str], str]) -> str:
         """One line with every field name passed through ``name``."""

@@ -55,13 +55,14 @@ def check_output_path(path: str | os.PathLike, force: bool,
     for inp in inputs:
         if _same_file(p, inp):
             raise InputError(f"{p}: is the input {inp}; choose another output path "
-                             "(--force never replaces an input)")
+                             "({force} never replaces an input)", force="force=True")
     if os.path.lexists(p):
         if not stat.S_ISREG(p.lstat().st_mode):
             raise InputError(f"{p}: exists and is {_describe(p)}; hfbconvert only writes "
                              "regular files and never replaces anything else")
         if not force:
-            raise InputError(f"{p}: already exists (pass --force to overwrite)")
+            raise InputError(f"{p}: already exists (pass {{force}} to overwrite)",
+                             force="force=True")
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.exists():
         raise InputError(f"{p}: output folder {parent} does not exist")
@@ -79,6 +80,11 @@ def check_output_path(path: str | os.PathLike, force: bool,
 
 class LockHeld(InputError):
     """Another run holds the output lock."""
+
+
+class PickleRefused(InputError):
+    """A checkpoint holds pickled code that safe loading refuses (``trust_pickle`` would
+    load it)."""
 
 
 @contextlib.contextmanager
@@ -158,7 +164,7 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
                 os.link(tmp_path, dest)
             except FileExistsError:
                 raise InputError(f"{dest}: appeared while this run worked; not overwritten "
-                                 "(pass --force to overwrite)") from None
+                                 "(pass {force} to overwrite)", force="force=True") from None
             tmp_path.unlink()
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -216,7 +222,10 @@ def load_torch(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
     try:
         return torch.load(p, map_location="cpu", weights_only=not trust_pickle)
     except Exception as exc:  # torch raises many types for bad files
-        raise InputError(_load_error(p, exc, trust_pickle)) from None
+        msg = _load_error(p, exc, trust_pickle)
+        if "{trust_pickle}" in msg:
+            raise PickleRefused(msg, trust_pickle="trust_pickle=True") from None
+        raise InputError(msg) from None
 
 
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -229,7 +238,8 @@ def _first_line(text: str) -> str:
 
 
 def _load_error(p: Path, exc: Exception, trust_pickle: bool) -> str:
-    """One line naming ``p`` and what is wrong with it, from whatever torch raised."""
+    """One line naming ``p`` and what is wrong with it, from whatever torch raised (the
+    switch that loads pickles written as the placeholder ``{trust_pickle}``)."""
     full = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
     low = full.lower()
     try:
@@ -242,7 +252,7 @@ def _load_error(p: Path, exc: Exception, trust_pickle: bool) -> str:
     glob = re.search(r"unsupported global: global (\S+)", full, flags=re.IGNORECASE)
     if not trust_pickle and glob:
         return (f"{p}: contains pickled Python objects ({glob.group(1)}, e.g. a whole "
-                "nn.Module); pass --trust-pickle to load it (this runs code from the file)")
+                "nn.Module); pass {trust_pickle} to load it (this runs code from the file)")
     if is_zip and ("zip" in low or "central directory" in low or "truncat" in low):
         return f"{p}: truncated or corrupt checkpoint (damaged zip archive)"
     if not is_zip and not is_pickle:
@@ -251,7 +261,7 @@ def _load_error(p: Path, exc: Exception, trust_pickle: bool) -> str:
         return f"{p}: not a PyTorch checkpoint (unrecognized contents, not a torch.save file)"
     if not trust_pickle and "weights only load failed" in low:
         return (f"{p}: pickled data that safe (weights-only) loading refuses; pass "
-                "--trust-pickle to load it if you trust the file (this runs code from it)")
+                "{trust_pickle} to load it if you trust the file (this runs code from it)")
     if isinstance(exc, EOFError) or "ran out of input" in low or "truncat" in low \
             or re.search(r"\beof\b", low):
         return f"{p}: truncated or corrupt checkpoint (data ends early)"

@@ -101,7 +101,8 @@ def find_pointwise(model: nn.Module, resolution: int, source: str = "model",
     for n, m in model.named_modules(remove_duplicate=False):
         if is_pointwise(m, kinds) and seen.setdefault(id(m), n) != n:
             raise InputError(f"{source}: layer {seen[id(m)]} is shared (also {n}); "
-                             f"hfbconvert converts unshared layers: --exclude '{seen[id(m)]}'")
+                             f"hfbconvert converts unshared layers: {{exclude}} "
+                             f"'{seen[id(m)]}'", exclude="exclude")
     if not cands:
         raise InputError(f"{source}: model has no pointwise (1x1 conv or Linear) layers")
     order: list[str] = []
@@ -142,16 +143,18 @@ def select_layers(layers: list[PointwiseLayer], include: tuple[str, ...] = (),
     ``exclude`` glob (fnmatch, as onnxruntime's ``nodes_to_exclude`` names nodes). A glob
     that matches no layer is an error: a typo must not silently convert everything."""
     names = [ly.name for ly in layers]
-    for flag, pats in (("--include", include), ("--exclude", exclude)):
+    for field, pats in (("include", include), ("exclude", exclude)):
         for p in pats:
             if not fnmatch.filter(names, p):
-                raise InputError(f"{source}: {flag} {p!r} matches none of its "
-                                 f"{len(names)} convertible layers (e.g. {names[0]})")
+                raise InputError(f"{source}: {{field}} {p!r} matches none of its "
+                                 f"{len(names)} convertible layers (e.g. {names[0]})",
+                                 field=field)
     out = [ly for ly in layers if (not include or any(fnmatch.fnmatchcase(ly.name, p)
                                                         for p in include))
            and not any(fnmatch.fnmatchcase(ly.name, p) for p in exclude)]
     if not out:
-        raise InputError(f"{source}: --include/--exclude leave no layer to convert")
+        raise InputError(f"{source}: {{include}}/{{exclude}} leave no layer to convert",
+                         include="include", exclude="exclude")
     return out
 
 

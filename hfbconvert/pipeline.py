@@ -93,7 +93,10 @@ class CompressConfig:
     seed: int = 0
     # steps None: auto_steps (bounded compute and epochs), as on the CLI
     finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(steps=None))
-    weight_bits: int = 16  # FP weight storage 32|16|8; fp16 measured lossless (V1-0.5-160)
+    # FP weight storage 32|16|8; None (the default, for the CLI too): 16, measured lossless
+    # on V1-0.5-160, or 8 with int8 activations (which need 8-bit weights); an int after
+    # construction
+    weight_bits: int | None = None
     activation_bits: int = 32  # 8: int8 activations (needs weight_bits 8 and calibration data)
     # with int8 activations: ternary-bank hidden units int32 (exact; default) or uint8
     # (power-of-two scales); see actquant.attach
@@ -107,6 +110,10 @@ class CompressConfig:
     bn_adjust: str = "off"
     bn_scope: str = "pointwise"  # "pointwise": BNs fed by a hybrid layer; "all": every BN
     bn_images: int = 512
+
+    def __post_init__(self) -> None:
+        if self.weight_bits is None:
+            self.weight_bits = 8 if self.activation_bits == 8 else 16
 
     def to_dict(self) -> dict:
         d = asdict(self)

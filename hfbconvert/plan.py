@@ -396,7 +396,8 @@ def exact_choice(opts: list[list[_Opt]], limit: float, caps: list[float],
     if res.x is None:
         if res.status == 2:  # infeasible: the caps exclude every plan
             raise InputError("the ADD cap, size budget and energy budget cannot be met "
-                             "together with the MUL budget; raise one of them or --budget")
+                             "together with the MUL budget; raise one of them or {budget}",
+                             budget="budget")
         return None
     x = res.x.round().astype(bool)
     out, j = [], 0

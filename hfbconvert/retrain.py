@@ -157,7 +157,7 @@ def retrain(student: nn.Module, info: ModelInfo, meta: dict[str, Any], teacher: 
     if meta.get("activation_bits", 32) == 8:
         raise InputError(f"{source}: has int8 activations; fine-tuning such an artifact is "
                          "not supported (fine-tune the float artifact, then compress with "
-                         "--activation-bits 8)")
+                         "{ab} 8)", ab="activation_bits")
     check_labels(data, info, data.source or "data")
     if len(data) < 10:
         raise InputError(f"{data.source or 'data'}: {len(data)} image(s); need at least 10 "

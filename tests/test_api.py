@@ -42,7 +42,7 @@ def test_api_round_trip_on_an_in_memory_module(tmp_path) -> None:
     hfb.save_compressed(res, tmp_path / "m.hfb.pt")
     with pytest.raises(InputError, match="already exists"):
         hfb.save_compressed(res, tmp_path / "m.hfb.pt")
-    with pytest.raises(InputError, match="--source-model"):
+    with pytest.raises(InputError, match="pass source_model "):
         hfb.load_compressed(tmp_path / "m.hfb.pt")
     again = hfb.load_compressed(tmp_path / "m.hfb.pt", source_model=net)
     x = calib.normalized()[:8]

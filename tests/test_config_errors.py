@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from hfbconvert import cli
+from hfbconvert.distill import FinetuneConfig
 from hfbconvert.errors import ConfigError, InputError
 from hfbconvert.pipeline import CompressConfig, validate_config
 from hfbconvert.plan import budget_plan
@@ -55,12 +56,27 @@ def test_good_configs_pass():
     validate_config(CompressConfig(budget=None, critical_fraction=0.5), False)
 
 
-def test_every_mapped_flag_is_a_compress_option():
-    ctx = click.Context(cli.compress)
-    opts = {o for p in cli.compress.get_params(ctx) for o in getattr(p, "opts", [])}
-    assert set(cli.CONFIG_FLAGS.values()) <= opts
-    fields = {f.name for f in dataclasses.fields(CompressConfig)} | {"calib", "plan_override"}
-    assert set(cli.CONFIG_FLAGS) <= fields
+def _all_options(cmd: click.Command) -> set[str]:
+    opts = {o for p in cmd.get_params(click.Context(cmd)) for o in getattr(p, "opts", [])}
+    for sub in getattr(cmd, "commands", {}).values():
+        opts |= _all_options(sub)
+    return opts
+
+
+# library parameters (not CompressConfig fields) that errors point at; switches as name=True
+LIBRARY_PARAMS = {"calib", "plan_override", "opset", "pack", "arch", "source_model",
+                  "resolution", "force=True", "resume=True", "trust_pickle=True"}
+
+
+def test_every_mapped_flag_is_a_cli_option():
+    assert set(cli.CONFIG_FLAGS.values()) <= _all_options(cli.main)
+    compress_opts = _all_options(cli.compress)
+    fields = {f.name for f in dataclasses.fields(CompressConfig)
+              + dataclasses.fields(FinetuneConfig)}
+    for field, flag in cli.CONFIG_FLAGS.items():
+        assert field in fields | LIBRARY_PARAMS, field
+        if field in fields:  # a configuration field is set by a compress option
+            assert flag in compress_opts, (field, flag)
 
 
 def test_planner_budget_errors_are_typed():

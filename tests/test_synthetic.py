@@ -146,7 +146,7 @@ def test_damaged_cache_is_a_miss(model: torch.nn.Module) -> None:
 
 def test_folded_bn_model_refused() -> None:
     folded = MobileNetV1(**{**TINY_CONFIG, "batchnorm": "folded"}).eval()
-    with pytest.raises(InputError, match="needs BatchNorm statistics.*--calib") as exc:
+    with pytest.raises(InputError, match="needs BatchNorm statistics.*calib") as exc:
         syn.synthesize(folded, PREP, 4, iterations=1, cache=False, source="m.pt")
     assert str(exc.value).startswith("m.pt: ") and "\n" not in str(exc.value)
 

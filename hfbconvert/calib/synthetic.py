@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from hfbconvert import progress
-from hfbconvert.errors import InputError
+from hfbconvert.errors import ConfigError, InputError
 from hfbconvert.fileio import atomic_write
 
 from .presets import Preprocess
@@ -59,7 +59,7 @@ def parse_spec(spec: str) -> tuple[int | None, int]:
         raise InputError(f"{spec!r}: not a synthetic calibration spec (synthetic[:N[:ITERS]])")
     parts = spec.split(":")[1:]
     if len(parts) > 2:
-        raise InputError(f"--calib {spec}: expected synthetic[:N[:ITERATIONS]]")
+        raise ConfigError("calib", spec, "expected synthetic[:N[:ITERATIONS]]")
     n = _count(spec, parts[0], "number of images N", MAX_N) if parts else None
     iters = (_count(spec, parts[1], "ITERATIONS", MAX_ITERATIONS) if len(parts) > 1
              else DEFAULT_ITERATIONS)
@@ -69,10 +69,10 @@ def parse_spec(spec: str) -> tuple[int | None, int]:
 def _count(spec: str, text: str, what: str, limit: int) -> int:
     text = text.strip()
     if not _INT.fullmatch(text):
-        raise InputError(f"--calib {spec}: {what} must be a positive integer, got {text!r}")
+        raise ConfigError("calib", spec, f"{what} must be a positive integer, got {text!r}")
     value = int(text)
     if not 1 <= value <= limit:
-        raise InputError(f"--calib {spec}: {what} must be in [1, {limit}], got {value}")
+        raise ConfigError("calib", spec, f"{what} must be in [1, {limit}], got {value}")
     return value
 
 
@@ -93,7 +93,7 @@ def bn_statistics_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     at inference, and leaves them untouched)."""
     bns = bn_layers(model)
     if not bns:
-        raise InputError(_no_bn_message(""))
+        raise InputError(_no_bn_message(""), calib="calib")
     terms: list[torch.Tensor] = []
 
     def hook(mod: nn.BatchNorm2d, args: tuple[torch.Tensor, ...]) -> None:
@@ -114,8 +114,8 @@ def bn_statistics_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _no_bn_message(source: str) -> str:
     where = f"{source}: " if source else ""
     return (f"{where}synthetic calibration needs BatchNorm statistics, but this model has no "
-            "BatchNorm layers (folded into the convolutions); pass real images with --calib "
-            "PATH, or omit --calib for analyze (weight-space sensitivity)")
+            "BatchNorm layers (folded into the convolutions); pass real images with {calib} "
+            "PATH, or omit {calib} for analyze (weight-space sensitivity)")
 
 
 # ------------------------------------------------------------------------ generation
@@ -170,7 +170,7 @@ def synthesize(
     if batch_size < 1 or not (math.isfinite(lr) and lr > 0):
         raise InputError(f"synthetic calibration: bad batch size {batch_size} or lr {lr}")
     if not bn_layers(model):
-        raise InputError(_no_bn_message(source))
+        raise InputError(_no_bn_message(source), calib="calib")
     fp = fingerprint(model, n, seed, prep, iterations, batch_size, lr)
     path = cache_path(fp)
     images = _cache_read(path, fp) if cache else None

@@ -31,7 +31,7 @@ import torch
 from onnx import ModelProto, TensorProto
 from torch import nn
 
-from ..errors import CheckFailed, InputError
+from ..errors import CheckFailed, ConfigError, InputError
 from ..fileio import atomic_path, atomic_write_bytes, check_output_path
 from ..weightquant import check_bits, model_weight_bits
 from .bridge import (
@@ -67,9 +67,9 @@ __all__ = ["BATCH_DIM", "CONV_OP_NAME", "DOMAIN", "DOMAIN_VERSION", "INPUT_NAME"
 def _validate_args(opset: int, pack: str, resolution: int) -> None:
     if opset not in SUPPORTED_OPSETS:
         lo, hi = SUPPORTED_OPSETS[0], SUPPORTED_OPSETS[-1]
-        raise InputError(f"--opset {opset} is not supported; choose {lo}..{hi}")
+        raise ConfigError("opset", opset, f"not supported; choose {lo}..{hi}")
     if pack not in PACKINGS:
-        raise InputError(f"--pack {pack!r} is not supported; choose from {', '.join(PACKINGS)}")
+        raise ConfigError("pack", pack, f"not supported; choose from {', '.join(PACKINGS)}")
     if int(resolution) < 1:
         raise InputError(f"resolution must be a positive integer, got {resolution}")
 

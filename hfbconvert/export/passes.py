@@ -117,7 +117,7 @@ def store_weights(mp: ModelProto, bits: int) -> int:
         if bits == 16:
             if not is_fp16_exact(w):
                 raise CheckFailed(f"weight {name} is not float16-representable (was the "
-                                  "model compressed with --weight-bits 16?)")
+                                  "model compressed with {wb} 16?)", wb="weight_bits")
             new_inits.append(onnx.numpy_helper.from_array(w.astype(np.float16), f"{name}.fp16"))
             new_nodes.append(helper.make_node("Cast", [f"{name}.fp16"], [name],
                                               name=f"{name}.cast", to=TensorProto.FLOAT))
@@ -126,7 +126,8 @@ def store_weights(mp: ModelProto, bits: int) -> int:
                 codes, scale = int8_codes(w, axis)
             except ValueError:
                 raise CheckFailed(f"weight {name} is not per-channel int8-representable (was "
-                                  "the model compressed with --weight-bits 8?)") from None
+                                  "the model compressed with {wb} 8?)",
+                                  wb="weight_bits") from None
             zp = np.zeros(scale.shape, dtype=np.int8)
             new_inits += [onnx.numpy_helper.from_array(codes, f"{name}.int8"),
                           onnx.numpy_helper.from_array(scale, f"{name}.scale"),

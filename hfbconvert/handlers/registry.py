@@ -66,8 +66,10 @@ def default_kinds() -> tuple[str, ...]:
     return tuple(h.kind for h in _HANDLERS if h.convertible and h.default)
 
 
-def parse_kinds(spec: str | Iterable[str] | None, source: str = "--layers") -> tuple[str, ...]:
-    """``"pointwise,linear,conv"`` (or a sequence) -> the kinds, checked; None: defaults."""
+def parse_kinds(spec: str | Iterable[str] | None, source: str = "layer_kinds",
+                ) -> tuple[str, ...]:
+    """``"pointwise,linear,conv"`` (or a sequence) -> the kinds, checked; None: defaults.
+    ``source``: the configuration field the kinds came from (the CLI shows its flag)."""
     if spec is None:
         return default_kinds()
     items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec)]
@@ -75,8 +77,9 @@ def parse_kinds(spec: str | Iterable[str] | None, source: str = "--layers") -> t
     known = convertible_kinds()
     bad = [s for s in items if s not in known]
     if bad or not items:
-        raise InputError(f"{source}: unknown layer kind {bad[0]!r}; choose from "
-                         f"{', '.join(known)}" if bad else f"{source}: no layer kind given")
+        raise InputError("{src}: " + (f"unknown layer kind {bad[0]!r}; choose from "
+                                      f"{', '.join(known)}" if bad else "no layer kind given"),
+                         src=source)
     return tuple(dict.fromkeys(items))
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from ..fileio import load_torch
 from . import families
 from .info import ModelInfo
@@ -89,7 +89,7 @@ def model_from_object(
 
 def _check_arch(arch: str | None) -> None:
     if arch is not None and arch not in ARCH_CHOICES:
-        raise InputError(f"unknown --arch {arch!r}; choose from {', '.join(ARCH_CHOICES)}")
+        raise ConfigError("arch", arch, f"unknown; choose from {', '.join(ARCH_CHOICES)}")
 
 
 # ---------------------------------------------------------------------------- sources
@@ -122,7 +122,8 @@ def _load_builtin(spec: str, arch: str | None) -> tuple[nn.Module, ModelInfo]:
     name = spec.split(":", 1)[1]
     path = builtin_path(name)
     if arch not in (None, name):
-        raise InputError(f"{spec}: is a {name}, cannot load it as --arch {arch}")
+        raise InputError(f"{spec}: is a {name}, cannot load it as {{arch}} {arch}",
+                         arch="arch")
     state = load_torch(path)
     model, info = _from_state_dict(state, path, name)
     info.source = spec
@@ -179,8 +180,8 @@ def _from_module(module: nn.Module, path: Path, arch: str | None) -> tuple[nn.Mo
         if name is not None:
             name, config, problems = _fit(name, state)
             if problems and arch is not None:
-                raise InputError(f"{path}: --arch {arch} does not fit this module "
-                                 f"({problems})")
+                raise InputError(f"{path}: {{arch}} {arch} does not fit this module "
+                                 f"({problems})", arch="arch")
             if problems:
                 config = None
         if config is None:
@@ -194,14 +195,15 @@ def _from_module(module: nn.Module, path: Path, arch: str | None) -> tuple[nn.Mo
 
 
 def settle_resolution(info: ModelInfo, resolution: int | None, source: str,
-                      hint: str = "pass --resolution N", required: bool = True) -> ModelInfo:
+                      hint: str = "pass {resolution} N", required: bool = True) -> ModelInfo:
     """Apply a resolution override; a custom module (whose input size nothing records)
     must be given one when it is going to run (``required``)."""
     if resolution is not None:
         info.resolution = int(resolution)
     elif required and info.extra.get("resolution_known") is False:
         raise InputError(f"{source}: a custom {info.extra.get('pickled_module', 'nn.Module')} "
-                         f"whose input size hfbconvert cannot know; {hint}")
+                         f"whose input size hfbconvert cannot know; {hint}",
+                         resolution="resolution")
     info.extra.pop("resolution_known", None)
     return info
 
@@ -267,7 +269,8 @@ def _from_state_dict(
         problems = _fit(name, state)[2]
         expected = "; ".join(f"{a}: {sig}" for a, sig in families.SIGNATURES.items())
         raise InputError(f"{path}: keys fit no known architecture (expected one of "
-                         f"{expected}; closest {name}: {problems}); --arch NAME forces one")
+                         f"{expected}; closest {name}: {problems}); {{arch}} NAME forces one",
+                         arch="arch")
     given = name
     name, config, problems = _fit(name, state)
     if problems:
