@@ -1190,7 +1190,8 @@ def export() -> None:
 @click.option("--calib-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Verification images (a seeded subset of --calib).")
 @click.option("--report/--no-report", "write_report", default=True, show_default=True,
-              help="Write report.json/.md/.html next to the ONNX file (compressed models).")
+              help="Write OUTPUT_STEM.report.json/.md/.html next to the ONNX file "
+                   "(compressed models), e.g. m.report.json for -o m.onnx.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print export statistics and verification as JSON to stdout.")
 @click.option("--resolution", type=click.IntRange(8, 4096), default=None,
@@ -1215,8 +1216,11 @@ def export_onnx_cmd(model, arch, trust_pickle, output, force, opset, pack, verif
     _outputs([out], force, [model, calib, source_model])
     net, info, meta = _load_any(model, arch, trust_pickle, source_model, resolution)
     meta = meta or {}
-    reports = [out.parent / f"report.{ext}" for ext in ("json", "md", "html")] \
-        if write_report and meta else []
+    from .report import export_report_stem, report_paths
+
+    # named after the ONNX file: two models exported into one folder keep one report each
+    stem = export_report_stem(out)
+    reports = report_paths(out.parent, stem) if write_report and meta else []
     _outputs(reports, force, [model, calib])
     with output_lock([out, *reports]):
         images = None
@@ -1240,7 +1244,8 @@ def export_onnx_cmd(model, arch, trust_pickle, output, force, opset, pack, verif
         if reports:
             from .report import write_reports
 
-            paths = write_reports(meta, info, out.parent, export=result, overwrite=force)
+            paths = write_reports(meta, info, out.parent, export=result, overwrite=force,
+                                  stem=stem)
             result["report"] = [str(p) for p in paths]
     passed = result.get("verify", {}).get("passed", True)
     if as_json:

@@ -436,7 +436,7 @@ def test_compress_is_deterministic_and_quiet(inputs, chain, tmp_path) -> None:
 def test_export_onnx_verifies_and_is_deterministic(chain, tmp_path) -> None:
     assert "verify: PASS" in chain["export"].stdout
     assert {p.name for p in chain["onnx"].parent.iterdir()} == {
-        "m.onnx", "report.json", "report.md", "report.html"}
+        "m.onnx", "m.report.json", "m.report.md", "m.report.html"}
     res = ok(run("export", "onnx", chain["out"], "-o", tmp_path / "m.onnx", "--json", "-q"))
     assert res.stderr == ""
     out = json.loads(res.stdout)

@@ -80,14 +80,34 @@ def test_device_nodes_are_refused_up_front() -> None:
 
 
 def test_export_keeps_existing_reports_without_force(work, tmp_path) -> None:
-    (tmp_path / "report.json").write_text("mine")
+    (tmp_path / "m.report.json").write_text("mine")
     one_error(run("export", "onnx", work["art"], "-o", tmp_path / "m.onnx", "--no-verify"),
-              "report.json", "--force")
-    assert (tmp_path / "report.json").read_text() == "mine"
+              "m.report.json", "--force")
+    assert (tmp_path / "m.report.json").read_text() == "mine"
     assert not (tmp_path / "m.onnx").exists()
     ok(run("export", "onnx", work["art"], "-o", tmp_path / "m.onnx", "--no-verify", "--force",
            "-q"))
-    assert (tmp_path / "report.json").read_text() != "mine"
+    assert (tmp_path / "m.report.json").read_text() != "mine"
+
+
+def test_two_models_exported_into_one_folder_keep_their_reports(work, tmp_path) -> None:
+    """Each export's report is named after its ONNX file: the second export into a folder
+    neither fails on nor replaces the first one's report (nor a report.json of the user's,
+    e.g. one that ``report --output-dir`` wrote there)."""
+    import json
+
+    (tmp_path / "report.json").write_text("mine")
+    b = tmp_path / "b.hfb.pt"
+    b.write_bytes(work["art"].read_bytes())
+    ok(run("export", "onnx", work["art"], "-o", tmp_path / "a.onnx", "--no-verify", "-q"))
+    ok(run("export", "onnx", b, "-o", tmp_path / "b.onnx", "--no-verify", "-q"))
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "report.json", "b.hfb.pt", "a.onnx", "b.onnx",
+        *(f"{s}.report.{e}" for s in "ab" for e in ("json", "md", "html"))}
+    assert (tmp_path / "report.json").read_text() == "mine"
+    for s in "ab":  # each report describes its own file
+        rep = json.loads((tmp_path / f"{s}.report.json").read_text())
+        assert rep["export"]["output"] == str(tmp_path / f"{s}.onnx")
 
 
 def test_report_keeps_existing_files_without_force(work, tmp_path) -> None:
@@ -102,7 +122,7 @@ def test_export_reads_calib_before_writing(work, tmp_path) -> None:
     out = tmp_path / "m.onnx"
     one_error(run("export", "onnx", work["art"], "-o", out, "--calib", tmp_path / "nope"),
               "nope")
-    assert not out.exists() and not (tmp_path / "report.json").exists()
+    assert not out.exists() and not (tmp_path / "m.report.json").exists()
     assert temp_leftovers(tmp_path) == []
 
 
@@ -176,5 +196,5 @@ def test_report_json_pins_the_onnx_file(work, tmp_path) -> None:
 
     out = tmp_path / "m.onnx"
     ok(run("export", "onnx", work["art"], "-o", out, "--no-verify", "-q"))
-    rep = json.loads((tmp_path / "report.json").read_text())
+    rep = json.loads((tmp_path / "m.report.json").read_text())
     assert rep["export"]["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()

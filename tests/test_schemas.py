@@ -61,7 +61,7 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     (d / "onnx").mkdir()
     res = ok(run("export", "onnx", art, "-o", d / "onnx" / "m.onnx", "--json", "-q"))
     out["export-onnx"] = json.loads(res.stdout)
-    out["report.json (export)"] = json.loads((d / "onnx" / "report.json").read_text())
+    out["report.json (export)"] = json.loads((d / "onnx" / "m.report.json").read_text())
     return out
 
 
