@@ -1181,10 +1181,10 @@ def export() -> None:
                    "takes its name; a failing file is kept as NAME.unverified.onnx.")
 @click.option("--qdq/--no-qdq", default=False, show_default=True,
               help="int8-activation models: write the activation quantizers as standard "
-                   "QuantizeLinear/DequantizeLinear (onnxruntime runs its int8 kernels, but "
-                   "its rewrites move rounding boundaries: measured 3.6-5.3% logit "
-                   "differences, so verification may fail) instead of the same arithmetic "
-                   "as plain float ops (matches PyTorch).")
+                   "QuantizeLinear/DequantizeLinear (onnxruntime fuses them into its int8 "
+                   "kernels, which requantize in integer arithmetic: logits may differ "
+                   "beyond float rounding and verification may fail) instead of the same "
+                   "arithmetic as plain float ops (matches PyTorch).")
 @click.option("--calib", default=None, metavar="PATH",
               help="Images for verification (default: seeded random inputs).")
 @click.option("--calib-size", type=click.IntRange(min=1), default=64, show_default=True,

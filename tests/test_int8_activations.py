@@ -510,3 +510,44 @@ def test_hidden_quant_contract_matches_function_body(a8):
     scale = np.abs(bodies).max()
     off = np.abs(contract - bodies).max(axis=1) > 1e-4 * scale
     assert off.sum() <= 1 and np.abs(contract - bodies).max() <= 0.05 * scale
+
+
+def _ort_optimized_ops(path: Path, tmp: Path) -> set[str]:
+    """Op types of the graph onnxruntime runs (after its rewrites) for the file at ``path``."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp / f"{path.stem}.ort.onnx")
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return {n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node}
+
+
+def test_readme_qdq_claim(a8, tmp_path):
+    """README: "`export onnx` writes the quantizers as arithmetic that onnxruntime computes
+    as PyTorch does (`--qdq` for QuantizeLinear/DequantizeLinear pairs, which onnxruntime
+    fuses into its int8 kernels, QLinearConv; the file itself still means what PyTorch
+    computes, as `onnx.reference` shows ...)". Each part, on the tiny int8 model."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    claim = " ".join(readme[readme.index("`export onnx` writes the quantizers"):].split())
+    assert claim.startswith("`export onnx` writes the quantizers as arithmetic that "
+                            "onnxruntime computes as PyTorch does (`--qdq` for "
+                            "QuantizeLinear/DequantizeLinear pairs, which onnxruntime fuses "
+                            "into its int8 kernels, QLinearConv; the file itself still means "
+                            "what PyTorch computes, as `onnx.reference` shows")
+    plain, qdq = onnx.load(str(a8["onnx"])), onnx.load(str(a8["qdq"]))
+    # the default: arithmetic, no Q/DQ for activations; onnxruntime keeps float kernels
+    assert {"Round", "Clip"} <= {n.op_type for n in plain.graph.node}
+    assert "QuantizeLinear" not in {n.op_type for n in plain.graph.node}
+    _assert_int8_verified(a8["export"]["verify"])  # computes as PyTorch does
+    assert not {"QLinearConv", "ConvInteger"} & _ort_optimized_ops(a8["onnx"], tmp_path)
+    # --qdq: Q/DQ pairs in place of the arithmetic, which onnxruntime fuses into QLinearConv
+    ops = {n.op_type for n in qdq.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "Round" not in ops
+    assert "QLinearConv" in _ort_optimized_ops(a8["qdq"], tmp_path)
+    # and the file means what PyTorch computes: onnx.reference runs it as written
+    net, _, _ = load_compressed(a8["pt"])
+    x = torch.randn(8, 3, TINY_RES, TINY_RES, generator=torch.Generator().manual_seed(5))
+    res = verify_onnx(a8["qdq"], net, x, reference_batch=4)
+    assert res.reference is not None and res.reference.top1_mismatches == 0
+    assert res.reference.max_abs_diff <= 1e-5 * res.reference.max_abs_logit
