@@ -522,7 +522,9 @@ def _analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, b
               help="With --reconstruct: each layer sees the compressed network's inputs "
                    "(sequential) or the original's (one-shot).")
 @click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
-              help="With --reconstruct: correct each layer's output mean after its refit.")
+              help="Set each hybrid layer's bias so its output mean matches the original's "
+                   "after the fit (and after each --reconstruct refit); off: the layer keeps "
+                   "the original's bias.")
 @click.option("--bn-adjust", type=click.Choice(["off", "match", "reestimate"]), default="off",
               show_default=True,
               help="BatchNorm stage for models with BN after the pointwise layers (not "
