@@ -15,7 +15,7 @@ from hfbconvert.calib.readers import CalibData
 
 from . import __version__, progress
 from .costs import model_cost
-from .layers import find_pointwise, layer_weight, select_layers
+from .layers import PointwiseLayer, find_pointwise, layer_weight, select_layers
 from .models.info import ModelInfo
 from .sensitivity import loss_curves
 from .stats import collect_input_stats
@@ -27,6 +27,32 @@ DEFAULT_THRESHOLD_BUDGET = 2  # r_ref: the poster's "2 hidden units"
 
 def _r6(x: float) -> float:
     return float(f"{x:.6g}")
+
+
+def _input_sigmas(model: nn.Module, layers: list[PointwiseLayer], data: CalibData | None,
+                  stats_images: int, seed: int, dev: torch.device,
+                  ) -> dict[str, torch.Tensor | None]:
+    """Each layer's input second moment Σ on a seeded sample of ``stats_images`` images
+    (None per layer without data: weight-space losses)."""
+    if data is None:
+        return {ly.name: None for ly in layers}
+    sub = data.sample(stats_images, seed=seed)
+    with progress.task("statistics", None):
+        st = collect_input_stats(model, [ly.name for ly in layers],
+                                 (x.to(dev) for x, _ in sub.batches(64)), seed=seed)
+    return {n: s.sigma.to(dev) for n, s in st.items()}
+
+
+def _curve_summary(curves: torch.Tensor, ref_col: int, threshold: float) -> dict[str, Any]:
+    """A layer's JSON fields from its (c_out, budgets) loss curves: median and p90 per
+    budget, filters over ``threshold`` and the ranking at the reference budget."""
+    med = curves.median(0).values
+    p90 = torch.quantile(curves, 0.9, dim=0)
+    return {"median_loss": [_r6(v) for v in med.tolist()],
+            "p90_loss": [_r6(v) for v in p90.tolist()],
+            "critical_at_threshold": int((curves[:, ref_col] > threshold).sum()),
+            "ranking": torch.argsort(curves[:, ref_col], descending=True, stable=True).tolist(),
+            "loss": [[_r6(v) for v in row] for row in curves.tolist()]}
 
 
 def analyze(model: nn.Module, info: ModelInfo, data: CalibData | None,
@@ -53,34 +79,19 @@ def analyze(model: nn.Module, info: ModelInfo, data: CalibData | None,
     cost = model_cost(model, info.resolution)
     total_muls = cost.muls
     by = cost.by_name()
-    sig: dict[str, torch.Tensor | None] = {ly.name: None for ly in layers}
-    if data is not None:
-        sub = data.sample(stats_images, seed=seed)
-        with progress.task("statistics", None):
-            st = collect_input_stats(model, [ly.name for ly in layers],
-                                     (x.to(dev) for x, _ in sub.batches(64)), seed=seed)
-        sig = {n: s.sigma.to(dev) for n, s in st.items()}
+    sig = _input_sigmas(model, layers, data, stats_images, seed, dev)
     ref_col = min(range(len(budgets)), key=lambda i: abs(budgets[i] - threshold_budget))
     out_layers = []
     with progress.task("sensitivity", len(layers)) as bar:
         for ly in layers:
             w = layer_weight(model, ly.name).float()
             curves = loss_curves(w, sig[ly.name], budgets).cpu()  # (c_out, len(budgets))
-            med = curves.median(0).values
-            p90 = torch.quantile(curves, 0.9, dim=0)
-            n_crit = int((curves[:, ref_col] > threshold).sum())
             out_layers.append({
                 "name": ly.name, "kind": ly.kind, "c_in": ly.c_in, "c_out": ly.c_out,
                 **({"kernel": ly.kernel} if ly.kernel > 1 else {}),
                 "height": ly.height, "width": ly.width,
                 "muls": by[ly.name].muls, "mul_share": _r6(by[ly.name].muls / total_muls),
-                "median_loss": [_r6(v) for v in med.tolist()],
-                "p90_loss": [_r6(v) for v in p90.tolist()],
-                "critical_at_threshold": n_crit,
-                "ranking": torch.argsort(curves[:, ref_col], descending=True,
-                                         stable=True).tolist(),
-                "loss": [[_r6(v) for v in row] for row in curves.tolist()],
-            })
+                **_curve_summary(curves, ref_col, threshold)})
             bar.advance(1, info=ly.name)
     model.train(was_training)
     return {

@@ -687,15 +687,7 @@ def _compress(net, info, data, cfg, model: str, out: Path, force: bool, resume: 
     timings.pop("other_s", None)
     if t_cmd is not None:  # loading the model and the images, taking the lock
         timings = {"load_s": t_run - t_cmd, **timings}
-    meta["source_model"] = model
-    if Path(model).is_file():
-        from .fileio import file_sha256
-
-        meta["source_sha256"] = file_sha256(model)
-    meta["versions"] = _versions()
-    # wall-clock seconds stay out of the file: same inputs + seed = same bytes
-    saved = dict(meta, stages=[{k: v for k, v in st.items() if k != "seconds"}
-                               for st in meta["stages"]])
+    saved = _artifact_meta(meta, model)
     t_write = time.perf_counter()
     save_compressed(out, hybrid, info, saved, overwrite=force)
     Path(ckpt).unlink(missing_ok=True)
@@ -711,6 +703,19 @@ def _compress(net, info, data, cfg, model: str, out: Path, force: bool, resume: 
     else:
         print_compress(meta, timings, str(out))
     _agreement_gate(meta, cfg.min_agreement, gate_always, out)
+
+
+def _artifact_meta(meta: dict, model: str) -> dict:
+    """Add the source model and versions to ``meta``; returns what the artifact stores
+    (wall-clock seconds stay out of the file: same inputs + seed = same bytes)."""
+    meta["source_model"] = model
+    if Path(model).is_file():
+        from .fileio import file_sha256
+
+        meta["source_sha256"] = file_sha256(model)
+    meta["versions"] = _versions()
+    return dict(meta, stages=[{k: v for k, v in st.items() if k != "seconds"}
+                              for st in meta["stages"]])
 
 
 GATE_MIN_IMAGES = 200
@@ -892,18 +897,7 @@ def finetune_cmd(compressed, data_path, size, epochs, output, force, teacher, le
     if meta is None:
         raise InputError(f"{compressed}: not an hfbconvert compressed model (.hfb.pt); "
                          "compress it first")
-    src = teacher or source_model or meta.get("source_model")
-    if not src:
-        raise InputError(f"{compressed}: records no source model; pass --teacher")
-    if not teacher and not source_model and not src.startswith("builtin:") \
-            and not Path(src).exists():
-        raise InputError(f"{compressed}: its source model {src} is not found from here; "
-                         "pass --teacher")
-    ref, ref_info, _ = _eval_load(src, None, trust_pickle and bool(teacher or source_model),
-                                  compressed_ok=False, need_resolution=False)
-    if ref_info.num_classes != info.num_classes:
-        raise InputError(f"teacher {src} has {ref_info.num_classes} classes but {compressed} "
-                         f"has {info.num_classes}")
+    src, ref = _ft_teacher(compressed, meta, info, teacher, source_model, trust_pickle)
     cfg = RetrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, latent_lr=latent_lr,
                         label_weight=label_weight, learn_codes=learn_codes,
                         held_fraction=held_fraction, eval_every=eval_every,
@@ -929,18 +923,47 @@ def finetune_cmd(compressed, data_path, size, epochs, output, force, teacher, le
         Path(ckpt).unlink(missing_ok=True)
         timings = {"load_s": t_run - t0, "finetune_s": t_write - t_run,
                    "write_s": time.perf_counter() - t_write}
-    curve = new_meta["finetune_curve"]
-    summary = {"schema_version": JSON_SCHEMA_VERSION, "output": str(out), "input": compressed,
-               "teacher": src, **{k: curve[k] for k in (
-                   "epochs", "steps_planned", "steps_run", "best_step", "stopped_early_at",
-                   "learn_codes", "train_images", "held_images", "world_size")},
-               "curve": {k: curve[k] for k in ("steps", "held_kl", "held_agreement",
-                                               "held_top1")},
-               "final": curve["final"], "cost": new_meta["cost"]["totals"],
-               "timings": timings}
     if as_json:
-        _emit_json(summary)
-        return
+        _emit_json(_finetune_summary(out, compressed, src, new_meta, timings))
+    else:
+        _print_finetune(out, new_meta["finetune_curve"])
+
+
+def _finetune_summary(out: Path, compressed: str, src: str, new_meta: dict,
+                      timings: dict) -> dict:
+    """``finetune --json`` (schema finetune.json)."""
+    curve = new_meta["finetune_curve"]
+    return {"schema_version": JSON_SCHEMA_VERSION, "output": str(out), "input": compressed,
+            "teacher": src, **{k: curve[k] for k in (
+                "epochs", "steps_planned", "steps_run", "best_step", "stopped_early_at",
+                "learn_codes", "train_images", "held_images", "world_size")},
+            "curve": {k: curve[k] for k in ("steps", "held_kl", "held_agreement",
+                                            "held_top1")},
+            "final": curve["final"], "cost": new_meta["cost"]["totals"], "timings": timings}
+
+
+def _ft_teacher(compressed: str, meta: dict, info, teacher: str | None,
+                source_model: str | None, trust_pickle: bool) -> tuple[str, Any]:
+    """(where the teacher comes from, the teacher): ``--teacher``, else ``--source-model``,
+    else the source model the artifact records; refused when missing or of another
+    number of classes."""
+    src = teacher or source_model or meta.get("source_model")
+    if not src:
+        raise InputError(f"{compressed}: records no source model; pass --teacher")
+    if not teacher and not source_model and not src.startswith("builtin:") \
+            and not Path(src).exists():
+        raise InputError(f"{compressed}: its source model {src} is not found from here; "
+                         "pass --teacher")
+    ref, ref_info, _ = _eval_load(src, None, trust_pickle and bool(teacher or source_model),
+                                  compressed_ok=False, need_resolution=False)
+    if ref_info.num_classes != info.num_classes:
+        raise InputError(f"teacher {src} has {ref_info.num_classes} classes but {compressed} "
+                         f"has {info.num_classes}")
+    return src, ref
+
+
+def _print_finetune(out: Path, curve: dict) -> None:
+    """The fine-tune's curve on stdout: steps run, each check, the state shipped."""
     click.echo(f"{out}: {curve['steps_run']} of {curve['steps_planned']} steps "
                f"({curve['train_images']} training images, {curve['held_images']} held apart)"
                + (f", stopped early at {curve['stopped_early_at']}"
@@ -1164,6 +1187,18 @@ def export() -> None:
     """Export a model to a deployment format."""
 
 
+def _verify_images(calib: str | None, info, calib_size: int, seed: int, net) -> Any:
+    """Normalized images to verify an export on: a seeded subset of ``calib``, else seeded
+    random inputs."""
+    import torch
+
+    if calib:
+        data, _ = _load_calib(calib, info, calib_size, seed, None, None, net)
+        return data.normalized()
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(calib_size, 3, info.resolution, info.resolution, generator=g)
+
+
 @export.command("onnx")
 @click.argument("model")
 @_model_opts
@@ -1207,8 +1242,6 @@ def export_onnx_cmd(model, arch, trust_pickle, output, force, opset, pack, verif
                     quiet):
     """Export a compressed (or plain) model to ONNX with hfb custom ops (ONNX functions,
     so stock onnxruntime runs the file unmodified)."""
-    import torch
-
     from .errors import CheckFailed
     from .fileio import output_lock
 
@@ -1225,15 +1258,8 @@ def export_onnx_cmd(model, arch, trust_pickle, output, force, opset, pack, verif
     reports = report_paths(out.parent, stem) if write_report and meta else []
     _outputs(reports, force, [model, calib])
     with output_lock([out, *reports]):
-        images = None
-        if verify:  # every input is read and checked before anything is written
-            if calib:
-                data, _ = _load_calib(calib, info, calib_size, seed, None, None, net)
-                images = data.normalized()
-            else:
-                g = torch.Generator().manual_seed(seed)
-                images = torch.randn(calib_size, 3, info.resolution, info.resolution,
-                                     generator=g)
+        # every input is read and checked before anything is written
+        images = _verify_images(calib, info, calib_size, seed, net) if verify else None
         from .export.onnx import export_onnx, onnx_metadata
 
         stats = export_onnx(net, out, info.resolution, opset=opset, pack=pack, force=force,

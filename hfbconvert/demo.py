@@ -28,6 +28,7 @@ import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 MODEL = "builtin:mobilenet_v2"
 OUT = Path("demo-output")
@@ -255,9 +256,8 @@ def _size_line(compressed: Path) -> str:
             "(the 'weight bytes' row).")
 
 
-def main() -> int:
-    from hfbconvert.calib.readers import cache_dir
-
+def _preflight() -> int | None:
+    """Exit code 2 with one message when the builtin model or the photos are missing."""
     from .errors import InputError
     from .models.loading import builtin_path
 
@@ -271,13 +271,12 @@ def main() -> int:
         print("demo: the labelled demo photos come from PyPI packages (data files only):\n  "
               + "\n  ".join(problems), file=sys.stderr)
         return 2
-    OUT.mkdir(exist_ok=True)
-    analysis = OUT / "analysis.json"
-    compressed = OUT / "mobilenet_v2.hfb.pt"
-    onnx = OUT / "mobilenet_v2.onnx"
-    photos = OUT / "photos.npz"
-    t0 = time.perf_counter()
-    write_photos(photos)
+    return None
+
+
+def _intro(photos: Path) -> None:
+    from hfbconvert.calib.readers import cache_dir
+
     print(f"hfbconvert demo: {MODEL}, data-free calibration ({SYNTHETIC}), checked on "
           f"{len(DEMO_IMAGES)} labelled photos, outputs in {OUT}/\nThis takes about "
           f"{EXPECTED} on a 2-core CPU (longer on a busy machine); the synthetic images are "
@@ -288,6 +287,12 @@ def main() -> int:
     for img in DEMO_IMAGES:
         print(f"  {img.name:13s} {img.label:4d} {img.label_name.split(',')[0]:17s} "
               f"{img.package[1]}:{img.path} ({img.licence.split(' (')[0]})")
+
+
+def _commands(photos: Path) -> dict[str, Any]:
+    """Steps 1-5 of the demo, each a CLI command printed and run; returns the photo
+    summary (:func:`summarize`)."""
+    analysis, compressed = OUT / "analysis.json", OUT / "mobilenet_v2.hfb.pt"
     # 1. per-filter sensitivity (the synthetic images are generated here, then cached)
     _run(["analyze", MODEL, "--calib", SYNTHETIC, "--resolution", RESOLUTION,
           "--budgets", "1,2,4", "-o", str(analysis), "--force"])
@@ -310,10 +315,23 @@ def main() -> int:
     (OUT / "photos.json").write_text(json.dumps(
         {"photos": [img.name for img in DEMO_IMAGES], **pred, "summary": s}, indent=1) + "\n")
     # 4. ONNX with hfb custom ops, verified against PyTorch in onnxruntime on the photos
-    _run(["export", "onnx", str(compressed), "-o", str(onnx), "--calib", str(photos),
-          "--force"])
+    _run(["export", "onnx", str(compressed), "-o", str(OUT / "mobilenet_v2.onnx"),
+          "--calib", str(photos), "--force"])
     # 5. the per-layer report of the compressed model
     _run(["report", str(compressed)])
+    return s
+
+
+def main() -> int:
+    failed = _preflight()
+    if failed is not None:
+        return failed
+    OUT.mkdir(exist_ok=True)
+    photos = OUT / "photos.npz"
+    t0 = time.perf_counter()
+    write_photos(photos)
+    _intro(photos)
+    s = _commands(photos)
     minutes = (time.perf_counter() - t0) / 60
     n = s["n"]
     print()

@@ -19,16 +19,17 @@ budget: flipped codes undo the fit and change the ADD count the plan was made fo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -344,62 +345,27 @@ def finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
     home = next(iter(student.parameters()), torch.zeros(())).device
     student.to(dev)  # and back to ``home`` at the end
     freeze_step = int(cfg.freeze_at * cfg.steps)
-    log = FinetuneLog(world_size=world)
-    start = 0
-    state = None
-    if resume and ckpt_path is not None and not ckpt_path.exists():
-        progress.info(f"no checkpoint at {ckpt_path}; starting from step 0")
-    if resume and ckpt_path is not None and ckpt_path.exists():
-        state = _load_checkpoint(ckpt_path, ident)
-        start = int(state["step"])
-        was = int(state.get("world_size", 1))
-        progress.info(f"resuming from step {start} of {cfg.steps} (checkpoint {ckpt_path})"
-                      + ("" if was == world else
-                         f"; it was written by a run of {was} process(es), this one has "
-                         f"{world}: same global batch and samples, so the result matches an "
-                         "uninterrupted run within float tolerance, not bit for bit"))
-        if state["frozen"]:
-            _freeze_all(student)
-        try:
-            student.load_state_dict(state["student"])
-        except RuntimeError as exc:  # the identity matched, yet the layout does not
-            raise InputError(f"{ckpt_path}: checkpoint does not fit this model "
-                             f"({str(exc).splitlines()[0]})") from None
-        log = FinetuneLog(**{**state["log"], "world_size": world})
-    elif freeze_step <= 0:
+    state = _resumed_state(student, ckpt_path, ident, resume, cfg, world)
+    if state is None and freeze_step <= 0:
         _freeze_all(student)
+    log = FinetuneLog(world_size=world) if state is None else \
+        FinetuneLog(**{**state["log"], "world_size": world})
     distributed.broadcast_state(student)  # every rank starts from rank 0's student
-    opt = torch.optim.Adam(_param_groups(student, cfg))
-    if state is not None:
-        try:
-            opt.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError) as exc:
-            raise InputError(f"{ckpt_path}: checkpoint's optimizer state does not fit this "
-                             f"model ({exc})") from None
-    # the caller's teacher is never moved: a copy goes to ``dev`` when it is elsewhere;
-    # its training flags and requires_grad are switched for the run and restored after it
-    run_teacher = teacher if _on_device(teacher, dev) else copy.deepcopy(teacher).to(dev)
-    modes = [(m, m.training) for m in run_teacher.modules()]
-    grad_flags = [(p, p.requires_grad) for p in run_teacher.parameters()]
-    tap = None
+    opt = _optimizer(student, cfg, state, ckpt_path)
+    start = 0 if state is None else int(state["step"])
     stop = _EarlyStop(evaluate, cfg, log, dev, state.get("best") if state else None)
-    try:
-        run_teacher.eval()
-        for p in run_teacher.parameters():
-            p.requires_grad_(False)
+    with _borrowed_teacher(teacher, dev) as run_teacher:
         tap = _FeatureTap(student, run_teacher, teacher_at) if cfg.feature_weight > 0 else None
-        if start == 0 and cfg.steps > 0:
-            stop.check(student, 0)  # the student as given: shipped if nothing beats it
-        _loop(student, run_teacher, images, labels, normalize, cfg, opt, start, freeze_step,
-              log, ckpt_path, on_step, label_offset, tap, state is not None, ident, dev,
-              stop, world)
-    finally:
-        if tap is not None:
-            tap.close()
-        for p, flag in grad_flags:  # the caller's model comes back as it was given
-            p.requires_grad_(flag)
-        for m, mode in modes:
-            m.training = mode
+        try:
+            if start == 0 and cfg.steps > 0:
+                stop.check(student, 0)  # the student as given: shipped if nothing beats it
+            run = _Run(student, run_teacher, images, labels, normalize, cfg, log, ckpt_path,
+                       on_step, label_offset, tap, state is not None, ident, dev, stop,
+                       world, freeze_step)
+            _loop(run, opt, start)
+        finally:
+            if tap is not None:
+                tap.close()
     _freeze_all(student)
     if stop.best is not None:
         log.best_step = int(stop.best["step"])
@@ -408,6 +374,65 @@ def finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
     student.to(home)  # the caller evaluates it where it was given
     student.eval()
     return log
+
+
+def _resumed_state(student: nn.Module, ckpt_path: Path | None, ident: Mapping[str, Any],
+                   resume: bool, cfg: FinetuneConfig, world: int) -> dict | None:
+    """With ``resume`` and a checkpoint there: its state, loaded into ``student`` (frozen
+    first when the checkpoint was); None: start from step 0."""
+    if not resume or ckpt_path is None:
+        return None
+    if not ckpt_path.exists():
+        progress.info(f"no checkpoint at {ckpt_path}; starting from step 0")
+        return None
+    state = _load_checkpoint(ckpt_path, ident)
+    start, was = int(state["step"]), int(state.get("world_size", 1))
+    progress.info(f"resuming from step {start} of {cfg.steps} (checkpoint {ckpt_path})"
+                  + ("" if was == world else
+                     f"; it was written by a run of {was} process(es), this one has "
+                     f"{world}: same global batch and samples, so the result matches an "
+                     "uninterrupted run within float tolerance, not bit for bit"))
+    if state["frozen"]:
+        _freeze_all(student)
+    try:
+        student.load_state_dict(state["student"])
+    except RuntimeError as exc:  # the identity matched, yet the layout does not
+        raise InputError(f"{ckpt_path}: checkpoint does not fit this model "
+                         f"({str(exc).splitlines()[0]})") from None
+    return state
+
+
+def _optimizer(student: nn.Module, cfg: FinetuneConfig, state: dict | None,
+               ckpt_path: Path | None) -> torch.optim.Optimizer:
+    """Adam over the student's parameter groups, with a resumed run's state."""
+    opt = torch.optim.Adam(_param_groups(student, cfg))
+    if state is not None:
+        try:
+            opt.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as exc:
+            raise InputError(f"{ckpt_path}: checkpoint's optimizer state does not fit this "
+                             f"model ({exc})") from None
+    return opt
+
+
+@contextlib.contextmanager
+def _borrowed_teacher(teacher: nn.Module, dev: torch.device) -> Iterator[nn.Module]:
+    """The teacher for the run: in eval mode without gradients, on ``dev``. The caller's
+    model is never moved (a copy goes to ``dev`` when it is elsewhere); its training flags
+    and requires_grad are switched for the run and restored after it."""
+    run_teacher = teacher if _on_device(teacher, dev) else copy.deepcopy(teacher).to(dev)
+    modes = [(m, m.training) for m in run_teacher.modules()]
+    grad_flags = [(p, p.requires_grad) for p in run_teacher.parameters()]
+    try:
+        run_teacher.eval()
+        for p in run_teacher.parameters():
+            p.requires_grad_(False)
+        yield run_teacher
+    finally:
+        for p, flag in grad_flags:  # the caller's model comes back as it was given
+            p.requires_grad_(flag)
+        for m, mode in modes:
+            m.training = mode
 
 
 class _EarlyStop:
@@ -497,51 +522,45 @@ def _wrap(student: nn.Module, world: int, dev: torch.device) -> nn.Module:
                    broadcast_buffers=False, static_graph=True)
 
 
-def _loop(student, teacher, images, labels, normalize, cfg, opt, start, freeze_step, log,
-          ckpt_path, on_step, label_offset, tap, resumed, ident, dev, stop, world) -> None:
+@dataclass
+class _Run:
+    """What every step of one fine-tune reads (the optimizer and schedule change)."""
+
+    student: nn.Module
+    teacher: nn.Module
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    normalize: Callable[[torch.Tensor], torch.Tensor]
+    cfg: FinetuneConfig
+    log: FinetuneLog
+    ckpt_path: Path | None
+    on_step: Callable[[int, float, float], None] | None
+    label_offset: int
+    tap: _FeatureTap | None
+    resumed: bool
+    ident: Mapping[str, Any]
+    dev: torch.device
+    stop: _EarlyStop
+    world: int
+    freeze_step: int
+
+
+def _loop(run: _Run, opt: torch.optim.Optimizer, start: int) -> None:
+    """Steps ``start`` .. ``cfg.steps`` (or an early stop): train, log, check, checkpoint."""
+    cfg, student, log, stop = run.cfg, run.student, run.log, run.stop
     last_good = None  # the newest checkpoint written by this run
     main = distributed.is_main()
-    part = (distributed.rank(), world)
-    net = _wrap(student, world, dev)
+    net = _wrap(student, run.world, run.dev)
     sched = _schedule(opt, cfg, start)
     for step in range(start, cfg.steps):
-        if step == freeze_step and step > 0:
+        if step == run.freeze_step and step > 0:
             _freeze_all(student)
             opt = torch.optim.Adam(_param_groups(student, cfg))
             sched = _schedule(opt, cfg, step)
-            net = _wrap(student, world, dev)  # the parameters changed
-        student.train()
-        _set_eval_parts(student)
-        x, y = _batch(images, labels, step, cfg, normalize, part)
-        x = x.to(dev)
-        with torch.no_grad():
-            t_logits = teacher(x)
-        s_logits = net(x)
-        T = cfg.temperature
-        # per rank: batch means over the local slice; their average over ranks (DDP's
-        # gradient average) is the global batch mean
-        loss = F.kl_div(F.log_softmax(s_logits / T, 1), F.log_softmax(t_logits / T, 1),
-                        reduction="batchmean", log_target=True) * T * T
-        if tap is not None:
-            loss = loss + cfg.feature_weight * tap.loss(world)
-        if cfg.label_weight > 0 and y is not None:
-            loss = loss + cfg.label_weight * F.cross_entropy(s_logits, y.to(dev) + label_offset)
-        hits = (s_logits.argmax(1) == t_logits.argmax(1)).sum().double()
-        if world > 1:  # the global loss and agreement, the same on every rank
-            tot = distributed.all_sum(torch.stack([loss.detach().double(), hits]),
-                                      "loss all-reduce")
-            loss_value, agree = float(tot[0]) / world, float(tot[1]) / cfg.batch_size
-        else:
-            loss_value, agree = float(loss.detach()), float(hits) / x.shape[0]
+            net = _wrap(student, run.world, run.dev)  # the parameters changed
+        loss, loss_value, agree = _step_loss(run, net, step)
         if not math.isfinite(loss_value):
-            if ckpt_path is not None and last_good is not None:  # rank 0's only
-                save_torch(ckpt_path, last_good)
-            # only a checkpoint of this run (or the one it resumed) that is really there
-            kept = ckpt_path is not None and (last_good is not None or resumed) \
-                and ckpt_path.exists()
-            raise CheckFailed(
-                f"fine-tuning diverged: non-finite loss at step {step}"
-                + (f"; last good checkpoint kept at {ckpt_path}" if kept else ""))
+            _diverged(run, step, last_good)
         opt.zero_grad(set_to_none=True)
         with distributed.collective("gradient all-reduce"):
             loss.backward()
@@ -550,17 +569,57 @@ def _loop(student, teacher, images, labels, normalize, cfg, opt, start, freeze_s
         log.steps.append(step)
         log.loss.append(loss_value)
         log.agreement.append(agree)
-        if on_step is not None:
-            on_step(step, loss_value, agree)
+        if run.on_step is not None:
+            run.on_step(step, loss_value, agree)
         done = step + 1
         halt = stop.due(done) and stop.check(student, done)
-        if main and ckpt_path is not None and (done % cfg.checkpoint_every == 0
-                                               or done == cfg.steps):
-            last_good = _snapshot(student, opt, done, log, cfg, ident, stop.best)
-            save_torch(ckpt_path, last_good)
+        if main and run.ckpt_path is not None and (done % cfg.checkpoint_every == 0
+                                                   or done == cfg.steps):
+            last_good = _snapshot(student, opt, done, log, cfg, run.ident, stop.best)
+            save_torch(run.ckpt_path, last_good)
         if halt and done < cfg.steps:
             log.stopped_early_at = done
             progress.info(f"  fine-tune stopped early after {done} of {cfg.steps} steps: "
                           f"held-apart KL not below its best ({stop.best['kl']:.4g} at step "
                           f"{stop.best['step']}) for {cfg.patience} checks")
             return
+
+
+def _step_loss(run: _Run, net: nn.Module, step: int) -> tuple[torch.Tensor, float, float]:
+    """Step ``step``'s batch through teacher and student: (loss to back-propagate, the
+    global loss, the global top-1 agreement with the teacher)."""
+    cfg, student, dev, world = run.cfg, run.student, run.dev, run.world
+    student.train()
+    _set_eval_parts(student)
+    x, y = _batch(run.images, run.labels, step, cfg, run.normalize, (distributed.rank(), world))
+    x = x.to(dev)
+    with torch.no_grad():
+        t_logits = run.teacher(x)
+    s_logits = net(x)
+    T = cfg.temperature
+    # per rank: batch means over the local slice; their average over ranks (DDP's
+    # gradient average) is the global batch mean
+    loss = F.kl_div(F.log_softmax(s_logits / T, 1), F.log_softmax(t_logits / T, 1),
+                    reduction="batchmean", log_target=True) * T * T
+    if run.tap is not None:
+        loss = loss + cfg.feature_weight * run.tap.loss(world)
+    if cfg.label_weight > 0 and y is not None:
+        loss = loss + cfg.label_weight * F.cross_entropy(s_logits, y.to(dev) + run.label_offset)
+    hits = (s_logits.argmax(1) == t_logits.argmax(1)).sum().double()
+    if world > 1:  # the global loss and agreement, the same on every rank
+        tot = distributed.all_sum(torch.stack([loss.detach().double(), hits]),
+                                  "loss all-reduce")
+        return loss, float(tot[0]) / world, float(tot[1]) / cfg.batch_size
+    return loss, float(loss.detach()), float(hits) / x.shape[0]
+
+
+def _diverged(run: _Run, step: int, last_good: dict | None) -> NoReturn:
+    """A non-finite loss: keep the last good checkpoint of this run, then stop."""
+    ckpt_path = run.ckpt_path
+    if ckpt_path is not None and last_good is not None:  # rank 0's only
+        save_torch(ckpt_path, last_good)
+    # only a checkpoint of this run (or the one it resumed) that is really there
+    kept = ckpt_path is not None and (last_good is not None or run.resumed) \
+        and ckpt_path.exists()
+    raise CheckFailed(f"fine-tuning diverged: non-finite loss at step {step}"
+                      + (f"; last good checkpoint kept at {ckpt_path}" if kept else ""))

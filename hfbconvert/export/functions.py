@@ -117,28 +117,7 @@ def strassen_function(packing: str, opset: int, scaled: bool,
         _const("hw", np.array([2, 3], dtype=np.int64)),
         _const("chw", np.array([1, 2], dtype=np.int64)),
     ]
-    if conv:
-        ks = helper.make_node("Constant", [], ["ks"])
-        ks.attribute.append(_ref("value_ints", "kernel_shape", AttributeProto.INTS))
-        wb_conv = helper.make_node("Conv", ["X", "Wb_k"], ["H"])
-        wb_conv.attribute.extend(_ref(a, a, AttributeProto.INTS) for a in CONV_ATTRS)
-        nodes += [
-            _const_ref("r_s", "r"),
-            _const("ax0c", np.array([0], dtype=np.int64)),
-            helper.make_node("Unsqueeze", ["r_s", "ax0c"], ["r_1"]),
-            _const("minus1", np.array([-1], dtype=np.int64)),
-            ks,
-            helper.make_node("Concat", ["r_1", "minus1", "ks"], ["wb_shape"], axis=0),
-            helper.make_node("Reshape", ["Wb_f", "wb_shape"], ["Wb_k"]),  # [r, C, kh, kw]
-            helper.make_node("Unsqueeze", ["Wc_f", "hw"], ["Wc_k"]),  # [c_out, r, 1, 1]
-            wb_conv,
-        ]
-    else:
-        nodes += [
-            helper.make_node("Unsqueeze", ["Wb_f", "hw"], ["Wb_k"]),  # [r, c_in, 1, 1]
-            helper.make_node("Unsqueeze", ["Wc_f", "hw"], ["Wc_k"]),  # [c_out, r, 1, 1]
-            helper.make_node("Conv", ["X", "Wb_k"], ["H"], kernel_shape=[1, 1]),
-        ]
+    nodes += _wb_product_nodes(conv)
     nodes += [
         helper.make_node("Unsqueeze", ["a", "chw"], ["a_k"]),  # [r, 1, 1]
         # a first: onnxruntime folds a Conv -> Mul(X, constant) into the conv weights, which
@@ -146,22 +125,7 @@ def strassen_function(packing: str, opset: int, scaled: bool,
         helper.make_node("Mul", ["a_k", "H"], [ha]),
     ]
     if hidden_quant:
-        # QuantizeLinear/DequantizeLinear(axis 1) arithmetic written out: onnxruntime would
-        # otherwise fuse W_b's conv and this per-channel Q into a QLinearConv, which takes a
-        # single output zero point only (it fails at run time)
-        nodes += [
-            helper.make_node("Unsqueeze", ["h_scale", "chw"], ["hs_k"]),  # [r, 1, 1]
-            helper.make_node("Cast", ["h_zero_point"], ["hz_f"], to=TensorProto.FLOAT),
-            helper.make_node("Unsqueeze", ["hz_f", "chw"], ["hz_k"]),
-            helper.make_node("Div", [ha, "hs_k"], ["Ha_s"]),
-            helper.make_node("Round", ["Ha_s"], ["Ha_r"]),  # half to even, as QuantizeLinear
-            helper.make_node("Add", ["Ha_r", "hz_k"], ["Ha_z"]),
-            _const("qmin", np.array(0.0, dtype=np.float32)),
-            _const("qmax", np.array(255.0, dtype=np.float32)),
-            helper.make_node("Clip", ["Ha_z", "qmin", "qmax"], ["Ha_q"]),
-            helper.make_node("Sub", ["Ha_q", "hz_k"], ["Ha_c"]),
-            helper.make_node("Mul", ["Ha_c", "hs_k"], ["Ha"]),
-        ]
+        nodes += _hidden_quant_nodes(ha)
     nodes += [
         helper.make_node("Conv", ["Ha", "Wc_k"], [y_c], kernel_shape=[1, 1]),
     ]
@@ -181,6 +145,52 @@ def strassen_function(packing: str, opset: int, scaled: bool,
         attributes=["c_in", "r", "c_out", "packing"],
         doc_string="Ternary StrassenNets 1x1 conv layer (NCHW); see docs/onnx_ops.md.",
     )
+
+
+def _wb_product_nodes(conv: bool) -> list[NodeProto]:
+    """H = W_b * X from the unpacked Wb_f (1x1, or the k×k bank reshaped to [r, C, kh, kw]
+    with the node's geometry), and Wc_f as a [c_out, r, 1, 1] conv weight Wc_k."""
+    if not conv:
+        return [
+            helper.make_node("Unsqueeze", ["Wb_f", "hw"], ["Wb_k"]),  # [r, c_in, 1, 1]
+            helper.make_node("Unsqueeze", ["Wc_f", "hw"], ["Wc_k"]),  # [c_out, r, 1, 1]
+            helper.make_node("Conv", ["X", "Wb_k"], ["H"], kernel_shape=[1, 1]),
+        ]
+    ks = helper.make_node("Constant", [], ["ks"])
+    ks.attribute.append(_ref("value_ints", "kernel_shape", AttributeProto.INTS))
+    wb_conv = helper.make_node("Conv", ["X", "Wb_k"], ["H"])
+    wb_conv.attribute.extend(_ref(a, a, AttributeProto.INTS) for a in CONV_ATTRS)
+    return [
+        _const_ref("r_s", "r"),
+        _const("ax0c", np.array([0], dtype=np.int64)),
+        helper.make_node("Unsqueeze", ["r_s", "ax0c"], ["r_1"]),
+        _const("minus1", np.array([-1], dtype=np.int64)),
+        ks,
+        helper.make_node("Concat", ["r_1", "minus1", "ks"], ["wb_shape"], axis=0),
+        helper.make_node("Reshape", ["Wb_f", "wb_shape"], ["Wb_k"]),  # [r, C, kh, kw]
+        helper.make_node("Unsqueeze", ["Wc_f", "hw"], ["Wc_k"]),  # [c_out, r, 1, 1]
+        wb_conv,
+    ]
+
+
+def _hidden_quant_nodes(ha: str) -> list[NodeProto]:
+    """uint8 hidden units: ``ha`` -> Ha through QuantizeLinear/DequantizeLinear (axis 1)
+    arithmetic written out: onnxruntime would otherwise fuse W_b's conv and this
+    per-channel Q into a QLinearConv, which takes a single output zero point only (it
+    fails at run time)."""
+    return [
+        helper.make_node("Unsqueeze", ["h_scale", "chw"], ["hs_k"]),  # [r, 1, 1]
+        helper.make_node("Cast", ["h_zero_point"], ["hz_f"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["hz_f", "chw"], ["hz_k"]),
+        helper.make_node("Div", [ha, "hs_k"], ["Ha_s"]),
+        helper.make_node("Round", ["Ha_s"], ["Ha_r"]),  # half to even, as QuantizeLinear
+        helper.make_node("Add", ["Ha_r", "hz_k"], ["Ha_z"]),
+        _const("qmin", np.array(0.0, dtype=np.float32)),
+        _const("qmax", np.array(255.0, dtype=np.float32)),
+        helper.make_node("Clip", ["Ha_z", "qmin", "qmax"], ["Ha_q"]),
+        helper.make_node("Sub", ["Ha_q", "hz_k"], ["Ha_c"]),
+        helper.make_node("Mul", ["Ha_c", "hs_k"], ["Ha"]),
+    ]
 
 
 def hfb_functions(packing: str, opset: int, scaled: bool,

@@ -81,6 +81,23 @@ def _matmul_to_gemm(mp: ModelProto) -> None:
         n.attribute.append(helper.make_attribute("transB", 1))
 
 
+def _weight_targets(g: onnx.GraphProto, inits: dict[str, onnx.TensorProto]) -> dict[str, int]:
+    """The float32 weight initializers (>= 2-D) of graph-level Conv/Gemm/MatMul nodes, each
+    with its output-channel axis."""
+    targets: dict[str, int] = {}
+    for node in g.node:
+        k = _WEIGHT_INPUT.get(node.op_type)
+        if k is None or len(node.input) <= k or node.input[k] not in inits:
+            continue
+        t = inits[node.input[k]]
+        if t.data_type != TensorProto.FLOAT or len(t.dims) < 2:
+            continue
+        axis = _channel_axis(node, len(t.dims))
+        if targets.setdefault(t.name, axis) != axis:
+            raise CheckFailed(f"weight {t.name} is used with two different channel axes")
+    return targets
+
+
 def store_weights(mp: ModelProto, bits: int) -> int:
     """Rewrite, in place, every float32 weight initializer of a graph-level Conv, Gemm or
     MatMul into its ``bits`` storage; returns how many were rewritten. The consumer keeps
@@ -100,17 +117,7 @@ def store_weights(mp: ModelProto, bits: int) -> int:
         _matmul_to_gemm(mp)
     g = mp.graph
     inits = {t.name: t for t in g.initializer}
-    targets: dict[str, int] = {}
-    for node in g.node:
-        k = _WEIGHT_INPUT.get(node.op_type)
-        if k is None or len(node.input) <= k or node.input[k] not in inits:
-            continue
-        t = inits[node.input[k]]
-        if t.data_type != TensorProto.FLOAT or len(t.dims) < 2:
-            continue
-        axis = _channel_axis(node, len(t.dims))
-        if targets.setdefault(t.name, axis) != axis:
-            raise CheckFailed(f"weight {t.name} is used with two different channel axes")
+    targets = _weight_targets(g, inits)
     new_nodes, new_inits = [], []
     for name, axis in targets.items():
         w = onnx.numpy_helper.to_array(inits[name])
