@@ -120,6 +120,9 @@ def compress(model: nn.Module, data: CalibData | None = None, *, info: ModelInfo
     if bad:
         raise InputError(f"compress: unknown option(s) {', '.join(bad)}; "
                          f"CompressConfig has {', '.join(sorted(known))}")
+    if config is None and "activation_bits" in overrides:
+        # the weight-bits default follows the activation bits (8 for int8 activations)
+        overrides.setdefault("weight_bits", None)
     cfg = replace(cfg, **overrides)
     cfg = replace(cfg, finetune=replace(cfg.finetune, seed=cfg.seed, **ft))
     hybrid, meta = _compress(model, info, data, cfg, checkpoint=checkpoint, resume=resume,

@@ -13,7 +13,7 @@ from hfbconvert import cli
 from hfbconvert.calib.readers import CalibData
 from hfbconvert.distill import FinetuneConfig
 from hfbconvert.errors import ConfigError
-from hfbconvert.pipeline import CompressConfig, compress, validate_config
+from hfbconvert.pipeline import CompressConfig, validate_config
 
 from .tiny import tiny_info, tiny_v1
 
@@ -58,16 +58,22 @@ def test_int8_activations_from_python_need_no_weight_bits() -> None:
 
 
 def test_int8_config_from_python_runs() -> None:
-    """The whole int8 pipeline from Python with only ``activation_bits=8`` about bits."""
+    """The whole int8 pipeline from Python with only ``activation_bits=8`` about bits, as
+    ``hfbconvert.compress`` keyword overrides (on top of ``CompressConfig()``)."""
+    import hfbconvert as hfb
+
     n = 40
     imgs = torch.randint(0, 256, (n, 3, 32, 32), generator=torch.Generator().manual_seed(1),
                          dtype=torch.uint8)
     data = CalibData(imgs, None, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25),
                      [str(i) for i in range(n)], source="random")
-    cfg = CompressConfig(activation_bits=8, budget=0.6, ratios=(1.0, 2.0), budgets=(1, 2),
-                         fragility=False, stats_images=32, act_calib_images=32,
-                         finetune=FinetuneConfig(steps=0))
-    hybrid, meta = compress(tiny_v1(), tiny_info(), data, cfg)
-    assert hybrid is not None
-    assert meta["config"]["weight_bits"] == 8 and meta["config"]["activation_bits"] == 8
-    assert meta["weight_bits"] == 8
+    small = {"budget": 0.6, "ratios": (1.0, 2.0), "budgets": (1, 2), "fragility": False,
+             "stats_images": 32, "act_calib_images": 32}
+    res = hfb.compress(tiny_v1(), data, info=tiny_info(), activation_bits=8, steps=0, **small)
+    cfg = res.meta["config"]
+    assert cfg["weight_bits"] == 8 and cfg["activation_bits"] == 8
+    assert res.meta["weight_bits"] == 8
+    want = CompressConfig(activation_bits=8, **small,
+                          finetune=FinetuneConfig(steps=0)).to_dict()
+    assert {k: v for k, v in cfg.items() if k != "finetune"} == \
+        {k: v for k, v in want.items() if k != "finetune"}
