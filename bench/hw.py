@@ -218,7 +218,7 @@ def planner_check(args) -> int:
     ``run_hw`` against ``hw.planner.engine_prices`` of its plan (predicted W_b density)."""
     from hfbconvert.artifact import load_compressed
     from hfbconvert.hw.engine import Engine
-    from hfbconvert.hw.planner import engine_prices
+    from hfbconvert.hw.planner import engine_prices, priced_pj
     from hfbconvert.models.loading import load_model
     from hfbconvert.plan import LayerPlan
 
@@ -233,11 +233,17 @@ def planner_check(args) -> int:
     predicted = prices.fixed_pj + sum(prices.plan_pj(lp) for lp in plans)
     rep = run_hw(args.compressed, args.accelerator, engine=eng)
     actual = rep["hybrid_on_design"]["totals"]["energy_pj"]["total"]
+    # what `hfbconvert report` states as the budget used: the plan's stored prices at the
+    # final model's counts (None for a model planned before the prices were stored)
+    rec = meta["plan"].get("energy_pricing")
+    report_pj = priced_pj(rec, meta["cost"]["layers"]) if rec else None
     res = {"command": args.command, "engine": f"zigzag-dse {zigzag_version()}",
            "compressed": args.compressed, "accelerator": args.accelerator,
            "energy_budget": cfg.get("energy_budget"), "energy_model": cfg.get("energy_model"),
            "reference_pj": prices.reference_pj, "predicted_pj": predicted,
            "engine_pj": actual, "relative_error": predicted / actual - 1,
+           "report_pj": report_pj,
+           "report_relative_error": None if report_pj is None else report_pj / actual - 1,
            "engine_vs_reference": actual / prices.reference_pj,
            "baseline_pj": rep["original_on_baseline"]["totals"]["energy_pj"]["total"],
            "cycles_ratio": rep["comparison"]["cycles_ratio"],
@@ -468,7 +474,11 @@ def _planner_lines(path: str) -> list[str]:
             f"{c['energy_model']}`, from `{path}`, produced by `{c['command']}`): the plan's "
             f"predicted energy on {c['accelerator']} {_uj(c['predicted_pj'])} uJ, the engine on "
             f"the compressed model {_uj(c['engine_pj'])} uJ ({100 * c['relative_error']:+.1f}% "
-            f"prediction error); {c['engine_vs_reference']:.3f} of the original on the "
+            "prediction error)" + ("" if c.get("report_pj") is None else
+                                   f"; `hfbconvert report` states {_uj(c['report_pj'])} uJ "
+                                   f"({100 * c['report_relative_error']:+.1f}%: the stored "
+                                   "prices at the final ternary non-zeros)") +
+            f"; {c['engine_vs_reference']:.3f} of the original on the "
             f"equal-area MAC-only baseline ({_uj(c['reference_pj'])} uJ) against a cap of "
             f"{c['energy_budget']}; cycles x{c['cycles_ratio']:.2f} of that baseline."]
 
