@@ -94,6 +94,43 @@ def hybrid_parts(name, c_in, n_c, n_t, r, ox, oy, stride, act_bits, fp_bits, hid
 
 # ---------------------------------------------------------------------- PyTorch models
 
+def _module_layer(name: str, mod, fam: str, out, abits: int, fp_bits: int) -> Layer | None:
+    """The workload of one hooked module (``fam``: its handler family) given its output."""
+    if fam == "hybrid":
+        if out.dim() == 4:
+            oy, ox = int(out.shape[2]), int(out.shape[3])
+        else:
+            oy, ox = 1, int(out[0].numel() // out.shape[-1])
+        tb, _, tc = mod.ternary_factors()
+        n_t = int(mod.tolerant_idx.numel())
+        db = float((tb != 0).float().mean()) if n_t else 0.0
+        dc = float((tc != 0).float().mean()) if n_t else 0.0
+        hq = getattr(mod, "hidden_quant", None)
+        hbits = 8 if hq else 32
+        parts = hybrid_parts(name, mod.c_in, int(mod.n_critical), n_t, mod.r, ox, oy,
+                             getattr(mod, "stride", 1), abits, fp_bits, hbits, db, dc)
+        return Layer(name, "hybrid", parts, scale_muls=mod.r * ox * oy if n_t else 0,
+                     extra={"c_in": mod.c_in, "c_out": mod.c_out,
+                            "critical": int(mod.n_critical), "r": mod.r})
+    if fam == "conv":
+        oy, ox = int(out.shape[2]), int(out.shape[3])
+        dw = mod.groups == mod.in_channels and mod.groups > 1
+        f = mod.kernel_size[0]
+        kind = "depthwise" if dw else ("pointwise" if f == 1 and mod.groups == 1 else "conv")
+        if dw:
+            p = dense_part(name, kind, 1, 1, mod.groups, ox, oy, f, mod.stride[0], abits,
+                           fp_bits)
+        else:
+            p = dense_part(name, kind, mod.out_channels, mod.in_channels // mod.groups, 1, ox,
+                           oy, f, mod.stride[0], abits, fp_bits)
+        return Layer(name, kind, [p])
+    if fam == "linear":
+        p = dense_part(name, "linear", mod.out_features, mod.in_features, 1, 1, 1, 1, 1,
+                       abits, fp_bits)
+        return Layer(name, "linear", [p])
+    return None
+
+
 def from_model(model, resolution: int, fp_bits: int = 32) -> list[Layer]:
     """Walk one forward pass of ``model`` and describe every Conv2d, Linear and hybrid."""
     import torch
@@ -108,40 +145,9 @@ def from_model(model, resolution: int, fp_bits: int = 32) -> list[Layer]:
         fam = family(mod)
 
         def hook(_m, inp, out):
-            if fam == "hybrid":
-                if out.dim() == 4:
-                    oy, ox = int(out.shape[2]), int(out.shape[3])
-                else:
-                    oy, ox = 1, int(out[0].numel() // out.shape[-1])
-                tb, _, tc = mod.ternary_factors()
-                n_t = int(mod.tolerant_idx.numel())
-                db = float((tb != 0).float().mean()) if n_t else 0.0
-                dc = float((tc != 0).float().mean()) if n_t else 0.0
-                hq = getattr(mod, "hidden_quant", None)
-                hbits = 8 if hq else 32
-                parts = hybrid_parts(name, mod.c_in, int(mod.n_critical), n_t, mod.r, ox, oy,
-                                     getattr(mod, "stride", 1), abits, fp_bits, hbits, db, dc)
-                layers.append(Layer(name, "hybrid", parts, scale_muls=mod.r * ox * oy if n_t
-                                    else 0, extra={"c_in": mod.c_in, "c_out": mod.c_out,
-                                                   "critical": int(mod.n_critical),
-                                                   "r": mod.r}))
-            elif fam == "conv":
-                oy, ox = int(out.shape[2]), int(out.shape[3])
-                dw = mod.groups == mod.in_channels and mod.groups > 1
-                f = mod.kernel_size[0]
-                kind = "depthwise" if dw else ("pointwise" if f == 1 and mod.groups == 1
-                                               else "conv")
-                if dw:
-                    p = dense_part(name, kind, 1, 1, mod.groups, ox, oy, f, mod.stride[0],
-                                   abits, fp_bits)
-                else:
-                    p = dense_part(name, kind, mod.out_channels, mod.in_channels // mod.groups,
-                                   1, ox, oy, f, mod.stride[0], abits, fp_bits)
-                layers.append(Layer(name, kind, [p]))
-            elif fam == "linear":
-                p = dense_part(name, "linear", mod.out_features, mod.in_features, 1, 1, 1, 1, 1,
-                               abits, fp_bits)
-                layers.append(Layer(name, "linear", [p]))
+            lay = _module_layer(name, mod, fam, out, abits, fp_bits)
+            if lay is not None:
+                layers.append(lay)
         return hook
 
     hooks = []
