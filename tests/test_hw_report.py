@@ -179,6 +179,9 @@ def test_report_energy_budget_names_its_pricing_model() -> None:
     bud = build_report(meta, info)["totals"]["budget"]
     assert bud["energy_model"] == "constants"
     assert bud["energy_fraction_used"] == bud["energy_fraction_used_constants"] is not None
+    meta["config"]["energy_model"] = "hybrid_int8"  # priced by an accelerator, prices lost
+    bud = build_report(meta, info)["totals"]["budget"]
+    assert bud["energy_model"] == "hybrid_int8" and bud["energy_fraction_used"] is None
     rows = {r["name"]: r for r in meta["cost"]["layers"]}
     layers = {}
     for lp in meta["plan"]["layers"]:

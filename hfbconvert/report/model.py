@@ -172,7 +172,10 @@ def _energy_use(meta: dict, orig: dict, comp: dict) -> dict:
     arith = _frac(comp.get("energy_pj"), _same_bits_energy(orig, comp))
     pricing = (meta.get("plan") or {}).get("energy_pricing")
     if not pricing:
-        return {"energy_model": "constants", "energy_fraction_used": arith,
+        model = (meta.get("config") or {}).get("energy_model") or "constants"
+        # an accelerator-priced plan saved without its prices: unknown, not the table's
+        return {"energy_model": model,
+                "energy_fraction_used": arith if model == "constants" else None,
                 "energy_fraction_used_constants": arith}
     from ..hw.planner import priced_pj
 
