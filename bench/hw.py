@@ -161,6 +161,7 @@ def _act_sram(specs: list[str], tags: list[str]) -> dict[str, float]:
 
 
 KNOB_FRACTIONS = (0.25, 0.5, 0.75, 0.9)
+PLANNER_RATIOS = (1.0, 2.0, 3.0, 4.0)  # CompressConfig.ratios: hidden units per tolerant filter
 KNOB_R_SCALES = (1.0, 0.75, 0.5, 0.25)
 KNOB_ADDER_BITS = (32, 24, 16, 12)
 
@@ -474,24 +475,44 @@ def _knob_reach(pts: list[dict], ptq_pj: float, goal: float) -> list[str]:
     else:
         r_need = (target - e0) / e_slope if e_slope > 0 else 0.0
         s += (f"At MAC area {frac:.2f} with {bits}-bit adders the energy goal would need about "
-              f"r x{r_need:.2f} (extrapolated; accuracy not measured there).")
+              f"r x{r_need:.2f} (extrapolated; accuracy not measured there)")
+        s += (". That is below 1/4: the planner's ratios r / tolerant filters are 1 to 4, so "
+              "every layer would have fewer hidden units than tolerant filters, a bank "
+              "hfbconvert does not build." if r_need < 1 / max(PLANNER_RATIOS) else ".")
     return out + [s]
 
 
 def _planner_lines(path: str) -> list[str]:
-    """The engine-priced planner's prediction against the engine on the model it planned."""
+    """The engine-priced planner's prediction against the engine on the model it planned,
+    whether the engine's figure keeps the cap, and what accuracy the plan kept."""
     c = json.load(open(path))
-    return ["", f"Planner check (`compress --energy-budget {c['energy_budget']} --energy-model "
-            f"{c['energy_model']}`, from `{path}`, produced by `{c['command']}`): the plan's "
-            f"predicted energy on {c['accelerator']} {_uj(c['predicted_pj'])} uJ, the engine on "
-            f"the compressed model {_uj(c['engine_pj'])} uJ ({100 * c['relative_error']:+.1f}% "
-            "prediction error)" + ("" if c.get("report_pj") is None else
-                                   f"; `hfbconvert report` states {_uj(c['report_pj'])} uJ "
-                                   f"({100 * c['report_relative_error']:+.1f}%: the stored "
-                                   "prices at the final ternary non-zeros)") +
-            f"; {c['engine_vs_reference']:.3f} of the original on the "
-            f"equal-area MAC-only baseline ({_uj(c['reference_pj'])} uJ) against a cap of "
-            f"{c['energy_budget']}; cycles x{c['cycles_ratio']:.2f} of that baseline."]
+    eng = c["engine_vs_reference"]
+    cap = c["energy_budget"]
+    out = (f"Planner check (`{c.get('compress_command', 'compress --energy-budget ' + str(cap))}`"
+           f", then `{c['command']}`; from `{path}`): the plan's predicted energy on "
+           f"{c['accelerator']} {_uj(c['predicted_pj'])} uJ, the engine on the compressed model "
+           f"{_uj(c['engine_pj'])} uJ ({100 * c['relative_error']:+.1f}% prediction error)")
+    if c.get("report_pj") is not None:
+        out += (f"; `hfbconvert report` states {_uj(c['report_pj'])} uJ "
+                f"({100 * c['report_relative_error']:+.1f}%: the stored prices at the final "
+                "ternary non-zeros)")
+    out += (f". By the engine the model uses {eng:.3f} of the original on the equal-area "
+            f"MAC-only baseline ({_uj(c['reference_pj'])} uJ, i.e. int8 PTQ), "
+            + ("within" if eng <= cap else "over") + f" the cap of {cap}"
+            + ("" if eng <= cap else " that the planner's linear prices kept")
+            + f", at cycles x{c['cycles_ratio']:.2f} of that baseline.")
+    least = c.get("least_plan")
+    if least:
+        out += (f" The least energy any plan reaches on this design, by the planner's prices, "
+                f"is {least['of_reference']:.3f} of int8 PTQ (`{least['command']}`: "
+                f"\"{least['error'].removeprefix('error: ')}\").")
+    iv = c.get("final_agreement_interval")
+    if iv:
+        out += (f" Accuracy is not part of this check, and this plan (`--steps 0`, no "
+                f"fine-tune) keeps top-1 agreement {iv['agree']}/{iv['n']} with the original "
+                f"on the held-apart images (95% interval {iv['ci95'][0]:.2f}-"
+                f"{iv['ci95'][1]:.2f}).")
+    return ["", out]
 
 
 def _knob_section(path: str) -> list[str]:
