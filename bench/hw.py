@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from dataclasses import replace
 
 from hfbconvert.hw.engine import zigzag_version
 from hfbconvert.hw.report import run_hw
@@ -101,17 +103,30 @@ def models(args) -> int:
     """The 3-model hardware table: per model, the float hybrid on hybrid_fp32 and the int8
     hybrid on hybrid_int8, each against its original on the equal-area MAC-only baseline."""
     from hfbconvert.hw.engine import Engine
+    from hfbconvert.hw.spec import load_design
 
     eng = Engine()
+    sram = _act_sram(args.act_sram_kib, [c[0] for c in args.case])
     res = {"engine": f"zigzag-dse {zigzag_version()}", "command": args.command,
            "models": {}}
+    if args.append and os.path.exists(args.output):
+        # add or replace these cases in an earlier run's file; each run's command is kept
+        res = json.load(open(args.output))
+        res["commands"] = res.get("commands", [res["command"]]) + [args.command]
+        res["command"] = "; ".join(res["commands"])
     t0 = time.time()
     for tag, fp, int8 in args.case:
         res["models"][tag] = {}
         for label, path, acc in (("fp32", fp, "hybrid_fp32"), ("int8", int8, "hybrid_int8")):
-            rep = run_hw(path, acc, engine=eng)
+            des = load_design(acc)
+            if tag in sram:
+                des = replace(des, name=f"{acc}_act{sram[tag]:.0f}k",
+                              memory={**des.memory, "act_sram_kib": sram[tag]})
+            rep = run_hw(path, des, engine=eng)
             res["models"][tag][label] = {
                 "input": path, "summary": _summary(rep),
+                "act_sram_kib": des.memory["act_sram_kib"],
+                "act_kib_needed": _act_kib_needed(path),
                 "layers": {"original": _layer_rows(rep["original_on_baseline"]),
                            "hybrid": _layer_rows(rep["hybrid_on_design"])}}
             print(tag, label, f"{rep['comparison']['energy_ratio']:.3f}", file=sys.stderr)
@@ -122,7 +137,31 @@ def models(args) -> int:
     return 0
 
 
+def _act_kib_needed(path: str) -> dict[str, float]:
+    """The largest on-chip activation footprint (a part's input + output, KiB) of the
+    original and of the hybrid: what the activation SRAM must hold (engine.check_fits)."""
+    from hfbconvert.hw.report import load_layers, original_of
+
+    hyb, _ = load_layers(path)
+    return {who: max(sum(p.act_bits_in_out()) / 8192 for lay in layers for p in lay.parts)
+            for who, layers in (("original", original_of(hyb)), ("hybrid", hyb))}
+
+
+def _act_sram(specs: list[str], tags: list[str]) -> dict[str, float]:
+    """``TAG=KIB`` pairs: the activation SRAM size a model's designs get instead of the
+    shipped one (a model too large for it is refused by ``hfbconvert hw``)."""
+    out = {}
+    for spec in specs:
+        tag, _, kib = spec.partition("=")
+        if tag not in tags or not kib.replace(".", "", 1).isdigit():
+            raise SystemExit(f"--act-sram-kib {spec}: expected TAG=KIB with TAG one of "
+                             f"{', '.join(tags)}")
+        out[tag] = float(kib)
+    return out
+
+
 KNOB_FRACTIONS = (0.25, 0.5, 0.75, 0.9)
+PLANNER_RATIOS = (1.0, 2.0, 3.0, 4.0)  # CompressConfig.ratios: hidden units per tolerant filter
 KNOB_R_SCALES = (1.0, 0.75, 0.5, 0.25)
 KNOB_ADDER_BITS = (32, 24, 16, 12)
 
@@ -191,7 +230,7 @@ def planner_check(args) -> int:
     ``run_hw`` against ``hw.planner.engine_prices`` of its plan (predicted W_b density)."""
     from hfbconvert.artifact import load_compressed
     from hfbconvert.hw.engine import Engine
-    from hfbconvert.hw.planner import engine_prices
+    from hfbconvert.hw.planner import engine_prices, priced_pj
     from hfbconvert.models.loading import load_model
     from hfbconvert.plan import LayerPlan
 
@@ -206,11 +245,17 @@ def planner_check(args) -> int:
     predicted = prices.fixed_pj + sum(prices.plan_pj(lp) for lp in plans)
     rep = run_hw(args.compressed, args.accelerator, engine=eng)
     actual = rep["hybrid_on_design"]["totals"]["energy_pj"]["total"]
+    # what `hfbconvert report` states as the budget used: the plan's stored prices at the
+    # final model's counts (None for a model planned before the prices were stored)
+    rec = meta["plan"].get("energy_pricing")
+    report_pj = priced_pj(rec, meta["cost"]["layers"]) if rec else None
     res = {"command": args.command, "engine": f"zigzag-dse {zigzag_version()}",
            "compressed": args.compressed, "accelerator": args.accelerator,
            "energy_budget": cfg.get("energy_budget"), "energy_model": cfg.get("energy_model"),
            "reference_pj": prices.reference_pj, "predicted_pj": predicted,
            "engine_pj": actual, "relative_error": predicted / actual - 1,
+           "report_pj": report_pj,
+           "report_relative_error": None if report_pj is None else report_pj / actual - 1,
            "engine_vs_reference": actual / prices.reference_pj,
            "baseline_pj": rep["original_on_baseline"]["totals"]["energy_pj"]["total"],
            "cycles_ratio": rep["comparison"]["cycles_ratio"],
@@ -287,8 +332,10 @@ def _split(e: dict) -> str:
     return f"{_uj(e['compute'])} | {_uj(e['onchip'])} | {_uj(e['dram'])} | {_uj(e['total'])}"
 
 
-def _losing_layers(rows_h: list[dict], rows_o: list[dict], n: int = 3) -> str:
-    """The layers where the hybrid adds the most energy, with the memory level of it."""
+def _losing_layers(rows_h: list[dict], rows_o: list[dict], n: int = 3,
+                   saving: bool = False) -> str:
+    """The layers where the hybrid adds the most energy (``saving``: saves the most), with
+    the memory level of it."""
     orig = {r["name"]: r for r in rows_o}
     deltas = []
     for r in rows_h:
@@ -297,11 +344,30 @@ def _losing_layers(rows_h: list[dict], rows_o: list[dict], n: int = 3) -> str:
             continue
         d = {k: r["energy_pj"][k] - o["energy_pj"][k] for k in ("compute", "onchip", "dram",
                                                                  "total")}
-        deltas.append((d["total"], r["name"], d))
-    deltas.sort(reverse=True)
+        if (d["total"] < 0) == saving:
+            deltas.append((d["total"], r["name"], d))
+    deltas.sort(reverse=not saving)
     return "; ".join(f"{name} {_uj(d['total'])} ({_uj(d['onchip'])} on-chip, "
                      f"{_uj(d['dram'])} DRAM, {_uj(d['compute'])} compute)"
-                     for _t, name, d in deltas[:n])
+                     for _t, name, d in deltas[:n]) or "none"
+
+
+LEVELS = (("compute", "compute"), ("onchip", "on-chip memory"), ("dram", "DRAM"))
+
+
+def _wins_losses(tag: str, label: str, run_: dict) -> str:
+    """One bullet: the memory levels and layers where the hybrid saves energy against its
+    original, and where it spends more."""
+    s = run_["summary"]
+    eo, eh = s["energy_pj"]["original"], s["energy_pj"]["hybrid"]
+    d = {k: eh[k] - eo[k] for k, _ in LEVELS}
+    win = ", ".join(f"{w} {_uj(-d[k])} uJ" for k, w in LEVELS if d[k] < 0) or "nothing"
+    lose = ", ".join(f"{w} +{_uj(d[k])} uJ" for k, w in LEVELS if d[k] >= 0) or "nothing"
+    rows_h, rows_o = run_["layers"]["hybrid"], run_["layers"]["original"]
+    return (f"- {tag} {label} (total {100 * (s['energy_ratio'] - 1):+.1f}%, cycles "
+            f"x{s['cycles_ratio']:.2f}): saves {win}; spends more in {lose}. Layers "
+            f"saving the most: {_losing_layers(rows_h, rows_o, saving=True)}. Layers adding "
+            f"the most: {_losing_layers(rows_h, rows_o)}.")
 
 
 def _verdict(k: dict) -> list[str]:
@@ -346,6 +412,7 @@ def _verdict(k: dict) -> list[str]:
                f"{_uj(e['compute'])} / {_uj(e['onchip'])} / {_uj(e['dram'])}; the layers that "
                "add the most there: " + _losing_layers(b["layers_hybrid"],
                                                         b["layers_original"]) + ".")
+    out += _knob_reach(pts, ptq["total"], goal)
     dense_h = sum(r["cycles"] for r in f["layers_hybrid"] if r["kind"] != "hybrid")
     dense_o = sum(r["cycles"] for r in f["layers_original"]
                   if r["name"] in {x["name"] for x in f["layers_hybrid"] if x["kind"] != "hybrid"})
@@ -354,6 +421,155 @@ def _verdict(k: dict) -> list[str]:
                f"{dense_o:.0f} on the MAC-only baseline, of int8 PTQ's "
                f"{f['cycles']['original']:.0f} in all.")
     return [" ".join(out)]
+
+
+def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares slope and intercept."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    return slope, my - slope * mx
+
+
+def _knob_reach(pts: list[dict], ptq_pj: float, goal: float) -> list[str]:
+    """Each knob alone at its best value, and how far the hidden-units knob could go:
+    energy and cycles fitted linearly in ``r scale`` over the measured points that share a
+    MAC area fraction and adder width, extrapolated to r -> 0 (no ternary-bank work left,
+    everything else kept). An extrapolation, said as such."""
+    alone = []
+    for knob, what in (("mac_area_fraction", "MAC area {:.2f}"), ("r_scale", "r x{:.2f}"),
+                       ("adder_bits", "{}-bit adders")):
+        kp = [p for p in pts if p["knob"] == knob]
+        if kp:
+            b = min(kp, key=lambda p: p["energy_ratio"])
+            alone.append(f"{what.format(b['value'])} {100 * (b['energy_ratio'] - 1):+.1f}% "
+                         f"(cycles x{b['cycles_ratio']:.2f})")
+    out = ["Each knob alone at its least-energy value: " + "; ".join(alone) + "."]
+    groups: dict[tuple, dict[float, dict]] = {}
+    for p in pts:
+        groups.setdefault((p["mac_area_fraction"], p["adder_bits"]), {})[p["r_scale"]] = p
+    fits = []
+    for (frac, bits), by_r in groups.items():
+        if len(by_r) < 2:
+            continue
+        rs = sorted(by_r)
+        e_slope, e0 = _line(rs, [by_r[r]["energy_pj"]["hybrid"]["total"] for r in rs])
+        _c_slope, c0 = _line(rs, [by_r[r]["cycles_ratio"] for r in rs])
+        fits.append((e0, frac, bits, rs, e_slope, c0))
+    if not fits:
+        return out
+    target = (1 - goal) * ptq_pj
+    s = ("Extrapolating energy and cycles linearly in r to r -> 0 (the ternary banks' work "
+         "gone, everything else kept) from the measured points: " + "; ".join(
+             f"MAC area {frac:.2f} with {bits}-bit adders (r x"
+             f"{', x'.join(f'{r:g}' for r in rs)}) {_uj(e0)} uJ, "
+             f"{100 * (e0 / ptq_pj - 1):+.1f}% vs int8 PTQ, cycles x{c0:.2f}"
+             for e0, frac, bits, rs, _s, c0 in sorted(fits)) + ". ")
+    e0, frac, bits, rs, e_slope, c0 = min(fits)
+    if e0 > target:
+        s += (f"Even the lowest is above the goal's {_uj(target)} uJ, so no hidden-unit count "
+              "reaches it at these splits and widths: what is left is the stem, depthwise, "
+              "classifier and critical filters on the smaller MAC array and their on-chip "
+              "traffic.")
+    else:
+        r_need = (target - e0) / e_slope if e_slope > 0 else 0.0
+        s += (f"At MAC area {frac:.2f} with {bits}-bit adders the energy goal would need about "
+              f"r x{r_need:.2f} (extrapolated; accuracy not measured there)")
+        s += (". That is below 1/4: the planner's ratios r / tolerant filters are 1 to 4, so "
+              "every layer would have fewer hidden units than tolerant filters, a bank "
+              "hfbconvert does not build." if r_need < 1 / max(PLANNER_RATIOS) else ".")
+    return out + [s]
+
+
+def _planner_lines(path: str) -> list[str]:
+    """The engine-priced planner's prediction against the engine on the model it planned,
+    whether the engine's figure keeps the cap, and what accuracy the plan kept."""
+    c = json.load(open(path))
+    eng = c["engine_vs_reference"]
+    cap = c["energy_budget"]
+    out = (f"Planner check (`{c.get('compress_command', 'compress --energy-budget ' + str(cap))}`"
+           f", then `{c['command']}`; from `{path}`): the plan's predicted energy on "
+           f"{c['accelerator']} {_uj(c['predicted_pj'])} uJ, the engine on the compressed model "
+           f"{_uj(c['engine_pj'])} uJ ({100 * c['relative_error']:+.1f}% prediction error)")
+    if c.get("report_pj") is not None:
+        out += (f"; `hfbconvert report` states {_uj(c['report_pj'])} uJ "
+                f"({100 * c['report_relative_error']:+.1f}%: the stored prices at the final "
+                "ternary non-zeros)")
+    out += (f". By the engine the model uses {eng:.3f} of the original on the equal-area "
+            f"MAC-only baseline ({_uj(c['reference_pj'])} uJ, i.e. int8 PTQ), "
+            + ("within" if eng <= cap else "over") + f" the cap of {cap}"
+            + ("" if eng <= cap else " that the planner's linear prices kept")
+            + f", at cycles x{c['cycles_ratio']:.2f} of that baseline.")
+    least = c.get("least_plan")
+    if least:
+        out += (f" The least energy any plan reaches on this design, by the planner's prices, "
+                f"is {least['of_reference']:.3f} of int8 PTQ (`{least['command']}`: "
+                f"\"{least['error'].removeprefix('error: ')}\").")
+    iv = c.get("final_agreement_interval")
+    if iv:
+        out += (f" Accuracy is not part of this check, and this plan (`--steps 0`, no "
+                f"fine-tune) keeps top-1 agreement {iv['agree']}/{iv['n']} with the original "
+                f"on the held-apart images (95% interval {iv['ci95'][0]:.2f}-"
+                f"{iv['ci95'][1]:.2f}).")
+    return ["", out]
+
+
+def _knob_section(path: str) -> list[str]:
+    """One knob results file: its table and the verdict."""
+    k = json.load(open(path))
+    out: list[str] = []
+    out += ["", f"Knobs, {k['model']} int8 hybrid on hybrid_int8 against int8 PTQ on the "
+            f"equal-area MAC-only baseline (goal: at least {100 * k['goal_saving']:.0f}% "
+            "less energy at equal or better throughput; `r scale`: hidden units per "
+            "tolerant filter times this; `adder bits`: adder width, the ternary parts' "
+            f"partial sums and hidden units at that width; from `{path}`, produced by "
+            f"`{k['command']}`):", "",
+            "| knob | MAC area fraction | r scale | adder bits | MACs + adders | "
+            "cycles vs PTQ | hybrid compute | on-chip | DRAM | total | energy vs PTQ | "
+            "goal |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+    for p in k["points"]:
+        out.append(f"| {p['knob']} | {p['mac_area_fraction']:.2f} | {p['r_scale']:.2f} | "
+                   f"{p['adder_bits']} | {p['n_mac']} + {p['n_adder']} | "
+                   f"x{p['cycles_ratio']:.2f} | {_split(p['energy_pj']['hybrid'])} | "
+                   f"{100 * (p['energy_ratio'] - 1):+.1f}% | "
+                   f"{'met' if p['meets_goal'] else 'not met'} |")
+    out += [""] + _verdict(k)
+    return out
+
+
+def _headline(res: dict, knob_paths: list[str]) -> list[str]:
+    """The verdict in three sentences: the int8 hybrid against int8 PTQ per model, the float
+    hybrid against the float original, where (by level) the hybrid saves and spends, and
+    whether any knob point meets the goal."""
+    def pair(label: str) -> str:
+        return "; ".join(
+            f"{tag} {100 * (r[label]['summary']['energy_ratio'] - 1):+.1f}% energy at cycles "
+            f"x{r[label]['summary']['cycles_ratio']:.2f}"
+            for tag, r in res["models"].items() if label in r)
+    runs = [run_["summary"] for r in res["models"].values() for run_ in r.values()]
+    by_level = []
+    for k, what in LEVELS:
+        n = sum(1 for s in runs if s["energy_pj"]["hybrid"][k] < s["energy_pj"]["original"][k])
+        by_level.append(f"{what} in {n} of {len(runs)}")
+    out = [f"In short: the int8 hybrid on the area-equivalent design against int8 PTQ on the "
+           f"MAC-only baseline: {pair('int8')}. The float hybrid against the float original: "
+           f"{pair('fp32')}. The hybrid uses less energy than its original for "
+           + ", ".join(by_level) + " runs."]
+    for path in knob_paths:
+        k = json.load(open(path))
+        met = [p for p in k["points"] if p["meets_goal"]]
+        best = min(k["points"], key=lambda p: p["energy_ratio"])
+        out.append(
+            f"Goal ({100 * k['goal_saving']:.0f}% less energy than int8 PTQ at equal or better "
+            f"throughput), {k['model']}: " + (
+                f"met at {len(met)} of {len(k['points'])} knob points." if met else
+                f"not met at any of {len(k['points'])} knob points; the least energy is "
+                f"{best['knob']} (MAC area {best['mac_area_fraction']:.2f}, r "
+                f"x{best['r_scale']:.2f}, {best['adder_bits']}-bit adders) at "
+                f"{100 * (best['energy_ratio'] - 1):+.1f}% and cycles "
+                f"x{best['cycles_ratio']:.2f} (details below)."))
+    return ["", " ".join(out)]
 
 
 def models_table(args) -> int:
@@ -365,11 +581,13 @@ def models_table(args) -> int:
            "inference; unit costs Horowitz 45 nm; compute area only (memories not in the "
            "area); the original on the MAC-only baseline, the hybrid on the area-equivalent "
            "MAC + adder design (MAC area fraction 0.5); hybrids from `compress --steps 0`.",
-           "", "| model | arithmetic | accelerator | area (um^2) | MACs + adders | cycles | "
-           "cycles vs original | utilization | compute | on-chip | DRAM | total | "
-           "energy vs original |", "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"
-           "---:|"]
-    losers = []
+           *_headline(res, args.knobs),
+           "", "| model | arithmetic | accelerator | area (um^2) | act SRAM (KiB) | "
+           "MACs + adders | cycles | cycles vs original | utilization | compute | on-chip | "
+           "DRAM | total | energy vs original |",
+           "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    losers: list[str] = []
+    bigger: dict[str, tuple[float, list]] = {}
     for tag, runs in res["models"].items():
         for label, run_ in runs.items():
             s = run_["summary"]
@@ -379,35 +597,32 @@ def models_table(args) -> int:
                 cyc = "" if who == "original" else f"x{s['cycles_ratio']:.2f}"
                 en = "" if who == "original" else f"{100 * (s['energy_ratio'] - 1):+.1f}%"
                 out.append(f"| {tag} | {label} {who} | {name} | "
-                           f"{s['area_um2']['budget_um2']:.0f} | {units} | "
+                           f"{s['area_um2']['budget_um2']:.0f} | "
+                           f"{run_.get('act_sram_kib', 4096):.0f} | {units} | "
                            f"{s['cycles'][who]:.0f} | {cyc} | {s['utilization'][who]:.2f} | "
                            f"{_split(e)} | {en} |")
-            eo, eh = s["energy_pj"]["original"], s["energy_pj"]["hybrid"]
-            losers.append(f"- {tag} {label}: hybrid - original = "
-                          f"{_uj(eh['compute'] - eo['compute'])} compute, "
-                          f"{_uj(eh['onchip'] - eo['onchip'])} on-chip, "
-                          f"{_uj(eh['dram'] - eo['dram'])} DRAM uJ; most in "
-                          + _losing_layers(run_["layers"]["hybrid"], run_["layers"]["original"]))
-    out += ["", "Where the energy goes (hybrid minus original, by memory level, and the three "
-            "layers that add the most):", ""] + losers
+            losers.append(_wins_losses(tag, label, run_))
+            kib = run_.get("act_sram_kib", 4096)
+            if kib != 4096:
+                bigger.setdefault(tag, (kib, []))[1].append(
+                    (label, run_.get("act_kib_needed") or {}))
+    for tag, (kib, needs) in bigger.items():
+        need = "; ".join(f"{label}: original {n['original']:.0f} KiB, hybrid {n['hybrid']:.0f} "
+                         "KiB" for label, n in needs if n)
+        out += ["", f"{tag} runs on variants of both designs with `memory.act_sram_kib: "
+                f"{kib:.0f}` ({kib / 1024:g} MiB of activation SRAM instead of the shipped 4 "
+                "MiB, which refuses the model with exit 2)" + (
+                    f"; the largest on-chip activation footprint (a layer part's input + "
+                    f"output) is {need}" if need else "") + ". The SRAM's energy per access "
+                "is kept, so only the capacity differs (a bigger SRAM costs more per access "
+                "in silicon, which this model charges to neither design)."]
+    out += ["", "Where the hybrid wins and where it loses, against its own original (uJ per "
+            "inference, by level; then the three layers that save the most and the three "
+            "that add the most):", ""] + losers
     for path in args.knobs:
-        k = json.load(open(path))
-        out += ["", f"Knobs, {k['model']} int8 hybrid on hybrid_int8 against int8 PTQ on the "
-                f"equal-area MAC-only baseline (goal: at least {100 * k['goal_saving']:.0f}% "
-                "less energy at equal or better throughput; `r scale`: hidden units per "
-                "tolerant filter times this; `adder bits`: adder width, the ternary parts' "
-                f"partial sums and hidden units at that width; from `{path}`, produced by "
-                f"`{k['command']}`):", "",
-                "| knob | MAC area fraction | r scale | adder bits | MACs + adders | "
-                "cycles vs PTQ | hybrid compute | on-chip | DRAM | total | energy vs PTQ | "
-                "goal |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
-        for p in k["points"]:
-            out.append(f"| {p['knob']} | {p['mac_area_fraction']:.2f} | {p['r_scale']:.2f} | "
-                       f"{p['adder_bits']} | {p['n_mac']} + {p['n_adder']} | "
-                       f"x{p['cycles_ratio']:.2f} | {_split(p['energy_pj']['hybrid'])} | "
-                       f"{100 * (p['energy_ratio'] - 1):+.1f}% | "
-                       f"{'met' if p['meets_goal'] else 'not met'} |")
-        out += [""] + _verdict(k)
+        out += _knob_section(path)
+    for path in args.planner_check:
+        out += _planner_lines(path)
     text = "\n".join(out)
     begin, end = "<!-- hw-models:begin -->", "<!-- hw-models:end -->"
     for doc in args.doc:
@@ -442,6 +657,11 @@ def main(argv=None) -> int:
                    metavar=("TAG", "FLOAT", "INT8"),
                    help="model tag, float hybrid (.hfb.pt), int8 hybrid (.onnx)")
     m.add_argument("-o", "--output", required=True)
+    m.add_argument("--act-sram-kib", action="append", default=[], metavar="TAG=KIB",
+                   help="give this model's designs (baseline and hybrid) an activation SRAM "
+                        "of KIB KiB instead of the shipped 4096 (repeatable)")
+    m.add_argument("--append", action="store_true",
+                   help="add these cases to the results already in --output")
     k = sub.add_parser("knobs")
     k.add_argument("--model", required=True, help="model tag for the results file")
     k.add_argument("--int8", required=True, help="int8 hybrid (.onnx or .hfb.pt)")
@@ -452,6 +672,8 @@ def main(argv=None) -> int:
     mt.add_argument("--doc", action="append", default=[],
                     help="replace the block between the hw-models markers of this file "
                          "(repeatable)")
+    mt.add_argument("--planner-check", nargs="*", default=[],
+                    help="planner-check results files")
     pc = sub.add_parser("planner-check")
     pc.add_argument("compressed", help=".hfb.pt made with --energy-model")
     pc.add_argument("--original", required=True)

@@ -371,8 +371,10 @@ def make_plan(model: nn.Module, info: ModelInfo, layers: list[PointwiseLayer],
                          f"predicted W_b density)")
     if plan_override:
         plans = apply_plan_override(plans, plan_override, layers)
+    pricing = (prices.record(cfg.energy_model, plans, caps["max_energy_pj"])
+               if prices is not None else None)
     return Plan(cfg.method, plans, cfg.budget if cfg.critical_fraction is None else None,
-                fixed, cost.muls, cost.adds, notes)
+                fixed, cost.muls, cost.adds, notes, pricing)
 
 
 def _bad_plan(reason: str) -> ConfigError:

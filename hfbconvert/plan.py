@@ -85,21 +85,28 @@ class Plan:
     original_muls: int = 0
     original_adds: int = 0
     notes: list[str] = field(default_factory=list)
+    # --energy-model: the accelerator prices the energy cap was set with
+    # (hw.planner.EnginePrices.record), so the report prices the result the same way
+    energy_pricing: dict | None = None
 
     def predicted_muls(self) -> int:
         return self.fixed_muls + sum(lp.predicted_muls() for lp in self.layers)
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "budget": self.budget, "fixed_muls": self.fixed_muls,
-                "original_muls": self.original_muls, "original_adds": self.original_adds,
-                "predicted_muls": self.predicted_muls(), "notes": self.notes,
-                "layers": [lp.to_dict() for lp in self.layers]}
+        d = {"method": self.method, "budget": self.budget, "fixed_muls": self.fixed_muls,
+             "original_muls": self.original_muls, "original_adds": self.original_adds,
+             "predicted_muls": self.predicted_muls(), "notes": self.notes,
+             "layers": [lp.to_dict() for lp in self.layers]}
+        if self.energy_pricing is not None:
+            d["energy_pricing"] = self.energy_pricing
+        return d
 
     @staticmethod
     def from_dict(d: dict) -> Plan:
         layers = [LayerPlan(**lp) for lp in d["layers"]]
         return Plan(d["method"], layers, d.get("budget"), d.get("fixed_muls", 0),
-                    d.get("original_muls", 0), d.get("original_adds", 0), d.get("notes", []))
+                    d.get("original_muls", 0), d.get("original_adds", 0), d.get("notes", []),
+                    d.get("energy_pricing"))
 
 
 def _ranked(curve: torch.Tensor, energy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -119,3 +119,52 @@ def test_cli_missing_model_exit_2(tmp_path):
     r = CliRunner().invoke(main, ["hw", str(tmp_path / "none.onnx"),
                                   "--accelerator", "mac_int8"])
     assert r.exit_code == 2 and "no such file" in r.output
+
+
+@pytest.mark.parametrize("pack", ["2bit", "base3"])
+def test_onnx_workload_is_the_model_workload(tmp_path, pack) -> None:
+    """The workload read from an exported file (shapes from onnxruntime, each bank paired
+    with its critical Conv, densities unpacked from W_b / W_c) is the PyTorch model's, part
+    for part; a layer with no critical filters is an unpaired bank."""
+    from dataclasses import asdict
+
+    import torch
+
+    from hfbconvert.export.onnx import export_onnx
+    from hfbconvert.hw.workload import from_model, from_onnx
+    from hfbconvert.layers import find_pointwise
+    from hfbconvert.models.mobilenet_v1 import MobileNetV1
+    from hfbconvert.pipeline import build_hybrid
+    from hfbconvert.plan import LayerPlan
+
+    g = torch.Generator().manual_seed(0)
+    net = MobileNetV1(width_mult=0.25, num_classes=10).eval()
+    layers = find_pointwise(net, 32)
+    plans = [LayerPlan(ly.name, n_c, ly.c_out - n_c + 1, list(range(n_c)), ly.c_in, ly.c_out,
+                       ly.pixels) for ly, n_c in zip(layers, [0] + [ly.c_out // 4
+                                                                     for ly in layers[1:]])]
+    hybrid = build_hybrid(net, plans, {ly.name: ly.kind for ly in layers})
+    for lp in plans:
+        h = hybrid.get_submodule(lp.name)
+        h.set_factors(torch.randint(-1, 2, (h.r, h.c_in), generator=g).float(),
+                      torch.rand(h.r, generator=g),
+                      torch.randint(-1, 2, (h.n_tolerant, h.r), generator=g).float())
+        h.freeze()
+    path = tmp_path / "h.onnx"
+    export_onnx(hybrid, path, 32, pack=pack)
+
+    def strip(lay) -> dict:
+        d = asdict(lay)
+        d.pop("name")
+        for p in d["parts"]:
+            p.pop("name")
+            p["density"] = round(p["density"], 9)
+        return d
+    want, got = from_model(hybrid, 32), from_onnx(str(path))
+    assert [strip(x) for x in got] == [strip(x) for x in want]
+    kinds = [x.kind for x in got]
+    assert kinds.count("hybrid") == len(plans) and {"conv", "depthwise"} <= set(kinds)
+    assert got[-1].kind == "hybrid" and got[-1].parts[0].ox * got[-1].parts[0].oy == 1  # Gemm
+    first = next(x for x in got if x.kind == "hybrid")
+    assert first.extra["critical"] == 0 and [p.stage for p in first.parts] == ["wb", "wc"]
+    assert 0.5 < first.parts[0].density < 0.8  # random codes: about 2/3 non-zero

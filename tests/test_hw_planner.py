@@ -67,6 +67,29 @@ def test_prices_are_the_engine_at_the_anchor(prices) -> None:
 
 
 @needs_zigzag
+def test_recorded_prices_price_the_final_model(prices) -> None:
+    """What the plan stores (record) prices a finished model as the planner would its plan:
+    the real critical count, hidden units and W_b / W_c non-zeros, a dense layer as
+    all-critical; a planned layer missing from the model gives None, not a guess."""
+    from hfbconvert.hw.planner import priced_pj
+    from hfbconvert.plan import LayerPlan
+
+    lp = LayerPlan("2", 4, 12, [0, 1, 2, 3], c_in=8, c_out=16, pixels=64, density=0.5)
+    rec = json.loads(json.dumps(prices.record("hybrid_int8", [lp], 1e6)))  # survives JSON
+    assert rec["accelerator"] == "hybrid_int8" and rec["cap_pj"] == 1e6
+    assert rec["predicted_pj"] == pytest.approx(prices.fixed_pj + prices.plan_pj(lp))
+    hyb = {"name": "2", "kind": "hybrid", "extra": {"critical": 4, "tolerant": 12, "r": 12,
+                                                     "nnz_wb": 48, "nnz_wc": 36}}
+    want = prices.fixed_pj + prices.option_pj("2", 4, 12, 12, 48 / 96, 36 / 144)
+    assert priced_pj(rec, [hyb]) == pytest.approx(want)
+    assert want != pytest.approx(rec["predicted_pj"])  # densities differ from the plan's
+    dense = {"name": "2", "kind": "pointwise", "extra": {}}
+    assert priced_pj(rec, [dense]) == pytest.approx(
+        prices.fixed_pj + prices.option_pj("2", 16, 0, 0, 1.0))
+    assert priced_pj(rec, [{"name": "other", "kind": "pointwise"}]) is None
+
+
+@needs_zigzag
 def test_unmappable_layer_priced_by_constants_and_marked(monkeypatch) -> None:
     from hfbconvert.hw.planner import engine_prices
 
@@ -149,3 +172,42 @@ def test_energy_model_plan_meets_the_cap(inputs, monkeypatch) -> None:
         return p.fixed_pj + sum(p.plan_pj(LayerPlan(**lp)) for lp in pl["layers"])
     assert total(plan) <= 0.8 * p.reference_pj * (1 + 1e-6)
     assert total(free) > 0.8 * p.reference_pj  # so the cap binds
+    # the plan carries the prices its cap was set with (the report prices the result by them)
+    rec = plan["energy_pricing"]
+    assert rec["accelerator"] == "hybrid_int8" and rec["energy_model"] == "hybrid_int8"
+    assert rec["predicted_pj"] == pytest.approx(total(plan))
+    assert rec["cap_pj"] == pytest.approx(0.8 * p.reference_pj)
+    assert "energy_pricing" not in free
+
+
+@needs_zigzag
+def test_report_uses_the_energy_model_that_priced_the_budget(inputs, tmp_path,
+                                                             monkeypatch) -> None:
+    """A model planned with --energy-model: the report's energy budget line and
+    energy_fraction_used are the accelerator's (the plan's stored prices at the final
+    non-zeros), not the constants table's, which is given beside it."""
+    from hfbconvert import schemas
+    from hfbconvert.hw.planner import priced_pj
+
+    def boom(self, core, layer):
+        raise RuntimeError("cannot map")
+    monkeypatch.setattr(engine.Engine, "_zigzag", boom)
+    out = tmp_path / "e.hfb.pt"
+    res = _run("compress", inputs["model"], "--calib", inputs["calib"], "-q", "--steps", "0",
+               "--activation-bits", "8", "--energy-budget", "0.8", "--energy-model",
+               "hybrid_int8", "-o", out)
+    assert res.exit_code == 0, res.output
+    rep = json.loads(_run("report", out, "--json").stdout)
+    schemas.validate(rep, "report")
+    bud = rep["totals"]["budget"]
+    from hfbconvert.artifact import load_compressed_meta
+
+    _info, meta = load_compressed_meta(str(out))
+    rec = meta["plan"]["energy_pricing"]
+    used = priced_pj(rec, meta["cost"]["layers"]) / rec["reference_pj"]
+    assert bud["energy_model"] == "hybrid_int8"
+    assert bud["energy_fraction_used"] == pytest.approx(used)
+    assert bud["energy_fraction_used_constants"] != pytest.approx(used)
+    text = _run("report", out).output
+    assert "energy on the hybrid_int8 accelerator model" in text
+    assert f"used {used:.1%}" in text

@@ -164,3 +164,45 @@ def test_knob_verdict_names_what_meets_the_goal_or_why_not() -> None:
     assert "No point meets the goal" in text and "energy goal alone is reached by a" in text
     assert "No point is as fast as int8 PTQ (fastest: a " in text
     assert "take 10 cycles against 5 on the MAC-only baseline" in text
+
+
+def test_report_energy_budget_names_its_pricing_model() -> None:
+    """Without --energy-model the energy budget is the constants table's (and says so); with
+    stored accelerator prices the used fraction is theirs, priced from the final model's
+    counts, and the constants fraction is kept beside it. No engine needed."""
+    from hfbconvert.report import build_report, render_markdown
+
+    from .test_report import fake_meta
+
+    meta, info = fake_meta()
+    meta["config"]["energy_budget"] = 0.9
+    bud = build_report(meta, info)["totals"]["budget"]
+    assert bud["energy_model"] == "constants"
+    assert bud["energy_fraction_used"] == bud["energy_fraction_used_constants"] is not None
+    meta["config"]["energy_model"] = "hybrid_int8"  # priced by an accelerator, prices lost
+    bud = build_report(meta, info)["totals"]["budget"]
+    assert bud["energy_model"] == "hybrid_int8" and bud["energy_fraction_used"] is None
+    rows = {r["name"]: r for r in meta["cost"]["layers"]}
+    layers = {}
+    for lp in meta["plan"]["layers"]:
+        layers[lp["name"]] = {"c_in": lp["c_in"], "c_out": lp["c_out"], "pixels": lp["pixels"],
+                              "critical_pj_per_op": 2.0, "wb_mem_pj_per_op": 1.0,
+                              "wc_mem_pj_per_op": 1.0, "adder_pj": 0.5}
+    meta["plan"]["energy_pricing"] = {
+        "energy_model": "my_acc.yaml", "accelerator": "my_acc", "reference_pj": 1e9,
+        "fixed_pj": 1e6, "cap_pj": 9e8, "predicted_pj": 0.0, "scale_mul_pj": 3.0,
+        "layers": layers}
+    want = 1e6
+    for name, lp in layers.items():
+        ex, pix, c = rows[name]["extra"], lp["pixels"], lp["c_in"]
+        want += (ex["critical"] * c * pix * 2.0 + ex["r"] * c * pix + ex["tolerant"] * ex["r"]
+                 * pix + 0.5 * (ex["nnz_wb"] + ex["nnz_wc"]) * pix + 3.0 * ex["r"] * pix)
+    rep = build_report(meta, info)
+    schemas.validate(rep, "report")
+    bud = rep["totals"]["budget"]
+    assert bud["energy_model"] == "my_acc"
+    assert bud["energy_fraction_used"] == pytest.approx(want / 1e9)
+    assert bud["energy_fraction_used_constants"] != pytest.approx(want / 1e9)
+    md = render_markdown(rep)
+    assert "energy budget 90.0% (energy on the my_acc accelerator model" in md
+    assert f"used {want / 1e9:.1%}" in md and "arithmetic energy by the constants table" in md

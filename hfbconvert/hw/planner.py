@@ -19,7 +19,7 @@ in ``fallback_layers``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ..errors import InputError
@@ -40,6 +40,7 @@ class LayerPrice:
     wc_mem_pj_per_op: float
     adder_pj: float
     engine: str = "zigzag"
+    c_out: int = 0
 
 
 @dataclass
@@ -50,16 +51,19 @@ class EnginePrices:
     fixed_pj: float              # layers outside the plan, on the design
     fallback_layers: list[str] = field(default_factory=list)
 
-    def option_pj(self, name: str, n_c: int, r: int, n_t: int, density: float) -> float:
+    def option_pj(self, name: str, n_c: int, r: int, n_t: int, density: float,
+                  density_c: float | None = None) -> float:
         """Energy (pJ per inference) of one planned layer with ``n_c`` critical filters and
-        ``r`` hidden units for ``n_t`` tolerant filters."""
+        ``r`` hidden units for ``n_t`` tolerant filters; ``density``: W_b's non-zero
+        fraction, ``density_c`` W_c's (default: the same)."""
         lp = self.layers[name]
         pix, c = lp.pixels, lp.c_in
+        dc = density if density_c is None else density_c
         e = n_c * c * pix * lp.critical_pj_per_op
         if n_t and r:
             wb, wc = r * c * pix, n_t * r * pix
             e += wb * (lp.adder_pj * density + lp.wb_mem_pj_per_op)
-            e += wc * (lp.adder_pj * density + lp.wc_mem_pj_per_op)
+            e += wc * (lp.adder_pj * dc + lp.wc_mem_pj_per_op)
             e += scale_energy_pj(self.design, r * pix)
         return e
 
@@ -70,6 +74,46 @@ class EnginePrices:
     def summary(self) -> dict[str, Any]:
         return {"accelerator": self.design.name, "reference_pj": self.reference_pj,
                 "fixed_pj": self.fixed_pj, "fallback_layers": list(self.fallback_layers)}
+
+    def record(self, energy_model: str, plans: list, cap_pj: float) -> dict[str, Any]:
+        """What the plan's energy cap was priced with, stored with the plan (``plan.
+        energy_pricing``) so the report can price the finished model the same way
+        (:func:`priced_pj`) without re-running the engine."""
+        from .engine import zigzag_version
+
+        return {"energy_model": energy_model, "accelerator": self.design.name,
+                "engine": f"zigzag-dse {zigzag_version()}", "reference_pj": self.reference_pj,
+                "fixed_pj": self.fixed_pj, "cap_pj": cap_pj,
+                "predicted_pj": self.fixed_pj + sum(self.plan_pj(lp) for lp in plans),
+                "scale_mul_pj": scale_energy_pj(self.design, 1),
+                "fallback_layers": list(self.fallback_layers),
+                "layers": {n: asdict(lp) for n, lp in self.layers.items()}}
+
+
+def priced_pj(pricing: dict[str, Any], cost_layers: list[dict[str, Any]]) -> float | None:
+    """A finished model's energy (pJ per inference) by the accelerator prices its plan was
+    made with (:meth:`EnginePrices.record`): the layers outside the plan as priced then,
+    each planned layer from its real critical count, hidden units and ternary non-zeros
+    (``costs.hybrid_cost``'s ``extra``), a planned layer left dense as all-critical. None
+    when a planned layer is missing from ``cost_layers``."""
+    rows = {r.get("name"): r for r in cost_layers}
+    e = float(pricing["fixed_pj"])
+    for name, lp in pricing["layers"].items():
+        row = rows.get(name)
+        if row is None:
+            return None
+        pix, c = lp["pixels"], lp["c_in"]
+        ex = row.get("extra") or {}
+        if row.get("kind") != "hybrid":
+            e += lp["c_out"] * c * pix * lp["critical_pj_per_op"]
+            continue
+        n_c, n_t, r = ex["critical"], ex["tolerant"], ex["r"]
+        e += n_c * c * pix * lp["critical_pj_per_op"]
+        if n_t and r:
+            e += r * c * pix * lp["wb_mem_pj_per_op"] + n_t * r * pix * lp["wc_mem_pj_per_op"]
+            e += lp["adder_pj"] * (ex["nnz_wb"] + ex["nnz_wc"]) * pix
+            e += pricing["scale_mul_pj"] * r * pix
+    return e
 
 
 def _rebits(layers: list[Layer], act_bits: int, fp_bits: int) -> list[Layer]:
@@ -138,5 +182,5 @@ def engine_prices(model, resolution: int, planned: list[str], energy_model: str,
         if mark != "zigzag" and name not in fallback:
             fallback.append(name)
         prices[name] = LayerPrice(name, c_in, p.ox * p.oy, per["critical"], per["wb"],
-                                  per["wc"], adder_pj, mark)
+                                  per["wc"], adder_pj, mark, c_out)
     return EnginePrices(des, prices, ref["totals"]["energy_pj"]["total"], fixed, fallback)

@@ -168,6 +168,44 @@ def _num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _units(d: dict, where: str, prec: str, abits: int) -> tuple[tuple[float, float],
+                                                               tuple[float, float]]:
+    """(pJ, um^2) of the MAC and adder units: Horowitz's for the precision and adder width,
+    unless ``mac_unit`` / ``adder_unit`` override them."""
+    mul_e, mul_a = MUL[prec]
+    acc_e, acc_a = ADD[ACC[prec]]
+    units = {"mac_unit": (mul_e + acc_e, mul_a + acc_a),
+             "adder_unit": int_adder(abits) if prec == "int8" else ADD[prec]}
+    for key, default in list(units.items()):
+        if key in d:
+            u = d[key]
+            for f in u:
+                if f not in ("energy_pj", "area_um2"):
+                    raise InputError(f"{where}: unknown field '{key}.{f}' "
+                                     "(allowed: energy_pj, area_um2)")
+                if not _num(u[f]) or u[f] <= 0:
+                    raise InputError(f"{where}: field '{key}.{f}' must be a positive number")
+            units[key] = (float(u.get("energy_pj", default[0])),
+                          float(u.get("area_um2", default[1])))
+    return units["mac_unit"], units["adder_unit"]
+
+
+def _memory(d: dict, where: str) -> dict[str, float]:
+    """The memory hierarchy: the defaults with the file's ``memory`` fields, validated."""
+    memory = dict(MEMORY_DEFAULTS)
+    for k, v in (d.get("memory") or {}).items():
+        if k not in MEMORY_DEFAULTS:
+            raise InputError(f"{where}: unknown field 'memory.{k}' "
+                             f"(allowed: {', '.join(MEMORY_DEFAULTS)})")
+        if not _num(v) or v <= 0:
+            raise InputError(f"{where}: field 'memory.{k}' must be a positive number, got {v!r}")
+        memory[k] = v
+    for k in ("act_sram_bits", "weight_sram_bits", "dram_bits"):
+        if memory[k] != int(memory[k]) or memory[k] < 8:
+            raise InputError(f"{where}: field 'memory.{k}' must be an integer >= 8")
+    return memory
+
+
 def design_from_dict(d: Any, where: str) -> Design:
     """Validate ``d`` (a parsed YAML mapping); InputError naming the field otherwise."""
     if not isinstance(d, dict):
@@ -196,35 +234,8 @@ def design_from_dict(d: Any, where: str) -> Design:
     cols = d.get("array_columns", 16)
     if cols < 1:
         raise InputError(f"{where}: field 'array_columns' must be >= 1, got {cols!r}")
-    mul_e, mul_a = MUL[prec]
-    acc_e, acc_a = ADD[ACC[prec]]
-    mac_unit = (mul_e + acc_e, mul_a + acc_a)
-    adder_unit = int_adder(abits) if prec == "int8" else ADD[prec]
-    for key, default in (("mac_unit", mac_unit), ("adder_unit", adder_unit)):
-        if key in d:
-            u = d[key]
-            for f in u:
-                if f not in ("energy_pj", "area_um2"):
-                    raise InputError(f"{where}: unknown field '{key}.{f}' "
-                                     "(allowed: energy_pj, area_um2)")
-                if not _num(u[f]) or u[f] <= 0:
-                    raise InputError(f"{where}: field '{key}.{f}' must be a positive number")
-            val = (float(u.get("energy_pj", default[0])), float(u.get("area_um2", default[1])))
-            if key == "mac_unit":
-                mac_unit = val
-            else:
-                adder_unit = val
-    memory = dict(MEMORY_DEFAULTS)
-    for k, v in (d.get("memory") or {}).items():
-        if k not in MEMORY_DEFAULTS:
-            raise InputError(f"{where}: unknown field 'memory.{k}' "
-                             f"(allowed: {', '.join(MEMORY_DEFAULTS)})")
-        if not _num(v) or v <= 0:
-            raise InputError(f"{where}: field 'memory.{k}' must be a positive number, got {v!r}")
-        memory[k] = v
-    for k in ("act_sram_bits", "weight_sram_bits", "dram_bits"):
-        if memory[k] != int(memory[k]) or memory[k] < 8:
-            raise InputError(f"{where}: field 'memory.{k}' must be an integer >= 8")
+    mac_unit, adder_unit = _units(d, where, prec, abits)
+    memory = _memory(d, where)
     des = Design(name=d["name"], precision=prec, compute_area_um2=float(d["compute_area_um2"]),
                  mac_area_fraction=float(frac), adder_bits=int(abits), array_columns=int(cols),
                  mac_unit=mac_unit, adder_unit=adder_unit, memory=memory,

@@ -160,9 +160,29 @@ def model_totals(meta: dict) -> dict:
         "size_budget": cfg.get("size_budget"),
         "size_fraction_used": _frac(comp.get("bytes"), orig.get("bytes")),
         "energy_budget": cfg.get("energy_budget"),
-        "energy_fraction_used": _frac(comp.get("energy_pj"), _same_bits_energy(orig, comp)),
+        **_energy_use(meta, orig, comp),
     }
     return out
+
+
+def _energy_use(meta: dict, orig: dict, comp: dict) -> dict:
+    """How much of ``--energy-budget`` the model uses, by the model that priced the cap:
+    the accelerator prices stored with the plan (``--energy-model``), else the constants
+    table; the constants table's arithmetic fraction is given either way."""
+    arith = _frac(comp.get("energy_pj"), _same_bits_energy(orig, comp))
+    pricing = (meta.get("plan") or {}).get("energy_pricing")
+    if not pricing:
+        model = (meta.get("config") or {}).get("energy_model") or "constants"
+        # an accelerator-priced plan saved without its prices: unknown, not the table's
+        return {"energy_model": model,
+                "energy_fraction_used": arith if model == "constants" else None,
+                "energy_fraction_used_constants": arith}
+    from ..hw.planner import priced_pj
+
+    used = priced_pj(pricing, (meta.get("cost") or {}).get("layers") or [])
+    return {"energy_model": pricing.get("accelerator"),
+            "energy_fraction_used": _frac(used, pricing.get("reference_pj")),
+            "energy_fraction_used_constants": arith}
 
 
 def _frac(a: float | None, b: float | None) -> float | None:

@@ -102,13 +102,23 @@ def summary_lines(rep: dict) -> list[str]:
         out.append(f"ADDs {fmt_change(inc)} vs the original"
                    + (f" (allowed {fmt_change(lim)}{', OVER THE LIMIT' if over else ''})"
                       if lim is not None else ""))
+    em = bud.get("energy_model") or "constants"
+    energy_what = ("arithmetic energy by the constants table, of the original's at the same "
+                   "bits" if em == "constants" else
+                   f"energy on the {em} accelerator model (ZigZag-priced per operation, "
+                   "memory included, the final ternary non-zeros), of the original's on the "
+                   "equal-area MAC-only baseline")
     for key, what in (("size", "stored bytes, of the float32 weights"),
-                      ("energy", "arithmetic energy, of the original's at the same bits")):
+                      ("energy", energy_what)):
         cap, used = bud.get(f"{key}_budget"), bud.get(f"{key}_fraction_used")
         if cap is not None:
             over = used is not None and used > cap + 1e-9
             out.append(f"{key} budget {cap:.1%} ({what}), used {fmt_num(used, '.1%')}"
-                       + (" (OVER BUDGET)" if over else ""))
+                       + (" (OVER BUDGET)" if over else "")
+                       + ("" if key != "energy" or em == "constants" else
+                          "; arithmetic energy by the constants table: "
+                          f"{fmt_num(bud.get('energy_fraction_used_constants'), '.1%')} of "
+                          "the original's"))
     cal = rep.get("calibration")
     out.append("calibration: " + (f"{cal.get('n_images', NA)} images from "
                                   f"{cal.get('source', NA)}, {cal.get('held_images', NA)} held "
