@@ -32,6 +32,7 @@ CONFIG_FLAGS = {
     "source_model": "--source-model", "opset": "--opset", "pack": "--pack", "arch": "--arch",
     "batch_size": "--batch-size", "include": "--include", "exclude": "--exclude",
     "layer_kinds": "--layers", "energy_model": "--energy-model", "resolution": "--resolution",
+    "accelerator": "--accelerator", "mac_area_fraction": "--mac-area-fraction",
 }
 
 
@@ -601,7 +602,7 @@ def compress(ctx, model, arch, trust_pickle, calib, calib_size, resolution, pres
 
         if energy_budget is None:
             raise InputError("--energy-model prices --energy-budget; give --energy-budget too")
-        load_design(energy_model)  # a bad accelerator file fails before any work
+        load_design(energy_model, "energy_model")  # a bad accelerator file fails before any work
     validate_config(cfg, has_data=calib is not None)  # before loading anything
     override = _read_plan(plan_file) if plan_file else None
     # the model first: a missing MODEL is reported as such, not as its default output

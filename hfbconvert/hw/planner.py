@@ -134,22 +134,23 @@ def engine_prices(model, resolution: int, planned: list[str], energy_model: str,
     """Price ``model``'s layers on the accelerator ``energy_model`` (a shipped name or a
     YAML file) for the planner. ``planned``: names of the layers the planner chooses
     options for."""
-    des = load_design(energy_model)
+    des = load_design(energy_model, "energy_model")
     require_zigzag()
     want = "int8" if act_bits == 8 else None
     if want and des.precision != "int8":
-        raise InputError(f"--energy-model {energy_model}: a {des.precision} design prices "
-                         "float arithmetic; with --activation-bits 8 use an int8 design "
-                         "(e.g. hybrid_int8)")
+        raise InputError(f"{{em}} {energy_model}: a {des.precision} design prices "
+                         "float arithmetic; with {ab} 8 use an int8 design "
+                         "(e.g. hybrid_int8)", em="energy_model", ab="activation_bits")
     if not want and des.precision == "int8":
-        raise InputError(f"--energy-model {energy_model}: an int8 design needs "
-                         "--activation-bits 8")
+        raise InputError(f"{{em}} {energy_model}: an int8 design needs {{ab}} 8",
+                         em="energy_model", ab="activation_bits")
     fp_bits = 16 if des.precision == "fp16" else 32
     dense = _rebits(from_model(model, resolution, fp_bits), act_bits, fp_bits)
     names = {lay.name for lay in dense}
     missing = [n for n in planned if n not in names]
     if missing:
-        raise InputError(f"--energy-model: no workload for layer(s) {', '.join(missing[:3])}")
+        raise InputError(f"{{em}}: no workload for layer(s) {', '.join(missing[:3])}",
+                         em="energy_model")
     eng = engine or Engine()
     baseline = replace(des, mac_area_fraction=1.0)
     check_fits(baseline, dense)

@@ -89,7 +89,8 @@ class Design:
 
     def with_fraction(self, f: float) -> Design:
         if not 0 < f <= 1:
-            raise InputError(f"--mac-area-fraction must be in (0, 1], got {f}")
+            raise InputError(f"{{fraction}} must be in (0, 1], got {f}",
+                             fraction="mac_area_fraction")
         return replace(self, mac_area_fraction=float(f))
 
     def summary(self) -> dict[str, Any]:
@@ -253,15 +254,16 @@ def shipped() -> dict[str, Path]:
     return {p.stem: p for p in sorted(SHIPPED_DIR.glob("*.yaml"))}
 
 
-def load_design(name_or_path: str) -> Design:
-    """A shipped accelerator by name, or a YAML file."""
+def load_design(name_or_path: str, field: str = "accelerator") -> Design:
+    """A shipped accelerator by name, or a YAML file; ``field`` is the setting that named
+    it (for the error message)."""
     import yaml
 
     ships = shipped()
     p = ships.get(name_or_path) or Path(name_or_path)
     if not p.is_file():
-        raise InputError(f"--accelerator {name_or_path}: neither a shipped accelerator "
-                         f"({', '.join(ships)}) nor a readable .yaml file")
+        raise InputError(f"{{field}} {name_or_path}: neither a shipped accelerator "
+                         f"({', '.join(ships)}) nor a readable .yaml file", field=field)
     try:
         data = yaml.safe_load(p.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
