@@ -117,18 +117,18 @@ def held_evaluator(teacher: nn.Module, held: CalibData, label_offset: int,
                    batch_size: int = 256) -> Callable[[nn.Module], tuple[float, ...]]:
     """student -> (mean KL(teacher||student), agreement, top-1 or None) on ``held``; the
     teacher's log-probabilities are computed once."""
-    batches = list(held.batches(batch_size))
     teacher.eval()
     dev_t = next(iter(teacher.parameters()), torch.zeros(())).device
-    with torch.no_grad():
-        t_log = [torch.log_softmax(teacher(x.to(dev_t)).cpu().double(), 1) for x, _ in batches]
+    with torch.no_grad():  # the images are read again per check: memory flat in their number
+        t_log = [torch.log_softmax(teacher(x.to(dev_t)).cpu().double(), 1)
+                 for x, _ in held.batches(batch_size)]
 
     @torch.no_grad()
     def evaluate(student: nn.Module) -> tuple[float, float, float | None]:
         student.eval()
         dev = next(iter(student.parameters()), torch.zeros(())).device
         kl, hit, right, n = 0.0, 0, 0, 0
-        for (x, y), lt in zip(batches, t_log, strict=True):
+        for (x, y), lt in zip(held.batches(batch_size), t_log, strict=True):
             s = student(x.to(dev)).cpu()
             ls = torch.log_softmax(s.double(), 1)
             kl += float((lt.exp() * (lt - ls)).sum())

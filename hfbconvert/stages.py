@@ -51,7 +51,7 @@ class State:
     cfg: Any  # pipeline.CompressConfig (not imported: pipeline imports this module)
     layers: list[PointwiseLayer]
     train: CalibData | None
-    held: list[torch.Tensor]
+    held: Any  # pipeline.HeldBatches (re-read per pass) or a list of batches
     original_cost: ModelCost
     checkpoint: str | None = None
     resume: bool = False
@@ -361,7 +361,9 @@ def finish(st: State) -> State:
                   "output_rel_err": out_err.get(ly.name)} for ly in st.layers}
     st.meta["stages"] = st.log
     st.meta["final_agreement"] = st.log[-1]["agreement"] if st.log else None
-    n_held = sum(x.shape[0] for x in st.held)
+    from .pipeline import n_held as _n_held
+
+    n_held = _n_held(st.held)
     if st.meta["final_agreement"] is not None and n_held:
         k = round(st.meta["final_agreement"] * n_held)
         st.meta["final_agreement_interval"] = {"n": n_held, "agree": k,
