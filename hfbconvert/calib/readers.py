@@ -40,6 +40,11 @@ CLASSES_FILE = "synset_words.txt"
 CACHE_VERSION = 2  # 2: raw record file + JSON index (1: one .npz, read whole)
 # JPEG draft decoding (DCT downscaling) may shrink an image only while it stays at least
 # this many times larger than what the geometry step needs; see _draft_request.
+# images decoded per round before they are written out: what the decode pass holds
+DECODE_CHUNK = 64
+# DataLoader workers of CalibData.batches when load_images is given none (the CLI's
+# --data-workers sets it)
+DEFAULT_LOADER_WORKERS = 0
 DRAFT_MARGIN = {"resize_then_crop": 1.0, "crop_then_resize": 2.0}
 
 
@@ -297,7 +302,7 @@ def load_images(
     draft: bool = True,
     workers: int = 2,
     progress: Callable[[int, int], None] | None = None,
-    loader_workers: int = 0,
+    loader_workers: int | None = None,
 ) -> CalibData:
     """Read an ImageFolder tree, a flat folder of images or an ``.npz`` and preprocess it.
 
@@ -313,6 +318,8 @@ def load_images(
     :meth:`CalibData.batches`.
     """
     p = Path(path)
+    if loader_workers is None:
+        loader_workers = DEFAULT_LOADER_WORKERS
     if size is not None and size < 1:
         raise InputError(f"{p}: number of images must be >= 1, got {size}")
     if not p.exists():
@@ -591,10 +598,6 @@ def _decode_one(path: Path, prep: Preprocess, draft: bool) -> tuple[np.ndarray |
         return None, f"{path.name}: {msg[:100]}"
 
 
-# images decoded per round before they are written out: what the decode pass holds
-DECODE_CHUNK = 64
-
-
 def _scratch_file() -> Any:
     """An anonymous file for decoded images when there is no cache to write (deleted by
     the OS when closed); in the cache folder when it exists, else the temp folder."""
@@ -675,7 +678,7 @@ def _decode_all(
 
 def _load_npz(
     p: Path, prep: Preprocess, size: int | None, seed: int, workers: int,
-    loader_workers: int = 0,
+    loader_workers: int | None = None,
 ) -> CalibData:
     """An .npz's 'images' (N, H, W, 3) read member by member from the zip (never the
     whole array at once), preprocessed into an anonymous decoded-image file."""
