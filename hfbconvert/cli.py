@@ -674,8 +674,7 @@ def _compress(net, info, data, cfg, model: str, out: Path, force: bool, resume: 
             names = {"plan_override": str(plan_file)}
             raise InputError(exc.render(lambda f: names.get(f) or _flag(f))) from None
         raise
-    if not is_main():  # the same conversion as rank 0's; the gate below still applies
-        _agreement_gate(meta, cfg.min_agreement, gate_always, out)
+    if not is_main():  # it shared the fine-tune; rank 0 finishes, writes and gates
         return
     if dry_run:
         if as_json:

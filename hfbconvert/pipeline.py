@@ -20,7 +20,7 @@ from torch import nn
 
 from hfbconvert.calib.readers import CalibData
 
-from . import actquant, progress
+from . import actquant, distributed, progress
 from .bnadjust import BN_MODES, BN_SCOPES, bn_targets, match_bn, reestimate_bn
 from .costs import model_cost
 from .distill import FinetuneConfig, finetune, fingerprint
@@ -485,6 +485,13 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
         held = HeldBatches(held_data, 512)
     st = S.State(model, info, cfg, layers, train, held, model_cost(model, info.resolution),
                  checkpoint=checkpoint, resume=resume, plan_override=plan_override)
+    helper = distributed.active() and not distributed.is_main()
+    if helper and (dry_run or not any(
+            s.name in S.COLLECTIVE for s in S.stages_for(cfg, train is not None,
+                                                         S.finetune_config(st).steps))):
+        # a torchrun rank other than 0 exists for the fine-tune's collectives; with none
+        # to share, rank 0 converts alone
+        return None, {"rank": {"rank": distributed.rank(), "ran": [], "skipped": "all"}}
     st = S.run(st, S.planning_stages(cfg, train is not None))
     assert st.plan is not None
     st.meta.update({
@@ -504,7 +511,16 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
     st.meta["activation_bits"] = cfg.activation_bits
     if cfg.activation_bits == 8:
         st.meta["hidden_bits"] = cfg.hidden_bits
-    st = S.run(st, S.stages_for(cfg, train is not None, st.finetune.steps))
+    post = S.stages_for(cfg, train is not None, st.finetune.steps)
+    if helper:  # rank 0 alone runs what follows the last fine-tune, and writes
+        post, skipped = S.helper_rank_steps(post)
+        st = S.run(st, post)
+        st.meta["rank"] = {"rank": distributed.rank(), "ran": [s.name for s in post],
+                           "skipped": [*skipped, "finish"]}
+        st.meta["stages"] = st.log
+        st.meta["timings"] = st.timings
+        return st.hybrid, st.meta
+    st = S.run(st, post)
     t = time.perf_counter()
     st = S.finish(st)
     st.timings["finish_s"] = time.perf_counter() - t
@@ -628,15 +644,17 @@ def _orig_pair_stats(w: torch.Tensor, b: torch.Tensor, sigma: torch.Tensor,
 def held_evaluator(teacher: nn.Module, held: list[torch.Tensor]):
     """student -> (held-apart KL, agreement), as :func:`held_kl` and :func:`agreement`
     compute them, with the teacher's logits computed once (the early-stopping checks run
-    every few steps)."""
-    with torch.no_grad():
-        t_log = [torch.log_softmax(t.double(), 1) for _, t in _paired_logits(teacher, teacher,
-                                                                              held)]
+    every few steps). The teacher's logits are computed at the first call: under torchrun
+    only rank 0 calls it."""
+    t_log: list[torch.Tensor] = []
     ds = None
 
     @torch.no_grad()
     def evaluate(student: nn.Module) -> tuple[float, float]:
         nonlocal ds
+        if not t_log:
+            t_log.extend(torch.log_softmax(t.double(), 1)
+                         for _, t in _paired_logits(teacher, teacher, held))
         student.eval()
         ds = _device_of(student)
         kl, hit, n = 0.0, 0, 0
@@ -691,7 +709,8 @@ def _guarded_finetune(hybrid: nn.Module, model: nn.Module, train: CalibData, hel
 
 def _stage(stages: list, name: str, hybrid: nn.Module, model: nn.Module, held: list,
            seconds: float) -> None:
-    ag = agreement(hybrid, model, held) if held else None
+    # torchrun ranks other than 0 print and ship nothing: no agreement checks for them
+    ag = agreement(hybrid, model, held) if held and distributed.is_main() else None
     stages.append({"stage": name, "agreement": ag, "seconds": round(seconds, 3)})
     if ag is not None:
         progress.info(f"  after {name}: agreement with original {ag:.4f} ({seconds:.1f} s)")

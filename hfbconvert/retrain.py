@@ -26,7 +26,7 @@ from torch import nn
 
 from hfbconvert.calib.readers import CalibData
 
-from . import progress
+from . import distributed, progress
 from .costs import model_cost
 from .distill import FinetuneConfig, FinetuneLog, finetune, fingerprint
 from .errors import InputError
@@ -117,14 +117,15 @@ def held_evaluator(teacher: nn.Module, held: CalibData, label_offset: int,
                    batch_size: int = 256) -> Callable[[nn.Module], tuple[float, ...]]:
     """student -> (mean KL(teacher||student), agreement, top-1 or None) on ``held``; the
     teacher's log-probabilities are computed once."""
-    teacher.eval()
-    dev_t = next(iter(teacher.parameters()), torch.zeros(())).device
-    with torch.no_grad():  # the images are read again per check: memory flat in their number
-        t_log = [torch.log_softmax(teacher(x.to(dev_t)).cpu().double(), 1)
-                 for x, _ in held.batches(batch_size)]
+    t_log: list[torch.Tensor] = []  # at the first call: under torchrun rank 0 alone calls
 
     @torch.no_grad()
     def evaluate(student: nn.Module) -> tuple[float, float, float | None]:
+        if not t_log:  # the images are read again per check: memory flat in their number
+            teacher.eval()
+            dev_t = next(iter(teacher.parameters()), torch.zeros(())).device
+            t_log.extend(torch.log_softmax(teacher(x.to(dev_t)).cpu().double(), 1)
+                         for x, _ in held.batches(batch_size))
         student.eval()
         dev = next(iter(student.parameters()), torch.zeros(())).device
         kl, hit, right, n = 0.0, 0, 0, 0
@@ -191,6 +192,8 @@ def retrain(student: nn.Module, info: ModelInfo, meta: dict[str, Any], teacher: 
                        on_step=lambda s, lo, ag: bar.advance(
                            1, info=f"loss {lo:.4f} agree {ag:.2f}"),
                        teacher_at=_teacher_at(meta), identity=identity, evaluate=evaluate)
+    if distributed.active() and not distributed.is_main():
+        return model, {"rank": distributed.rank()}, log  # rank 0 evaluates and writes
     bits = int(meta.get("weight_bits", 32))
     new = copy.deepcopy(meta)
     if bits < 32:  # the trained weights back at the artifact's storage precision
