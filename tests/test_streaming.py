@@ -153,3 +153,24 @@ def test_decoded_file_changed_under_a_run_is_one_line(tmp_path: Path,
     with pytest.raises(InputError, match=str(cached)) as exc:
         data.take(torch.tensor([3]))
     assert "\n" not in str(exc.value)
+
+
+def test_rss_section_is_rendered_from_the_results_file_and_spliced(tmp_path: Path) -> None:
+    from bench import rss
+
+    rows = [{"label": lab, "commit": c, "calib_size": n, "peak_rss_mib": m, "wall_s": 10.0,
+             "images_used": n} for lab, c, n, m in
+            [("before", "aaa", 256, 869.4), ("before", "aaa", 5000, 2332.0),
+             ("after", "bbb", 256, 600.0), ("after", "bbb", 5000, 610.0)]]
+    res = {"command": "python -m bench.rss --x", "model": "/m/mobilenet.pt",
+           "calib": "/d/calib", "rows": rows}
+    text = rss.render(res)
+    assert "| before (`aaa`) | 869 (10 s) | 2,332 (10 s) |" in text
+    assert "| after (`bbb`) | 600 (10 s) | 610 (10 s) |" in text
+    md = tmp_path / "B.md"
+    md.write_text("# top\n\n<!-- generated:other -->\nkeep\n<!-- /generated -->\n")
+    rss.splice(md, text)
+    rss.splice(md, text.replace("610 (10 s)", "611 (10 s)"))
+    out = md.read_text()
+    assert out.count(rss.START) == 1 and "611 (10 s)" in out and "610 (10 s)" not in out
+    assert "<!-- generated:other -->\nkeep\n<!-- /generated -->" in out
