@@ -144,6 +144,10 @@ class ImageFile:
         """All images in memory (O(N)): for small sets and tests only."""
         return self[:]
 
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        a = self.tensor().numpy()
+        return a if dtype is None else a.astype(dtype)
+
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name in ("backing", "index"):
             raise AttributeError(name)
