@@ -109,15 +109,16 @@ def render(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def splice(md: Path, section: str) -> None:
-    """Replace our block in ``md`` (or append it); the rest of the file stays as is."""
+def splice(md: Path, section: str, start: str = START, end: str = END) -> None:
+    """Replace the block ``start``..``end`` in ``md`` (or append it); the rest of the file
+    stays as is."""
     from hfbconvert.fileio import atomic_write_text
 
     text = md.read_text() if md.exists() else ""
-    block = f"{START}\n{section.rstrip()}\n{END}\n"
-    if START in text:
-        head, rest = text.split(START, 1)
-        text = head + block + rest.split(END, 1)[1].lstrip("\n")
+    block = f"{start}\n{section.rstrip()}\n{end}\n"
+    if start in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1].lstrip("\n")
     else:
         text = text.rstrip("\n") + "\n\n" + block
     atomic_write_text(md, text)
