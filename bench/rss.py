@@ -105,7 +105,8 @@ def render(res: dict) -> str:
     lines += ["", "*before*: every decoded image held in memory (uint8), plus the split's "
               "copies and the held-apart images in float; *after*: images decoded once into "
               "a record file and streamed per batch, only bounded samples (statistics 256, "
-              "held-apart batches of 512, fine-tune batches) in memory."]
+              "held-apart checks on at most 512 images in batches of 64, fine-tune batches) "
+              "in memory."]
     return "\n".join(lines) + "\n"
 
 

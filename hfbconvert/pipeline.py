@@ -154,7 +154,7 @@ class HeldBatches:
     (each stage's agreement check, each early-stopping check): holding them decoded in
     float would cost 4 bytes per pixel for a tenth of the calibration set."""
 
-    def __init__(self, data: CalibData, batch_size: int = 512) -> None:
+    def __init__(self, data: CalibData, batch_size: int = 64) -> None:
         self.data, self.batch_size = data, batch_size
 
     def __iter__(self):
@@ -482,7 +482,7 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
     if data is not None and len(data) >= 20:
         train, held_data = data.split(cfg.held_fraction, seed=cfg.seed,
                                       count=held_count(len(data), cfg))
-        held = HeldBatches(held_data, 512)
+        held = HeldBatches(held_data.sample(512, seed=0), 64)  # at most 512 checked
     st = S.State(model, info, cfg, layers, train, held, model_cost(model, info.resolution),
                  checkpoint=checkpoint, resume=resume, plan_override=plan_override)
     helper = distributed.active() and not distributed.is_main()
