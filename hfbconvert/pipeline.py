@@ -439,8 +439,10 @@ def sensitivity_inputs(model: nn.Module, layers: list[PointwiseLayer],
     means: dict[str, torch.Tensor | None] = {ly.name: None for ly in layers}
     if data is not None:
         seed = cfg.seed if seed is None else seed
+        # Σ and the mean are sums: the sample's batches stream from disk, one in memory
+        sample = data.sample(cfg.stats_images, seed=seed)
         st = collect_input_stats(model, [ly.name for ly in layers],
-                                 _batches(data, cfg.stats_images, seed=seed), seed=seed)
+                                 (x for x, _ in sample.batches(64)), seed=seed)
         sig = {n: s.sigma for n, s in st.items()}
         means = {n: s.mean for n, s in st.items()}
     curves, energies, densities = {}, {}, {}
