@@ -174,3 +174,23 @@ def test_rss_section_is_rendered_from_the_results_file_and_spliced(tmp_path: Pat
     out = md.read_text()
     assert out.count(rss.START) == 1 and "611 (10 s)" in out and "610 (10 s)" not in out
     assert "<!-- generated:other -->\nkeep\n<!-- /generated -->" in out
+
+
+def test_digests_of_streamed_images_equal_in_memory_ones(tmp_path: Path) -> None:
+    """Checkpoint identities and results files' image digests hash the images as they
+    are read: the same digests as of the whole array (old checkpoints and per-image
+    results still match)."""
+    import numpy as np
+
+    from hfbconvert.distill import fingerprint
+    from hfbconvert.evaluation import PerImage, per_image_record
+
+    disk = _on_disk(tmp_path, 70)
+    mem = replace(disk, images=disk.images.tensor())
+    assert fingerprint([("images", disk.images)]) == fingerprint([("images", mem.images)])
+    r = PerImage(pred=np.zeros(70, dtype=np.int64), correct=None, correct5=None,
+                 ref_pred=None, ref_correct=None, kl=None)
+    assert per_image_record(r, disk)["images_sha256"] == per_image_record(r, mem)[
+        "images_sha256"]
+    sub = disk.sample(9, seed=2)
+    assert fingerprint([("x", sub.images)]) == fingerprint([("x", sub.images.tensor())])
