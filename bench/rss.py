@@ -76,8 +76,12 @@ def measure(code: Path, cache: Path, model: str, calib: str, size: int | None,
         meta_n = (obj.get("meta") or {}).get("calibration", {}).get("n_images")
     except Exception:  # an older checkout's artifact: the count stays unknown
         pass
+    import hashlib
+
+    digest = hashlib.sha256(out.read_bytes()).hexdigest()  # same inputs + seed: same bytes
     return {"calib_size": "default" if size is None else size, "images_used": meta_n,
-            "peak_rss_mib": round(int(kib) / 1024, 1), "wall_s": round(wall, 1)}
+            "peak_rss_mib": round(int(kib) / 1024, 1), "wall_s": round(wall, 1),
+            "artifact_sha256": digest}
 
 
 START, END = "<!-- generated:rss -->", "<!-- /generated -->"
@@ -102,12 +106,31 @@ def render(res: dict) -> str:
         cells = [f"{rows[s]['peak_rss_mib']:,.0f} ({rows[s]['wall_s']:.0f} s)" if s in rows
                  else "–" for s in sizes]
         lines.append(f"| {label} (`{commit}`) | " + " | ".join(cells) + " |")
+    same = _same_bytes(res["rows"])
+    if same:
+        lines += ["", "Artifacts: " + same]
     lines += ["", "*before*: every decoded image held in memory (uint8), plus the split's "
               "copies and the held-apart images in float; *after*: images decoded once into "
               "a record file and streamed per batch, only bounded samples (statistics 256, "
               "held-apart checks on at most 512 images in batches of 64, fine-tune batches) "
               "in memory."]
     return "\n".join(lines) + "\n"
+
+
+def _same_bytes(rows: list[dict]) -> str:
+    """Whether the checkouts wrote the same artifact bytes per size (when both ran)."""
+    by: dict = {}
+    for r in rows:
+        if r.get("artifact_sha256"):
+            by.setdefault(r["calib_size"], {})[r["label"]] = r["artifact_sha256"]
+    pairs = {n: v for n, v in by.items() if len(v) > 1}
+    if not pairs:
+        return ""
+    if all(len(set(v.values())) == 1 for v in pairs.values()):
+        return (f"byte-identical between checkouts at every size ({', '.join(map(str, pairs))} "
+                "images; sha256 in the results file).")
+    diff = [str(n) for n, v in pairs.items() if len(set(v.values())) > 1]
+    return f"bytes differ between checkouts at {', '.join(diff)} images."
 
 
 def splice(md: Path, section: str, start: str = START, end: str = END) -> None:
