@@ -122,6 +122,11 @@ def fingerprint(tensors: Iterable[tuple[str, torch.Tensor | None]]) -> str:
         if t is None:
             h.update(b"None;")
             continue
+        if hasattr(t, "chunks"):  # images on disk: hashed as read, same bytes, same hash
+            h.update(f"{t.dtype}|{tuple(t.shape)};".encode())
+            for c in t.chunks():
+                h.update(c.contiguous().reshape(-1).numpy().tobytes())
+            continue
         t = t.detach().cpu().contiguous()
         h.update(f"{t.dtype}|{tuple(t.shape)};".encode())
         if t.numel():

@@ -174,7 +174,11 @@ def per_image_record(r: PerImage, data: CalibData) -> dict[str, Any]:
     """Compact per-image results for results files: the images' fingerprint (so a later
     paired comparison can check it has the same images in the same order), correctness
     bits as hex and predicted logit indices as base64 uint16."""
-    h = hashlib.sha256(np.ascontiguousarray(data.images.numpy()).tobytes())
+    from hfbconvert.calib.readers import chunks_of
+
+    h = hashlib.sha256()  # streamed: the same digest as of the whole array's bytes
+    for c in chunks_of(data.images):
+        h.update(np.ascontiguousarray(c.numpy()).tobytes())
     if data.labels is not None:
         h.update(np.ascontiguousarray(data.labels.numpy().astype("<i8")).tobytes())
     return {"n": r.n, "images_sha256": h.hexdigest(),

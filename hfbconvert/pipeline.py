@@ -20,7 +20,7 @@ from torch import nn
 
 from hfbconvert.calib.readers import CalibData
 
-from . import actquant, progress
+from . import actquant, distributed, progress
 from .bnadjust import BN_MODES, BN_SCOPES, bn_targets, match_bn, reestimate_bn
 from .costs import model_cost
 from .distill import FinetuneConfig, finetune, fingerprint
@@ -154,6 +154,32 @@ def _batches(data: CalibData, n: int, bs: int = 64, seed: int = 0) -> list[torch
     (measured: held agreement after reconstruction 0.37 with the first 256 of 5,000
     class-sorted images, 0.57 with a random 256)."""
     return [x for x, _ in data.sample(n, seed=seed).batches(bs)]
+
+
+class HeldBatches:
+    """The held-apart images as normalized batches, read from disk again on every pass
+    (each stage's agreement check, each early-stopping check): holding them decoded in
+    float would cost 4 bytes per pixel for a tenth of the calibration set."""
+
+    def __init__(self, data: CalibData, batch_size: int = 64) -> None:
+        self.data, self.batch_size = data, batch_size
+
+    def __iter__(self):
+        for x, _ in self.data.batches(self.batch_size):
+            yield x
+
+    def __len__(self) -> int:
+        return -(-len(self.data) // self.batch_size)
+
+    @property
+    def n_images(self) -> int:
+        return len(self.data)
+
+
+def n_held(held) -> int:
+    """Images in ``held`` (a :class:`HeldBatches` or a list of batches) without reading
+    them."""
+    return held.n_images if isinstance(held, HeldBatches) else sum(x.shape[0] for x in held)
 
 
 def _device_of(net: nn.Module) -> torch.device:
@@ -422,8 +448,10 @@ def sensitivity_inputs(model: nn.Module, layers: list[PointwiseLayer],
     means: dict[str, torch.Tensor | None] = {ly.name: None for ly in layers}
     if data is not None:
         seed = cfg.seed if seed is None else seed
+        # Σ and the mean are sums: the sample's batches stream from disk, one in memory
+        sample = data.sample(cfg.stats_images, seed=seed)
         st = collect_input_stats(model, [ly.name for ly in layers],
-                                 _batches(data, cfg.stats_images, seed=seed), seed=seed)
+                                 (x for x, _ in sample.batches(64)), seed=seed)
         sig = {n: s.sigma for n, s in st.items()}
         means = {n: s.mean for n, s in st.items()}
     curves, energies, densities = {}, {}, {}
@@ -460,14 +488,21 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
     layers = select_layers(find_pointwise(model, info.resolution, info.source or "model",
                                           parse_kinds(cfg.layer_kinds, "layer_kinds")),
                            cfg.include, cfg.exclude, info.source or "model")
-    held: list[torch.Tensor] = []
+    held: HeldBatches | list[torch.Tensor] = []
     train = data
     if data is not None and len(data) >= 20:
         train, held_data = data.split(cfg.held_fraction, seed=cfg.seed,
                                       count=held_count(len(data), cfg))
-        held = _batches(held_data, 512)
+        held = HeldBatches(held_data.sample(512, seed=0), 64)  # at most 512 checked
     st = S.State(model, info, cfg, layers, train, held, model_cost(model, info.resolution),
                  checkpoint=checkpoint, resume=resume, plan_override=plan_override)
+    helper = distributed.active() and not distributed.is_main()
+    if helper and (dry_run or not any(
+            s.name in S.COLLECTIVE for s in S.stages_for(cfg, train is not None,
+                                                         S.finetune_config(st).steps))):
+        # a torchrun rank other than 0 exists for the fine-tune's collectives; with none
+        # to share, rank 0 converts alone
+        return None, {"rank": {"rank": distributed.rank(), "ran": [], "skipped": "all"}}
     st = S.run(st, S.planning_stages(cfg, train is not None))
     assert st.plan is not None
     st.meta.update({
@@ -476,7 +511,7 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
         "budgets": list(cfg.budgets), "fragility": st.fragility,
         "layers": [ly.to_dict() for ly in layers],
         "calibration": None if data is None else {"source": data.source, "n_images": len(data),
-                                                   "held_images": sum(x.shape[0] for x in held)},
+                                                   "held_images": n_held(held)},
     })
     if dry_run:
         return None, st.meta
@@ -487,7 +522,16 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
     st.meta["activation_bits"] = cfg.activation_bits
     if cfg.activation_bits == 8:
         st.meta["hidden_bits"] = cfg.hidden_bits
-    st = S.run(st, S.stages_for(cfg, train is not None, st.finetune.steps))
+    post = S.stages_for(cfg, train is not None, st.finetune.steps)
+    if helper:  # rank 0 alone runs what follows the last fine-tune, and writes
+        post, skipped = S.helper_rank_steps(post)
+        st = S.run(st, post)
+        st.meta["rank"] = {"rank": distributed.rank(), "ran": [s.name for s in post],
+                           "skipped": [*skipped, "finish"]}
+        st.meta["stages"] = st.log
+        st.meta["timings"] = st.timings
+        return st.hybrid, st.meta
+    st = S.run(st, post)
     t = time.perf_counter()
     st = S.finish(st)
     st.timings["finish_s"] = time.perf_counter() - t
@@ -611,15 +655,17 @@ def _orig_pair_stats(w: torch.Tensor, b: torch.Tensor, sigma: torch.Tensor,
 def held_evaluator(teacher: nn.Module, held: list[torch.Tensor]):
     """student -> (held-apart KL, agreement), as :func:`held_kl` and :func:`agreement`
     compute them, with the teacher's logits computed once (the early-stopping checks run
-    every few steps)."""
-    with torch.no_grad():
-        t_log = [torch.log_softmax(t.double(), 1) for _, t in _paired_logits(teacher, teacher,
-                                                                              held)]
+    every few steps). The teacher's logits are computed at the first call: under torchrun
+    only rank 0 calls it."""
+    t_log: list[torch.Tensor] = []
     ds = None
 
     @torch.no_grad()
     def evaluate(student: nn.Module) -> tuple[float, float]:
         nonlocal ds
+        if not t_log:
+            t_log.extend(torch.log_softmax(t.double(), 1)
+                         for _, t in _paired_logits(teacher, teacher, held))
         student.eval()
         ds = _device_of(student)
         kl, hit, n = 0.0, 0, 0
@@ -674,7 +720,8 @@ def _guarded_finetune(hybrid: nn.Module, model: nn.Module, train: CalibData, hel
 
 def _stage(stages: list, name: str, hybrid: nn.Module, model: nn.Module, held: list,
            seconds: float) -> None:
-    ag = agreement(hybrid, model, held) if held else None
+    # torchrun ranks other than 0 print and ship nothing: no agreement checks for them
+    ag = agreement(hybrid, model, held) if held and distributed.is_main() else None
     stages.append({"stage": name, "agreement": ag, "seconds": round(seconds, 3)})
     if ag is not None:
         progress.info(f"  after {name}: agreement with original {ag:.4f} ({seconds:.1f} s)")

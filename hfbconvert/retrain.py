@@ -26,7 +26,7 @@ from torch import nn
 
 from hfbconvert.calib.readers import CalibData
 
-from . import progress
+from . import distributed, progress
 from .costs import model_cost
 from .distill import FinetuneConfig, FinetuneLog, finetune, fingerprint
 from .errors import InputError
@@ -117,18 +117,19 @@ def held_evaluator(teacher: nn.Module, held: CalibData, label_offset: int,
                    batch_size: int = 256) -> Callable[[nn.Module], tuple[float, ...]]:
     """student -> (mean KL(teacher||student), agreement, top-1 or None) on ``held``; the
     teacher's log-probabilities are computed once."""
-    batches = list(held.batches(batch_size))
-    teacher.eval()
-    dev_t = next(iter(teacher.parameters()), torch.zeros(())).device
-    with torch.no_grad():
-        t_log = [torch.log_softmax(teacher(x.to(dev_t)).cpu().double(), 1) for x, _ in batches]
+    t_log: list[torch.Tensor] = []  # at the first call: under torchrun rank 0 alone calls
 
     @torch.no_grad()
     def evaluate(student: nn.Module) -> tuple[float, float, float | None]:
+        if not t_log:  # the images are read again per check: memory flat in their number
+            teacher.eval()
+            dev_t = next(iter(teacher.parameters()), torch.zeros(())).device
+            t_log.extend(torch.log_softmax(teacher(x.to(dev_t)).cpu().double(), 1)
+                         for x, _ in held.batches(batch_size))
         student.eval()
         dev = next(iter(student.parameters()), torch.zeros(())).device
         kl, hit, right, n = 0.0, 0, 0, 0
-        for (x, y), lt in zip(batches, t_log, strict=True):
+        for (x, y), lt in zip(held.batches(batch_size), t_log, strict=True):
             s = student(x.to(dev)).cpu()
             ls = torch.log_softmax(s.double(), 1)
             kl += float((lt.exp() * (lt - ls)).sum())
@@ -191,6 +192,8 @@ def retrain(student: nn.Module, info: ModelInfo, meta: dict[str, Any], teacher: 
                        on_step=lambda s, lo, ag: bar.advance(
                            1, info=f"loss {lo:.4f} agree {ag:.2f}"),
                        teacher_at=_teacher_at(meta), identity=identity, evaluate=evaluate)
+    if distributed.active() and not distributed.is_main():
+        return model, {"rank": distributed.rank()}, log  # rank 0 evaluates and writes
     bits = int(meta.get("weight_bits", 32))
     new = copy.deepcopy(meta)
     if bits < 32:  # the trained weights back at the artifact's storage precision
@@ -216,4 +219,57 @@ def retrain(student: nn.Module, info: ModelInfo, meta: dict[str, Any], teacher: 
     new["final_agreement_interval"] = {"n": n_held, "agree": k,
                                        "ci95": list(wilson_interval(k, n_held))}
     new["cost"] = model_cost(model, info.resolution).to_dict()
+    _refresh_layer_errors(new, model, teacher, train, held, cfg.seed)
     return model, new, log
+
+
+def _refresh_layer_errors(meta: dict[str, Any], model: nn.Module, teacher: nn.Module,
+                          train: CalibData, held: CalibData, seed: int) -> None:
+    """``layer_errors`` of the fine-tuned model, replacing compress's (which describe the
+    model before this fine-tune): each bank's loss in the Σ metric of the original layer
+    input (Σ from a seeded sample of this run's training images, as many as compress
+    used) and each layer's output error on this run's held-apart images. The fit's
+    ``bank_loss_before_ft`` is history and stays; ``calibration`` says what it
+    describes now."""
+    from .pipeline import HeldBatches, bank_losses, output_errors
+    from .stages import stage_seed
+    from .stats import collect_input_stats
+
+    old = meta.get("layer_errors") or {}
+    names = [n for n in old if _has(model, n)]
+    if not names:
+        return
+    n_stats = int((meta.get("config") or {}).get("stats_images", 256))
+    sample = train.sample(n_stats, seed=stage_seed(seed, "finetune_layer_errors"))
+    stats = collect_input_stats(teacher, names, (x for x, _ in sample.batches(64)),
+                                seed=stage_seed(seed, "finetune_layer_errors"))
+    sig = {n: stats[n].sigma if n in stats else None for n in names}
+    layers = [_Named(n) for n in names]
+    banks = bank_losses(model, teacher, layers, sig)  # type: ignore[arg-type]
+    out = output_errors(teacher, model, names, HeldBatches(held, 256), _teacher_at(meta))
+    meta["layer_errors"] = {
+        n: {**old[n], "bank_loss_after_ft": banks.get(n), "output_rel_err": out.get(n)}
+        for n in old}
+    meta["layer_errors_measured"] = {
+        "after": "finetune command", "data": train.source or held.source,
+        "sigma_images": len(sample), "held_images": len(held)}
+    if isinstance(meta.get("calibration"), dict):
+        meta["calibration"] = {
+            **meta["calibration"],
+            "describes": "the compress run (planning, fit, its fine-tune); layer_errors, "
+                         "final_agreement and cost are from the later finetune command"}
+
+
+class _Named:
+    """The one field of a layer record that :func:`bank_losses` reads."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def _has(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True

@@ -51,7 +51,7 @@ class State:
     cfg: Any  # pipeline.CompressConfig (not imported: pipeline imports this module)
     layers: list[PointwiseLayer]
     train: CalibData | None
-    held: list[torch.Tensor]
+    held: Any  # pipeline.HeldBatches (re-read per pass) or a list of batches
     original_cost: ModelCost
     checkpoint: str | None = None
     resume: bool = False
@@ -335,16 +335,37 @@ def close_timings(timings: dict[str, float], total: float) -> dict[str, float]:
     return timings
 
 
-def resolve_finetune(st: State) -> State:
-    """The fine-tune configuration with ``steps`` resolved (``auto``: bounded compute)."""
+def finetune_config(st: State) -> FinetuneConfig:
+    """The fine-tune configuration with ``steps`` resolved (``auto``: bounded compute);
+    ``st`` is left as it is."""
     ft = st.cfg.finetune
     if ft.steps is None:
         macs = st.original_cost.totals()["muls"]
         ft = replace(ft, steps=0 if st.train is None else auto_steps(macs, len(st.train),
                                                                      ft.batch_size))
+    return ft
+
+
+def resolve_finetune(st: State) -> State:
+    """:func:`finetune_config` into the state (and the auto step count into ``meta``)."""
+    ft = finetune_config(st)
+    if st.cfg.finetune.steps is None:
         st.meta["finetune_steps_auto"] = ft.steps
     st.finetune = ft
     return st
+
+
+# stages whose work is shared between torchrun ranks (collectives): the only reason a
+# rank other than 0 runs anything
+COLLECTIVE = ("finetune", "int8_finetune")
+
+
+def helper_rank_steps(steps: list[Step]) -> tuple[list[Step], list[str]]:
+    """For a torchrun rank other than 0: ``steps`` up to the last fine-tune (it must reach
+    that fine-tune's collectives with the same network as rank 0) and the names of the
+    ones after it, which rank 0 alone runs (their results would be thrown away)."""
+    last = max((i for i, s in enumerate(steps) if s.name in COLLECTIVE), default=-1)
+    return steps[:last + 1], [s.name for s in steps[last + 1:]]
 
 
 def finish(st: State) -> State:
@@ -361,7 +382,9 @@ def finish(st: State) -> State:
                   "output_rel_err": out_err.get(ly.name)} for ly in st.layers}
     st.meta["stages"] = st.log
     st.meta["final_agreement"] = st.log[-1]["agreement"] if st.log else None
-    n_held = sum(x.shape[0] for x in st.held)
+    from .pipeline import n_held as _n_held
+
+    n_held = _n_held(st.held)
     if st.meta["final_agreement"] is not None and n_held:
         k = round(st.meta["final_agreement"] * n_held)
         st.meta["final_agreement_interval"] = {"n": n_held, "agree": k,

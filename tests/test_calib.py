@@ -237,7 +237,8 @@ def test_cache_hit_and_invalidation(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         _write(src / f"{i}.png", seed=i)
     (src / "bad.png").write_bytes(b"nope")
     first = load_images(src, PREP)
-    assert len(list((tmp_path / "cache").glob("calib-*.npz"))) == 1
+    assert len(list((tmp_path / "cache").glob("calib-*.u8"))) == 1
+    assert len(list((tmp_path / "cache").glob("calib-*.json"))) == 1  # the index, last
 
     def boom(*a, **k):
         raise AssertionError("decoded although cached")

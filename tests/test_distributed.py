@@ -9,6 +9,7 @@ The tests allow TOL = 1e-5, far below what a wrong gradient average or batch spl
 from __future__ import annotations
 
 import copy
+import json
 import os
 import socket
 import subprocess
@@ -148,6 +149,33 @@ def test_cli_under_torchrun_rank0_writes_once_and_matches_one_process(tmp_path, 
     assert max(abs(a - b) for a, b in zip(l1["loss"], l2["loss"], strict=True)) < TOL
     assert l1["eval_steps"] == l2["eval_steps"] == [0, 2, 4, 6]
     assert max(abs(a - b) for a, b in zip(l1["held_kl"], l2["held_kl"], strict=True)) < TOL
+
+
+@pytest.mark.parametrize("steps", [4, 0])
+def test_rank_1_runs_nothing_after_the_fine_tune(tmp_path, steps):
+    """Rank 1 exists for the fine-tune's collectives: it runs the stages up to the last
+    fine-tune (same network as rank 0, so the same losses), then stops; weight rounding,
+    the final checks and metadata are rank 0's alone (its stage log and timings show
+    them, rank 1's do not). With no fine-tune (--steps 0) rank 1 runs nothing at all."""
+    res = _torchrun([str(REPO / "tests" / "ddp_worker.py"), "compress", str(tmp_path),
+                     str(steps)], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert r0["rank"] is None and r0["has_layer_errors"]
+    assert "weights_16bit" in r0["stages"] and "weight_bits_s" in r0["timings"]
+    assert "finish_s" in r0["timings"] and all(a is not None for a in r0["agreements"])
+    assert r1["rank"]["rank"] == 1 and not r1["has_layer_errors"]
+    assert "weights_16bit" not in r1["stages"] and "weight_bits_s" not in r1["timings"]
+    assert "finish_s" not in r1["timings"]
+    if steps:
+        assert r1["rank"]["ran"][-1] == "finetune"
+        assert {"freeze", "weight_quant", "finish"} <= set(r1["rank"]["skipped"])
+        assert r1["stages"] == ["fit", f"finetune_{steps}"] == r0["stages"][:2]
+        assert all(a is None for a in r1["agreements"])  # no held-apart checks on rank 1
+        assert max(abs(a - b) for a, b in zip(r0["loss"], r1["loss"], strict=True)) < TOL
+    else:
+        assert r1["rank"]["ran"] == [] and r1["stages"] == [] and r1["timings"] == []
 
 
 def test_world_size_not_dividing_the_batch_is_refused_in_one_line(tmp_path, cli_inputs):

@@ -277,3 +277,34 @@ def test_report_curve_falls_back_to_compress_checks() -> None:
     md = render_markdown(rep)
     assert "| 2 (shipped) | 0.2000 | 0.9500 | n/a |" in md
     assert "Fine-tune curve" not in render_markdown(build_report({}, None))
+
+
+def test_layer_errors_describe_the_fine_tuned_model(setup) -> None:
+    """compress's layer_errors describe the model before the fine-tune: the finetune
+    command recomputes them for what it ships (output errors on its held split, equal to
+    a recomputation from the shipped model) and says so; the fit's 'before' stays."""
+    from hfbconvert.pipeline import HeldBatches, output_errors
+    from hfbconvert.retrain import MIN_HELD
+
+    comp = api.load_compressed(setup["art"])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a student whose errors differ from what its meta recorded
+        for p in comp.model.parameters():
+            p.mul_(1 + 0.05 * torch.randn(p.shape, generator=g))
+    data = api.load_images(setup["npz"], comp.info)
+    cfg = RetrainConfig(epochs=2, batch_size=16, lr=1e-3, label_weight=0.0,
+                        feature_weight=0.0, eval_every=0, warmup=2)
+    model, meta, _ = retrain(comp.model, comp.info, comp.meta, setup["teacher"], data, cfg)
+    old, new = comp.meta["layer_errors"], meta["layer_errors"]
+    assert old.keys() == new.keys() and len(new) > 0
+    assert meta["layer_errors_measured"]["after"] == "finetune command"
+    assert "finetune command" in meta["calibration"]["describes"]
+    count = max(1, round(cfg.held_fraction * len(data)), min(MIN_HELD, len(data) // 5))
+    _, held = data.split(cfg.held_fraction, seed=cfg.seed, count=count)
+    again = output_errors(setup["teacher"], model, list(new), HeldBatches(held, 256))
+    for n in new:
+        assert new[n]["output_rel_err"] == pytest.approx(again[n], rel=1e-9)
+        assert new[n]["bank_loss_before_ft"] == old[n]["bank_loss_before_ft"]
+    assert any(new[n]["output_rel_err"] != old[n]["output_rel_err"] for n in new)
+    assert any(new[n]["bank_loss_after_ft"] != old[n]["bank_loss_after_ft"] for n in new)
+    schemas.validate(json.loads(json.dumps(meta, default=str)), "artifact-meta")

@@ -1,10 +1,12 @@
 """Calibration / evaluation image readers.
 
-Images are decoded once, preprocessed geometrically (resize + crop) and kept as a uint8
-N x 3 x R x R tensor: 4x less memory than float, and normalisation is applied lazily per
-batch so that one decode serves any mean/std. Decoding runs in a small thread pool
-(Pillow releases the GIL) and the result is cached on disk, so the second run with the
-same files and geometry is instant.
+Images are decoded once, preprocessed geometrically (resize + crop) and written as uint8
+3 x R x R records to a file on disk (the decode cache, or an anonymous temporary file
+when caching is off); :class:`CalibData` reads them back batch by batch, so memory stays
+flat in the number of images (a 100k-image training set costs a file, not RAM).
+Normalisation is applied lazily per batch so that one decode serves any mean/std.
+Decoding runs in a small thread pool (Pillow releases the GIL); the second run with the
+same files and geometry reads the cache and decodes nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.data
 from PIL import Image
 
 from hfbconvert.errors import InputError
@@ -34,17 +37,170 @@ IMAGE_EXTS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 )
 CLASSES_FILE = "synset_words.txt"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: raw record file + JSON index (1: one .npz, read whole)
 # JPEG draft decoding (DCT downscaling) may shrink an image only while it stays at least
 # this many times larger than what the geometry step needs; see _draft_request.
+# images decoded per round before they are written out: what the decode pass holds
+DECODE_CHUNK = 64
+# DataLoader workers of CalibData.batches when load_images is given none (the CLI's
+# --data-workers sets it)
+DEFAULT_LOADER_WORKERS = 0
 DRAFT_MARGIN = {"resize_then_crop": 1.0, "crop_then_resize": 2.0}
+
+
+class _Backing:
+    """An open file of fixed-size uint8 records, shared by every view of it. Reads use
+    ``os.pread`` (no file position, so forked DataLoader workers share the descriptor
+    safely) and never map the file: mapped pages would count as the process's memory."""
+
+    def __init__(self, fh: Any, shape: tuple[int, int, int, int], path: str = "") -> None:
+        self.fh, self.shape, self.path = fh, shape, path
+        self.record = int(np.prod(shape[1:]))
+        self.reads = 0  # records read so far (tests bound what a pass holds with it)
+
+    def read(self, pos: np.ndarray) -> np.ndarray:
+        """Records at positions ``pos`` (any order), as a (k, 3, R, R) uint8 array; runs
+        of consecutive positions are read with one call each."""
+        out = np.empty((len(pos), *self.shape[1:]), dtype=np.uint8)
+        flat = out.reshape(len(pos), -1)
+        fd, rec = self.fh.fileno(), self.record
+        i = 0
+        while i < len(pos):
+            j = i + 1
+            while j < len(pos) and pos[j] == pos[j - 1] + 1:
+                j += 1
+            want = (j - i) * rec
+            buf = os.pread(fd, want, int(pos[i]) * rec)
+            if len(buf) != want:
+                raise InputError(f"{self.path or 'decoded image file'}: truncated (changed "
+                                 "while in use?)")
+            flat[i:j] = np.frombuffer(buf, dtype=np.uint8).reshape(j - i, rec)
+            i = j
+        self.reads += len(pos)
+        return out
+
+    def __getstate__(self) -> dict:  # spawn-started workers reopen the file by path
+        if not self.path:
+            raise TypeError("an anonymous decoded-image file cannot be sent to another "
+                            "process; use fork-started workers or a cache")
+        return {"shape": self.shape, "path": self.path, "record": self.record, "reads": 0}
+
+    def __setstate__(self, st: dict) -> None:
+        self.__dict__.update(st)
+        self.fh = open(self.path, "rb")  # noqa: SIM115 - lives as long as the backing
+
+
+class ImageFile:
+    """A lazy (N, 3, R, R) uint8 image array on disk: indexing reads just those images
+    (``images[idx]`` is a tensor), :meth:`view` selects without reading, :meth:`chunks`
+    streams in order. Anything else a tensor has (``.float()``, ``.numpy()``,
+    ``torch.equal``) reads the whole array into memory: a convenience for small sets;
+    the pipeline never does it."""
+
+    dtype = torch.uint8
+
+    def __init__(self, backing: _Backing, index: np.ndarray | None = None) -> None:
+        self.backing = backing
+        self.index = np.arange(backing.shape[0]) if index is None else index
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.index), *self.backing.shape[1:]))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def dim(self) -> int:
+        return 4
+
+    @property
+    def ndim(self) -> int:
+        return 4
+
+    def positions(self, key: Any) -> np.ndarray | int:
+        if isinstance(key, (int, np.integer)):
+            return int(self.index[key])
+        if isinstance(key, torch.Tensor):
+            key = key.numpy()
+        return self.index[key if isinstance(key, slice) else np.asarray(key, dtype=np.int64)]
+
+    def __getitem__(self, key: Any) -> torch.Tensor:
+        if isinstance(key, tuple):  # images[i, c, y, x]: the image first, then the rest
+            return self[key[0]][(slice(None), *key[1:]) if not isinstance(
+                key[0], (int, np.integer)) else key[1:]]
+        pos = self.positions(key)
+        if isinstance(pos, int):
+            return torch.from_numpy(self.backing.read(np.array([pos]))[0])
+        return torch.from_numpy(self.backing.read(pos))
+
+    def view(self, idx: Any) -> ImageFile:
+        return ImageFile(self.backing, np.asarray(self.positions(idx)).reshape(-1))
+
+    def chunks(self, n: int = 256) -> Iterator[torch.Tensor]:
+        for s in range(0, len(self), n):
+            yield self[s:s + n]
+
+    def tensor(self) -> torch.Tensor:
+        """All images in memory (O(N)): for small sets and tests only."""
+        return self[:]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        a = self.tensor().numpy()
+        return a if dtype is None else a.astype(dtype)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("backing", "index"):
+            raise AttributeError(name)
+        return getattr(self.tensor(), name)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001
+        def conv(a: Any) -> Any:
+            if isinstance(a, ImageFile):
+                return a.tensor()
+            if isinstance(a, (list, tuple)):
+                return type(a)(conv(x) for x in a)
+            return a
+        return func(*conv(tuple(args)), **{k: conv(v) for k, v in (kwargs or {}).items()})
+
+
+def chunks_of(images: torch.Tensor | ImageFile, n: int = 256) -> Iterator[torch.Tensor]:
+    """The images in order, ``n`` at a time (bounded memory for a file-backed array)."""
+    if isinstance(images, ImageFile):
+        yield from images.chunks(n)
+    else:
+        for s in range(0, images.shape[0], n):
+            yield images[s:s + n]
+
+
+class _BatchSet(torch.utils.data.Dataset):
+    """Dataset whose item ``i`` is the i-th batch (uint8 images, labels): one pread per
+    run of consecutive images instead of one per image."""
+
+    def __init__(self, images: torch.Tensor | ImageFile, labels: torch.Tensor | None,
+                 batch_size: int) -> None:
+        self.images, self.labels, self.bs = images, labels, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.images) // self.bs)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        sl = slice(i * self.bs, (i + 1) * self.bs)
+        return self.images[sl], None if self.labels is None else self.labels[sl]
+
+
+def _keep(batch: Any) -> Any:
+    return batch
 
 
 @dataclass
 class CalibData:
-    """Preprocessed images (uint8 NCHW) plus labels and the normalisation to apply."""
+    """Preprocessed images (uint8 NCHW: a tensor in memory, or an :class:`ImageFile` on
+    disk) plus labels and the normalisation to apply. ``workers``: DataLoader worker
+    processes of :meth:`batches` (0: read in this process; reads from the decoded file
+    are cheap, so more only pays on machines with spare cores)."""
 
-    images: torch.Tensor
+    images: torch.Tensor | ImageFile
     labels: torch.Tensor | None
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -53,6 +209,7 @@ class CalibData:
     source: str = ""
     classes: list[str] | None = None  # class name per label index, when known
     skipped_examples: list[str] = field(default_factory=list)  # "file: reason", a few
+    workers: int = 0
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -61,31 +218,52 @@ class CalibData:
     def resolution(self) -> int:
         return int(self.images.shape[-1])
 
-    def normalized(self, idx: Any = None) -> torch.Tensor:
-        """Float32 model input for ``images[idx]`` (all when ``idx`` is None)."""
-        x = self.images if idx is None else self.images[idx]
+    def take(self, idx: Any) -> torch.Tensor:
+        """uint8 images at ``idx`` (reads only those from disk)."""
+        return self.images[idx]
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (N)CHW -> float32 model input with this data's mean/std."""
         if x.ndim == 3:
             x = x.unsqueeze(0)
         mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
         std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
         return (x.float() - mean) / std
 
-    def batches(self, batch_size: int = 64) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        """Yield ``(normalized float NCHW, labels or None)`` in file order."""
+    def normalized(self, idx: Any = None) -> torch.Tensor:
+        """Float32 model input for ``images[idx]`` (all when ``idx`` is None: O(N) memory,
+        prefer :meth:`batches`)."""
+        return self.normalize(self.images[:] if idx is None else self.images[idx])
+
+    def batches(self, batch_size: int = 64, workers: int | None = None,
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Yield ``(normalized float NCHW, labels or None)`` in file order, streamed from
+        disk through a DataLoader (``workers`` processes; default ``self.workers``)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        for start in range(0, len(self), batch_size):
-            sl = slice(start, start + batch_size)
-            yield self.normalized(sl), (None if self.labels is None else self.labels[sl])
+        workers = self.workers if workers is None else workers
+        ds = _BatchSet(self.images, self.labels, batch_size)
+        if workers <= 0 or not isinstance(self.images, ImageFile) or len(ds) < 2:
+            it: Iterator = (ds[i] for i in range(len(ds)))
+        else:
+            it = iter(torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False,
+                                                  num_workers=workers, collate_fn=_keep,
+                                                  prefetch_factor=2))
+        for x, y in it:
+            yield self.normalize(x), y
 
     def subset(self, idx: Sequence[int] | range | np.ndarray | torch.Tensor) -> CalibData:
-        """The images at ``idx`` (any integer sequence), labels and files alike."""
-        idx_t = torch.as_tensor(np.asarray(idx, dtype=np.int64).reshape(-1))
+        """The images at ``idx`` (any integer sequence), labels and files alike; on disk
+        a view (nothing is read)."""
+        idx_np = np.asarray(idx, dtype=np.int64).reshape(-1)
+        idx_t = torch.as_tensor(idx_np)
+        images = self.images.view(idx_np) if isinstance(self.images, ImageFile) \
+            else self.images[idx_t]
         return replace(
             self,
-            images=self.images[idx_t],
+            images=images,
             labels=None if self.labels is None else self.labels[idx_t],
-            files=[self.files[i] for i in idx_t.tolist()],
+            files=[self.files[i] for i in idx_np.tolist()],
         )
 
     def sample(self, n: int, seed: int = 0) -> CalibData:
@@ -128,6 +306,7 @@ def load_images(
     draft: bool = True,
     workers: int = 2,
     progress: Callable[[int, int], None] | None = None,
+    loader_workers: int | None = None,
 ) -> CalibData:
     """Read an ImageFolder tree, a flat folder of images or an ``.npz`` and preprocess it.
 
@@ -137,16 +316,21 @@ def load_images(
     error for folders that match none), a ``synset_words.txt`` next to or inside the
     folder, else sorted folder names. Symlinks are followed, each real file once.
     ``size`` picks a seeded random subset of that many images (all when None/larger).
-    Unreadable images are skipped and counted in ``CalibData.skipped``.
+    Unreadable images are skipped and counted in ``CalibData.skipped``. The decoded
+    images live in a file (the cache, else an anonymous temporary file) and are read back
+    per batch; ``workers``: decoding threads, ``loader_workers``: DataLoader processes of
+    :meth:`CalibData.batches`.
     """
     p = Path(path)
+    if loader_workers is None:
+        loader_workers = DEFAULT_LOADER_WORKERS
     if size is not None and size < 1:
         raise InputError(f"{p}: number of images must be >= 1, got {size}")
     if not p.exists():
         raise InputError(f"{p}: no such file or folder")
     if p.is_file():
         if p.suffix.lower() == ".npz":
-            return _load_npz(p, prep, size, seed, workers)
+            return _load_npz(p, prep, size, seed, workers, loader_workers)
         raise InputError(f"{p}: expected a folder of images (or class sub-folders) or an .npz")
 
     files, folder_labels, names = _list_folder(p, classes_file, classes, classes_origin)
@@ -157,13 +341,11 @@ def load_images(
             folder_labels = [folder_labels[i] for i in keep]
 
     key = _cache_key(files, prep, draft) if cache else None
-    cached = _cache_read(key) if key else None
+    cached = _cache_read(key, len(files), prep.resolution) if key else None
     if cached is not None:
-        images, ok, errors = cached
+        backing, ok, errors = cached
     else:
-        images, ok, errors = _decode_all(files, prep, draft, workers, progress)
-        if key:
-            _cache_write(key, images, ok, errors)
+        backing, ok, errors = _decode_all(files, prep, draft, workers, progress, key)
 
     kept_files = [str(f) for f, good in zip(files, ok, strict=True) if good]
     if not kept_files:
@@ -175,7 +357,7 @@ def load_images(
             [lab for lab, good in zip(folder_labels, ok, strict=True) if good], dtype=torch.int64
         )
     return CalibData(
-        images=torch.from_numpy(images),
+        images=ImageFile(backing, np.flatnonzero(ok)),
         labels=labels,
         mean=tuple(float(v) for v in prep.mean),  # type: ignore[arg-type]
         std=tuple(float(v) for v in prep.std),  # type: ignore[arg-type]
@@ -184,6 +366,7 @@ def load_images(
         source=str(p),
         classes=names,
         skipped_examples=errors[:3],
+        workers=loader_workers,
     )
 
 
@@ -419,75 +602,166 @@ def _decode_one(path: Path, prep: Preprocess, draft: bool) -> tuple[np.ndarray |
         return None, f"{path.name}: {msg[:100]}"
 
 
+def _scratch_file() -> Any:
+    """An anonymous file for decoded images when there is no cache to write (deleted by
+    the OS when closed); in the cache folder when it exists, else the temp folder."""
+    import tempfile
+
+    d = cache_dir()
+    try:
+        return tempfile.TemporaryFile(dir=d if d.is_dir() else None)
+    except OSError:
+        return tempfile.TemporaryFile()
+
+
+def _write_records(fh: Any, arrays: Iterator[np.ndarray | None], rec: int) -> None:
+    zero = bytes(rec)
+    for arr in arrays:
+        fh.write(zero if arr is None else np.ascontiguousarray(arr).tobytes())
+
+
 def _decode_all(
     files: list[Path],
     prep: Preprocess,
     draft: bool,
     workers: int,
     progress: Callable[[int, int], None] | None,
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Decode in a thread pool; returns (stacked good images, ok mask, error messages)."""
+    key: str | None = None,
+) -> tuple[_Backing, np.ndarray, list[str]]:
+    """Decode in a thread pool, ``DECODE_CHUNK`` images at a time, each written as a
+    record (zeros for an unreadable one) to the cache file of ``key`` (an anonymous file
+    without one, or when the cache cannot be written); returns (the file, ok mask, error
+    messages). Memory: one chunk, whatever the number of images."""
     res = prep.resolution
-    out = np.empty((len(files), 3, res, res), dtype=np.uint8)
+    shape = (len(files), 3, res, res)
+    rec = 3 * res * res
     ok = np.zeros(len(files), dtype=bool)
     errors: list[str] = []
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = pool.map(lambda f: _decode_one(f, prep, draft), files)
-        for i, (arr, err) in enumerate(results):
-            if arr is None:
-                errors.append(err)
-            else:
-                out[i] = arr
-                ok[i] = True
-            if progress is not None:
-                progress(i + 1, len(files))
-    return (out if ok.all() else out[ok]), ok, errors  # no 2x copy in the common case
+    tmp = _cache_tmp(key) if key else None
+    fh = None
+    if tmp is not None:
+        try:
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(tmp, "w+b")  # noqa: SIM115 - becomes the backing's file
+        except OSError:
+            tmp = None
+    if fh is None:
+        fh = _scratch_file()
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for s in range(0, len(files), DECODE_CHUNK):
+                part = files[s:s + DECODE_CHUNK]
+                out: list[np.ndarray | None] = []
+                for i, (arr, err) in enumerate(pool.map(lambda f: _decode_one(f, prep, draft),
+                                                        part), start=s):
+                    if arr is None:
+                        errors.append(err)
+                    else:
+                        ok[i] = True
+                    out.append(arr)
+                    if progress is not None:
+                        progress(i + 1, len(files))
+                _write_records(fh, iter(out), rec)
+        fh.flush()
+    except OSError as exc:  # e.g. the disk filled up: a one-line error, not a traceback
+        fh.close()
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise InputError(f"{getattr(fh, 'name', 'decoded image file')}: cannot write decoded "
+                         f"images ({exc.strerror or exc})") from None
+    if tmp is not None and key is not None:
+        final = _cache_path(key)
+        try:
+            os.replace(tmp, final)
+            _cache_write_index(key, shape, ok, errors)
+            return _Backing(fh, shape, str(final)), ok, errors
+        except OSError:
+            tmp.unlink(missing_ok=True)  # the open file stays readable: used uncached
+    return _Backing(fh, shape), ok, errors
 
 
 def _load_npz(
-    p: Path, prep: Preprocess, size: int | None, seed: int, workers: int
+    p: Path, prep: Preprocess, size: int | None, seed: int, workers: int,
+    loader_workers: int | None = None,
 ) -> CalibData:
+    """An .npz's 'images' (N, H, W, 3) read member by member from the zip (never the
+    whole array at once), preprocessed into an anonymous decoded-image file."""
+    import zipfile
+
     try:
-        with np.load(p, allow_pickle=False) as z:
-            if "images" not in z.files:
-                raise InputError(f"{p}: .npz has no 'images' array (found: {', '.join(z.files)})")
-            images = z["images"]
-            labels = z["labels"] if "labels" in z.files else None
-    except InputError:
-        raise
+        zf = zipfile.ZipFile(p)
     except Exception as exc:
         raise InputError(f"{p}: not a readable .npz ({str(exc)[:100]})") from None
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise InputError(
-            f"{p}: 'images' must be uint8 of shape (N, H, W, 3), got "
-            f"{images.dtype} {tuple(images.shape)}"
-        )
-    if images.shape[0] == 0:
-        raise InputError(f"{p}: 'images' is empty")
-    if labels is not None:
-        labels = np.asarray(labels).reshape(-1)
-        if labels.shape[0] != images.shape[0] or not np.issubdtype(labels.dtype, np.integer):
-            raise InputError(
-                f"{p}: 'labels' must be {images.shape[0]} integers, got "
-                f"{labels.dtype} {tuple(labels.shape)}"
-            )
-    idx = np.arange(images.shape[0])
-    if size is not None and size < len(idx):
-        idx = np.sort(np.random.default_rng(seed).permutation(len(idx))[:size])
+    with zf:
+        names = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+        if "images" not in names:
+            raise InputError(f"{p}: .npz has no 'images' array (found: {', '.join(names)})")
+        try:
+            labels = None
+            if "labels" in names:
+                with zf.open("labels.npy") as f:
+                    labels = np.lib.format.read_array(f, allow_pickle=False)
+            member = zf.open("images.npy")
+            version = np.lib.format.read_magic(member)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(member, max_header_size=100_000)
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(f"{p}: not a readable .npz ({str(exc)[:100]})") from None
+        with member:
+            if len(shape) != 4 or shape[-1] != 3 or dtype != np.uint8 or fortran:
+                raise InputError(
+                    f"{p}: 'images' must be uint8 of shape (N, H, W, 3), got "
+                    f"{dtype} {tuple(shape)}"
+                )
+            if shape[0] == 0:
+                raise InputError(f"{p}: 'images' is empty")
+            if labels is not None:
+                labels = np.asarray(labels).reshape(-1)
+                if labels.shape[0] != shape[0] or not np.issubdtype(labels.dtype, np.integer):
+                    raise InputError(
+                        f"{p}: 'labels' must be {shape[0]} integers, got "
+                        f"{labels.dtype} {tuple(labels.shape)}"
+                    )
+            idx = np.arange(shape[0])
+            if size is not None and size < len(idx):
+                idx = np.sort(np.random.default_rng(seed).permutation(len(idx))[:size])
+            want = set(idx.tolist())
+            rec_in = int(np.prod(shape[1:]))
+            res = prep.resolution
+            fh = _scratch_file()
 
-    def one(i: int) -> np.ndarray:
-        return preprocess_image(Image.fromarray(images[i], "RGB"), prep)
+            def raw() -> Iterator[np.ndarray]:
+                for i in range(shape[0]):
+                    buf = member.read(rec_in)
+                    if len(buf) != rec_in:
+                        raise InputError(f"{p}: 'images' is truncated at image {i}")
+                    if i in want:
+                        yield np.frombuffer(buf, dtype=np.uint8).reshape(shape[1:])
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        out = np.stack(list(pool.map(one, idx.tolist())))
+            def one(a: np.ndarray) -> np.ndarray:
+                return preprocess_image(Image.fromarray(a, "RGB"), prep)
+
+            with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+                it = raw()
+                while True:
+                    part = [a for _, a in zip(range(DECODE_CHUNK), it, strict=False)]
+                    if not part:
+                        break
+                    _write_records(fh, iter(pool.map(one, part)), 3 * res * res)
+            fh.flush()
+    backing = _Backing(fh, (len(idx), 3, res, res))
     return CalibData(
-        images=torch.from_numpy(out),
+        images=ImageFile(backing),
         labels=None if labels is None else torch.from_numpy(labels[idx].astype(np.int64)),
         mean=tuple(float(v) for v in prep.mean),  # type: ignore[arg-type]
         std=tuple(float(v) for v in prep.std),  # type: ignore[arg-type]
         files=[f"{p}[{i}]" for i in idx.tolist()],
         skipped=0,
         source=str(p),
+        workers=loader_workers,
     )
 
 
@@ -520,30 +794,37 @@ def _cache_key(files: list[Path], prep: Preprocess, draft: bool) -> str | None:
 
 
 def _cache_path(key: str) -> Path:
-    return cache_dir() / f"calib-{key}.npz"
+    """The decoded records (raw uint8, one 3 x R x R record per listed file)."""
+    return cache_dir() / f"calib-{key}.u8"
 
 
-def _cache_read(key: str) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
-    path = _cache_path(key)
-    if not path.is_file():
-        return None
+def _cache_index(key: str) -> Path:
+    """Shape, ok mask and errors of :func:`_cache_path`; written last, so it marks a
+    complete cache entry."""
+    return cache_dir() / f"calib-{key}.json"
+
+
+def _cache_tmp(key: str) -> Path:
+    return cache_dir() / f".calib-{key}.u8.{os.getpid()}.tmp"
+
+
+def _cache_read(key: str, n: int, res: int) -> tuple[_Backing, np.ndarray, list[str]] | None:
+    path, index = _cache_path(key), _cache_index(key)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            return z["images"], z["ok"], [str(e) for e in z["errors"]]
-    except Exception:  # a damaged cache is just a miss
+        meta = json.loads(index.read_text())
+        shape = (n, 3, res, res)
+        if tuple(meta["shape"]) != shape or path.stat().st_size != int(np.prod(shape)):
+            return None
+        ok = np.zeros(n, dtype=bool)
+        ok[np.asarray(meta["ok"], dtype=np.int64)] = True
+        errors = [str(e) for e in meta["errors"]]
+        fh = open(path, "rb")  # noqa: SIM115 - lives as long as the backing
+    except Exception:  # missing, damaged or foreign: just a miss
         return None
+    return _Backing(fh, shape, str(path)), ok, errors
 
 
-def _cache_write(key: str, images: np.ndarray, ok: np.ndarray, errors: list[str]) -> None:
-    """Best effort: a read-only or full cache folder must never fail the run."""
-    path = _cache_path(key)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, images=images, ok=ok, errors=np.array(errors, dtype=str))
-
-        atomic_write(path, write)
-    except OSError:
-        pass
+def _cache_write_index(key: str, shape: tuple, ok: np.ndarray, errors: list[str]) -> None:
+    text = json.dumps({"v": CACHE_VERSION, "shape": list(shape),
+                       "ok": np.flatnonzero(ok).tolist(), "errors": errors})
+    atomic_write(_cache_index(key), lambda tmp: tmp.write_text(text))
