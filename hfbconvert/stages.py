@@ -188,7 +188,8 @@ def add_cap(st: State) -> State:
     refit = False
     for _ in range(ADD_REPAIR_ROUNDS):
         cost = model_cost(st.hybrid, st.info.resolution)
-        if cost.adds <= limit:
+        adds = cost.adds
+        if adds <= limit:
             break
         rows = {c.name: c for c in cost.layers}
         predicted = st.original_cost.adds
@@ -202,8 +203,8 @@ def add_cap(st: State) -> State:
                 predicted += lp.predicted_adds(measured)
             else:
                 predicted += lp.predicted_adds()
-        slack = max(slack, cost.adds - predicted)  # what the formula misses, kept off the cap
-        rounds.append({"adds": int(cost.adds), "ratio": cost.adds / st.original_cost.adds})
+        slack = max(slack, adds - predicted)  # what the formula misses, kept off the cap
+        rounds.append({"adds": int(adds), "ratio": adds / st.original_cost.adds})
         try:
             plan = make_plan(st.original, st.info, st.layers, st.curves, st.energies,
                              st.fragility, st.cfg, None, st.densities, density_scale=scale,
@@ -447,17 +448,23 @@ def resolve_finetune(st: State) -> State:
     return st
 
 
-def add_cap_record(st: State) -> dict[str, Any]:
+def add_cap_record(st: State, cost: ModelCost) -> dict[str, Any]:
     """The ADD cap against the final model's counted ADDs (``meta["add_cap"]``), with a
     warning when it is missed. ``enforced``: the planner chose the layout under the cap
-    (else a ``--plan`` file or a uniform method decided, and the cap is only reported)."""
-    adds = int(st.meta["cost"]["totals"]["adds"])
+    (else a ``--plan`` file or a uniform method decided, and the cap is only reported).
+    The cap holds the ADDs of the arithmetic the plan chooses (critical rows, W_b, W_c);
+    uint8 hidden units' shifts (``--hidden-bits 8``, one per hidden unit and pixel), which
+    the cost model also counts as ADDs, are recorded apart (``shift_adds``), not capped."""
+    shifts = sum(c.adds - c.pixels * c.extra["critical"] * (c.extra["c_in"] - 1)
+                 - c.extra["adds_wb"] - c.extra["adds_wc"]
+                 for c in cost.layers if c.kind == "hybrid")
+    adds = int(cost.adds - shifts)
     orig = int(st.original_cost.adds)
     limit = (1 + st.cfg.max_add_increase) * orig
     rec = {"max_add_increase": st.cfg.max_add_increase, "limit_adds": int(limit),
            "adds": adds, "ratio": adds / orig if orig else None, "met": adds <= limit,
            "enforced": add_cap_enforced(st.cfg, st.plan_override),
-           "repair_rounds": len(st.meta.get("add_repair") or [])}
+           "repair_rounds": len(st.meta.get("add_repair") or []), "shift_adds": int(shifts)}
     if rec["enforced"] and not rec["met"]:
         progress.warn(f"ADDs are {adds / orig:.3f}x the original's, over the ADD cap "
                       f"({1 + st.cfg.max_add_increase:.3f}x) after {rec['repair_rounds']} "
@@ -485,8 +492,9 @@ def finish(st: State) -> State:
         k = round(st.meta["final_agreement"] * n_held)
         st.meta["final_agreement_interval"] = {"n": n_held, "agree": k,
                                                "ci95": list(wilson_interval(k, n_held))}
-    st.meta["cost"] = model_cost(st.hybrid, st.info.resolution).to_dict()
-    st.meta["add_cap"] = add_cap_record(st)
+    cost = model_cost(st.hybrid, st.info.resolution)
+    st.meta["cost"] = cost.to_dict()
+    st.meta["add_cap"] = add_cap_record(st, cost)
     st.meta["original_cost"] = st.original_cost.to_dict()
     if st.cfg.activation_bits == 8:
         # what plain int8 PTQ of the original would cost: the baseline an int8 hybrid beats
