@@ -149,7 +149,7 @@ def compare_logits(runtime: str, ref: np.ndarray, got: np.ndarray, rtol_rel: flo
     t1, o1 = ref.reshape(len(ref), -1).argmax(1), got.reshape(len(got), -1).argmax(1)
     mism = t1 != o1
     max_logit = float(np.abs(ref).max()) if ref.size else 0.0
-    tol = max(rtol_rel * max_logit, noise_floor)
+    tol = max(rtol_rel * max_logit, noise_floor) if noise_floor > 0 else rtol_rel * max_logit
     order = np.lexsort((-row_diff, ~mism))[:WORST_ROWS]  # mismatches first, then largest Δ
     worst = [MismatchRow(int(i), float(row_diff[i]), int(t1[i]), int(o1[i])) for i in order]
     return Comparison(
