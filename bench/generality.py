@@ -179,12 +179,16 @@ def markdown(res: dict) -> str:
         f"own resolution), pointwise 1x1 + linear layers, `--budget {BUDGET} --steps 0`, "
         f"{res['settings']['calib']} real ImageNet calibration images, eval on "
         f"{res['settings']['eval']} val images against the original, ONNX export verified "
-        "by onnxruntime. Counts depend on shapes only; top-1 is given only where real "
-        "weights were measured (results file named).",
+        "by onnxruntime (*rel diff*: max|Δlogit| / max|logit|; it passes at ≤ 1e-4 or, where "
+        "the model's own float32 rounding is larger, within 8× PyTorch's float32 − float64 "
+        "gap: random-weight logits can be a small difference of large values). Counts "
+        "depend on shapes only; top-1 is given only where real weights were measured "
+        "(results file named).",
         "",
-        "| architecture | px | analyze | compress | eval | export | verify | pointwise MUL share "
-        "| layers converted | MULs before → after (saved) | top-1 before → after (real weights) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| architecture | px | analyze | compress | eval | export | verify (rel diff) "
+        "| pointwise MUL share | layers converted | MULs before → after (saved) "
+        "| ADDs after / before | top-1 before → after (real weights) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
         st = r["status"]
@@ -196,12 +200,15 @@ def markdown(res: dict) -> str:
             muls += f" at budget {r['budget']:g}"
         share = r.get("pointwise_mul_share")
         pw = "–" if share is None else f"{100 * share:.0f}%"
+        rel = r.get("verify_max_rel_diff")
+        verify = mark(st["verify"]) + ("" if rel is None else f" ({rel:.1e})")
+        adds = (f"{r['adds_after'] / r['adds_before']:.3f}×" if r.get("adds_before") else "–")
         t = r.get("top1_real")
         top = (f"{100 * t['before']:.2f} → {100 * t['after']:.2f} ({t['results']})"
                if t else "–")
         lines.append(f"| {r['name']} | {r['resolution'] or r.get('resolution_used', '')} | "
-                     + " | ".join(mark(st[s]) for s in STEPS)
-                     + f" | {pw} | {layers} | {muls} | {top} |")
+                     + " | ".join(mark(st[s]) for s in STEPS[:-1])
+                     + f" | {verify} | {pw} | {layers} | {muls} | {adds} | {top} |")
     errs = [(r["name"], e) for r in res["rows"] for e in r["errors"]]
     if errs:
         lines += ["", "Failures:", ""] + [f"- {n}: `{e[:300]}`" for n, e in errs]
@@ -241,7 +248,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="generated markdown section")
     p.add_argument("--markdown", type=Path, default=None,
                    help="also splice the section into this file (e.g. BENCHMARKS.md)")
+    p.add_argument("--render", action="store_true",
+                   help="only rewrite the markdown from the existing --out results file")
     args = p.parse_args(argv)
+    if args.render:
+        section = markdown(json.loads(args.out.read_text()))
+        args.section.write_text(section)
+        if args.markdown is not None:
+            splice(args.markdown, section)
+        print(f"wrote {args.section} from {args.out}")
+        return 0
     shared = shared_dir()
     calib, val = shared / "data/imagenet/calib", shared / "data/imagenet/val"
     if not calib.is_dir() or not val.is_dir():

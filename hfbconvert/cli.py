@@ -724,6 +724,23 @@ def _compress(net, info, data, cfg, model: str, out: Path, force: bool, resume: 
     else:
         print_compress(meta, timings, str(out))
     _agreement_gate(meta, cfg.min_agreement, gate_always, out)
+    _add_cap_gate(meta, out)
+
+
+def _add_cap_gate(meta: dict, out: Path) -> None:
+    """Exit 1 when the planner's layout missed --max-add-increase on the ADDs counted from
+    the fitted codes (after the pipeline's re-plans), as the agreement gate does for
+    --min-agreement: the file is written, the run says it failed."""
+    from .errors import CheckFailed
+
+    cap = meta.get("add_cap") or {}
+    if cap.get("enforced") and cap.get("met") is False:
+        raise CheckFailed(
+            f"{out}: the compressed model needs {cap['ratio']:.3f}x the original's ADDs, over "
+            f"--max-add-increase {cap['max_add_increase']:g} "
+            f"({1 + cap['max_add_increase']:.3f}x), after {cap.get('repair_rounds', 0)} "
+            "re-plan(s) with the measured ternary densities; the file was written, but try "
+            "a larger --budget or --max-add-increase")
 
 
 def _artifact_meta(meta: dict, model: str) -> dict:

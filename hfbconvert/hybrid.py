@@ -106,9 +106,11 @@ class HybridPointwise(nn.Module):
         return int(self.tolerant_idx.numel())
 
     def ternary_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(W_b codes, effective a, W_c codes) as float tensors; gradients flow in training."""
+        """(W_b codes, effective a, W_c codes) as float tensors of ``a``'s dtype (float64
+        in a ``.double()`` copy: verification's rounding reference); gradients flow in
+        training."""
         if self.frozen:
-            return self.wb_codes.float(), self.a, self.wc_codes.float()
+            return self.wb_codes.to(self.a.dtype), self.a, self.wc_codes.to(self.a.dtype)
         assert self.wb_latent is not None and self.wc_latent is not None
         return round_ternary_ste(self.wb_latent), self.a, round_ternary_ste(self.wc_latent)
 

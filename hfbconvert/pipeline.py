@@ -322,7 +322,11 @@ def make_plan(model: nn.Module, info: ModelInfo, layers: list[PointwiseLayer],
               curves: dict[str, torch.Tensor], energies: dict[str, torch.Tensor],
               fragility: dict[str, float], cfg: CompressConfig,
               plan_override: dict | None = None,
-              densities: dict[str, torch.Tensor] | None = None) -> Plan:
+              densities: dict[str, torch.Tensor] | None = None,
+              density_scale: dict[str, float] | None = None, add_slack: float = 0.0) -> Plan:
+    """The plan of ``cfg``'s method (budget planner, uniform, baselines) with the user's
+    ``plan_override`` applied. ``density_scale``/``add_slack``: the ADD repair's measured
+    corrections (:func:`hfbconvert.stages.add_cap`, :func:`hfbconvert.plan.budget_plan`)."""
     cost = model_cost(model, info.resolution)
     pw_names = {ly.name for ly in layers}
     fixed = sum(c.muls for c in cost.layers if c.name not in pw_names)
@@ -364,7 +368,7 @@ def make_plan(model: nn.Module, info: ModelInfo, layers: list[PointwiseLayer],
                                 cost.muls, cost.adds, cfg.max_add_increase, cfg.ratios,
                                 densities, weight_bits=cfg.weight_bits,
                                 act_bits=cfg.activation_bits, energy_fn=energy_fn,
-                                **caps)
+                                density_scale=density_scale, add_slack=add_slack, **caps)
         except ConfigError as exc:
             # the planner knows its caps in bytes and pJ; the user gave fractions
             frac = {"max_bytes": ("size_budget", cfg.size_budget),

@@ -184,12 +184,16 @@ def plan_options(layers: list[PointwiseLayer], curves: dict[str, torch.Tensor],
                  densities: dict[str, torch.Tensor] | None = None, *,
                  weight_bits: int = 32, fp_bits: int = 32,
                  act_bits: int = 32,
-                 energy_fn: Callable[[LayerPlan], float] | None = None) -> list[list[_Opt]]:
+                 energy_fn: Callable[[LayerPlan], float] | None = None,
+                 density_scale: dict[str, float] | None = None) -> list[list[_Opt]]:
     """Every (n_c, ρ) choice of every layer with its MULs, ADDs, bytes, energy and
     fragility-weighted predicted error: the multiple-choice knapsack that
     :func:`budget_plan` solves (and ``bench/planner_exact.py`` solves exactly).
     ``energy_fn`` prices an option's energy (pJ) instead of the constants table (the
-    accelerator model, :mod:`hfbconvert.hw.planner`)."""
+    accelerator model, :mod:`hfbconvert.hw.planner`). ``density_scale`` multiplies a
+    layer's predicted W_b density: the measured/predicted ratio of the codes the layer fit
+    produced (:func:`hfbconvert.stages.add_cap`), which the sensitivity fit's density
+    need not match."""
     opts: list[list[_Opt]] = []
     for ly in layers:
         lam = fragility.get(ly.name, 1.0)
@@ -201,6 +205,8 @@ def plan_options(layers: list[PointwiseLayer], curves: dict[str, torch.Tensor],
             if densities is not None and ly.name in densities:
                 # measured W_b density of the filters most likely tolerant (a little margin)
                 dens = min(1.0, 1.05 * float(densities[ly.name][:, col].mean()))
+            if density_scale and ly.name in density_scale:
+                dens = min(1.0, dens * density_scale[ly.name])
             grid = sorted({int(round(ly.c_out * i / CRITICAL_STEPS))
                            for i in range(CRITICAL_STEPS + 1)})
             for n_c in grid:
@@ -227,13 +233,17 @@ def budget_plan(layers: list[PointwiseLayer], curves: dict[str, torch.Tensor],
                 weight_bits: int = 32, fp_bits: int = 32,
                 max_energy_pj: float | None = None, fixed_energy_pj: float = 0.0,
                 act_bits: int = 32,
-                energy_fn: Callable[[LayerPlan], float] | None = None) -> list[LayerPlan]:
+                energy_fn: Callable[[LayerPlan], float] | None = None,
+                density_scale: dict[str, float] | None = None,
+                add_slack: float = 0.0) -> list[LayerPlan]:
     """Choose (n_c, ρ) per layer minimizing Σ λ·err under the MUL budget and three caps:
     ADDs; with ``max_bytes`` the whole model's stored bytes (``fixed_bytes``: layers outside
     the plan; critical rows at ``weight_bits``, biases and ``a`` at ``fp_bits``, ternary at
     2 bits, as ``costs.hybrid_cost`` counts them); with ``max_energy_pj`` its arithmetic
     energy at ``act_bits`` (int8: an ``a`` costs an int32 MUL, 15x an int8 MAC's MUL, so
-    hidden units that save MULs can cost energy).
+    hidden units that save MULs can cost energy). ``density_scale``: see
+    :func:`plan_options`; ``add_slack``: ADDs the cost model counts beyond what the plan
+    predicts (measured after a fit), taken off the ADD cap.
 
     Lagrangian relaxation (bisection on the MUL price, doubling cap prices), then a greedy
     fill of the leftover MULs; ``bench/planner_exact.py`` compares it with the exact MILP.
@@ -244,9 +254,10 @@ def budget_plan(layers: list[PointwiseLayer], curves: dict[str, torch.Tensor],
     limit = budget * original_muls - fixed_muls
     caps = plan_caps(layers, original_adds, max_add_increase, max_bytes, fixed_bytes,
                      max_energy_pj, fixed_energy_pj)
+    caps[0] -= max(add_slack, 0.0)
     opts = plan_options(layers, curves, energies, fragility, budgets, ratios, densities,
                         weight_bits=weight_bits, fp_bits=fp_bits, act_bits=act_bits,
-                        energy_fn=energy_fn)
+                        energy_fn=energy_fn, density_scale=density_scale)
     min_muls = sum(min(o.muls for o in lo) for lo in opts)
     if min_muls > limit:
         smallest = (min_muls + fixed_muls) / original_muls
@@ -299,6 +310,14 @@ def budget_plan(layers: list[PointwiseLayer], curves: dict[str, torch.Tensor],
         prices = [(p * 2 if p else 1e-12) if x else p for p, x in zip(prices, exceeded)]
         sel = solve(prices)
     exceeded = over(sel)
+    if exceeded[0]:  # the ADD cap binds like the others (it was once let through silently)
+        fixed_adds = original_adds - sum(ly.pixels * ly.c_out * (ly.c_in - 1) for ly in layers)
+        need = (sum(o.adds for o in sel) + fixed_adds + max(add_slack, 0.0)) / original_adds
+        raise ConfigError(
+            CAP_FIELDS[0], max_add_increase,
+            f"the {CAP_NAMES[0]} cannot be met together with {{other}} {budget:g} and the "
+            f"other caps: the closest plan needs {need:.3f}x the original ADDs; raise it or "
+            "{other}", other="budget")
     if exceeded[1] or exceeded[2]:
         k = 1 if exceeded[1] else 2
         raise ConfigError(

@@ -47,13 +47,16 @@ def test_markdown_rows_and_splice(tmp_path: Path) -> None:
     res = {"command": "python -m bench.generality", "finished": "t", "git": {"commit": "abc"},
            "settings": {"calib": 32, "eval": 64},
            "rows": [_row("Net", layers_converted=3, layers_planned=5, muls_before=2e6,
-                         muls_after=1e6, muls_saved=0.5, pointwise_mul_share=0.8),
+                         muls_after=1e6, muls_saved=0.5, pointwise_mul_share=0.8,
+                         adds_before=2e6, adds_after=2.5e6, verify_max_rel_diff=2.4e-4),
                     _row("Res", budget=0.99, errors=["compress: exit 2: unreachable"],
                          status={"analyze": "pass", "compress": "fail", "eval": "not run",
                                  "export": "not run", "verify": "not run"})]}
     md = markdown(res)
-    assert "| Net | 224 | ✓ | ✓ | ✓ | ✓ | ✓ | 80% | 3 / 5 | 2.0M → 1.0M (50.0%) | – |" in md
-    assert "| Res | 224 | ✓ | ✗ | – | – | – |" in md and "unreachable" in md
+    assert ("| Net | 224 | ✓ | ✓ | ✓ | ✓ | ✓ (2.4e-04) | 80% | 3 / 5 | 2.0M → 1.0M (50.0%) "
+            "| 1.250× | – |") in md
+    assert "| Res | 224 | ✓ | ✗ | – | – | – | – | – | – at budget 0.99 | – | – |" in md
+    assert "unreachable" in md
     bench = tmp_path / "BENCHMARKS.md"
     bench.write_text("# B\n\nkeep me\n")
     splice(bench, md)

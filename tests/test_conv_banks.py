@@ -239,3 +239,68 @@ def test_unknown_layer_kind_is_one_line_exit_2(tmp_path) -> None:
     for cmd in ("analyze", "compress"):
         one_error(run(cmd, m, "--layers", "pointwise,depthwise", "-q"),
                   "--layers", "unknown layer kind 'depthwise'", "pointwise, linear, conv")
+
+
+class _KxkNet(nn.Module):
+    """Three 3x3 convs with Gaussian weights: the fitted banks come out denser than the
+    sensitivity fit the planner prices (as ResNet-18's 3x3 banks did, 1.542x against the
+    1.48x cap), so the planner alone misses the ADD cap here."""
+
+    def __init__(self, c: int = 32) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, c, 3, padding=1)
+        self.a = nn.Conv2d(c, c, 3, padding=1)
+        self.b = nn.Conv2d(c, 2 * c, 3, padding=1, stride=2)
+        self.c = nn.Conv2d(2 * c, 2 * c, 3, padding=1)
+        self.fc = nn.Linear(2 * c, 10)
+        with torch.no_grad():
+            for m in (self.a, self.b, self.c):
+                m.weight.normal_(0, 0.05)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for m in (self.conv1, self.a, self.b, self.c):
+            x = torch.relu(m(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def _compress_kxk(rounds: int, monkeypatch) -> tuple:
+    from hfbconvert import stages
+    from hfbconvert.distill import FinetuneConfig
+    from hfbconvert.pipeline import CompressConfig, compress
+
+    monkeypatch.setattr(stages, "ADD_REPAIR_ROUNDS", rounds)
+    torch.manual_seed(0)
+    net = _KxkNet().eval()
+    cfg = CompressConfig(budget=0.536, layer_kinds=("pointwise", "linear", "conv"),
+                         exclude=("conv1",), weight_bits=32, finetune=FinetuneConfig(steps=0))
+    hybrid, meta = compress(net, ModelInfo(arch="custom", config={}, resolution=16), None, cfg)
+    return model_cost(net, 16), model_cost(hybrid, 16), meta
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_kxk_add_cap_holds_on_the_final_counted_adds(monkeypatch, capsys) -> None:
+    dense, cost, meta = _compress_kxk(0, monkeypatch)  # the planner's prediction alone
+    assert cost.adds > 1.48 * dense.adds, "precondition: this model's plan misses the cap"
+    assert meta["add_cap"]["met"] is False and meta["add_cap"]["enforced"] is True
+    assert "over the ADD cap" in capsys.readouterr().err  # said, not hidden
+    dense, cost, meta = _compress_kxk(3, monkeypatch)
+    assert cost.adds <= 1.48 * dense.adds  # the FINAL model's ADDs, counted from its codes
+    assert cost.muls <= 0.536 * dense.muls + 1
+    assert meta["add_cap"] == {**meta["add_cap"], "met": True, "adds": cost.adds}
+    assert meta["add_repair"] and meta["add_repair"][0]["ratio"] > 1.48
+    planned = {lp["name"]: lp for lp in meta["plan"]["layers"]}  # the plan the model has
+    assert any(lp["n_critical"] < lp["c_out"] for lp in planned.values())
+    assert meta["stages"][-1]["stage"] == "add_repair"
+
+
+def test_add_cap_gate_exits_1_only_for_an_enforced_miss(tmp_path) -> None:
+    from hfbconvert.cli import _add_cap_gate
+    from hfbconvert.errors import CheckFailed
+
+    miss = {"max_add_increase": 0.48, "limit_adds": 148, "adds": 154, "ratio": 1.54,
+            "met": False, "enforced": True, "repair_rounds": 3}
+    with pytest.raises(CheckFailed, match=r"1\.540x .*--max-add-increase 0\.48"):
+        _add_cap_gate({"add_cap": miss}, tmp_path / "m.hfb.pt")
+    _add_cap_gate({"add_cap": {**miss, "enforced": False}}, tmp_path / "m.hfb.pt")  # --plan
+    _add_cap_gate({"add_cap": {**miss, "met": True}}, tmp_path / "m.hfb.pt")
+    _add_cap_gate({}, tmp_path / "m.hfb.pt")  # an artifact from before the record

@@ -381,3 +381,54 @@ def test_model_is_one_hybrid_layer(tmp_path: Path, n_c: int) -> None:
     assert stats["custom_ops"] == int(n_c < 6)
     assert bool(onnx.load(str(path)).functions) == (n_c < 6)
     assert verify_onnx(path, net, images(2), reference_batch=1).passed
+
+
+def _cancelling_net() -> tuple[SmallNet, torch.Tensor]:
+    """Logits of about 0.02 out of pre-bias outputs of about 2,000 cancelled by the bias
+    (what a bias-corrected classifier of a collapsed random-weight MobileNetV1 computes)."""
+    torch.manual_seed(1)
+    net = SmallNet(fc=rand_hybrid(16, 10, 3, 4, "linear")).eval()
+    x = images(6)
+    with torch.no_grad():
+        net.bn.weight.fill_(1e-4)  # features nearly constant across images
+        net.bn.bias.fill_(3.0)
+        net.fc.w_crit.mul_(300.0)
+        net.fc.a.mul_(300.0)
+        pre = net(x) - net.fc.bias
+        net.fc.bias.copy_(-pre.mean(0) + 0.01 * torch.randn(10))
+    return net, x
+
+
+def test_verify_tolerance_is_not_below_float32_rounding(tmp_path: Path) -> None:
+    """The V1 generality row's false FAIL: max|Δ| = one float32 ulp of the cancelled
+    operands, 2.4e-4 of the tiny logits. The floor (PyTorch's own float32 − float64 gap)
+    lets it pass, and an error well above that floor still fails."""
+    from hfbconvert import verify as V
+
+    net, x = _cancelling_net()
+    path = tmp_path / "m.onnx"
+    export_onnx(net, path, RES)
+    with torch.no_grad():
+        max_logit = float(net(x).abs().max())
+    noise = V.float_noise(net, x)
+    assert noise > V.FLOAT_RTOL * max_logit  # the old tolerance was below the model's rounding
+    res = verify_onnx(path, net, x, reference_batch=2)
+    assert res.passed, res.summary()
+    assert res.ort.noise_floor == pytest.approx(V.FLOAT_NOISE_FACTOR * noise)
+    assert res.ort.tolerance == res.ort.noise_floor
+    assert "noise_floor" in res.to_dict()["ort"]
+    with torch.no_grad():
+        net.fc.bias[3] += 20 * res.ort.noise_floor  # a real mismatch, above the floor
+    assert not verify_onnx(path, net, x, reference_batch=1).passed
+
+
+def test_float_noise_runs_a_frozen_hybrid_in_float64() -> None:
+    """The float64 copy must compute (ternary codes cast to ``a``'s dtype): a small gap,
+    not the 0.0 that means "could not run"."""
+    from hfbconvert.verify import float_noise
+
+    net = make_net("mixed")
+    assert net.pw.frozen
+    noise = float_noise(net, images(3))
+    assert 0.0 < noise < 1e-5
+    assert net.pw.w_crit.dtype == torch.float32  # the caller's model is untouched

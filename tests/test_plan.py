@@ -156,3 +156,33 @@ def test_predicted_bytes_match_the_cost_model():
     m = HybridPointwise(24, 16, torch.tensor(lp.critical_idx), lp.r)
     for wbits in (8, 16, 32):
         assert hybrid_cost("x", m, 4, 32, wbits).bytes == lp.predicted_bytes(wbits)
+
+
+def test_heuristic_planner_refuses_an_unmeetable_add_cap(monkeypatch):
+    """Without the MILP (scipy missing or timed out) the relaxation used to return a plan
+    over the ADD cap silently; it now refuses it like the size and energy caps."""
+    from hfbconvert import plan as P
+    from hfbconvert.errors import ConfigError
+
+    layers, curves, energies, fixed, orig, adds = _setup()
+    monkeypatch.setattr(P, "exact_choice", lambda *a, **k: None)
+    ok = budget_plan(layers, curves, energies, {}, (1, 2, 4), 0.8, fixed, orig, adds, 0.48)
+    dense_pw = sum(ly.pixels * ly.c_out * (ly.c_in - 1) for ly in layers)
+    assert adds - dense_pw + sum(lp.predicted_adds() for lp in ok) <= 1.48 * adds
+    with pytest.raises(ConfigError, match="ADD cap cannot be met") as exc:
+        budget_plan(layers, curves, energies, {}, (1, 2, 4), 0.3, fixed, orig, adds, -0.9)
+    assert exc.value.field == "max_add_increase"
+
+
+def test_density_scale_and_slack_tighten_the_add_prediction():
+    """The repair's two corrections reach the ADD cap: denser codes and counted slack
+    leave fewer ADDs for banks, so the planner keeps more filters critical."""
+    layers, curves, energies, fixed, orig, adds = _setup()
+    args = (layers, curves, energies, {}, (1, 2, 4), 0.5, fixed, orig, adds, 0.3)
+    base = budget_plan(*args)
+    dense_pw = sum(ly.pixels * ly.c_out * (ly.c_in - 1) for ly in layers)
+    scaled = budget_plan(*args, density_scale={ly.name: 1.4 for ly in layers})
+    assert all(s.density == pytest.approx(min(1.0, 1.4 * b.density))
+               for s, b in zip(scaled, base))
+    for plans, slack in ((scaled, 0.0), (budget_plan(*args, add_slack=0.05 * adds), 0.05 * adds)):
+        assert adds - dense_pw + sum(lp.predicted_adds() for lp in plans) + slack <= 1.3 * adds
