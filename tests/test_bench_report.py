@@ -157,6 +157,33 @@ def test_seeds_table_reports_every_seed_and_the_spread() -> None:
     assert report._cells(res, "m")["hybrid-0.536"]["seed"] == 0
 
 
+def test_a_later_run_of_missing_seeds_completes_the_earlier_file() -> None:
+    """Seed 2 run alone (``--seeds 2``) merges into the file that ran seeds 0 and 1 and
+    skipped 2: every seed in the table, the newest file's cells win, and a file measured
+    another way (other steps) never contributes."""
+    full = _seeds_results()
+    old = {**full, "_path": "old.json", "cells": [
+        {**c, "status": "skipped"} if c.get("seed") == 2 else c for c in full["cells"]]}
+    new = {**full, "_path": "new.json", "settings": {"seeds": [2]},
+           "cells": [c for c in full["cells"] if c.get("seed") in (None, 2)]}
+    merged = report.merge_results([old, new])
+    assert merged["settings"]["seeds"] == [0, 1, 2] and merged["complete"]
+    assert len(merged["cells"]) == len(full["cells"])
+    assert all(c["status"] == "ok" for c in merged["cells"])
+    ref = next(c for c in merged["cells"] if c["method"] == "original")
+    assert ref is new["cells"][0]  # the newest file's reference
+    src = {s["path"]: s["cells"] for s in merged["_sources"]}
+    assert ("m", "hybrid-0.536", 2) in src["new.json"]
+    assert ("m", "hybrid-0.536", 0) in src["old.json"] and ("m", "original", None) not in \
+        src["old.json"]
+    text = "\n".join(report.seeds_table(merged, "m"))
+    assert len([ln for ln in text.splitlines()
+                if ln.startswith("| `hybrid-0.536-int8` | 0, 1, 2 |")]) == 1
+    other = {**old, "models": [{"key": "m", "title": "M", "steps": 0}]}
+    alone = report.merge_results([other, new])
+    assert alone is new and report.merge_results([new]) is new
+
+
 def test_int8_plot_shows_every_cell(tmp_path: Path, monkeypatch) -> None:
     import matplotlib.figure
 
