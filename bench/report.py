@@ -167,6 +167,15 @@ def _cell_label(k: tuple) -> str:
     return f"{k[0]}/{k[1]}" + (f" seed {k[2]}" if k[2] is not None else "")
 
 
+def mixed_commits_note(res: dict) -> str:
+    """A warning when a merged section's files ran different commits ('' otherwise)."""
+    commits = {(s.get("git") or {}).get("commit") for s in res.get("_sources", [])}
+    if len(commits) < 2:
+        return ""
+    return ("The merged files ran different commits: a difference between their cells "
+            "mixes seed-to-seed variation with whatever the code changes in between did.")
+
+
 def source_lines(res: dict, rel_dir: Path) -> list[str]:
     """One line per results file that a merged section's cells came from."""
     out = []
@@ -422,6 +431,8 @@ def render_section(res: dict, md_dir: Path, plots: dict[str, Path]) -> list[str]
                    "`bench.report.merge_results`; the newest file's machine and commit "
                    "are shown above):")
         out += [f"  - {ln}" for ln in source_lines(res, md_dir)]
+        if mixed_commits_note(res):
+            out.append(f"- {mixed_commits_note(res)}")
     else:
         out.append(f"- results file: `{rel}`")
     for n in res.get("settings", {}).get("notes", []):
@@ -830,7 +841,8 @@ def readme_blocks(latest: dict[str, dict], readme: Path) -> dict[str, str]:
 
 def _src(res: dict, rdir: Path) -> str:
     if res.get("_sources"):
-        return "; ".join(source_lines(res, rdir))
+        return "; ".join(source_lines(res, rdir)) + (
+            f". {mixed_commits_note(res)[:-1]}" if mixed_commits_note(res) else "")
     rel = os.path.relpath(res["_path"], rdir) if "_path" in res else "?"
     g = res.get("git", {})
     return (f"`{res.get('command')}` → `{rel}` (commit `{(g.get('commit') or '?')[:10]}`"
