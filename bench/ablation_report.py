@@ -16,6 +16,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from hfbconvert.metrics import decode_bits, discordant, mcnemar_exact, paired_difference_interval
+
 from .report import _num, fmt_diff, unpaired, words
 
 CAVEAT = ("Measured with the evaluation images before the tuning split existed (they "
@@ -104,33 +106,57 @@ def finetune_table(files: list[Path], md_dir: Path) -> list[str]:
             "|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
 
 
+DEFAULT_ORDER = "wsa"  # what `compress --activation-bits 8` does
+
+
+def _vs_default(row: dict, default: dict | None) -> tuple[str, str]:
+    """(paired difference against the default order's row, verdict): both rows' per-image
+    results on the same images; blank where either is missing or it is the default."""
+    pr, pd = row.get("per_image") or {}, (default or {}).get("per_image") or {}
+    if default is None or row is default or not pr.get("correct_hex") \
+            or not pd.get("correct_hex") or pr.get("images_sha256") != pd.get("images_sha256"):
+        return "", ""
+    x, y = decode_bits(pr["correct_hex"], int(pr["n"])), decode_bits(pd["correct_hex"],
+                                                                      int(pd["n"]))
+    d, (lo, hi) = paired_difference_interval(x, y)
+    di = {"d": d, "lo": lo, "hi": hi, "paired": True, "n": int(x.size),
+          "p": mcnemar_exact(*discordant(x, y))}
+    return fmt_diff(di, True), words(di)
+
+
 def order_table(files: list[Path], md_dir: Path) -> list[str]:
-    """bench/int8_order.py: int8 post-training stages on the original model."""
+    """bench/int8_order.py: int8 post-training stages on the original model; where the
+    file stored per-image results, each variant also against the default order."""
     rows = []
     for f in files:
         d = _load(f)
         if not d or "rows" not in d:
             continue
         a, n, ref = d.get("args", {}), d.get("n_eval"), d.get("top1_original")
+        default = next((r for r in d["rows"] if r.get("variant") == DEFAULT_ORDER), None)
         for r in d["rows"]:
             vs, verdict = _vs(r.get("top1"), n, ref)
             if r.get("vs_original"):  # per-image results stored: the paired interval
                 di = dict(r["vs_original"], paired=True, n=n)
                 vs, verdict = fmt_diff(di, True), words(di)
+            vd, vd_word = _vs_default(r, default)
             rows.append(f"| {_rel(f, md_dir)} | {_model(a)} | `{r.get('variant')}` | "
                         f"{d.get('split', 'eval')}, {n} | "
                         f"{_pc(ref)} | {_pc(r.get('top1'))} | {vs} | {verdict} | "
-                        f"{_pc(r.get('agreement'))} |")
+                        f"{vd} | {vd_word} | {_pc(r.get('agreement'))} |")
     if not rows:
         return []
     return ["### Int8 stage order (`python -m bench.int8_order`)", "",
             "Int8 post-training stages applied to the original model, left to right after "
             "BN folding: `w` per-channel int8 weights (MSE clip search), `X` the same with "
             "max-abs scales, `a` uint8 activations, `s` the mean-shift correction; flags: "
-            "`m` MinMax activation ranges, `L` no mean shift on Linear layers. " + CAVEAT, "",
+            "`m` MinMax activation ranges, `L` no mean shift on Linear layers. " + CAVEAT
+            + f" Δ vs `{DEFAULT_ORDER}` (what `compress --activation-bits 8` does): paired over "
+            "the same images, where the file stored per-image results.", "",
             "| results file | model | variant | split, images | original top-1 % | top-1 % | "
-            "Δ (pp) [95%] | vs original | agreement % |",
-            "|---|---|---|---|---|---|---|---|---|", *rows, ""]
+            f"Δ (pp) [95%] | vs original | Δ vs `{DEFAULT_ORDER}` (pp) [95%] | "
+            f"vs `{DEFAULT_ORDER}` | agreement % |",
+            "|---|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
 
 
 def synthetic_table(files: list[Path], md_dir: Path) -> list[str]:

@@ -173,9 +173,9 @@ SUITES: dict[str, Suite] = {
         {"v1-0.5-160": ("original", "twn", "hybrid-0.536", "int8-ptq")},
         overrides={"v1-0.5-160": {"steps": 0, "calib_size": 1000}},
         time_budget_min=10.0, latency_repeats=(20, 3),
-        notes=("Quick suite: MobileNetV1 0.5-160 only, CLI defaults (no fine-tuning), "
-               "1000 calibration images; numbers are a smoke check, not the trade-off "
-               "table (run `make bench`).",),
+        notes=("Quick suite: MobileNetV1 0.5-160 only, `--steps 0` (no fine-tuning; the "
+               "CLI default is `--steps auto`), 1000 calibration images; numbers are a "
+               "smoke check, not the trade-off table (run `make bench`).",),
     ),
 }
 

@@ -85,11 +85,107 @@ def results_files(results_dir: str | Path) -> list[Path]:
 
 
 def latest_per_suite(results_dir: str | Path) -> dict[str, dict]:
-    latest: dict[str, dict] = {}
+    """Each suite's results: its latest file, plus the cells of its earlier files that
+    the latest lacks when they were measured the same way (see ``merge_results``), so a
+    run of only the missing cells (``--seeds 2``) completes an earlier one."""
+    by_suite: dict[str, list[dict]] = {}
     for p in results_files(results_dir):
         r = load_results(p)
-        latest[r["suite"]] = r  # later files overwrite earlier ones
-    return latest
+        by_suite.setdefault(r["suite"], []).append(r)
+    return {suite: merge_results(files) for suite, files in by_suite.items()}
+
+
+def _cell_key(cell: dict) -> tuple:
+    return cell["model"], cell["method"], cell.get("seed")
+
+
+def _case_signature(res: dict, model: str) -> tuple:
+    """What must match for two files' cells of ``model`` to share one table: weights,
+    data, image counts, steps, split and the evaluation image list."""
+    case = _case(res, model)
+    ev = (case.get("splits") or {}).get("evaluation") or {}
+    return (case.get("model"), case.get("calib"), case.get("eval_data"),
+            case.get("calib_size"), case.get("eval_size"), case.get("steps"),
+            case.get("int8_calib"), res.get("settings", {}).get("split"),
+            ev.get("list_sha256"))
+
+
+def merge_results(files: list[dict]) -> dict:
+    """One suite's files (oldest first) as one results dict: the newest file, with each
+    cell (model, method, seed) it lacks, or only recorded as skipped, taken from the
+    newest earlier file that measured it the same way (same case signature and method
+    arguments). Cells keep the order they first appeared in; ``_sources`` names every
+    file that contributed cells (only when more than one did)."""
+    newest = files[-1]
+    chosen: dict[tuple, dict] = {}
+    origin: dict[tuple, dict] = {}
+    order: list[tuple] = []
+    for res in files:
+        for c in res.get("cells", []):
+            if _cell_key(c) not in order:
+                order.append(_cell_key(c))
+    for res in reversed(files):  # newest first: a key is settled by the newest that fits
+        for c in res.get("cells", []):
+            k = _cell_key(c)
+            if res is not newest:
+                same = (_case_signature(res, c["model"]) == _case_signature(newest, c["model"])
+                        and (res.get("methods", {}).get(c["method"], {}).get("args")
+                             == newest.get("methods", {}).get(c["method"], {}).get("args")))
+                if not same or c.get("status") == "skipped":
+                    continue
+            have = chosen.get(k)
+            if have is None or (have.get("status") == "skipped" and res is not newest):
+                chosen[k], origin[k] = c, res
+    for k in order:  # keys no file measured: the newest skip record, else the oldest
+        if k not in chosen:
+            for res in reversed(files):
+                c = next((x for x in res.get("cells", []) if _cell_key(x) == k), None)
+                if c is not None and (res is newest or _case_signature(
+                        res, k[0]) == _case_signature(newest, k[0])):
+                    chosen[k], origin[k] = c, res
+                    break
+    keys = [k for k in order if k in chosen]
+    used = [r for r in files if any(origin[k] is r for k in keys)]
+    if used == [newest]:
+        return newest
+    merged = dict(newest)
+    merged["cells"] = [chosen[k] for k in keys]
+    settings = dict(newest.get("settings", {}))
+    seeds = sorted({c["seed"] for c in merged["cells"] if c.get("seed") is not None})
+    if seeds:
+        settings["seeds"] = seeds
+    merged["settings"] = settings
+    merged["complete"] = not any(c.get("status") == "skipped" for c in merged["cells"])
+    merged["duration_s"] = sum(r.get("duration_s") or 0.0 for r in used)
+    merged["_sources"] = [{"path": r.get("_path"), "command": r.get("command"),
+                           "git": r.get("git", {}), "started": r.get("started"),
+                           "cells": [k for k in keys if origin[k] is r]} for r in used]
+    return merged
+
+
+def _cell_label(k: tuple) -> str:
+    return f"{k[0]}/{k[1]}" + (f" seed {k[2]}" if k[2] is not None else "")
+
+
+def mixed_commits_note(res: dict) -> str:
+    """A warning when a merged section's files ran different commits ('' otherwise)."""
+    commits = {(s.get("git") or {}).get("commit") for s in res.get("_sources", [])}
+    if len(commits) < 2:
+        return ""
+    return ("The merged files ran different commits: a difference between their cells "
+            "mixes seed-to-seed variation with whatever the code changes in between did.")
+
+
+def source_lines(res: dict, rel_dir: Path) -> list[str]:
+    """One line per results file that a merged section's cells came from."""
+    out = []
+    for s in res.get("_sources", []):
+        rel = os.path.relpath(s["path"], rel_dir) if s.get("path") else "?"
+        g = s.get("git", {})
+        out.append(f"`{rel}` (`{s.get('command')}`, commit `{(g.get('commit') or '?')[:10]}`"
+                   f"{', uncommitted changes' if g.get('dirty') else ''}, {s.get('started')}):"
+                   f" {', '.join(_cell_label(k) for k in s['cells'])}")
+    return out
 
 
 # ------------------------------------------------------------------------ formatting
@@ -330,7 +426,15 @@ def render_section(res: dict, md_dir: Path, plots: dict[str, Path]) -> list[str]
                f"{res.get('settings', {}).get('threads')} intra-op thread(s)")
     out.append("- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()))
     rel = os.path.relpath(res["_path"], md_dir) if "_path" in res else "?"
-    out.append(f"- results file: `{rel}`")
+    if res.get("_sources"):
+        out.append("- results files (cells measured the same way, merged by "
+                   "`bench.report.merge_results`; the newest file's machine and commit "
+                   "are shown above):")
+        out += [f"  - {ln}" for ln in source_lines(res, md_dir)]
+        if mixed_commits_note(res):
+            out.append(f"- {mixed_commits_note(res)}")
+    else:
+        out.append(f"- results file: `{rel}`")
     for n in res.get("settings", {}).get("notes", []):
         out.append(f"- note recorded by the run: {n}")
     stale = sorted({str(c.get("steps")) for c in res["models"]} - {"auto"})
@@ -664,11 +768,37 @@ def render_blocks(latest: dict[str, dict], md_path: Path, plots_dir: Path,
         res = latest[suite]
         plots = plot_paths(res, plots_dir, write_plots)
         written += list(plots.values()) if write_plots else []
-        blocks[f"suite-{suite}"] = "\n".join(render_section(res, md_dir, plots)).strip()
+        text = "\n".join(render_section(res, md_dir, plots)).strip()
+        if suite in COMPARED_SUITES:
+            text += "\n\n" + "\n".join(compare_previous(
+                Path(results_dir or REPO / "bench" / "results"), suite, md_dir))
+        blocks[f"suite-{suite}"] = text.rstrip()
     ablation = render_ablation(Path(results_dir or REPO / "bench" / "results"), md_dir)
     if ablation:
         blocks["ablation"] = ablation.strip()
     return blocks, written
+
+
+COMPARED_SUITES = ("quick",)
+
+
+def compare_previous(results_dir: Path, suite: str, md_dir: Path) -> list[str]:
+    """``make bench-compare`` of the suite's two latest results files, as a section: the
+    quick suite is the smoke check that a refactor left every figure as it was."""
+    from .compare import compare, paired_section
+
+    files = [p for p in results_files(results_dir) if load_results(p)["suite"] == suite]
+    if len(files) < 2:
+        return []
+    old, new = (load_results(p) for p in files[-2:])
+    for r, p in ((old, files[-2]), (new, files[-1])):
+        r["_path"] = os.path.relpath(p.resolve(), md_dir)
+    return [f"### Against the previous {suite} run", "",
+            f"`python -m bench.compare {old['_path']} {new['_path']}` (what `make "
+            "bench-compare` prints for these two files): old -> new per cell, then each "
+            "top-1 with its interval and the paired difference new - old over the same "
+            "images where both files stored per-image results.", "", "```text",
+            *compare(old, new), *paired_section(old, new), "```"]
 
 
 def render(latest: dict[str, dict], md_path: Path, plots_dir: Path,
@@ -710,6 +840,9 @@ def readme_blocks(latest: dict[str, dict], readme: Path) -> dict[str, str]:
 
 
 def _src(res: dict, rdir: Path) -> str:
+    if res.get("_sources"):
+        return "; ".join(source_lines(res, rdir)) + (
+            f". {mixed_commits_note(res)[:-1]}" if mixed_commits_note(res) else "")
     rel = os.path.relpath(res["_path"], rdir) if "_path" in res else "?"
     g = res.get("git", {})
     return (f"`{res.get('command')}` → `{rel}` (commit `{(g.get('commit') or '?')[:10]}`"

@@ -157,6 +157,33 @@ def test_seeds_table_reports_every_seed_and_the_spread() -> None:
     assert report._cells(res, "m")["hybrid-0.536"]["seed"] == 0
 
 
+def test_a_later_run_of_missing_seeds_completes_the_earlier_file() -> None:
+    """Seed 2 run alone (``--seeds 2``) merges into the file that ran seeds 0 and 1 and
+    skipped 2: every seed in the table, the newest file's cells win, and a file measured
+    another way (other steps) never contributes."""
+    full = _seeds_results()
+    old = {**full, "_path": "old.json", "cells": [
+        {**c, "status": "skipped"} if c.get("seed") == 2 else c for c in full["cells"]]}
+    new = {**full, "_path": "new.json", "settings": {"seeds": [2]},
+           "cells": [c for c in full["cells"] if c.get("seed") in (None, 2)]}
+    merged = report.merge_results([old, new])
+    assert merged["settings"]["seeds"] == [0, 1, 2] and merged["complete"]
+    assert len(merged["cells"]) == len(full["cells"])
+    assert all(c["status"] == "ok" for c in merged["cells"])
+    ref = next(c for c in merged["cells"] if c["method"] == "original")
+    assert ref is new["cells"][0]  # the newest file's reference
+    src = {s["path"]: s["cells"] for s in merged["_sources"]}
+    assert ("m", "hybrid-0.536", 2) in src["new.json"]
+    assert ("m", "hybrid-0.536", 0) in src["old.json"] and ("m", "original", None) not in \
+        src["old.json"]
+    text = "\n".join(report.seeds_table(merged, "m"))
+    assert len([ln for ln in text.splitlines()
+                if ln.startswith("| `hybrid-0.536-int8` | 0, 1, 2 |")]) == 1
+    other = {**old, "models": [{"key": "m", "title": "M", "steps": 0}]}
+    alone = report.merge_results([other, new])
+    assert alone is new and report.merge_results([new]) is new
+
+
 def test_int8_plot_shows_every_cell(tmp_path: Path, monkeypatch) -> None:
     import matplotlib.figure
 
@@ -229,3 +256,36 @@ def test_tied_logits_count_once_and_the_same_way(tmp_path: Path) -> None:
     path.write_text(json.dumps({"schema": RESULTS_SCHEMA, "suite": "x", "cells": [cell]}))
     loaded = report.load_results(path)["cells"][0]
     assert loaded["top1"] == 0.4 and loaded["top1_as_recorded"] == 0.45
+
+
+def test_int8_order_rows_are_paired_against_the_default_order(tmp_path: Path) -> None:
+    """A variant that loses 40 of 300 tune images against ``wsa`` reads worse, paired;
+    the default row itself and files without per-image results get no such entry."""
+    import json
+
+    from bench.ablation_report import order_table
+
+    rng = np.random.default_rng(2)
+    base = rng.random(300) < 0.8
+    lose = base.copy()
+    lose[np.flatnonzero(base)[:40]] = False
+
+    def row(v: str, bits: np.ndarray) -> dict:
+        return {"variant": v, "top1": float(bits.mean()), "agreement": 0.9,
+                "per_image": {"n": 300, "images_sha256": "t", "correct_hex": encode_bits(bits)}}
+
+    f = tmp_path / "int8-order-x.json"
+    f.write_text(json.dumps({"args": {"model": "m"}, "n_eval": 300, "split": "tune",
+                             "top1_original": float(base.mean()),
+                             "rows": [row("wsa", base), row("was", lose)]}))
+    old = tmp_path / "int8-order-old.json"
+    old.write_text(json.dumps({"args": {"model": "m"}, "n_eval": 300, "top1_original": 0.8,
+                               "rows": [{"variant": "wsa", "top1": 0.8}]}))
+    lines = order_table([f, old], tmp_path)
+    was = next(ln for ln in lines if "`was`" in ln)
+    wsa = next(ln for ln in lines if "`wsa`" in ln and "int8-order-x" in ln)
+    cells = [c.strip() for c in was.split("|")]
+    assert cells[9].startswith("-13.33 [") and cells[10] == "worse"
+    assert [c.strip() for c in wsa.split("|")][9:11] == ["", ""]
+    assert [c.strip() for c in next(ln for ln in lines if "int8-order-old" in ln).split("|")][
+        9:11] == ["", ""]
