@@ -102,6 +102,12 @@ class ModelCost:
     def energy_with_reads_pj(self) -> float:
         return self.energy_pj + self.bytes / 4 * ENERGY_PJ["dram_read_32bit"]
 
+    @property
+    def shift_adds(self) -> int:
+        """ADDs that are int8 hidden units' power-of-two shifts (``--hidden-bits 8``), not
+        arithmetic the plan chooses (the ADD cap leaves them out)."""
+        return sum(int(c.extra.get("shift_adds", 0)) for c in self.layers)
+
     def muls_by_bits(self) -> dict[str, int]:
         """Multiplications by arithmetic: MACs at the activation precision, and the scale
         MULs (``a``), which are int32 requantizations with int8 activations."""
@@ -169,6 +175,7 @@ def hybrid_cost(name: str, m: HybridPointwise, pixels: int, fp_bits: int = 32,
         "critical": n_c, "tolerant": n_t, "r": r, "c_in": c_in, "c_out": m.c_out,
         "nnz_wb": int(nnz_b.sum()) if n_t else 0, "nnz_wc": int(nnz_c.sum()) if n_t else 0,
         "adds_wb": pixels * add_b, "adds_wc": pixels * add_c, "weight_bits": wbits,
+        "shift_adds": pixels * shifts,
     })
 
 

@@ -476,9 +476,7 @@ def add_cap_record(st: State, cost: ModelCost) -> dict[str, Any]:
     The cap holds the ADDs of the arithmetic the plan chooses (critical rows, W_b, W_c);
     uint8 hidden units' shifts (``--hidden-bits 8``, one per hidden unit and pixel), which
     the cost model also counts as ADDs, are recorded apart (``shift_adds``), not capped."""
-    shifts = sum(c.adds - c.pixels * c.extra["critical"] * (c.extra["c_in"] - 1)
-                 - c.extra["adds_wb"] - c.extra["adds_wc"]
-                 for c in cost.layers if c.kind == "hybrid")
+    shifts = cost.shift_adds
     adds = int(cost.adds - shifts)
     orig = int(st.original_cost.adds)
     limit = (1 + st.cfg.max_add_increase) * orig

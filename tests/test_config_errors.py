@@ -65,7 +65,8 @@ def _all_options(cmd: click.Command) -> set[str]:
 
 # library parameters (not CompressConfig fields) that errors point at; switches as name=True
 LIBRARY_PARAMS = {"calib", "plan_override", "opset", "pack", "arch", "source_model",
-                  "resolution", "force=True", "resume=True", "trust_pickle=True"}
+                  "resolution", "force=True", "resume=True", "trust_pickle=True",
+                  "accelerator", "mac_area_fraction"}  # the hw command's parameters
 
 
 def test_every_mapped_flag_is_a_cli_option():

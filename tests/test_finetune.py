@@ -112,7 +112,10 @@ def test_compress_end_to_end_improves_over_stages():
                          finetune=FinetuneConfig(steps=20, batch_size=16))
     hybrid, meta = compress(teacher, tiny_info(), data, cfg)
     names = [s["stage"] for s in meta["stages"]]
-    assert names == ["fit", "sequential", "finetune_20", "weights_16bit"]
+    # the ADD cap may re-plan and refit after the reconstruction (logged as add_repair)
+    repair = ["add_repair"] if "add_repair" in names else []
+    assert names == ["fit", "sequential", *repair, "finetune_20", "weights_16bit"]
+    assert bool(repair) == any(r.get("layers_replanned") for r in meta.get("add_repair", []))
     assert all(m.frozen for m in hybrid.modules() if hasattr(m, "frozen"))
     assert meta["cost"]["totals"]["muls"] <= 0.6 * meta["original_cost"]["totals"]["muls"] * 1.001
     ag = {s["stage"]: s["agreement"] for s in meta["stages"]}
@@ -124,7 +127,8 @@ def test_compress_end_to_end_improves_over_stages():
     kl = meta["finetune_held_kl"]
     assert kl["best"] <= kl["before"] and kl["best"] == min(meta["finetune_log"]["held_kl"])
     if "finetune_reverted" in meta:
-        assert kl["best_step"] == 0 and ag["finetune_20"] == ag["sequential"]
+        before = names[names.index("finetune_20") - 1]
+        assert kl["best_step"] == 0 and ag["finetune_20"] == ag[before]
     assert meta["final_agreement"] == ag["weights_16bit"]
 
 
