@@ -587,24 +587,24 @@ def _enough_for_reconstruction(train: CalibData, layers: list[PointwiseLayer],
 
 
 @torch.no_grad()
-def bank_losses(hybrid: nn.Module, model: nn.Module, layers: list[PointwiseLayer],
+def bank_losses(hybrid: nn.Module, model: nn.Module, names: list[str],
                 sig: dict[str, torch.Tensor | None]) -> dict[str, float]:
     """Relative loss of each tolerant bank against the original rows, in the Σ metric of
     the original layer input (the L of METHOD.md §3 for the whole bank)."""
     out = {}
-    for ly in layers:
-        h = hybrid.get_submodule(ly.name)
+    for name in names:
+        h = hybrid.get_submodule(name)
         if not is_hybrid(h) or h.n_tolerant == 0:
             continue
-        w = layer_weight(model, ly.name).double()[h.tolerant_idx]
+        w = layer_weight(model, name).double()[h.tolerant_idx]
         wh = h.effective_weight().detach().double()[h.tolerant_idx]
-        s = sig.get(ly.name)
+        s = sig.get(name)
         d = wh - w
         if s is None:
-            out[ly.name] = float(d.pow(2).sum() / w.pow(2).sum().clamp_min(1e-30))
+            out[name] = float(d.pow(2).sum() / w.pow(2).sum().clamp_min(1e-30))
         else:
             s = s.double()
-            out[ly.name] = float(((d @ s) * d).sum() / ((w @ s) * w).sum().clamp_min(1e-30))
+            out[name] = float(((d @ s) * d).sum() / ((w @ s) * w).sum().clamp_min(1e-30))
     return out
 
 

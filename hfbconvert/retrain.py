@@ -244,8 +244,7 @@ def _refresh_layer_errors(meta: dict[str, Any], model: nn.Module, teacher: nn.Mo
     stats = collect_input_stats(teacher, names, (x for x, _ in sample.batches(64)),
                                 seed=stage_seed(seed, "finetune_layer_errors"))
     sig = {n: stats[n].sigma if n in stats else None for n in names}
-    layers = [_Named(n) for n in names]
-    banks = bank_losses(model, teacher, layers, sig)  # type: ignore[arg-type]
+    banks = bank_losses(model, teacher, names, sig)
     out = output_errors(teacher, model, names, HeldBatches(held, 256), _teacher_at(meta))
     meta["layer_errors"] = {
         n: {**old[n], "bank_loss_after_ft": banks.get(n), "output_rel_err": out.get(n)}
@@ -258,13 +257,6 @@ def _refresh_layer_errors(meta: dict[str, Any], model: nn.Module, teacher: nn.Mo
             **meta["calibration"],
             "describes": "the compress run (planning, fit, its fine-tune); layer_errors, "
                          "final_agreement and cost are from the later finetune command"}
-
-
-class _Named:
-    """The one field of a layer record that :func:`bank_losses` reads."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
 
 
 def _has(model: nn.Module, name: str) -> bool:

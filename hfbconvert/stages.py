@@ -293,7 +293,7 @@ def freeze(st: State) -> State:
         m.freeze()
     st.hybrid.eval()
     if st.cfg.activation_bits == 8:
-        st.bank_after = bank_losses(st.hybrid, st.original, st.layers, st.sigma)
+        st.bank_after = bank_losses(st.hybrid, st.original, [ly.name for ly in st.layers], st.sigma)
     return st
 
 
@@ -366,7 +366,7 @@ def banks(st: State) -> State:
     """The tolerant banks' fitted loss before any fine-tune (the report's 'before')."""
     from .pipeline import bank_losses
 
-    st.bank_before = bank_losses(st.hybrid, st.original, st.layers, st.sigma)
+    st.bank_before = bank_losses(st.hybrid, st.original, [ly.name for ly in st.layers], st.sigma)
     return st
 
 
@@ -497,7 +497,7 @@ def finish(st: State) -> State:
     from .pipeline import bank_losses, output_errors
 
     if st.bank_after is None:
-        st.bank_after = bank_losses(st.hybrid, st.original, st.layers, st.sigma)
+        st.bank_after = bank_losses(st.hybrid, st.original, [ly.name for ly in st.layers], st.sigma)
     out_err = output_errors(st.original, st.hybrid, [ly.name for ly in st.layers], st.held,
                             st.observe_at)
     st.meta["layer_errors"] = {
