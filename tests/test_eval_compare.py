@@ -118,6 +118,22 @@ def test_per_image_record_decodes_to_the_top1(models) -> None:
     assert ((decode_classes(p["pred_b64"]) == labels) == bits).all()
 
 
+def test_per_image_record_carries_agreement_and_kl_with_a_reference(models) -> None:
+    """With a reference, the record's agreement bits and per-image KL decode to the
+    reported agreement and mean KL (what the paired fidelity intervals are built from)."""
+    from hfbconvert.metrics import decode_floats
+
+    res = _json(models["b"], "--data", models["npz"], "--original", models["a"],
+                "--per-image")
+    validate(res, "eval.json")
+    p = res["per_image"]
+    assert decode_bits(p["agree_hex"], p["n"]).mean() == pytest.approx(res["agreement"])
+    kl = decode_floats(p["kl_b64"], p["n"])
+    assert (kl >= 0).all() and kl.mean() == pytest.approx(res["kl"], rel=1e-5)
+    plain = _json(models["a"], "--data", models["npz"], "--per-image")["per_image"]
+    assert "agree_hex" not in plain and "kl_b64" not in plain  # no reference, no fidelity
+
+
 def test_compare_agrees_with_the_single_evaluations(models) -> None:
     res = _json("--compare", models["a"], models["b"], "--data", models["npz"])
     validate(res, "eval-compare.json")
@@ -216,6 +232,10 @@ def test_bench_per_image_record_matches_the_cli(models) -> None:
     with torch.no_grad():
         logits = torch.cat([net.eval()(x) for x, _ in data.batches(16)]).numpy()
     assert per_image_from_logits(logits, data, info.label_offset) == cli
+    # against a reference: the same agreement bits and KL as `eval --original`
+    ref = _json(models["a"], "--data", models["npz"], "--per-image", "--original",
+                models["a"])["per_image"]
+    assert per_image_from_logits(logits, data, info.label_offset, logits) == ref
 
 
 def _cell(bits: np.ndarray | None, sha: str = "x" * 64) -> dict:
