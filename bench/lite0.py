@@ -137,8 +137,13 @@ def paired(results: dict, pairs: list[tuple[str, str]] = PAIRS) -> list[dict]:
         if b == "original":
             rec["agreement"] = (dict(_one(ag_a), source=src_a) if ag_a is not None
                                 else {"error": "no per-image agreement in the cell"})
-            rec["kl"] = (_one(kl_a) if kl_a is not None
-                         else {"error": "no per-image KL in the cell"})
+            if kl_a is not None:
+                rec["kl"] = _one(kl_a)
+            elif ca.get("kl") is not None and ca.get("kl_ci95"):  # eval's own interval
+                rec["kl"] = {"mean": ca["kl"], "ci95": list(ca["kl_ci95"]),
+                             "source": "the cell's eval (no per-image KL stored)"}
+            else:
+                rec["kl"] = {"error": "no per-image KL in the cell"}
         else:
             ag_b, src_b, kl_b = _fidelity(cb, orig)
             rec["agreement"] = _pair_measure(ag_a, ag_b, "agreement",
@@ -270,8 +275,9 @@ def main(argv: list[str] | None = None) -> int:
                     prev = json.loads(dest.read_text())
                 except (OSError, ValueError):
                     prev = {}
-                if prev.get("run_command") or prev.get("command"):
-                    extra["run_command"] = prev.get("run_command") or prev["command"]
+                run_cmd = prev.get("run_command") or prev.get("command") or ""
+                if run_cmd and "--pairs-of" not in run_cmd:
+                    extra["run_command"] = run_cmd
             return write_pairs(args.pairs_of, results, PAIRS, command, earlier, extra)
         if not args.weights or not Path(args.weights).is_file():
             print("skipped: EfficientNet-Lite0 weights not found "

@@ -66,6 +66,9 @@ def test_agreement_and_kl_pairs_from_stored_and_derived_records(world) -> None:
     assert first["agreement"]["mean"] == pytest.approx(1 - 12 / N)  # from the predictions
     assert first["agreement"]["source"] == "from the predictions"
     assert "no per-image KL" in first["kl"]["error"]  # an old record: no KL, no pretence
+    w["h_old"].update(kl=0.01, kl_ci95=[0.008, 0.012])  # but eval's own interval serves
+    (again,) = lite0.paired(_results([w["o"], w["h_old"]]), [("hybrid-0.536", "original")])
+    assert again["kl"]["mean"] == 0.01 and "eval" in again["kl"]["source"]
     ag = second["agreement"]
     d, (lo, hi) = paired_difference_interval(w["q"] == w["orig"], w["hyb"] == w["orig"])
     assert ag["diff"] == pytest.approx(d) and ag["ci95"] == [lo, hi]
