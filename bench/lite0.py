@@ -141,7 +141,7 @@ def paired(results: dict, pairs: list[tuple[str, str]] = PAIRS) -> list[dict]:
                 rec["kl"] = _one(kl_a)
             elif ca.get("kl") is not None and ca.get("kl_ci95"):  # eval's own interval
                 rec["kl"] = {"mean": ca["kl"], "ci95": list(ca["kl_ci95"]),
-                             "source": "the cell's eval (no per-image KL stored)"}
+                             "source": "from the cell's eval; no per-image KL stored"}
             else:
                 rec["kl"] = {"error": "no per-image KL in the cell"}
         else:

@@ -165,3 +165,29 @@ def test_methods_subset_and_refusals_before_any_run(tmp_path: Path, capsys,
     assert lite0.main(["--weights", str(weights), "--pair-with", str(old)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "eval_size" in err[0]
+
+
+def test_paired_block_prints_every_pair_with_its_interval_or_why_not(world, tmp_path) -> None:
+    """bench/report.py's generated text of a paired file: each comparison's interval
+    and verdict, fidelity where stored, the borrowed cells, and the latest file per suite."""
+    from bench import report
+
+    w = world
+    res = tmp_path / "20260102T000000Z-lite0.json"
+    res.write_text(json.dumps(_results([w["o"], w["qi"]])))
+    old = tmp_path / "20260101T000000Z-lite0.json"
+    old.write_text(json.dumps(_results([w["o"], w["h"]])))
+    assert lite0.main(["--pairs-of", str(res), "--pair-with", str(old)]) == 0
+    (tmp_path / "20251231T000000Z-lite0-paired.json").write_text("{}")  # older: ignored
+    latest = report.latest_paired(tmp_path)
+    assert latest == {"lite0": tmp_path / "20260102T000000Z-lite0-paired.json"}
+    text = report.paired_block(latest["lite0"], tmp_path)
+    lines = [ln for ln in text.splitlines() if ln.startswith("- ")]
+    assert len(lines) == len(lite0.PAIRS)
+    for ln in lines:
+        assert "not compared" in ln or ("] , p" not in ln and "], p = " in ln)
+    ok = next(ln for ln in lines if ln.startswith("- `hybrid-0.536-int8` − `original`"))
+    assert "within noise" in ok or ": better than" in ok or ": worse than" in ok
+    assert "KL(original ‖ model) " in ok and " nats [" in ok
+    assert "Cells taken from `20260101T000000Z-lite0.json`" in text
+    assert "hybrid-0.536" in text.split("Cells taken from")[1].splitlines()[0]
