@@ -956,7 +956,8 @@ def readme_blocks(latest: dict[str, dict], readme: Path,
             "readme-int8": readme_int8(latest["int8"], rdir) if "int8" in latest
             else none.format("int8"),
             "readme-fit-drop": readme_fit_drop(latest, rdir_results, rdir),
-            "readme-energy-cap": readme_energy_cap(latest, rdir_results, rdir)}
+            "readme-energy-cap": readme_energy_cap(latest, rdir_results, rdir),
+            "readme-choices": readme_choices(rdir_results)}
 
 
 def _json_file(path: Path) -> dict | None:
@@ -1017,6 +1018,58 @@ def readme_fit_drop(latest: dict[str, dict], results_dir: Path, rdir: Path) -> s
                       "those files predate per-image results; the library runs on 1,300 "
                       "val images):", "",
                       *lines])
+
+
+# (what is compared, A, B): A and B are (results file, finetune_curve row's steps) or
+# (results file, (model, method)) of a suite results file; each line A − B.
+README_CHOICES = [
+    ("fine-tune (300 steps) − fit alone, MobileNetV1-0.5-160, float",
+     ("finetune-v1-s0.json", 300), ("finetune-v1-s0.json", 0)),
+    ("int8, mean-shift correction before − after the activation quantizers, MobileNetV2",
+     ("finetune-v2-int8-shiftfirst.json", 76), ("finetune-v2-int8-qat.json", 76)),
+    ("int8, the same on MobileNetV1-0.5-160",
+     ("finetune-v1-int8-shiftfirst.json", 300), ("finetune-v1-int8-qat.json", 300)),
+    ("int8, quantizers in the fine-tune − float fine-tune then quantize, MobileNetV1-0.5-160",
+     ("finetune-v1-int8-qat.json", 300), ("finetune-v1-int8.json", 300)),
+    ("int8, the same on MobileNetV2 (the float-then-quantize cell is the int8 suite's)",
+     ("finetune-v2-int8-qat.json", 76),
+     ("20261129T112254Z-int8.json", ("v2", "hybrid-0.536-int8"))),
+]
+
+
+def _choice_side(results_dir: Path, name: str, sel) -> tuple[float, int, str] | None:
+    """(top-1, eval images, description) of one side of a README_CHOICES line."""
+    d = _json_file(Path(results_dir) / name)
+    if not d:
+        return None
+    if isinstance(sel, tuple):  # a suite results file's cell
+        c = next((c for c in d.get("cells", []) if (c.get("model"), c.get("method")) == sel
+                  and c.get("top1") is not None), None)
+        if c is None or not c.get("n_eval"):
+            return None
+        return c["top1"], int(c["n_eval"]), f"`{name}` {sel[0]}/{sel[1]}"
+    r = next((r for r in d.get("rows", []) if r.get("steps") == sel
+              and r.get("top1") is not None), None)
+    if r is None or not d.get("n_eval"):
+        return None
+    return r["top1"], int(d["n_eval"]), f"`{name}` {sel} steps"
+
+
+def readme_choices(results_dir: Path) -> str:
+    """The comparisons the README's method description cites, each A − B with its
+    unpaired interval (those files store no per-image results) and verdict."""
+    lines = []
+    for what, a, b in README_CHOICES:
+        sa, sb = _choice_side(results_dir, *a), _choice_side(results_dir, *b)
+        if sa is None or sb is None:
+            lines.append(f"- {what}: not in the results files")
+            continue
+        d = unpaired(sa[0], sa[1], sb[0], sb[1])
+        lines.append(f"- {what}: {100 * sa[0]:.2f} vs {100 * sb[0]:.2f}, {fmt_diff(d)}, "
+                     f"{words(d)}; {sa[2]} − {sb[2]}, {min(sa[1], sb[1])} val images.")
+    return "\n".join(["Generated from bench/results (ᵘ: unpaired 95% intervals, those files "
+                      "predate per-image results; each a single run, and the same images "
+                      "chose the setting and report it):", "", *lines])
 
 
 def readme_energy_cap(latest: dict[str, dict], results_dir: Path, rdir: Path) -> str:
