@@ -261,8 +261,15 @@ def test_bench_compare_pairs_cells_with_per_image_results() -> None:
     assert line.endswith("new better than old")
     same = paired_line(_cell(old), _cell(old))
     assert "+0.00pp" in same and same.endswith("within noise (±0.00 points)")
-    assert "different evaluation images" in paired_line(_cell(old), _cell(new, "y" * 64))
-    assert "the old file" in paired_line(_cell(None), _cell(new))
+    other = paired_line(_cell(old), _cell(new, "y" * 64))
+    assert "different evaluation images" in other
+    # unpaired, the same +3.08 is wider and gets its interval and verdict all the same
+    lo, hi = (float(v) for v in re.search(r"\[([+-][\d.]+), ([+-][\d.]+)\]ᵘ", other).groups())
+    assert "unpaired new - old +3.08pp [" in other and lo < 3.08 < hi and hi - lo > 4
+    bare = _cell(old)
+    bare.pop("per_image")
+    unp = paired_line(bare, _cell(new))
+    assert "the old file" in unp and "]ᵘ: " in unp
     lines = paired_section({"cells": [_cell(old)]}, {"cells": [_cell(new)]})
     i = next(i for i, ln in enumerate(lines) if ln.startswith("m ") and " -> " in ln)
     assert f"{100 * old.mean():.2f} [" in lines[i] and lines[i + 1].endswith("than old")
