@@ -203,17 +203,29 @@ def check_settings(case: dict, earlier_case: dict, name: str) -> None:
                            f"{case.get('model')!r}; cannot pair")
 
 
+def _missing_cells(results: dict, earlier: dict, name: str) -> list[dict]:
+    """Cells of ``earlier`` with per-image results, of a model ``results`` has, for
+    methods ``results`` lacks per-image results of; each named by its ``source``."""
+    have = {c["method"] for c in results.get("cells", []) if c.get("per_image")}
+    models = {c["model"] for c in results.get("cells", [])}
+    return [dict(c, source=name) for c in earlier.get("cells", [])
+            if c.get("per_image") and c["method"] not in have and c["model"] in models]
+
+
+def earlier_cells(results: dict, earlier: Path) -> list[dict]:
+    """The cells of the results file ``earlier`` that ``results`` lacks (no settings
+    check here: :func:`borrow` makes it; ``paired`` refuses pairs on other images)."""
+    return _missing_cells(results, json.loads(Path(earlier).read_text()), Path(earlier).name)
+
+
 def borrow(results: dict, earlier: dict, name: str) -> tuple[dict, list[str]]:
     """``results`` with each cell it lacks (or has without per-image results) taken from
     ``earlier``, after :func:`check_pairable`; returns (merged results, methods taken)."""
     check_pairable(results, earlier, name)
-    have = {c["method"] for c in results.get("cells", []) if c.get("per_image")}
-    taken = [c for c in earlier.get("cells", [])
-             if c.get("per_image") and c["method"] not in have]
+    taken = _missing_cells(results, earlier, name)
+    gone = {t["method"] for t in taken}
     merged = dict(results)
-    merged["cells"] = ([c for c in results.get("cells", [])
-                        if c["method"] not in {t["method"] for t in taken}]
-                       + [dict(c, borrowed_from=name) for c in taken])
+    merged["cells"] = [c for c in results.get("cells", []) if c["method"] not in gone] + taken
     return merged, [c["method"] for c in taken]
 
 
@@ -290,14 +302,20 @@ def main(argv: list[str] | None = None) -> int:
     except PairingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return run_with_pairs(spec, args.out, PAIRS, command, earlier)
+    return run_with_pairs(spec, args.out, PAIRS, command, earlier=earlier)
 
 
 def run_with_pairs(spec: dict, out: Path, pairs_wanted: list[tuple[str, str]],
-                   command: str, earlier: tuple[dict, str] | None = None) -> int:
+                   command: str, earlier: tuple[dict, str] | None = None,
+                   pair_with: Path | None = None) -> int:
     """Run ``spec`` through ``bench.run --matrix`` (no BENCHMARKS.md rewrite), then write
-    ``<results stem>-paired.json`` with the paired comparisons and print them."""
+    ``<results stem>-paired.json`` with the paired comparisons and print them
+    (``earlier`` as loaded by :func:`main`, or ``pair_with``: an earlier results file
+    supplying the cells not run now)."""
     from . import run
+
+    if earlier is None and pair_with is not None:
+        earlier = (_load(pair_with), Path(pair_with).name)
 
     name = spec["name"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -333,6 +351,8 @@ def write_pairs(path: Path, results: dict, pairs_wanted: list[tuple[str, str]],
     doc = {"schema_version": 1, "results": path.name, "command": command, **(extra or {}),
            "pairs": pairs}
     if earlier is not None:
+        doc["cells_from"] = {c["method"]: c["source"] for c in results["cells"]
+                             if c.get("source")}
         doc["pair_with"] = {"results": earlier[1], "methods": taken,
                             **({"refused": refused} if refused else {})}
     write_json(dest, doc)

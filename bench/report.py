@@ -870,6 +870,10 @@ def paired_block(path: Path, md_dir: Path) -> str:
         lines += ["", f"Cells taken from `{pw.get('results')}` (same model, images and "
                   f"settings): {', '.join(pw.get('methods') or []) or 'none'}"
                   + (f"; refused: {pw['refused']}" if pw.get("refused") else "") + "."]
+    elif doc.get("cells_from"):  # files written before the settings check
+        lines += ["", "Cells taken from earlier results files (same images checked per "
+                  "pair): " + ", ".join(f"`{m}` from `{f}`"
+                                        for m, f in doc["cells_from"].items()) + "."]
     lines.append("")
     for q in doc.get("pairs", []):
         head = f"- `{q['a']}` − `{q['b']}`"

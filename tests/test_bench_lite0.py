@@ -98,8 +98,8 @@ def test_borrow_takes_only_missing_cells_and_checks_the_images(world) -> None:
     merged, taken = lite0.borrow(new, old, "old.json")
     assert taken == ["hybrid-0.536"]
     by = {c["method"]: c for c in merged["cells"]}
-    assert by["hybrid-0.536"]["borrowed_from"] == "old.json"
-    assert "borrowed_from" not in by["hybrid-0.536-int8"]  # this run's own cell wins
+    assert by["hybrid-0.536"]["source"] == "old.json"
+    assert "source" not in by["hybrid-0.536-int8"]  # this run's own cell wins
     pairs = lite0.paired(merged)
     assert all("error" not in q for q in pairs if "int8-ptq" not in (q["a"], q["b"]))
 
@@ -137,6 +137,7 @@ def test_pairs_of_writes_the_paired_file_and_refuses_to_overwrite(world, tmp_pat
     assert lite0.main(["--pairs-of", str(new), "--pair-with", str(old)]) == 0
     doc = json.loads((tmp_path / "2-lite0-paired.json").read_text())
     assert doc["pair_with"] == {"results": "1-lite0.json", "methods": ["hybrid-0.536"]}
+    assert doc["cells_from"] == {"hybrid-0.536": "1-lite0.json"}
     assert [q["a"] for q in doc["pairs"] if "error" not in q] == [
         "hybrid-0.536", "hybrid-0.536-int8"]  # the int8 PTQ cell was in neither file
     assert lite0.main(["--pairs-of", str(new)]) == 2
