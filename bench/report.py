@@ -110,6 +110,25 @@ def _case_signature(res: dict, model: str) -> tuple:
             ev.get("list_sha256"))
 
 
+def _images_sha(res: dict, model: str) -> set[str]:
+    return {str(c["per_image"].get("images_sha256")) for c in res.get("cells", [])
+            if c.get("model") == model and (c.get("per_image") or {}).get("images_sha256")}
+
+
+def same_case(old: dict, new: dict, model: str) -> bool:
+    """Whether ``old``'s cells of ``model`` were measured as ``new``'s: the same case
+    signature; or, for a file from before the split records (no split, no evaluation
+    list), the same signature apart from those and the same per-image ``images_sha256``
+    in both (the images themselves, fingerprinted, are what the split record names)."""
+    a, b = _case_signature(old, model), _case_signature(new, model)
+    if a == b:
+        return True
+    if a[-2] is not None or a[-1] is not None or a[:-2] != b[:-2] or b[-2] not in (None, "eval"):
+        return False
+    sa, sb = _images_sha(old, model), _images_sha(new, model)
+    return len(sa) == 1 and sa == sb
+
+
 def merge_results(files: list[dict]) -> dict:
     """One suite's files (oldest first) as one results dict: the newest file, with each
     cell (model, method, seed) it lacks, or only recorded as skipped, taken from the
@@ -128,7 +147,7 @@ def merge_results(files: list[dict]) -> dict:
         for c in res.get("cells", []):
             k = _cell_key(c)
             if res is not newest:
-                same = (_case_signature(res, c["model"]) == _case_signature(newest, c["model"])
+                same = (same_case(res, newest, c["model"])
                         and (res.get("methods", {}).get(c["method"], {}).get("args")
                              == newest.get("methods", {}).get(c["method"], {}).get("args")))
                 if not same or c.get("status") == "skipped":
@@ -140,8 +159,7 @@ def merge_results(files: list[dict]) -> dict:
         if k not in chosen:
             for res in reversed(files):
                 c = next((x for x in res.get("cells", []) if _cell_key(x) == k), None)
-                if c is not None and (res is newest or _case_signature(
-                        res, k[0]) == _case_signature(newest, k[0])):
+                if c is not None and (res is newest or same_case(res, newest, k[0])):
                     chosen[k], origin[k] = c, res
                     break
     keys = [k for k in order if k in chosen]
