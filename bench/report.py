@@ -27,7 +27,9 @@ import numpy as np
 
 from hfbconvert.metrics import (
     Z95,
+    bootstrap_mean_interval,
     decode_bits,
+    decode_classes,
     discordant,
     mcnemar_exact,
     paired_difference_interval,
@@ -533,6 +535,37 @@ def _spread(vals: list[float]) -> str:
     return f"{100 * m:.2f} ± {100 * sd:.2f} ({100 * min(vals):.2f}..{100 * max(vals):.2f})"
 
 
+def agree_bits(cell: dict | None, orig: dict | None) -> np.ndarray | None:
+    """Per-image agreement with the original: the stored bits, else the cell's stored
+    predictions against the original cell's on the same images; None without either."""
+    p = (cell or {}).get("per_image") or {}
+    o = (orig or {}).get("per_image") or {}
+    if p.get("agree_hex") and p.get("n"):
+        return decode_bits(p["agree_hex"], int(p["n"]))
+    if p.get("pred_b64") and o.get("pred_b64") and p.get("n") == o.get("n") \
+            and p.get("images_sha256") == o.get("images_sha256"):
+        return decode_classes(p["pred_b64"]) == decode_classes(o["pred_b64"])
+    return None
+
+
+def _agree_ci(cell: dict, orig: dict | None) -> str:
+    """Agreement (%) with its 95% bootstrap interval over the images (per-image bits),
+    else the recorded figure alone."""
+    bits = agree_bits(cell, orig)
+    if bits is None:
+        return _pct(cell.get("agreement"))
+    est, (lo, hi) = bootstrap_mean_interval(bits)
+    return f"{100 * est:.2f} [{100 * lo:.2f}, {100 * hi:.2f}]"
+
+
+def _kl_ci(cell: dict) -> str:
+    """KL(original ‖ model) in nats with the eval's 95% interval ('—' if not measured)."""
+    if cell.get("kl") is None:
+        return "—"
+    ci = cell.get("kl_ci95")
+    return f"{cell['kl']:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+
+
 def seeds_table(res: dict, model: str) -> list[str]:
     """Per seed and over seeds: each compressed method against FP32, the int8 ones also
     against int8 PTQ, paired on the same images."""
@@ -541,28 +574,30 @@ def seeds_table(res: dict, model: str) -> list[str]:
     comp = [m for m in dict.fromkeys(c["method"] for c in res["cells"]
                                      if c["model"] == model and c["kind"] == "compress")]
     out = ["| cell | seed | top-1 % [95%] | Δ vs FP32 (pp) [95%] | vs FP32 | "
-           "Δ vs int8 PTQ (pp) [95%] | vs int8 PTQ | agree % | convert (s) |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "Δ vs int8 PTQ (pp) [95%] | vs int8 PTQ | agree % [95%] | KL (nats) [95%] | "
+           "convert (s) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     if orig:
-        out.append(f"| `original` | — | {_top1_ci(orig)} | 0 (ref) | | | | | |")
+        out.append(f"| `original` | — | {_top1_ci(orig)} | 0 (ref) | | | | | | |")
     if ptq:
         d = diff(ptq, orig)
         out.append(f"| `int8-ptq` | — | {_top1_ci(ptq)} | {fmt_diff(d, True)} | {words(d)} "
-                   f"| 0 (ref) | | {_pct(ptq.get('agreement'))} | "
+                   f"| 0 (ref) | | {_agree_ci(ptq, orig)} | {_kl_ci(ptq)} | "
                    f"{_num(ptq.get('convert_wall_s'), 1, 0)} |")
     for m in comp:
         int8 = any("--activation-bits" in a for a in res["methods"].get(m, {}).get("args", []))
         for c in _seed_cells(res, model, m):
             if c.get("status") != "ok":
                 out.append(f"| `{m}` | {c.get('seed')} | {c.get('status')}: "
-                           f"{'; '.join(c.get('errors', []))[:120]} | | | | | | |")
+                           f"{'; '.join(c.get('errors', []))[:120]} | | | | | | | |")
                 continue
             d = diff(c, orig)
             dp = diff(c, ptq) if int8 and ptq else None
             out.append(f"| `{m}` | {c.get('seed')} | {_top1_ci(c)} | {fmt_diff(d, True)} | "
                        f"{words(d)} | {fmt_diff(dp, True) if dp else ''} | "
                        f"{words(dp, 'beats PTQ', 'below PTQ') if dp else ''} | "
-                       f"{_pct(c.get('agreement'))} | {_num(c.get('convert_wall_s'), 1, 0)} |")
+                       f"{_agree_ci(c, orig)} | {_kl_ci(c)} | "
+                       f"{_num(c.get('convert_wall_s'), 1, 0)} |")
     out += ["", "Over seeds (mean ± sample standard deviation, min..max); the seed-averaged "
             "difference is paired: per image, the fraction of seeds right minus the "
             "reference's bit, bootstrapped over images.", "",

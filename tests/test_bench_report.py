@@ -313,3 +313,25 @@ def test_a_file_from_before_the_split_records_merges_only_on_the_same_images() -
     assert report.merge_results([old, other]) is other
     tuned = {**new, "settings": {"split": "tune"}}
     assert report.merge_results([old, tuned]) is tuned
+
+
+def test_agreement_bits_stored_or_from_the_predictions() -> None:
+    """The seeds table's agreement interval: stored bits first, else the cell's
+    predictions against the original's on the same images; nothing across other images."""
+    from hfbconvert.metrics import encode_classes
+
+    o = np.arange(40) % 7
+    h = o.copy()
+    h[:4] = 9
+    orig = {"per_image": {"n": 40, "images_sha256": "s", "pred_b64": encode_classes(o)}}
+    cell = {"agreement": 0.9, "per_image": {"n": 40, "images_sha256": "s",
+                                            "pred_b64": encode_classes(h)}}
+    assert report.agree_bits(cell, orig).mean() == pytest.approx(0.9)
+    stored = dict(cell, per_image=dict(cell["per_image"], agree_hex=encode_bits(
+        np.ones(40, bool))))
+    assert report.agree_bits(stored, orig).all()
+    other = dict(cell, per_image=dict(cell["per_image"], images_sha256="t"))
+    assert report.agree_bits(other, orig) is None
+    assert report._agree_ci(other, orig) == "90.00"  # the recorded figure, no interval
+    lo, hi = (float(x) for x in report._agree_ci(cell, orig).split("[")[1][:-1].split(","))
+    assert lo < 90.0 < hi
