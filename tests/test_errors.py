@@ -1,17 +1,24 @@
 """Library errors keep every field: through pickle and copy (a worker process's error
-reaches the parent pickled), and when another error's message wraps theirs."""
+reaches the parent pickled), and when another error's message wraps theirs, so the CLI
+still renders the fields as its flags."""
 
 from __future__ import annotations
 
 import copy
 import pickle
+from pathlib import Path
 
 import pytest
 
 import hfbconvert.distributed  # noqa: F401 - defines DistributedFailure, which the walk must see
 import hfbconvert.fileio  # noqa: F401 - defines HfbError subclasses the walk must see
 from hfbconvert import cli
+from hfbconvert.artifact import build_compressed, save_compressed
 from hfbconvert.errors import ConfigError, HfbError, InputError
+
+from .test_artifact import tiny_hybrid
+from .test_cli import one_error, run
+from .tiny import tiny_info
 
 
 def _subclasses(cls: type) -> set[type]:
@@ -77,3 +84,25 @@ def test_template_fields_wrap_an_error_without_losing_them(inner: HfbError) -> N
     assert str(outer) == f"m.pt {{x}}: malformed ({inner})"
     assert outer.render(cli._flag) == f"m.pt {{x}}: malformed ({inner.render(cli._flag)})"
 
+
+def test_artifact_keeps_the_fields_of_a_rebuild_error(tmp_path: Path, monkeypatch) -> None:
+    """A compressed model whose network cannot be rebuilt: the artifact reader wraps the
+    rebuild's error in its own line, and the CLI still shows the flag the rebuild named
+    (it used to pass the rendered text on, so the field's library name reached the user)."""
+    from hfbconvert.models import loading
+
+    net, meta = tiny_hybrid(16)
+    path = tmp_path / "m.hfb.pt"
+    save_compressed(path, net, tiny_info(), meta)
+
+    def refuse(info):  # noqa: ANN001, ANN202
+        raise InputError("cannot rebuild it here; pass {src}", src="source_model")
+
+    monkeypatch.setattr(loading, "build_model", refuse)
+    with pytest.raises(InputError) as ei:
+        build_compressed(hfbconvert.fileio.load_torch(path), str(path))
+    assert ei.value.fields == {"src": "source_model"}
+    assert str(ei.value).endswith("(cannot rebuild it here; pass source_model)")
+    line = one_error(run("export", "onnx", path, "-o", tmp_path / "m.onnx", "--no-verify"),
+                     str(path), "malformed compressed model", "pass --source-model")
+    assert "source_model" not in line
