@@ -20,9 +20,6 @@ ALLOWED = {
     ("calib/readers.py", "_load_npz"): "not split yet: streamed zip member reader",
     ("retrain.py", "retrain"): "not split yet: load, data, finetune, re-measure, write",
     ("plan.py", "budget_plan"): "not split yet: the heuristic planner's greedy loop",
-    ("pipeline.py", "make_plan"): "not split yet: plan source x energy model x caps",
-    ("pipeline.py", "compress"): "not split yet: stage list x ranks x timings",
-    ("stages.py", "add_cap"): "not split yet: count, re-plan, refit rounds",
 }
 
 
