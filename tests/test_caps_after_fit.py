@@ -18,7 +18,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from hfbconvert import stages
+from hfbconvert import schemas, stages
 from hfbconvert.calib.readers import CalibData
 from hfbconvert.costs import model_cost
 from hfbconvert.distill import FinetuneConfig
@@ -100,6 +100,7 @@ def test_hidden_bits_8_cap_record_counts_the_adds_the_report_counts() -> None:
     assert rec["adds"] == cost.adds == meta["cost"]["totals"]["adds"]
     assert rec["met"] == (cost.adds <= rec["limit_adds"])
     assert all(lp["hidden_bits"] == 8 for lp in meta["plan"]["layers"])
+    schemas.validate(meta, "artifact-meta")
     over = "OVER THE LIMIT" in " ".join(summary_lines(build_report(meta, None)))
     assert over == (not rec["met"])
     for met in (True, False):  # the report follows the record's rule on either side
@@ -139,6 +140,7 @@ def test_energy_budget_is_checked_on_the_fitted_model(monkeypatch, capsys) -> No
     assert "over the energy budget" in capsys.readouterr().err
     lines = " ".join(summary_lines(build_report(meta, None)))
     assert "energy budget" in lines and "OVER BUDGET" in lines
+    schemas.validate(meta, "artifact-meta")
 
 
 def test_energy_gate_exits_1_only_for_an_enforced_miss(tmp_path) -> None:
@@ -194,6 +196,7 @@ def test_milp_time_limit_is_recorded_and_reported(found: bool, monkeypatch, caps
         assert rec["used"] == "the heuristic plan" and rec["gap"] is None
     assert "MILP planner" in capsys.readouterr().err
     assert Plan.from_dict(meta["plan"]).milp == rec
+    schemas.validate({"schema_version": 1, "plan": meta["plan"]}, "compress-plan")
     from hfbconvert.report.markdown import render_markdown
 
     md = render_markdown(build_report(meta, None))
