@@ -725,6 +725,21 @@ def _compress(net, info, data, cfg, model: str, out: Path, force: bool, resume: 
         print_compress(meta, timings, str(out))
     _agreement_gate(meta, cfg.min_agreement, gate_always, out)
     _add_cap_gate(meta, out)
+    _energy_cap_gate(meta, out)
+
+
+def _energy_cap_gate(meta: dict, out: Path) -> None:
+    """Exit 1 when the planner's layout missed --energy-budget on the fitted model's
+    energy (``meta["energy_cap"]``, priced as the report prices it), as for the ADD cap."""
+    from .errors import CheckFailed
+
+    cap = meta.get("energy_cap") or {}
+    if cap.get("enforced") and cap.get("met") is False:
+        raise CheckFailed(
+            f"{out}: the compressed model uses {cap['fraction_used']:.1%} of the original's "
+            f"energy ({cap.get('energy_model')}), over --energy-budget "
+            f"{cap['energy_budget']:g}; the file was written, but try a larger "
+            "--energy-budget")
 
 
 def _add_cap_gate(meta: dict, out: Path) -> None:

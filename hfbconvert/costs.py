@@ -104,8 +104,8 @@ class ModelCost:
 
     @property
     def shift_adds(self) -> int:
-        """ADDs that are int8 hidden units' power-of-two shifts (``--hidden-bits 8``), not
-        arithmetic the plan chooses (the ADD cap leaves them out)."""
+        """ADDs that are int8 hidden units' power-of-two shifts (``--hidden-bits 8``): in
+        ``adds`` and held to the ADD cap like the others (:func:`add_limit`), shown apart."""
         return sum(int(c.extra.get("shift_adds", 0)) for c in self.layers)
 
     def muls_by_bits(self) -> dict[str, int]:
@@ -136,6 +136,71 @@ class ModelCost:
         return {"totals": self.totals(), "layers": [asdict(c) for c in self.layers]}
 
 
+def shift_adds(r: int, pow2_hidden: bool) -> int:
+    """ADDs per pixel of a bank's hidden-unit shifts: uint8 hidden units whose scales
+    differ by powers of two (``--hidden-bits 8``) take one shift per hidden unit, counted
+    as an ADD. The one rule for the cost model (``pow2_hidden``: the quantizer has more
+    than one scale) and the planner (``pow2_hidden``: the plan's hidden units are uint8;
+    a single shared scale, which needs none, is not known before calibration)."""
+    return r if pow2_hidden else 0
+
+
+def add_limit(original_adds: float, max_add_increase: float) -> float:
+    """The most ADDs ``--max-add-increase`` allows. One rule for the planner's cap, the
+    check of the fitted model and the report: every ADD the cost model counts (ternary
+    non-zeros, critical rows, the rest of the network, hidden-unit shifts) is held to it."""
+    return (1 + max_add_increase) * original_adds
+
+
+def add_cap_use(adds: float, original_adds: float, max_add_increase: float) -> dict:
+    """``adds`` against the ADD cap: the limit, the ratio to the original and whether the
+    cap is met (:func:`add_limit`)."""
+    limit = add_limit(original_adds, max_add_increase)
+    return {"limit_adds": int(limit), "adds": int(adds),
+            "ratio": adds / original_adds if original_adds else None, "met": adds <= limit}
+
+
+def over_cap(used: float | None, cap: float | None) -> bool:
+    """A fraction over its cap (size/energy budgets; a float tolerance for rounding):
+    the report and compress's check say the same."""
+    return used is not None and cap is not None and used > cap + 1e-9
+
+
+def same_bits_energy(orig: dict, comp: dict) -> float | None:
+    """The original's arithmetic energy at the compressed model's activation bits (what
+    ``--energy-budget`` is a fraction of), from the two models' ``totals()``."""
+    if comp.get("activation_bits") != 8:
+        return orig.get("energy_pj")
+    if orig.get("muls") is None or orig.get("adds") is None:
+        return None
+    return LayerCost("original", "dense", orig["muls"], orig["adds"], 0, 0.0
+                     ).energy_pj(act_bits=8)
+
+
+def energy_use(comp: dict, orig: dict, pricing: dict | None,
+               energy_model: str | None) -> dict:
+    """How much of ``--energy-budget`` a compressed model uses (``comp``, ``orig``: the
+    two models' ``to_dict()``), by the model that priced the cap: the accelerator prices
+    stored with the plan (``pricing``, ``--energy-model``), else the constants table; the
+    constants table's arithmetic fraction either way. One function for compress's check
+    and the report."""
+    ct, ot = comp.get("totals") or {}, orig.get("totals") or {}
+    ref = same_bits_energy(ot, ct)
+    arith = None if ct.get("energy_pj") is None or not ref else ct["energy_pj"] / ref
+    if not pricing:
+        model = energy_model or "constants"
+        # an accelerator-priced plan saved without its prices: unknown, not the table's
+        return {"energy_model": model,
+                "energy_fraction_used": arith if model == "constants" else None,
+                "energy_fraction_used_constants": arith}
+    from .hw.planner import priced_pj
+
+    used, ref_pj = priced_pj(pricing, comp.get("layers") or []), pricing.get("reference_pj")
+    return {"energy_model": pricing.get("accelerator"),
+            "energy_fraction_used": None if used is None or not ref_pj else used / ref_pj,
+            "energy_fraction_used_constants": arith}
+
+
 def ternary_bytes(n: int) -> float:
     return math.ceil(n * TERNARY_BITS / 8)
 
@@ -162,8 +227,7 @@ def hybrid_cost(name: str, m: HybridPointwise, pixels: int, fp_bits: int = 32,
     add_c = int((nnz_c - 1).clamp_min(0).sum())
     cs = n_t if m.channel_scale is not None else 0
     cs_muls = 0 if act_bits == 8 else cs
-    # int8 hidden units with power-of-two scales: one shift per hidden unit, counted as an ADD
-    shifts = r if act_bits == 8 and hidden_groups(m.hidden_quant) > 1 else 0
+    shifts = shift_adds(r, act_bits == 8 and hidden_groups(m.hidden_quant) > 1)
     muls = pixels * (n_c * c_in + r + cs_muls)
     adds = pixels * (n_c * (c_in - 1) + add_b + add_c + shifts)
     fp_params = n_c * c_in + m.c_out + r + cs  # critical rows, bias, a, scales

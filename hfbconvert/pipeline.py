@@ -11,9 +11,10 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -22,7 +23,7 @@ from hfbconvert.calib.readers import CalibData
 
 from . import actquant, distributed, progress
 from .bnadjust import BN_MODES, BN_SCOPES, bn_targets, match_bn, reestimate_bn
-from .costs import model_cost
+from .costs import ModelCost, model_cost
 from .distill import FinetuneConfig, finetune, fingerprint
 from .errors import ConfigError
 from .fitting import PairStats
@@ -38,11 +39,14 @@ from .layers import (
     set_submodule,
 )
 from .models.info import ModelInfo
-from .plan import LayerPlan, Plan, budget_plan, uniform_plan
+from .plan import LayerPlan, MilpNotOptimal, Plan, budget_plan, uniform_plan
 from .sensitivity import loss_curves
 from .stats import collect_input_stats
 from .ternary import twn_ternarize
 from .weightquant import check_bits
+
+if TYPE_CHECKING:
+    from .stages import State
 
 METHODS = ("hybrid", "twn", "strassen")
 
@@ -330,11 +334,10 @@ def make_plan(model: nn.Module, info: ModelInfo, layers: list[PointwiseLayer],
     cost = model_cost(model, info.resolution)
     pw_names = {ly.name for ly in layers}
     fixed = sum(c.muls for c in cost.layers if c.name not in pw_names)
-    caps: dict = {}  # the planner's size/energy caps (budget mode only)
-    # --energy-model: the accelerator's price of each option (else the constants table)
-    energy_fn: Callable[[LayerPlan], float] | None = None
-    prices = None
     check_caps(cfg.method, cfg.critical_fraction, cfg.size_budget, cfg.energy_budget)
+    caps: dict = {}  # the planner's size/energy caps (budget mode only)
+    prices = None  # --energy-model: the accelerator's price of each option
+    milp = None
     if cfg.method == "twn":
         plans = uniform_plan(layers, curves, energies, cfg.budgets, 0.0, 1.0, "twn")
     elif cfg.method == "strassen":
@@ -343,32 +346,70 @@ def make_plan(model: nn.Module, info: ModelInfo, layers: list[PointwiseLayer],
         plans = uniform_plan(layers, curves, energies, cfg.budgets, cfg.critical_fraction,
                              cfg.hidden_units_ratio)
     else:
-        if cfg.size_budget is not None or cfg.energy_budget is not None:
-            stored = model_cost(model, info.resolution, weight_bits=cfg.weight_bits,
-                                act_bits=cfg.activation_bits)
-            outside = [c for c in stored.layers if c.name not in pw_names]
-            if cfg.size_budget is not None:
-                caps.update(max_bytes=cfg.size_budget * cost.bytes,
-                            fixed_bytes=sum(c.bytes for c in outside))
-            if cfg.energy_budget is not None and cfg.energy_model != "constants":
-                from .hw.planner import engine_prices
+        caps, prices = _planner_caps(model, info, layers, cfg, cost)
+        plans, milp = _budget_plans(layers, curves, energies, fragility, cfg, cost, fixed,
+                                    densities, caps, prices, density_scale, add_slack)
+    for lp in plans:  # the planner prices uint8 hidden units' shifts; so does the plan
+        lp.hidden_bits = cfg.hidden_bits if cfg.activation_bits == 8 else 32
+    notes = _cap_notes(cfg, caps, prices, plans, cost.bytes) + _milp_notes(milp)
+    if plan_override:
+        plans = apply_plan_override(plans, plan_override, layers)
+    pricing = (prices.record(cfg.energy_model, plans, caps["max_energy_pj"])
+               if prices is not None else None)
+    return Plan(cfg.method, plans, cfg.budget if cfg.critical_fraction is None else None,
+                fixed, cost.muls, cost.adds, notes, pricing, milp)
 
-                prices = engine_prices(model, info.resolution, [ly.name for ly in layers],
-                                       cfg.energy_model, cfg.activation_bits, cfg.hidden_bits)
-                energy_fn = prices.plan_pj
-                caps.update(max_energy_pj=cfg.energy_budget * prices.reference_pj,
-                            fixed_energy_pj=prices.fixed_pj)
-            elif cfg.energy_budget is not None:
-                caps.update(max_energy_pj=cfg.energy_budget * stored.energy_pj,
-                            fixed_energy_pj=sum(c.energy_pj(stored.fp_bits, stored.act_bits)
-                                                for c in outside))
+
+def _planner_caps(model: nn.Module, info: ModelInfo, layers: list[PointwiseLayer],
+                  cfg: CompressConfig, cost: ModelCost) -> tuple[dict, Any]:
+    """The budget planner's size/energy caps in bytes and pJ (``budget_plan``'s keywords)
+    and, with ``--energy-model`` an accelerator, its prices (else None: the constants
+    table prices energy)."""
+    caps: dict = {}
+    if cfg.size_budget is None and cfg.energy_budget is None:
+        return caps, None
+    pw_names = {ly.name for ly in layers}
+    stored = model_cost(model, info.resolution, weight_bits=cfg.weight_bits,
+                        act_bits=cfg.activation_bits)
+    outside = [c for c in stored.layers if c.name not in pw_names]
+    if cfg.size_budget is not None:
+        caps.update(max_bytes=cfg.size_budget * cost.bytes,
+                    fixed_bytes=sum(c.bytes for c in outside))
+    if cfg.energy_budget is not None and cfg.energy_model != "constants":
+        from .hw.planner import engine_prices
+
+        prices = engine_prices(model, info.resolution, [ly.name for ly in layers],
+                               cfg.energy_model, cfg.activation_bits, cfg.hidden_bits)
+        caps.update(max_energy_pj=cfg.energy_budget * prices.reference_pj,
+                    fixed_energy_pj=prices.fixed_pj)
+        return caps, prices
+    if cfg.energy_budget is not None:
+        caps.update(max_energy_pj=cfg.energy_budget * stored.energy_pj,
+                    fixed_energy_pj=sum(c.energy_pj(stored.fp_bits, stored.act_bits)
+                                        for c in outside))
+    return caps, None
+
+
+def _budget_plans(layers: list[PointwiseLayer], curves: dict[str, torch.Tensor],
+                  energies: dict[str, torch.Tensor], fragility: dict[str, float],
+                  cfg: CompressConfig, cost: ModelCost, fixed: int,
+                  densities: dict[str, torch.Tensor] | None, caps: dict, prices: Any,
+                  density_scale: dict[str, float] | None, add_slack: float,
+                  ) -> tuple[list[LayerPlan], dict | None]:
+    """:func:`budget_plan` under ``cfg``'s budget and caps, its cap errors in the user's
+    fractions, and what the MILP said when it did not prove the plan optimal
+    (:class:`hfbconvert.plan.MilpNotOptimal`; None when it did)."""
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always", MilpNotOptimal)
         try:
-            plans = budget_plan(layers, curves, energies, fragility, cfg.budgets,
-                                float(cfg.budget if cfg.budget is not None else 0.536), fixed,
-                                cost.muls, cost.adds, cfg.max_add_increase, cfg.ratios,
-                                densities, weight_bits=cfg.weight_bits,
-                                act_bits=cfg.activation_bits, energy_fn=energy_fn,
-                                density_scale=density_scale, add_slack=add_slack, **caps)
+            plans = budget_plan(
+                layers, curves, energies, fragility, cfg.budgets,
+                float(cfg.budget if cfg.budget is not None else 0.536), fixed, cost.muls,
+                cost.adds, cfg.max_add_increase, cfg.ratios, densities,
+                weight_bits=cfg.weight_bits, act_bits=cfg.activation_bits,
+                energy_fn=prices.plan_pj if prices is not None else None,
+                density_scale=density_scale, add_slack=add_slack,
+                hidden_bits=cfg.hidden_bits if cfg.activation_bits == 8 else 32, **caps)
         except ConfigError as exc:
             # the planner knows its caps in bytes and pJ; the user gave fractions
             frac = {"max_bytes": ("size_budget", cfg.size_budget),
@@ -376,35 +417,49 @@ def make_plan(model: nn.Module, info: ModelInfo, layers: list[PointwiseLayer],
             if frac is None:
                 raise
             raise ConfigError(*frac, exc.reason, exc.other) from None
+    for w in said:  # anything else caught here is passed on as it was
+        if not issubclass(w.category, MilpNotOptimal):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    milp = [w.message.record for w in said if issubclass(w.category, MilpNotOptimal)]
+    return plans, (milp[-1] if milp else None)
+
+
+def _milp_notes(milp: dict | None) -> list[str]:
+    """The plan note (and stderr warning) of a MILP that did not prove its plan optimal."""
+    if milp is None:
+        return []
+    gap = "" if milp.get("gap") is None else f" ({milp['gap']:.2%} from the proven optimum)"
+    note = f"MILP planner: {milp['status']}; {milp['used']} used{gap}"
+    progress.warn(note)
+    return [note]
+
+
+def _cap_notes(cfg: CompressConfig, caps: dict, prices: Any, plans: list[LayerPlan],
+               float32_bytes: float) -> list[str]:
+    """What the plan is predicted to use of the size and energy caps (plan notes)."""
     notes = []
-    if caps:
-        if "max_bytes" in caps:
-            b = caps["fixed_bytes"] + sum(lp.predicted_bytes(cfg.weight_bits) for lp in plans)
-            notes.append(f"size budget {cfg.size_budget:.1%}: {b:,.0f} of "
-                         f"{caps['max_bytes']:,.0f} bytes predicted ({b / cost.bytes:.1%} of "
-                         "the float32 weights)")
-        if "max_energy_pj" in caps and prices is not None:
-            e = caps["fixed_energy_pj"] + sum(prices.plan_pj(lp) for lp in plans)
-            notes.append(f"energy budget {cfg.energy_budget:.1%} priced on {prices.design.name} "
-                         f"(ZigZag, memory included): {e / 1e6:,.2f} of "
-                         f"{caps['max_energy_pj'] / 1e6:,.2f} uJ predicted (the original on "
-                         "the equal-area MAC-only baseline: "
-                         f"{prices.reference_pj / 1e6:,.2f} uJ)")
-            if prices.fallback_layers:
-                notes.append("energy model: priced by the constants model (the engine could "
-                             f"not map them): {', '.join(prices.fallback_layers)}")
-        elif "max_energy_pj" in caps:
-            e = caps["fixed_energy_pj"] + sum(lp.predicted_energy_pj(32, cfg.activation_bits)
-                                              for lp in plans)
-            notes.append(f"energy budget {cfg.energy_budget:.1%}: {e / 1e6:,.2f} of "
-                         f"{caps['max_energy_pj'] / 1e6:,.2f} uJ predicted (ADDs at the "
-                         f"predicted W_b density)")
-    if plan_override:
-        plans = apply_plan_override(plans, plan_override, layers)
-    pricing = (prices.record(cfg.energy_model, plans, caps["max_energy_pj"])
-               if prices is not None else None)
-    return Plan(cfg.method, plans, cfg.budget if cfg.critical_fraction is None else None,
-                fixed, cost.muls, cost.adds, notes, pricing)
+    if "max_bytes" in caps:
+        b = caps["fixed_bytes"] + sum(lp.predicted_bytes(cfg.weight_bits) for lp in plans)
+        notes.append(f"size budget {cfg.size_budget:.1%}: {b:,.0f} of "
+                     f"{caps['max_bytes']:,.0f} bytes predicted ({b / float32_bytes:.1%} of "
+                     "the float32 weights)")
+    if "max_energy_pj" in caps and prices is not None:
+        e = caps["fixed_energy_pj"] + sum(prices.plan_pj(lp) for lp in plans)
+        notes.append(f"energy budget {cfg.energy_budget:.1%} priced on {prices.design.name} "
+                     f"(ZigZag, memory included): {e / 1e6:,.2f} of "
+                     f"{caps['max_energy_pj'] / 1e6:,.2f} uJ predicted (the original on "
+                     "the equal-area MAC-only baseline: "
+                     f"{prices.reference_pj / 1e6:,.2f} uJ)")
+        if prices.fallback_layers:
+            notes.append("energy model: priced by the constants model (the engine could "
+                         f"not map them): {', '.join(prices.fallback_layers)}")
+    elif "max_energy_pj" in caps:
+        e = caps["fixed_energy_pj"] + sum(lp.predicted_energy_pj(32, cfg.activation_bits)
+                                          for lp in plans)
+        notes.append(f"energy budget {cfg.energy_budget:.1%}: {e / 1e6:,.2f} of "
+                     f"{caps['max_energy_pj'] / 1e6:,.2f} uJ predicted (ADDs at each layer's "
+                     f"predicted W_b density)")
+    return notes
 
 
 def _bad_plan(reason: str) -> ConfigError:
@@ -489,6 +544,38 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
     # training flag, device move, hook, attribute or transient weight change leaks back)
     model = copy.deepcopy(model).eval()
     t0 = time.perf_counter()
+    st = _initial_state(model, info, data, cfg, checkpoint, resume, plan_override)
+    helper = distributed.active() and not distributed.is_main()
+    if helper and (dry_run or not any(
+            s.name in S.COLLECTIVE for s in S.stages_for(cfg, st.train is not None,
+                                                         S.finetune_config(st).steps))):
+        # a torchrun rank other than 0 exists for the fine-tune's collectives; with none
+        # to share, rank 0 converts alone
+        return None, {"rank": {"rank": distributed.rank(), "ran": [], "skipped": "all"}}
+    st = S.run(st, S.planning_stages(cfg, st.train is not None))
+    _record_plan(st, data)
+    if dry_run:
+        return None, st.meta
+    _prepare_build(st)
+    post = S.stages_for(cfg, st.train is not None, st.finetune.steps)
+    if helper:  # rank 0 alone runs what follows the last fine-tune, and writes
+        return _helper_rank(st, post)
+    st = S.run(st, post)
+    t = time.perf_counter()
+    st = S.finish(st)
+    st.timings["finish_s"] = time.perf_counter() - t
+    S.close_timings(st.timings, time.perf_counter() - t0)
+    st.meta["timings"] = st.timings
+    return st.hybrid, st.meta
+
+
+def _initial_state(model: nn.Module, info: ModelInfo, data: CalibData | None,
+                   cfg: CompressConfig, checkpoint: str | None, resume: bool,
+                   plan_override: dict | None) -> State:
+    """The stages' state before any stage: the layers to convert, the training and
+    held-apart splits of ``data``, the original's cost."""
+    from . import stages as S
+
     layers = select_layers(find_pointwise(model, info.resolution, info.source or "model",
                                           parse_kinds(cfg.layer_kinds, "layer_kinds")),
                            cfg.include, cfg.exclude, info.source or "model")
@@ -498,48 +585,49 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
         train, held_data = data.split(cfg.held_fraction, seed=cfg.seed,
                                       count=held_count(len(data), cfg))
         held = HeldBatches(held_data.sample(512, seed=0), 64)  # at most 512 checked
-    st = S.State(model, info, cfg, layers, train, held, model_cost(model, info.resolution),
-                 checkpoint=checkpoint, resume=resume, plan_override=plan_override)
-    helper = distributed.active() and not distributed.is_main()
-    if helper and (dry_run or not any(
-            s.name in S.COLLECTIVE for s in S.stages_for(cfg, train is not None,
-                                                         S.finetune_config(st).steps))):
-        # a torchrun rank other than 0 exists for the fine-tune's collectives; with none
-        # to share, rank 0 converts alone
-        return None, {"rank": {"rank": distributed.rank(), "ran": [], "skipped": "all"}}
-    st = S.run(st, S.planning_stages(cfg, train is not None))
+    return S.State(model, info, cfg, layers, train, held, model_cost(model, info.resolution),
+                   checkpoint=checkpoint, resume=resume, plan_override=plan_override)
+
+
+def _record_plan(st: State, data: CalibData | None) -> None:
+    """The configuration, plan and planning inputs into ``st.meta`` (all a dry run
+    returns)."""
     assert st.plan is not None
     st.meta.update({
-        "config": cfg.to_dict(), "plan": st.plan.to_dict(),
+        "config": st.cfg.to_dict(), "plan": st.plan.to_dict(),
         "sensitivity": {n: c.tolist() for n, c in st.curves.items()},
-        "budgets": list(cfg.budgets), "fragility": st.fragility,
-        "layers": [ly.to_dict() for ly in layers],
+        "budgets": list(st.cfg.budgets), "fragility": st.fragility,
+        "layers": [ly.to_dict() for ly in st.layers],
         "calibration": None if data is None else {"source": data.source, "n_images": len(data),
-                                                   "held_images": n_held(held)},
+                                                   "held_images": n_held(st.held)},
     })
-    if dry_run:
-        return None, st.meta
-    st = S.resolve_finetune(st)
-    if train is not None and checkpoint:
-        st.identity = resume_identity(cfg, st.plan, train)
+
+
+def _prepare_build(st: State) -> None:
+    """Before the building stages: the fine-tune's step count, the resume identity of its
+    checkpoint, and the arithmetic the model is built for."""
+    from . import stages as S
+
+    cfg = st.cfg
+    S.resolve_finetune(st)
+    if st.train is not None and st.checkpoint:
+        st.identity = resume_identity(cfg, st.plan, st.train)
     st.meta["weight_bits"] = cfg.weight_bits
     st.meta["activation_bits"] = cfg.activation_bits
     if cfg.activation_bits == 8:
         st.meta["hidden_bits"] = cfg.hidden_bits
-    post = S.stages_for(cfg, train is not None, st.finetune.steps)
-    if helper:  # rank 0 alone runs what follows the last fine-tune, and writes
-        post, skipped = S.helper_rank_steps(post)
-        st = S.run(st, post)
-        st.meta["rank"] = {"rank": distributed.rank(), "ran": [s.name for s in post],
-                           "skipped": [*skipped, "finish"]}
-        st.meta["stages"] = st.log
-        st.meta["timings"] = st.timings
-        return st.hybrid, st.meta
+
+
+def _helper_rank(st: State, post: list) -> tuple[nn.Module | None, dict[str, Any]]:
+    """A torchrun rank other than 0: ``post`` up to the last fine-tune (its collectives
+    need the same network as rank 0's), nothing written."""
+    from . import stages as S
+
+    post, skipped = S.helper_rank_steps(post)
     st = S.run(st, post)
-    t = time.perf_counter()
-    st = S.finish(st)
-    st.timings["finish_s"] = time.perf_counter() - t
-    S.close_timings(st.timings, time.perf_counter() - t0)
+    st.meta["rank"] = {"rank": distributed.rank(), "ran": [s.name for s in post],
+                       "skipped": [*skipped, "finish"]}
+    st.meta["stages"] = st.log
     st.meta["timings"] = st.timings
     return st.hybrid, st.meta
 

@@ -17,13 +17,14 @@ import contextlib
 import math
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
 import torch
 
-from .costs import LayerCost, ternary_bytes, weight_bytes
+from .costs import LayerCost, add_limit, shift_adds, ternary_bytes, weight_bytes
 from .errors import ConfigError, InputError
 from .layers import PointwiseLayer
 
@@ -43,6 +44,7 @@ class LayerPlan:
     predicted_err: float = 0.0
     extra: dict = field(default_factory=dict)
     density: float = ASSUMED_DENSITY  # W_b non-zero fraction the ADD prediction uses
+    hidden_bits: int = 32  # 8: uint8 hidden units, one shift ADD each (costs.shift_adds)
 
     @property
     def n_tolerant(self) -> int:
@@ -57,6 +59,7 @@ class LayerPlan:
         per = self.n_critical * (self.c_in - 1)
         if n_t:
             per += self.r * max(density * self.c_in - 1, 0) + max(self.r - n_t, 0)
+            per += shift_adds(self.r, self.hidden_bits == 8)
         return int(self.pixels * per)
 
     def predicted_bytes(self, weight_bits: int = 32, fp_bits: int = 32) -> float:
@@ -73,7 +76,10 @@ class LayerPlan:
                          0.0, self.pixels, scale_muls=scale).energy_pj(fp_bits, act_bits)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["hidden_bits"] == 32:  # the default: plans written before it read the same
+            del d["hidden_bits"]
+        return d
 
 
 @dataclass
@@ -88,6 +94,9 @@ class Plan:
     # --energy-model: the accelerator prices the energy cap was set with
     # (hw.planner.EnginePrices.record), so the report prices the result the same way
     energy_pricing: dict | None = None
+    # only when the MILP did not prove its plan optimal (time limit, no solution, no scipy):
+    # {"status", "gap", "time_limit_s", "used"}, see exact_choice
+    milp: dict | None = None
 
     def predicted_muls(self) -> int:
         return self.fixed_muls + sum(lp.predicted_muls() for lp in self.layers)
@@ -99,6 +108,8 @@ class Plan:
              "layers": [lp.to_dict() for lp in self.layers]}
         if self.energy_pricing is not None:
             d["energy_pricing"] = self.energy_pricing
+        if self.milp is not None:
+            d["milp"] = self.milp
         return d
 
     @staticmethod
@@ -106,7 +117,7 @@ class Plan:
         layers = [LayerPlan(**lp) for lp in d["layers"]]
         return Plan(d["method"], layers, d.get("budget"), d.get("fixed_muls", 0),
                     d.get("original_muls", 0), d.get("original_adds", 0), d.get("notes", []),
-                    d.get("energy_pricing"))
+                    d.get("energy_pricing"), d.get("milp"))
 
 
 def _ranked(curve: torch.Tensor, energy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,6 +168,7 @@ class _Opt(NamedTuple):
     order: torch.Tensor
     err: float
     density: float
+    hidden_bits: int = 32
 
     def use(self, k: int) -> float:
         """Resource k of the caps: 0 ADDs, 1 bytes, 2 energy."""
@@ -173,7 +185,7 @@ def plan_caps(layers: list[PointwiseLayer], original_adds: int, max_add_increase
     """What the planned layers may use of ADDs, bytes and energy (the rest of the model's
     share subtracted)."""
     fixed_adds = original_adds - sum(ly.pixels * ly.c_out * (ly.c_in - 1) for ly in layers)
-    return [(1 + max_add_increase) * original_adds - fixed_adds,
+    return [add_limit(original_adds, max_add_increase) - fixed_adds,
             math.inf if max_bytes is None else max_bytes - fixed_bytes,
             math.inf if max_energy_pj is None else max_energy_pj - fixed_energy_pj]
 
@@ -185,7 +197,8 @@ def plan_options(layers: list[PointwiseLayer], curves: dict[str, torch.Tensor],
                  weight_bits: int = 32, fp_bits: int = 32,
                  act_bits: int = 32,
                  energy_fn: Callable[[LayerPlan], float] | None = None,
-                 density_scale: dict[str, float] | None = None) -> list[list[_Opt]]:
+                 density_scale: dict[str, float] | None = None,
+                 hidden_bits: int = 32) -> list[list[_Opt]]:
     """Every (n_c, ρ) choice of every layer with its MULs, ADDs, bytes, energy and
     fragility-weighted predicted error: the multiple-choice knapsack that
     :func:`budget_plan` solves (and ``bench/planner_exact.py`` solves exactly).
@@ -193,7 +206,8 @@ def plan_options(layers: list[PointwiseLayer], curves: dict[str, torch.Tensor],
     accelerator model, :mod:`hfbconvert.hw.planner`). ``density_scale`` multiplies a
     layer's predicted W_b density: the measured/predicted ratio of the codes the layer fit
     produced (:func:`hfbconvert.stages.add_cap`), which the sensitivity fit's density
-    need not match."""
+    need not match. ``hidden_bits`` 8: each hidden unit's shift is an ADD
+    (:func:`hfbconvert.costs.shift_adds`), priced in the option's ADDs and energy."""
     opts: list[list[_Opt]] = []
     for ly in layers:
         lam = fragility.get(ly.name, 1.0)
@@ -213,12 +227,12 @@ def plan_options(layers: list[PointwiseLayer], curves: dict[str, torch.Tensor],
                 n_t = ly.c_out - n_c
                 r = int(math.ceil(rho * n_t)) if n_t else 0
                 lp = LayerPlan(ly.name, n_c, r, [], ly.c_in, ly.c_out, ly.pixels, float(err[n_c]),
-                               density=dens)
+                               density=dens, hidden_bits=hidden_bits)
                 lo.append(_Opt(lp.predicted_muls(), lp.predicted_adds(),
                                lp.predicted_bytes(weight_bits, fp_bits),
                                energy_fn(lp) if energy_fn else
                                lp.predicted_energy_pj(fp_bits, act_bits), lam * float(err[n_c]),
-                               n_c, r, order, float(err[n_c]), dens))
+                               n_c, r, order, float(err[n_c]), dens, hidden_bits))
         opts.append(lo)
     return opts
 
@@ -235,7 +249,7 @@ def budget_plan(layers: list[PointwiseLayer], curves: dict[str, torch.Tensor],
                 act_bits: int = 32,
                 energy_fn: Callable[[LayerPlan], float] | None = None,
                 density_scale: dict[str, float] | None = None,
-                add_slack: float = 0.0) -> list[LayerPlan]:
+                add_slack: float = 0.0, hidden_bits: int = 32) -> list[LayerPlan]:
     """Choose (n_c, ρ) per layer minimizing Σ λ·err under the MUL budget and three caps:
     ADDs; with ``max_bytes`` the whole model's stored bytes (``fixed_bytes``: layers outside
     the plan; critical rows at ``weight_bits``, biases and ``a`` at ``fp_bits``, ternary at
@@ -243,7 +257,8 @@ def budget_plan(layers: list[PointwiseLayer], curves: dict[str, torch.Tensor],
     energy at ``act_bits`` (int8: an ``a`` costs an int32 MUL, 15x an int8 MAC's MUL, so
     hidden units that save MULs can cost energy). ``density_scale``: see
     :func:`plan_options`; ``add_slack``: ADDs the cost model counts beyond what the plan
-    predicts (measured after a fit), taken off the ADD cap.
+    predicts (measured after a fit), taken off the ADD cap; ``hidden_bits``: see
+    :func:`plan_options`.
 
     The exact MILP (:func:`exact_choice`); without it, the Lagrangian relaxation
     (:func:`_relaxed_choice`) then a greedy fill of the leftover MULs (:func:`_greedy_fill`);
@@ -258,7 +273,8 @@ def budget_plan(layers: list[PointwiseLayer], curves: dict[str, torch.Tensor],
                   limit=budget * original_muls - fixed_muls, caps=caps)
     opts = plan_options(layers, curves, energies, fragility, budgets, ratios, densities,
                         weight_bits=weight_bits, fp_bits=fp_bits, act_bits=act_bits,
-                        energy_fn=energy_fn, density_scale=density_scale)
+                        energy_fn=energy_fn, density_scale=density_scale,
+                        hidden_bits=hidden_bits)
     _refuse_unreachable(opts, lim)
     limit = lim.limit
     sel = exact_choice(opts, limit, caps)
@@ -417,7 +433,7 @@ def _layer_plans(layers: list[PointwiseLayer], sel: list[_Opt],
                  fragility: dict[str, float]) -> list[LayerPlan]:
     return [LayerPlan(ly.name, o.n_c, o.r, sorted(o.order[:o.n_c].tolist()), ly.c_in,
                       ly.c_out, ly.pixels, o.err, {"fragility": fragility.get(ly.name, 1.0)},
-                      o.density) for ly, o in zip(layers, sel)]
+                      o.density, o.hidden_bits) for ly, o in zip(layers, sel)]
 
 
 @contextlib.contextmanager
@@ -439,25 +455,61 @@ def _stdout_to_stderr() -> Iterator[None]:
         os.close(saved)
 
 
+MILP_TIME_LIMIT = 60.0  # seconds the exact planner may take before its best plan is used
+
+
+class MilpNotOptimal(UserWarning):
+    """The MILP planner did not prove its plan optimal: its time limit stopped it (its best
+    plan is used; ``gap``: the relative distance to the proven bound) or it found none, or
+    scipy is missing (the heuristic plans). ``record`` is what ``Plan.milp`` stores;
+    :func:`hfbconvert.pipeline.make_plan` catches it and records it with the plan."""
+
+    def __init__(self, status: str, used: str, gap: float | None = None,
+                 time_limit: float | None = None) -> None:
+        self.record = {"status": status, "used": used, "gap": gap, "time_limit_s": time_limit}
+        gap_s = "" if gap is None else f", {gap:.2%} from the proven bound"
+        super().__init__(f"MILP planner: {status}; {used} used{gap_s}")
+
+
+def _say_not_optimal(res, time_limit: float) -> None:
+    """A :class:`MilpNotOptimal` warning for a ``scipy.optimize.milp`` result short of a
+    proven optimum (status 1: the time limit stopped HiGHS, with or without a plan)."""
+    if res.status == 0:
+        return
+    limit = res.status == 1
+    if res.x is None:
+        said = MilpNotOptimal("time limit, no plan found" if limit else f"no plan ({res.message})",
+                              "the heuristic plan", None, time_limit)
+    else:
+        gap = getattr(res, "mip_gap", None)
+        said = MilpNotOptimal(f"stopped at its {time_limit:g} s time limit" if limit
+                              else str(res.message), "its best plan",
+                              float(gap) if gap is not None and math.isfinite(gap) else None,
+                              time_limit)
+    warnings.warn(said, stacklevel=3)
+
+
 def exact_choice(opts: list[list[_Opt]], limit: float, caps: list[float],
-                 time_limit: float = 60.0) -> list[_Opt] | None:
+                 time_limit: float | None = None) -> list[_Opt] | None:
     """The optimal option per layer (multiple-choice knapsack as a MILP, HiGHS via
     ``scipy.optimize.milp``): minimum Σ λ·err, MULs within ``limit``, each finite cap
     respected. Measured against the Lagrangian + greedy heuristic on the three shared
     models (bench/planner_exact.py): the heuristic was up to 18.8% worse (MobileNetV2 at
     budget 0.5, 6.0% at 0.536), so this is the planner; None when scipy is missing or no
-    solution is found in ``time_limit`` s (the caller falls back to the heuristic).
+    solution is found in ``time_limit`` s (default :data:`MILP_TIME_LIMIT`): the caller
+    falls back to the heuristic. Short of a proven optimum it warns (:class:`MilpNotOptimal`).
     Raises InputError when the caps cannot be met together."""
+    time_limit = time_limit or MILP_TIME_LIMIT
     try:
         from scipy.optimize import Bounds, LinearConstraint, milp
         from scipy.sparse import coo_matrix
     except ImportError:
+        warnings.warn(MilpNotOptimal("scipy missing", "the heuristic plan"), stacklevel=2)
         return None
     sizes = [len(lo) for lo in opts]
     flat = [o for lo in opts for o in lo]
     n = len(flat)
-    rows, cols, vals = [], [], []
-    j = 0
+    rows, cols, vals, j = [], [], [], 0
     for i, k in enumerate(sizes):  # one option per layer
         rows += [i] * k
         cols += list(range(j, j + k))
@@ -479,17 +531,20 @@ def exact_choice(opts: list[list[_Opt]], limit: float, caps: list[float],
         res = milp([o.werr for o in flat], constraints=LinearConstraint(a, lo_b, hi_b),
                    integrality=[1] * n, bounds=Bounds(0, 1),
                    options={"time_limit": time_limit, "mip_rel_gap": 1e-6})
+    if res.x is None and res.status == 2:  # infeasible: the caps exclude every plan
+        raise InputError("the ADD cap, size budget and energy budget cannot be met "
+                         "together with the MUL budget; raise one of them or {budget}",
+                         budget="budget")
+    _say_not_optimal(res, time_limit)
     if res.x is None:
-        if res.status == 2:  # infeasible: the caps exclude every plan
-            raise InputError("the ADD cap, size budget and energy budget cannot be met "
-                             "together with the MUL budget; raise one of them or {budget}",
-                             budget="budget")
         return None
     x = res.x.round().astype(bool)
     out, j = [], 0
     for k in sizes:
         pick = [o for o, on in zip(flat[j:j + k], x[j:j + k]) if on]
         if len(pick) != 1:
+            warnings.warn(MilpNotOptimal("solution not integral", "the heuristic plan"),
+                          stacklevel=2)
             return None
         out.append(pick[0])
         j += k

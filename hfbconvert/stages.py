@@ -25,7 +25,15 @@ from hfbconvert.calib.readers import CalibData
 
 from . import actquant, progress, weightquant
 from .bnfold import fold_batchnorms
-from .costs import ModelCost, model_cost
+from .costs import (
+    ModelCost,
+    add_cap_use,
+    add_limit,
+    energy_use,
+    model_cost,
+    over_cap,
+    shift_adds,
+)
 from .distill import FinetuneConfig, auto_steps
 from .errors import InputError
 from .fitting import PairStats, fit_layer
@@ -34,7 +42,7 @@ from .layers import PointwiseLayer, layer_bias, layer_weight, set_submodule
 from .meanshift import correction_sites, match_output_means
 from .metrics import wilson_interval
 from .models.info import ModelInfo
-from .plan import Plan
+from .plan import LayerPlan, Plan
 
 
 def stage_seed(seed: int, name: str) -> int:
@@ -163,7 +171,7 @@ def add_cap_enforced(cfg: Any, plan_override: dict | None) -> bool:
 def add_cap(st: State) -> State:
     """Count the ADDs of the codes the fit produced and, when they exceed the ADD cap,
     re-plan with each layer's measured W_b density and refit the layers whose plan changed
-    (at most :data:`ADD_REPAIR_ROUNDS` times).
+    the way the fit did (:func:`_refit`; at most :data:`ADD_REPAIR_ROUNDS` times).
 
     The planner prices ADDs with the density of the sensitivity fit (each filter alone,
     no refinement sweeps, the original weights); the layer fit (shared bank, sweeps,
@@ -172,63 +180,28 @@ def add_cap(st: State) -> State:
     counts beyond the corrected prediction (e.g. rows with no non-zero) are taken off the
     cap as slack. A cap that cannot be met is recorded, not hidden: ``finish`` writes
     ``meta["add_cap"]`` and warns, and the CLI exits 1."""
-    from .layers import build_layer
-    from .pipeline import make_plan, resume_identity
-
     assert st.plan is not None and st.hybrid is not None
     if not add_cap_enforced(st.cfg, st.plan_override):
         return st
-    limit = (1 + st.cfg.max_add_increase) * st.original_cost.adds
+    limit = add_limit(st.original_cost.adds, st.cfg.max_add_increase)
     rounds: list[dict[str, Any]] = []
     scale: dict[str, float] = {}
     slack = 0.0
     notes: list[str] = []
-    by_layer = {ly.name: ly for ly in st.layers}
     t0 = time.perf_counter()
     refit = False
     for _ in range(ADD_REPAIR_ROUNDS):
         cost = model_cost(st.hybrid, st.info.resolution)
-        adds = cost.adds
+        adds = counted_adds(cost, st.plan)
         if adds <= limit:
             break
-        rows = {c.name: c for c in cost.layers}
-        predicted = st.original_cost.adds
-        for lp in st.plan.layers:
-            predicted -= lp.pixels * lp.c_out * (lp.c_in - 1)
-            row = rows.get(lp.name)
-            if lp.n_tolerant and lp.r and row is not None and "nnz_wb" in row.extra:
-                measured = row.extra["nnz_wb"] / (lp.r * lp.c_in)
-                if lp.density > 0:
-                    scale[lp.name] = scale.get(lp.name, 1.0) * measured / lp.density
-                predicted += lp.predicted_adds(measured)
-            else:
-                predicted += lp.predicted_adds()
-        slack = max(slack, adds - predicted)  # what the formula misses, kept off the cap
+        # what the formula misses, kept off the cap
+        slack = max(slack, adds - _predicted_adds(st.plan, cost, st.original_cost.adds, scale))
         rounds.append({"adds": int(adds), "ratio": adds / st.original_cost.adds})
-        try:
-            plan = make_plan(st.original, st.info, st.layers, st.curves, st.energies,
-                             st.fragility, st.cfg, None, st.densities, density_scale=scale,
-                             add_slack=slack)
-        except InputError as exc:  # ConfigError included: no plan meets the cap now
-            rounds[-1]["replan"] = f"failed: {exc}"
-            break
-        old = {lp.name: (lp.r, lp.critical_idx) for lp in st.plan.layers}
-        changed = [lp for lp in plan.layers if old.get(lp.name) != (lp.r, lp.critical_idx)]
-        rounds[-1]["layers_replanned"] = [lp.name for lp in changed]
-        notes.append(f"ADD cap: the fitted codes gave {rounds[-1]['ratio']:.3f}x the original "
-                     f"ADDs; re-planned with their W_b densities ({len(changed)} layer(s) "
-                     "changed)")
-        plan.notes += notes
-        st.plan = plan
+        changed = _replan(st, scale, slack, rounds[-1], notes)
         if not changed:
             break
-        for lp in changed:
-            h = build_layer(by_layer[lp.name], torch.tensor(lp.critical_idx, dtype=torch.long),
-                            lp.r)
-            with torch.no_grad():
-                h.bias.copy_(layer_bias(st.original, lp.name))
-            set_submodule(st.hybrid, lp.name, h)
-            _fit_one(st, by_layer[lp.name])
+        _refit(st, changed)
         refit = True
     if refit:  # the model changed after the last logged agreement
         st.record("add_repair", time.perf_counter() - t0)
@@ -236,14 +209,92 @@ def add_cap(st: State) -> State:
         st.meta["add_repair"] = rounds
         st.meta["plan"] = st.plan.to_dict()
         if st.identity is not None and st.train is not None:
+            from .pipeline import resume_identity
+
             st.identity = resume_identity(st.cfg, st.plan, st.train)
     return st
+
+
+def counted_adds(cost: ModelCost, plan: Plan) -> int:
+    """The ADDs the cap holds a model to (:func:`hfbconvert.costs.add_limit`: all the cost
+    model counts). Before activation calibration a bank has no hidden-unit quantizer yet:
+    its shifts are counted as the plan prices them (``--hidden-bits 8``, one per unit)."""
+    planned = sum(lp.pixels * shift_adds(lp.r, lp.hidden_bits == 8)
+                  for lp in plan.layers if lp.n_tolerant)
+    return int(cost.adds - cost.shift_adds + planned)
+
+
+def _predicted_adds(plan: Plan, cost: ModelCost, original_adds: int,
+                    scale: dict[str, float]) -> float:
+    """The model's ADDs as the planner predicts them, each tolerant layer at its measured
+    W_b density; updates ``scale`` (per layer, measured / predicted density) with it."""
+    rows = {c.name: c for c in cost.layers}
+    predicted = float(original_adds)
+    for lp in plan.layers:
+        predicted -= lp.pixels * lp.c_out * (lp.c_in - 1)
+        row = rows.get(lp.name)
+        if lp.n_tolerant and lp.r and row is not None and "nnz_wb" in row.extra:
+            measured = row.extra["nnz_wb"] / (lp.r * lp.c_in)
+            if lp.density > 0:
+                scale[lp.name] = scale.get(lp.name, 1.0) * measured / lp.density
+            predicted += lp.predicted_adds(measured)
+        else:
+            predicted += lp.predicted_adds()
+    return predicted
+
+
+def _replan(st: State, scale: dict[str, float], slack: float, rnd: dict[str, Any],
+            notes: list[str]) -> list[LayerPlan]:
+    """Re-plan with the measured densities (``scale``) and ``slack`` into ``st.plan``;
+    returns the layers whose plan changed (none: nothing to refit, or no plan meets the
+    cap now, said in ``rnd``)."""
+    from .pipeline import make_plan
+
+    try:
+        plan = make_plan(st.original, st.info, st.layers, st.curves, st.energies,
+                         st.fragility, st.cfg, None, st.densities, density_scale=scale,
+                         add_slack=slack)
+    except InputError as exc:  # ConfigError included: no plan meets the cap now
+        rnd["replan"] = f"failed: {exc}"
+        return []
+    old = {lp.name: (lp.r, lp.critical_idx) for lp in st.plan.layers}
+    changed = [lp for lp in plan.layers if old.get(lp.name) != (lp.r, lp.critical_idx)]
+    rnd["layers_replanned"] = [lp.name for lp in changed]
+    notes.append(f"ADD cap: the fitted codes gave {rnd['ratio']:.3f}x the original "
+                 f"ADDs; re-planned with their W_b densities ({len(changed)} layer(s) "
+                 "changed)")
+    plan.notes += notes
+    st.plan = plan
+    return changed
+
+
+def _refit(st: State, changed: list[LayerPlan]) -> None:
+    """Rebuild the re-planned layers and fit them as the fit stages did: one shot, then,
+    when the reconstruct stage ran, reconstruction again, with ``sequential`` from the
+    first changed layer on in network order (its successors' inputs changed too), else
+    of the changed layers: the model a run planned this way from the start builds."""
+    from .layers import build_layer
+
+    by_layer = {ly.name: ly for ly in st.layers}
+    for lp in changed:
+        h = build_layer(by_layer[lp.name], torch.tensor(lp.critical_idx, dtype=torch.long),
+                        lp.r)
+        with torch.no_grad():
+            h.bias.copy_(layer_bias(st.original, lp.name))
+        set_submodule(st.hybrid, lp.name, h)
+        _fit_one(st, by_layer[lp.name])
+    if "reconstruction" not in st.meta:  # one-shot fit only (or reconstruction skipped)
+        return
+    names = {lp.name for lp in changed}
+    first = min(i for i, ly in enumerate(st.layers) if ly.name in names)
+    redo = [ly for i, ly in enumerate(st.layers)
+            if ly.name in names or (st.cfg.sequential and i >= first)]
+    st.meta["reconstruction"].update(_reconstruct_layers(st, redo))
 
 
 def reconstruct(st: State) -> State:
     """Refit layers in network order against the compressed network's own inputs."""
     from .pipeline import _enough_for_reconstruction, _min_recon_images
-    from .reconstruct import reconstruct as _reconstruct
 
     assert st.train is not None and st.hybrid is not None
     if not _enough_for_reconstruction(st.train, st.layers, st.cfg):
@@ -252,12 +303,20 @@ def reconstruct(st: State) -> State:
                       f"at least {_min_recon_images(st.layers, st.cfg)} images to reconstruct.")
         st.meta["reconstruction_skipped"] = "too few calibration images"
         return st
-    with progress.task("reconstruct", len(st.layers)) as bar:
-        st.meta["reconstruction"] = _reconstruct(
-            st.original, st.hybrid, st.layers, st.batches(st.cfg.recon_images, "reconstruct"),
+    st.meta["reconstruction"] = _reconstruct_layers(st, st.layers)
+    return st
+
+
+def _reconstruct_layers(st: State, layers: list[PointwiseLayer]) -> dict[str, dict]:
+    """Reconstruct ``layers`` of ``st.hybrid`` (in their order) on the reconstruct stage's
+    own images: the same rows for a layer whichever others are reconstructed with it."""
+    from .reconstruct import reconstruct as _reconstruct
+
+    with progress.task("reconstruct", len(layers)) as bar:
+        return _reconstruct(
+            st.original, st.hybrid, layers, st.batches(st.cfg.recon_images, "reconstruct"),
             st.cfg.per_image, st.cfg.seed, st.cfg.sequential, st.cfg.bias_correction,
             on_layer=lambda n, r: bar.advance(1, info=n))
-    return st
 
 
 def _finetune(st: State, name: str, teacher_at: dict[str, str] | None = None) -> State:
@@ -473,22 +532,44 @@ def add_cap_record(st: State, cost: ModelCost) -> dict[str, Any]:
     """The ADD cap against the final model's counted ADDs (``meta["add_cap"]``), with a
     warning when it is missed. ``enforced``: the planner chose the layout under the cap
     (else a ``--plan`` file or a uniform method decided, and the cap is only reported).
-    The cap holds the ADDs of the arithmetic the plan chooses (critical rows, W_b, W_c);
-    uint8 hidden units' shifts (``--hidden-bits 8``, one per hidden unit and pixel), which
-    the cost model also counts as ADDs, are recorded apart (``shift_adds``), not capped."""
-    shifts = cost.shift_adds
-    adds = int(cost.adds - shifts)
+    Every ADD the cost model counts is held to the cap (:func:`hfbconvert.costs.add_limit`,
+    the rule the planner and the report use), uint8 hidden units' shifts
+    (``--hidden-bits 8``, one per hidden unit and pixel) included; ``shift_adds`` says how
+    many of them are shifts."""
     orig = int(st.original_cost.adds)
-    limit = (1 + st.cfg.max_add_increase) * orig
-    rec = {"max_add_increase": st.cfg.max_add_increase, "limit_adds": int(limit),
-           "adds": adds, "ratio": adds / orig if orig else None, "met": adds <= limit,
+    use = add_cap_use(cost.adds, orig, st.cfg.max_add_increase)
+    rec = {"max_add_increase": st.cfg.max_add_increase, "limit_adds": use["limit_adds"],
+           "adds": use["adds"], "ratio": use["ratio"], "met": use["met"],
            "enforced": add_cap_enforced(st.cfg, st.plan_override),
-           "repair_rounds": len(st.meta.get("add_repair") or []), "shift_adds": int(shifts)}
+           "repair_rounds": len(st.meta.get("add_repair") or []),
+           "shift_adds": int(cost.shift_adds)}
     if rec["enforced"] and not rec["met"]:
-        progress.warn(f"ADDs are {adds / orig:.3f}x the original's, over the ADD cap "
+        progress.warn(f"ADDs are {use['ratio']:.3f}x the original's, over the ADD cap "
                       f"({1 + st.cfg.max_add_increase:.3f}x) after {rec['repair_rounds']} "
                       "re-plan(s) with the measured ternary densities; raise the budget or "
                       "the cap")
+    return rec
+
+
+def energy_cap_record(st: State, cost: ModelCost) -> dict[str, Any]:
+    """``--energy-budget`` against the final model's energy (``meta["energy_cap"]``), by
+    the model that priced the cap (the accelerator's stored prices or the constants
+    table: :func:`hfbconvert.costs.energy_use`, as the report computes it). The planner
+    predicted ADDs at the sensitivity fit's density; the fitted codes may cost more.
+    ``enforced`` as for the ADD cap; a miss warns here and makes the CLI exit 1."""
+    assert st.plan is not None
+    use = energy_use(cost.to_dict(), st.original_cost.to_dict(), st.plan.energy_pricing,
+                     st.cfg.energy_model)
+    frac = use["energy_fraction_used"]
+    rec = {"energy_budget": st.cfg.energy_budget, "energy_model": use["energy_model"],
+           "fraction_used": frac,
+           "fraction_used_constants": use["energy_fraction_used_constants"],
+           "met": None if frac is None else not over_cap(frac, st.cfg.energy_budget),
+           "enforced": add_cap_enforced(st.cfg, st.plan_override)}
+    if rec["enforced"] and rec["met"] is False:
+        progress.warn(f"the compressed model uses {frac:.1%} of the original's energy "
+                      f"({rec['energy_model']}), over the energy budget "
+                      f"({st.cfg.energy_budget:.1%}); raise the energy budget")
     return rec
 
 
@@ -516,6 +597,8 @@ def finish(st: State) -> State:
     cost = model_cost(st.hybrid, st.info.resolution)
     st.meta["cost"] = cost.to_dict()
     st.meta["add_cap"] = add_cap_record(st, cost)
+    if st.cfg.energy_budget is not None:
+        st.meta["energy_cap"] = energy_cap_record(st, cost)
     st.meta["original_cost"] = st.original_cost.to_dict()
     if st.cfg.activation_bits == 8:
         # what plain int8 PTQ of the original would cost: the baseline an int8 hybrid beats

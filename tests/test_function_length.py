@@ -15,9 +15,6 @@ REASON = "Long because:"
 # (file relative to hfbconvert/, qualified name) -> why it is still long
 ALLOWED = {
     # not split yet (the next refactor's list; each entry must still be long, see below)
-    ("pipeline.py", "make_plan"): "not split yet: plan source x energy model x caps",
-    ("pipeline.py", "compress"): "not split yet: stage list x ranks x timings",
-    ("stages.py", "add_cap"): "not split yet: count, re-plan, refit rounds",
 }
 
 

@@ -166,38 +166,16 @@ def model_totals(meta: dict) -> dict:
 
 
 def _energy_use(meta: dict, orig: dict, comp: dict) -> dict:
-    """How much of ``--energy-budget`` the model uses, by the model that priced the cap:
-    the accelerator prices stored with the plan (``--energy-model``), else the constants
-    table; the constants table's arithmetic fraction is given either way."""
-    arith = _frac(comp.get("energy_pj"), _same_bits_energy(orig, comp))
-    pricing = (meta.get("plan") or {}).get("energy_pricing")
-    if not pricing:
-        model = (meta.get("config") or {}).get("energy_model") or "constants"
-        # an accelerator-priced plan saved without its prices: unknown, not the table's
-        return {"energy_model": model,
-                "energy_fraction_used": arith if model == "constants" else None,
-                "energy_fraction_used_constants": arith}
-    from ..hw.planner import priced_pj
-
-    used = priced_pj(pricing, (meta.get("cost") or {}).get("layers") or [])
-    return {"energy_model": pricing.get("accelerator"),
-            "energy_fraction_used": _frac(used, pricing.get("reference_pj")),
-            "energy_fraction_used_constants": arith}
+    """How much of ``--energy-budget`` the model uses: :func:`hfbconvert.costs.energy_use`,
+    the function compress's energy check calls too (``orig``/``comp``: the totals)."""
+    return costs.energy_use({**(meta.get("cost") or {}), "totals": comp},
+                            {**(meta.get("original_cost") or {}), "totals": orig},
+                            (meta.get("plan") or {}).get("energy_pricing"),
+                            (meta.get("config") or {}).get("energy_model"))
 
 
 def _frac(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
-
-
-def _same_bits_energy(orig: dict, comp: dict) -> float | None:
-    """The original's arithmetic energy at the compressed model's activation bits (what
-    ``--energy-budget`` is a fraction of), priced by the cost model itself."""
-    if comp.get("activation_bits") != 8:
-        return orig.get("energy_pj")
-    if orig.get("muls") is None or orig.get("adds") is None:
-        return None
-    return costs.LayerCost("original", "dense", orig["muls"], orig["adds"], 0, 0.0
-                           ).energy_pj(act_bits=8)
 
 
 def _conventions(meta: dict) -> dict:

@@ -3,6 +3,7 @@ the terminal), from the :mod:`.model` dict."""
 
 from __future__ import annotations
 
+from .. import costs
 from .formatting import (
     COST_KEYS,
     COST_LABELS,
@@ -98,7 +99,11 @@ def summary_lines(rep: dict) -> list[str]:
                    + (" (OVER BUDGET)" if over else ""))
     inc, lim = bud.get("add_increase"), bud.get("max_add_increase")
     if inc is not None:
-        over = lim is not None and inc > lim + 1e-9
+        adds = (t.get("compressed") or {}).get("adds")
+        o_adds = (t.get("original") or {}).get("adds")
+        # the rule compress's ADD check applies, on the same counted ADDs (shifts included)
+        over = lim is not None and (not costs.add_cap_use(adds, o_adds, lim)["met"]
+                                    if adds is not None and o_adds else inc > lim + 1e-9)
         out.append(f"ADDs {fmt_change(inc)} vs the original"
                    + (f" (allowed {fmt_change(lim)}{', OVER THE LIMIT' if over else ''})"
                       if lim is not None else ""))
@@ -112,7 +117,7 @@ def summary_lines(rep: dict) -> list[str]:
                       ("energy", energy_what)):
         cap, used = bud.get(f"{key}_budget"), bud.get(f"{key}_fraction_used")
         if cap is not None:
-            over = used is not None and used > cap + 1e-9
+            over = costs.over_cap(used, cap)
             out.append(f"{key} budget {cap:.1%} ({what}), used {fmt_num(used, '.1%')}"
                        + (" (OVER BUDGET)" if over else "")
                        + ("" if key != "energy" or em == "constants" else

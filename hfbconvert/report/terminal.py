@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ..plan import ASSUMED_DENSITY, LayerPlan
+from ..plan import LayerPlan
 from . import (
     NA,
     fmt_bytes,
@@ -128,6 +128,17 @@ def print_plan(plan: dict, console: Console | None = None) -> None:
         _say(con, line)
 
 
+def _densities(lps: list[LayerPlan]) -> str:
+    """The W_b densities the planner priced the banks' ADDs with (each layer its own)."""
+    d = [lp.density for lp in lps if lp.n_tolerant and lp.r]
+    if not d:
+        return "no ternary bank"
+    if max(d) - min(d) < 5e-4:
+        return f"W_b density {d[0]:.3f}"
+    return (f"per-layer W_b densities (mean {sum(d) / len(d):.3f}, "
+            f"{min(d):.3f}–{max(d):.3f})")
+
+
 def plan_totals_lines(plan: dict, lps: list[LayerPlan]) -> list[str]:
     """Whole-model MULs/ADDs the plan predicts, against the original and the budget."""
     o_m, o_a = plan.get("original_muls") or 0, plan.get("original_adds") or 0
@@ -139,8 +150,8 @@ def plan_totals_lines(plan: dict, lps: list[LayerPlan]) -> list[str]:
            + (f", budget {plan['budget']:.1%} = {fmt_count(plan['budget'] * o_m)}"
               if plan.get("budget") is not None and o_m else ""),
            f"ADDs: {fmt_count(o_a)} → {fmt_count(adds)} "
-           f"({fmt_change(adds / o_a - 1) if o_a else NA}; predicted with W_b density "
-           f"{ASSUMED_DENSITY:g}, real counts come from the fitted non-zeros)"]
+           f"({fmt_change(adds / o_a - 1) if o_a else NA}; predicted with "
+           f"{_densities(lps)}, real counts come from the fitted non-zeros)"]
     out += [f"note: {n}" for n in plan.get("notes") or []]
     return out
 
