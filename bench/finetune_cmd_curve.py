@@ -22,6 +22,7 @@ from pathlib import Path
 
 SHARED = os.environ.get("HFB_SHARED", "../shared")
 REPO = Path(__file__).resolve().parent.parent
+START, END = "<!-- generated:finetune-cmd -->", "<!-- /generated -->"
 
 
 def cli(*args: str) -> tuple[dict, float, list[str]]:
@@ -35,11 +36,42 @@ def cli(*args: str) -> tuple[dict, float, list[str]]:
     return json.loads(res.stdout), wall, shown
 
 
+def render(res: dict, name: str) -> str:
+    """The BENCHMARKS section of one results file: the held-apart curve and the paired
+    test-set comparison of the fit-only and the fine-tuned artifacts."""
+    ft, cmp_ = res["finetune"], res["test_compare"]
+    c = ft["curve"]
+    d = cmp_["difference"]
+    lines = ["## `hfbconvert finetune` on CIFAR-10: the curve over one epoch", "",
+             f"`{res['command']}` (results: `bench/results/{name}`, "
+             f"{res.get('threads') or '?'} thread). Steps:", "",
+             f"1. `{res['compress']['cmd']}` ({res['compress']['wall_s']:.0f} s)",
+             f"2. `{ft['cmd']}` ({ft['wall_s']:.0f} s: {ft['steps_run']} steps, "
+             f"{ft['train_images']:,} training images, {ft['held_images']:,} held apart)",
+             f"3. `{cmp_['cmd']}` (the 10,000 test images)", "",
+             "| steps | held KL (nats) | held agreement % | held top-1 % |", "|---|---|---|---|"]
+    for row in zip(c["steps"], c["held_kl"], c["held_agreement"], c["held_top1"]):
+        lines.append(f"| {row[0]} | {row[1]:.4f} | {100 * row[2]:.2f} | {100 * row[3]:.2f} |")
+    best = ft["best_step"]
+    lines += ["", f"Shipped: the state after {best} steps (lowest held KL"
+              + ("; the fit itself" if best == 0 else "") + "). Test set, paired: "
+              f"fit only {100 * cmp_['a']['top1']:.2f}%, fine-tuned "
+              f"{100 * cmp_['b']['top1']:.2f}%, difference {100 * d['top1']:+.2f} "
+              f"[{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}] ({d['verdict']}); "
+              f"the original {100 * res['original_test']['top1']:.2f}% "
+              f"[{100 * res['original_test']['top1_ci95'][0]:.2f}, "
+              f"{100 * res['original_test']['top1_ci95'][1]:.2f}]. The held images come from "
+              "the training set the original was trained on, so held top-1 is high; the "
+              "labels pull the student away from the teacher (held KL rises), so early "
+              "stopping on held KL keeps the fit where the fit already matches the teacher."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=os.path.join(SHARED, "models/mobilenet_v1_0.5_cifar10.pt"))
-    ap.add_argument("--train", required=True, help="CIFAR-10 train ImageFolder (extracted)")
-    ap.add_argument("--test", required=True, help="CIFAR-10 test ImageFolder (extracted)")
+    ap.add_argument("--train", help="CIFAR-10 train ImageFolder (extracted)")
+    ap.add_argument("--test", help="CIFAR-10 test ImageFolder (extracted)")
     ap.add_argument("--budget", default="0.4")
     ap.add_argument("--calib-size", default="2000")
     ap.add_argument("--data-size", default="16000")
@@ -49,7 +81,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="large: record the whole curve (the best state still ships)")
     ap.add_argument("--learn-codes", action="store_true")
     ap.add_argument("--tag", required=True)
+    ap.add_argument("--render", action="store_true",
+                    help="only regenerate BENCHMARKS.md's section from the TAG results file")
     a = ap.parse_args(argv)
+    if a.render:
+        from bench.rss import splice
+
+        name = f"finetune-cmd-{a.tag}.json"
+        res = json.loads((REPO / "bench" / "results" / name).read_text())
+        splice(REPO / "BENCHMARKS.md", render(res, name), START, END)
+        return 0
+    if not (a.train and a.test):
+        ap.error("--train and --test are required (unless --render)")
     out: dict = {"command": "python -m bench.finetune_cmd_curve " + " ".join(
         argv if argv is not None else sys.argv[1:]), "threads": os.environ.get("OMP_NUM_THREADS")}
     with tempfile.TemporaryDirectory() as d:
