@@ -95,3 +95,26 @@ def test_real_top1_takes_the_newest_file_with_both_cells(tmp_path: Path) -> None
     got = real_top1(tmp_path, "EfficientNet-Lite0")
     assert got["before"] == 0.81 and got["results"].startswith("20260101")
     assert real_top1(tmp_path, "ResNet-50") is None
+
+
+def test_finetune_cmd_render_rows_and_shipped_step() -> None:
+    from bench.finetune_cmd_curve import render
+
+    curve = {"steps": [0, 100, 150], "held_kl": [0.01, 0.005, 0.02],
+             "held_agreement": [0.9, 0.95, 0.9], "held_top1": [0.8, 0.81, 0.79]}
+    res = {"command": "python -m bench.finetune_cmd_curve --tag t", "threads": "1",
+           "compress": {"cmd": "hfbconvert compress m", "wall_s": 3.0},
+           "finetune": {"cmd": "hfbconvert finetune a", "wall_s": 9.0, "steps_run": 150,
+                        "train_images": 900, "held_images": 100, "best_step": 100,
+                        "curve": curve},
+           "test_compare": {"cmd": "hfbconvert eval --compare a b",
+                            "a": {"top1": 0.8}, "b": {"top1": 0.81},
+                            "difference": {"top1": 0.01, "ci95": [-0.002, 0.022],
+                                           "verdict": "within noise (±1.20 points)"}},
+           "original_test": {"top1": 0.82, "top1_ci95": [0.81, 0.83]}}
+    md = render(res, "finetune-cmd-t.json")
+    rows = [ln for ln in md.splitlines() if ln.startswith("| ") and ln[2].isdigit()]
+    assert [r.split(" | ")[0] for r in rows] == ["| 0", "| 100", "| 150"]
+    assert "| 100 | 0.0050 | 95.00 | 81.00 |" in rows
+    assert "the state after 100 steps (lowest held KL)" in md
+    assert "+1.00 [-0.20, +2.20]" in md
