@@ -3,12 +3,12 @@
 Every batch of a held-apart check allocates and frees a few hundred MiB of activations
 (MobileNetV1-0.5-160, 64 images). glibc serves allocations of up to 32 MiB from its heap
 once a freed block of that size raised its mmap threshold, and keeps freed heap memory
-resident for reuse; the holes a batch leaves do not all fit the next batch, so the resident
-size crept up with every batch and every pass: measured (bench/rss_stages.py), the peak
-of one agreement pass over 64 / 256 / 512 held images was 905 / 1,136 / 1,162 MiB while
-the bytes in use stayed the same, the difference being free heap memory glibc kept.
-``malloc_trim(0)`` after each batch returns those pages (it also releases whole free
-pages inside the heap), so the peak follows what is in use, not how many batches ran.
+resident for reuse; the holes a batch leaves do not all fit the next one, so the resident
+size crept up with every batch and pass while the bytes in use did not
+(bench/results/rss_stages.json: after the first agreement pass 744 MiB resident with 303
+MiB of it free heap glibc kept). ``malloc_trim(0)`` after each batch and stage returns
+those pages (whole free pages inside the heap included), so the peak follows the largest
+batch in use, not how many batches ran.
 A no-op where the C library has no ``malloc_trim`` (macOS, musl).
 """
 
