@@ -174,6 +174,8 @@ def test_rss_section_is_rendered_from_the_results_file_and_spliced(tmp_path: Pat
     out = md.read_text()
     assert out.count(rss.START) == 1 and "611 (10 s)" in out and "610 (10 s)" not in out
     assert "<!-- generated:other -->\nkeep\n<!-- /generated -->" in out
+    noted = rss.render({**res, "note": "Only this note."})  # a run's own explanation
+    assert noted.rstrip().endswith("Only this note.") and "*before*: every" not in noted
 
 
 def test_digests_of_streamed_images_equal_in_memory_ones(tmp_path: Path) -> None:
