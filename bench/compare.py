@@ -25,7 +25,7 @@ from hfbconvert.metrics import (
 )
 
 from .cases import REPO, TABLE_ORDER
-from .report import _top1_ci, load_results, results_files
+from .report import _top1_ci, load_results, results_files, unpaired
 
 
 def _get(cell: dict | None, key: str):
@@ -129,6 +129,19 @@ def _bits(cell: dict | None) -> tuple[np.ndarray, str] | None:
     return decode_bits(p["correct_hex"], int(p["n"])), str(p.get("images_sha256"))
 
 
+def _unpaired_text(old: dict, new: dict) -> str:
+    """'; unpaired new - old ±x [lo, hi]ᵘ: verdict' from the two top-1s and image counts
+    (wider than a paired interval would be), or '' without them."""
+    if old.get("top1") is None or new.get("top1") is None or not old.get("n_eval") \
+            or not new.get("n_eval"):
+        return ""
+    d = unpaired(new["top1"], int(new["n_eval"]), old["top1"], int(old["n_eval"]))
+    word = verdict(d["d"], d["lo"], d["hi"], better="new better than old",
+                   worse="new worse than old")
+    return (f"; unpaired new - old {100 * d['d']:+.2f}pp [{100 * d['lo']:+.2f}, "
+            f"{100 * d['hi']:+.2f}]ᵘ: {word}")
+
+
 def paired_line(a: dict | None, b: dict | None, seed: int = 0) -> str:
     """new - old for one cell, paired over images when both stored per-image results on
     the same images; otherwise says why not."""
@@ -136,12 +149,13 @@ def paired_line(a: dict | None, b: dict | None, seed: int = 0) -> str:
     if a is None or b is None:
         return ""
     if pa is None or pb is None:
-        return "not paired (per-image results not stored in " + \
+        why = "not paired (per-image results not stored in " + \
             ("either file" if pa is None and pb is None else
              "the old file" if pa is None else "the new file") + ")"
+        return why + _unpaired_text(a, b)
     (xa, ha), (xb, hb) = pa, pb
     if ha != hb or xa.size != xb.size:
-        return "not paired (different evaluation images)"
+        return "not paired (different evaluation images)" + _unpaired_text(a, b)
     d, (lo, hi) = paired_difference_interval(xb, xa, seed=seed)
     only_new, only_old = discordant(xb, xa)
     word = verdict(d, lo, hi, better="new better than old", worse="new worse than old")

@@ -329,16 +329,25 @@ def _eval_into(cell: dict, r: ProcResult) -> None:
             cell[k] = j[k]
 
 
-def per_image_from_logits(logits: np.ndarray, data, label_offset: int) -> dict:
+def per_image_from_logits(logits: np.ndarray, data, label_offset: int,
+                          ref_logits: np.ndarray | None = None) -> dict:
     """The per-image record `hfbconvert eval --per-image` writes, for a model evaluated
-    here (onnxruntime int8): same images fingerprint, bits and predictions."""
-    from hfbconvert.evaluation import PerImage, per_image_record
+    here (onnxruntime int8): same images fingerprint, bits and predictions; with the
+    original's logits on the same images also agreement bits and per-image KL."""
+    import torch
+
+    from hfbconvert.evaluation import PerImage, kl_per_image, per_image_record
 
     pred = logits.argmax(1).astype(np.int64)
     correct = None
     if data.labels is not None:
         correct = pred == data.labels.numpy().astype(np.int64) + label_offset
-    return per_image_record(PerImage(pred=pred, correct=correct), data)
+    ref_pred = kl = None
+    if ref_logits is not None:
+        ref_pred = ref_logits.argmax(1).astype(np.int64)
+        kl = kl_per_image(torch.from_numpy(ref_logits), torch.from_numpy(logits)).numpy()
+    return per_image_record(PerImage(pred=pred, correct=correct, ref_pred=ref_pred, kl=kl),
+                            data)
 
 
 def _verify_summary(v: dict | None) -> dict | None:
@@ -507,7 +516,8 @@ def int8_cell(ctx: ModelContext, method: Method, deadline: float | None) -> dict
         data = ctx.eval_images()
         q_logits = ort_logits(sess, data)
         acc = accuracy(q_logits, data.labels, ctx.info.label_offset, ctx.eval_logits())
-        cell["per_image"] = per_image_from_logits(q_logits, data, ctx.info.label_offset)
+        cell["per_image"] = per_image_from_logits(q_logits, data, ctx.info.label_offset,
+                                                  ctx.eval_logits())
         ref = accuracy(ctx.eval_logits(), data.labels, ctx.info.label_offset)
         cell.update(top1=acc["top1"], top5=acc["top5"], agreement=acc["agreement"],
                     n_eval=acc["n"], fp32_onnx_top1=ref["top1"])

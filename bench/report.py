@@ -27,7 +27,9 @@ import numpy as np
 
 from hfbconvert.metrics import (
     Z95,
+    bootstrap_mean_interval,
     decode_bits,
+    decode_classes,
     discordant,
     mcnemar_exact,
     paired_difference_interval,
@@ -110,6 +112,25 @@ def _case_signature(res: dict, model: str) -> tuple:
             ev.get("list_sha256"))
 
 
+def _images_sha(res: dict, model: str) -> set[str]:
+    return {str(c["per_image"].get("images_sha256")) for c in res.get("cells", [])
+            if c.get("model") == model and (c.get("per_image") or {}).get("images_sha256")}
+
+
+def same_case(old: dict, new: dict, model: str) -> bool:
+    """Whether ``old``'s cells of ``model`` were measured as ``new``'s: the same case
+    signature; or, for a file from before the split records (no split, no evaluation
+    list), the same signature apart from those and the same per-image ``images_sha256``
+    in both (the images themselves, fingerprinted, are what the split record names)."""
+    a, b = _case_signature(old, model), _case_signature(new, model)
+    if a == b:
+        return True
+    if a[-2] is not None or a[-1] is not None or a[:-2] != b[:-2] or b[-2] not in (None, "eval"):
+        return False
+    sa, sb = _images_sha(old, model), _images_sha(new, model)
+    return len(sa) == 1 and sa == sb
+
+
 def merge_results(files: list[dict]) -> dict:
     """One suite's files (oldest first) as one results dict: the newest file, with each
     cell (model, method, seed) it lacks, or only recorded as skipped, taken from the
@@ -128,7 +149,7 @@ def merge_results(files: list[dict]) -> dict:
         for c in res.get("cells", []):
             k = _cell_key(c)
             if res is not newest:
-                same = (_case_signature(res, c["model"]) == _case_signature(newest, c["model"])
+                same = (same_case(res, newest, c["model"])
                         and (res.get("methods", {}).get(c["method"], {}).get("args")
                              == newest.get("methods", {}).get(c["method"], {}).get("args")))
                 if not same or c.get("status") == "skipped":
@@ -140,8 +161,7 @@ def merge_results(files: list[dict]) -> dict:
         if k not in chosen:
             for res in reversed(files):
                 c = next((x for x in res.get("cells", []) if _cell_key(x) == k), None)
-                if c is not None and (res is newest or _case_signature(
-                        res, k[0]) == _case_signature(newest, k[0])):
+                if c is not None and (res is newest or same_case(res, newest, k[0])):
                     chosen[k], origin[k] = c, res
                     break
     keys = [k for k in order if k in chosen]
@@ -515,6 +535,37 @@ def _spread(vals: list[float]) -> str:
     return f"{100 * m:.2f} ± {100 * sd:.2f} ({100 * min(vals):.2f}..{100 * max(vals):.2f})"
 
 
+def agree_bits(cell: dict | None, orig: dict | None) -> np.ndarray | None:
+    """Per-image agreement with the original: the stored bits, else the cell's stored
+    predictions against the original cell's on the same images; None without either."""
+    p = (cell or {}).get("per_image") or {}
+    o = (orig or {}).get("per_image") or {}
+    if p.get("agree_hex") and p.get("n"):
+        return decode_bits(p["agree_hex"], int(p["n"]))
+    if p.get("pred_b64") and o.get("pred_b64") and p.get("n") == o.get("n") \
+            and p.get("images_sha256") == o.get("images_sha256"):
+        return decode_classes(p["pred_b64"]) == decode_classes(o["pred_b64"])
+    return None
+
+
+def _agree_ci(cell: dict, orig: dict | None) -> str:
+    """Agreement (%) with its 95% bootstrap interval over the images (per-image bits),
+    else the recorded figure alone."""
+    bits = agree_bits(cell, orig)
+    if bits is None:
+        return _pct(cell.get("agreement"))
+    est, (lo, hi) = bootstrap_mean_interval(bits)
+    return f"{100 * est:.2f} [{100 * lo:.2f}, {100 * hi:.2f}]"
+
+
+def _kl_ci(cell: dict) -> str:
+    """KL(original ‖ model) in nats with the eval's 95% interval ('—' if not measured)."""
+    if cell.get("kl") is None:
+        return "—"
+    ci = cell.get("kl_ci95")
+    return f"{cell['kl']:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+
+
 def seeds_table(res: dict, model: str) -> list[str]:
     """Per seed and over seeds: each compressed method against FP32, the int8 ones also
     against int8 PTQ, paired on the same images."""
@@ -523,28 +574,30 @@ def seeds_table(res: dict, model: str) -> list[str]:
     comp = [m for m in dict.fromkeys(c["method"] for c in res["cells"]
                                      if c["model"] == model and c["kind"] == "compress")]
     out = ["| cell | seed | top-1 % [95%] | Δ vs FP32 (pp) [95%] | vs FP32 | "
-           "Δ vs int8 PTQ (pp) [95%] | vs int8 PTQ | agree % | convert (s) |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "Δ vs int8 PTQ (pp) [95%] | vs int8 PTQ | agree % [95%] | KL (nats) [95%] | "
+           "convert (s) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     if orig:
-        out.append(f"| `original` | — | {_top1_ci(orig)} | 0 (ref) | | | | | |")
+        out.append(f"| `original` | — | {_top1_ci(orig)} | 0 (ref) | | | | | | |")
     if ptq:
         d = diff(ptq, orig)
         out.append(f"| `int8-ptq` | — | {_top1_ci(ptq)} | {fmt_diff(d, True)} | {words(d)} "
-                   f"| 0 (ref) | | {_pct(ptq.get('agreement'))} | "
+                   f"| 0 (ref) | | {_agree_ci(ptq, orig)} | {_kl_ci(ptq)} | "
                    f"{_num(ptq.get('convert_wall_s'), 1, 0)} |")
     for m in comp:
         int8 = any("--activation-bits" in a for a in res["methods"].get(m, {}).get("args", []))
         for c in _seed_cells(res, model, m):
             if c.get("status") != "ok":
                 out.append(f"| `{m}` | {c.get('seed')} | {c.get('status')}: "
-                           f"{'; '.join(c.get('errors', []))[:120]} | | | | | | |")
+                           f"{'; '.join(c.get('errors', []))[:120]} | | | | | | | |")
                 continue
             d = diff(c, orig)
             dp = diff(c, ptq) if int8 and ptq else None
             out.append(f"| `{m}` | {c.get('seed')} | {_top1_ci(c)} | {fmt_diff(d, True)} | "
                        f"{words(d)} | {fmt_diff(dp, True) if dp else ''} | "
                        f"{words(dp, 'beats PTQ', 'below PTQ') if dp else ''} | "
-                       f"{_pct(c.get('agreement'))} | {_num(c.get('convert_wall_s'), 1, 0)} |")
+                       f"{_agree_ci(c, orig)} | {_kl_ci(c)} | "
+                       f"{_num(c.get('convert_wall_s'), 1, 0)} |")
     out += ["", "Over seeds (mean ± sample standard deviation, min..max); the seed-averaged "
             "difference is paired: per image, the fraction of seeds right minus the "
             "reference's bit, bootstrapped over images.", "",
@@ -706,7 +759,7 @@ def plot_model(res: dict, model: str, path: Path) -> Path | None:
 
 MARK = re.compile(r"<!-- generated:([\w.-]+) -->\n.*?<!-- /generated -->\n?", re.S)
 MARK_BODY = re.compile(r"<!-- generated:([\w.-]+) -->\n(.*?)\n<!-- /generated -->", re.S)
-OURS = re.compile(r"^(header|suite-[\w.-]+|ablation|readme-[\w.-]+)$")
+OURS = re.compile(r"^(header|suite-[\w.-]+|paired-[\w.-]+|ablation|readme-[\w.-]+)$")
 
 
 def block(name: str, text: str) -> str:
@@ -776,7 +829,123 @@ def render_blocks(latest: dict[str, dict], md_path: Path, plots_dir: Path,
     ablation = render_ablation(Path(results_dir or REPO / "bench" / "results"), md_dir)
     if ablation:
         blocks["ablation"] = ablation.strip()
+    for suite, path in latest_paired(Path(results_dir or REPO / "bench" / "results")).items():
+        blocks[f"paired-{suite}"] = paired_block(path, md_dir)
     return blocks, written
+
+
+# ------------------------------------------------------------------------ paired files
+#
+# bench/lite0.py (and bench/cifar_v3.py through it) write ``<stamp>-<suite>-paired.json``
+# next to their results file: the paired comparisons, which these blocks print.
+
+PAIRED = re.compile(r"^\d{8}T\d{6}Z-(?P<suite>[\w.]+(?:-[\w.]+)*?)-paired\.json$")
+
+
+def latest_paired(results_dir: Path) -> dict[str, Path]:
+    """The latest paired file of each suite (names start with a UTC timestamp)."""
+    out: dict[str, Path] = {}
+    for f in sorted(Path(results_dir).glob("*-paired.json")):
+        m = PAIRED.match(f.name)
+        if m:
+            out[m.group("suite")] = f
+    return out
+
+
+def _pts(v: float) -> str:
+    return f"{100 * v:+.2f}"
+
+
+def _measure_text(q: dict, key: str) -> str:
+    """Agreement or KL of one pair as a sentence part (or why it is missing)."""
+    r = q.get(key)
+    name = "agreement with the original" if key == "agreement" else "KL(original ‖ model)"
+    if not r:
+        return f"{name}: not in this paired file"
+    if "error" in r:
+        return f"{name}: {r['error']}"
+    scale, unit, dg = (100, "%", 2) if key == "agreement" else (1, " nats", 4)
+
+    def ci(c: list[float], sign: str = "") -> str:
+        return f"[{scale * c[0]:{sign}.{dg}f}, {scale * c[1]:{sign}.{dg}f}]"
+
+    if "diff" not in r:
+        src = f" ({r['source']})" if r.get("source") else ""
+        return f"{name} {scale * r['mean']:.{dg}f}{unit} {ci(r['ci95'])}{src}"
+    src = f"; {', '.join(r['source'])}" if r.get("source") else ""
+    return (f"{name} {scale * r['a']['mean']:.{dg}f}{unit} vs {scale * r['b']['mean']:.{dg}f}"
+            f"{unit}, difference {scale * r['diff']:+.{dg}f} {ci(r['ci95'], '+')}: "
+            f"{r['verdict']}{src}")
+
+
+def _cost_lines(res: dict) -> list[str]:
+    """Conversion and evaluation times per cell of a results file (one run, one machine:
+    single measurements, no interval; read them as that run's)."""
+    out = []
+    for c in res.get("cells", []):
+        ev = next((st.get("wall_s") for st in c.get("steps", []) if st.get("name") == "eval"),
+                  None)
+        ft = (c.get("compress_timings") or {}).get("finetune_s")
+        lat = ((c.get("latency") or {}).get("b1") or {}).get("ratio")
+        parts = []
+        if c.get("convert_wall_s") is not None:
+            parts.append(f"convert {c['convert_wall_s']:,.0f} s"
+                         + (f" ({ft:,.0f} s of it the fine-tune)" if ft else ""))
+        if ev is not None:
+            parts.append(f"eval {ev:,.0f} s")
+        if lat is not None:
+            parts.append(f"onnxruntime batch-1 latency ×{lat:.2f} of the original's")
+        if c.get("status") != "ok":
+            parts.append(f"{c.get('status')}: {'; '.join(c.get('errors', []))[:160]}")
+        if parts:
+            out.append(f"`{c['method']}` " + ", ".join(parts))
+    return out
+
+
+def paired_block(path: Path, md_dir: Path) -> str:
+    """A paired file as sentences: each comparison's top-1 difference with its interval,
+    McNemar's p and verdict, then agreement and KL where the cells carried them, then the
+    run's times from its results file."""
+    doc = json.loads(Path(path).read_text())
+    rel = os.path.relpath(path, md_dir)
+    res_path = Path(path).with_name(doc.get("results", ""))
+    cmd = doc.get("run_command") or doc.get("command")
+    lines = [f"### Paired comparisons, `{doc.get('results')}`", "",
+             f"Generated from `{rel}` (written by `{doc.get('command')}`"
+             + (f"; the run: `{cmd}`" if cmd != doc.get("command") else "") + "): "
+             "A − B on the same images, top-1 difference in points with its paired "
+             "bootstrap 95% interval and McNemar's exact p; agreement with the original and "
+             "KL(original ‖ model) with their intervals where the cells stored them per "
+             "image (agreement \"from the predictions\": each cell's stored predictions "
+             "against the original cell's)."]
+    pw = doc.get("pair_with")
+    if pw:
+        lines += ["", f"Cells taken from `{pw.get('results')}` (same model, images and "
+                  f"settings): {', '.join(pw.get('methods') or []) or 'none'}"
+                  + (f"; refused: {pw['refused']}" if pw.get("refused") else "") + "."]
+    elif doc.get("cells_from"):  # files written before the settings check
+        lines += ["", "Cells taken from earlier results files (same images checked per "
+                  "pair): " + ", ".join(f"`{m}` from `{f}`"
+                                        for m, f in doc["cells_from"].items()) + "."]
+    lines.append("")
+    for q in doc.get("pairs", []):
+        head = f"- `{q['a']}` − `{q['b']}`"
+        if "error" in q:
+            lines.append(f"{head}: not compared ({q['error']}).")
+            continue
+        lines.append(f"{head}, {q['n']} images: top-1 {100 * q['top1_a']:.2f} vs "
+                     f"{100 * q['top1_b']:.2f}, difference {_pts(q['diff'])} "
+                     f"[{_pts(q['ci95'][0])}, {_pts(q['ci95'][1])}], p = {q['mcnemar_p']:.2g} "
+                     f"(only A right on {q['only_a']} images, only B on {q['only_b']}): "
+                     f"{q['verdict']}; {_measure_text(q, 'agreement')}; "
+                     f"{_measure_text(q, 'kl')}.")
+    if res_path.is_file():
+        costs = _cost_lines(json.loads(res_path.read_text()))
+        if costs:
+            lines += ["", f"Times recorded in `{os.path.relpath(res_path, md_dir)}` (one run "
+                      "each on the machine named in its section, no interval): "
+                      + "; ".join(costs) + "."]
+    return "\n".join(lines)
 
 
 COMPARED_SUITES = ("quick",)
@@ -802,9 +971,10 @@ def compare_previous(results_dir: Path, suite: str, md_dir: Path) -> list[str]:
 
 
 def render(latest: dict[str, dict], md_path: Path, plots_dir: Path,
-           results_dir: Path | None = None) -> tuple[str, list[Path]]:
+           results_dir: Path | None = None, write_plots: bool = True
+           ) -> tuple[str, list[Path]]:
     """The whole BENCHMARKS.md as this run would write it over ``md_path``."""
-    blocks, written = render_blocks(latest, md_path, plots_dir, results_dir)
+    blocks, written = render_blocks(latest, md_path, plots_dir, results_dir, write_plots)
     old = md_path.read_text() if md_path.is_file() else None
     return compose(old, blocks), written
 
@@ -817,11 +987,13 @@ def _write(path: Path, text: str) -> None:
 
 
 def write_benchmarks(results_dir: str | Path, md_path: str | Path = REPO / "BENCHMARKS.md",
-                     plots_dir: str | Path = REPO / "bench" / "plots") -> list[Path]:
-    """Regenerate BENCHMARKS.md's blocks (and its plots) from the latest results of each
-    suite and the ablation results files."""
+                     plots_dir: str | Path = REPO / "bench" / "plots",
+                     plots: bool = True) -> list[Path]:
+    """Regenerate BENCHMARKS.md's blocks (and its plots, unless ``plots`` is false) from
+    the latest results of each suite and the ablation results files."""
     md_path, plots_dir = Path(md_path), Path(plots_dir)
-    text, written = render(latest_per_suite(results_dir), md_path, plots_dir, Path(results_dir))
+    text, written = render(latest_per_suite(results_dir), md_path, plots_dir, Path(results_dir),
+                           plots)
     _write(md_path, text)
     return [md_path, *written]
 
@@ -829,14 +1001,177 @@ def write_benchmarks(results_dir: str | Path, md_path: str | Path = REPO / "BENC
 # ------------------------------------------------------------------------ README
 
 
-def readme_blocks(latest: dict[str, dict], readme: Path) -> dict[str, str]:
-    """The README's generated tables: the seeds headline and the int8 table."""
+def readme_blocks(latest: dict[str, dict], readme: Path,
+                  results_dir: Path | None = None) -> dict[str, str]:
+    """The README's generated tables and sentences: the seeds headline, the int8 table,
+    the fit-alone drops of earlier runs and the energy cap's cost in top-1."""
     rdir = readme.resolve().parent
+    rdir_results = Path(results_dir or REPO / "bench" / "results")
     none = "_Not measured yet: run `python -m bench.run --suite {}`._"
     return {"readme-seeds": readme_seeds(latest["seeds"], rdir) if "seeds" in latest
             else none.format("seeds"),
             "readme-int8": readme_int8(latest["int8"], rdir) if "int8" in latest
-            else none.format("int8")}
+            else none.format("int8"),
+            "readme-fit-drop": readme_fit_drop(latest, rdir_results, rdir),
+            "readme-energy-cap": readme_energy_cap(latest, rdir_results, rdir),
+            "readme-choices": readme_choices(rdir_results)}
+
+
+def _json_file(path: Path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _ft_rows(path: Path) -> tuple[dict, list[dict]]:
+    """(args, rows with their unpaired difference against the file's original) of a
+    bench/finetune_curve.py results file."""
+    d = _json_file(path) or {}
+    n, ref = d.get("n_eval"), d.get("top1_original")
+    rows = [dict(r, _d=unpaired(r["top1"], n, ref, n)) for r in d.get("rows", [])
+            if r.get("top1") is not None and n and ref is not None]
+    return d.get("args", {}), rows
+
+
+def readme_fit_drop(latest: dict[str, dict], results_dir: Path, rdir: Path) -> str:
+    """hybrid 0.536 − original in the full suite and in the library runs of
+    bench/finetune_curve.py on MobileNetV1-0.5-160 (2,000 calibration images), each with
+    its interval (unpaired: those files store no per-image results)."""
+    lines = []
+    full = latest.get("full")
+    if full:
+        parts = []
+        for case in full["models"]:
+            cells = _cells(full, case["key"])
+            d = diff(cells.get("hybrid-0.536"), cells.get("original"))
+            if d:
+                parts.append(f"{case.get('title', case['key'])} ({d['n']} eval, "
+                             f"{case.get('calib_size') or 'all'} calibration images, "
+                             f"`--steps {case.get('steps')}`) {fmt_diff(d)}, {words(d)}")
+        if parts:
+            lines.append(f"- the full suite, `hybrid-0.536` − `original` ({_src(full, rdir)}): "
+                         + "; ".join(parts) + ".")
+    at300 = []
+    for f in sorted(Path(results_dir).glob("finetune-v1-s*.json")):
+        args, rows = _ft_rows(f)
+        if not rows:
+            continue
+        at300 += [r for r in rows if r.get("steps") == 300]
+        lines.append(f"- `{os.path.relpath(f, rdir)}` (seed {args.get('seed')}, "
+                     f"{args.get('n')} calibration images, layer statistics from "
+                     f"{args.get('stats_images') or 'the default 256'} images): "
+                     + "; ".join(f"{r['steps']} steps {fmt_diff(r['_d'])}, {words(r['_d'])}"
+                                 for r in rows) + ".")
+    if at300:
+        ds = [100 * r["_d"]["d"] for r in at300]
+        lines.append(f"- at 300 fine-tune steps, over these {len(ds)} runs: mean "
+                     f"{np.mean(ds):+.2f} points, "
+                     f"from {min(ds):+.2f} to {max(ds):+.2f}.")
+    if not lines:
+        return "_No results files: run `python -m bench.run --suite full` and " \
+               "`python -m bench.finetune_curve`._"
+    return "\n".join(["Generated from the results files named (ᵘ: unpaired 95% intervals, "
+                      "those files predate per-image results; the library runs on 1,300 "
+                      "val images):", "",
+                      *lines])
+
+
+# (what is compared, A, B): A and B are (results file, finetune_curve row's steps) or
+# (results file, (model, method)) of a suite results file; each line A − B.
+README_CHOICES = [
+    ("fine-tune (300 steps) − fit alone, MobileNetV1-0.5-160, float",
+     ("finetune-v1-s0.json", 300), ("finetune-v1-s0.json", 0)),
+    ("int8, mean-shift correction before − after the activation quantizers, MobileNetV2",
+     ("finetune-v2-int8-shiftfirst.json", 76), ("finetune-v2-int8-qat.json", 76)),
+    ("int8, the same on MobileNetV1-0.5-160",
+     ("finetune-v1-int8-shiftfirst.json", 300), ("finetune-v1-int8-qat.json", 300)),
+    ("int8, quantizers in the fine-tune − float fine-tune then quantize, MobileNetV1-0.5-160",
+     ("finetune-v1-int8-qat.json", 300), ("finetune-v1-int8.json", 300)),
+    ("int8, the same on MobileNetV2 (the float-then-quantize cell is the int8 suite's)",
+     ("finetune-v2-int8-qat.json", 76),
+     ("20261129T112254Z-int8.json", ("v2", "hybrid-0.536-int8"))),
+]
+
+
+def _choice_side(results_dir: Path, name: str, sel) -> tuple[float, int, str] | None:
+    """(top-1, eval images, description) of one side of a README_CHOICES line."""
+    d = _json_file(Path(results_dir) / name)
+    if not d:
+        return None
+    if isinstance(sel, tuple):  # a suite results file's cell
+        c = next((c for c in d.get("cells", []) if (c.get("model"), c.get("method")) == sel
+                  and c.get("top1") is not None), None)
+        if c is None or not c.get("n_eval"):
+            return None
+        return c["top1"], int(c["n_eval"]), f"`{name}` {sel[0]}/{sel[1]}"
+    r = next((r for r in d.get("rows", []) if r.get("steps") == sel
+              and r.get("top1") is not None), None)
+    if r is None or not d.get("n_eval"):
+        return None
+    return r["top1"], int(d["n_eval"]), f"`{name}` {sel} steps"
+
+
+def readme_choices(results_dir: Path) -> str:
+    """The comparisons the README's method description cites, each A − B with its
+    unpaired interval (those files store no per-image results) and verdict."""
+    lines = []
+    for what, a, b in README_CHOICES:
+        sa, sb = _choice_side(results_dir, *a), _choice_side(results_dir, *b)
+        if sa is None or sb is None:
+            lines.append(f"- {what}: not in the results files")
+            continue
+        d = unpaired(sa[0], sa[1], sb[0], sb[1])
+        lines.append(f"- {what}: {100 * sa[0]:.2f} vs {100 * sb[0]:.2f}, {fmt_diff(d)}, "
+                     f"{words(d)}; {sa[2]} − {sb[2]}, {min(sa[1], sb[1])} val images.")
+    return "\n".join(["Generated from bench/results (ᵘ: unpaired 95% intervals, those files "
+                      "predate per-image results; each a single run, and the same images "
+                      "chose the setting and report it):", "", *lines])
+
+
+def readme_energy_cap(latest: dict[str, dict], results_dir: Path, rdir: Path) -> str:
+    """`--energy-budget 1` against the default int8 hybrid: arithmetic energy (the cost
+    model's, exact) and the top-1 difference with its interval, per model of the int8
+    suite, and in the library runs of bench/finetune_curve.py where both exist."""
+    lines = []
+    res = latest.get("int8")
+    if res:
+        parts = []
+        for case in res["models"]:
+            cells = _cells(res, case["key"])
+            cap, base = cells.get("hybrid-0.536-int8-e1"), cells.get("hybrid-0.536-int8")
+            ptq = cells.get("int8-ptq") or {}
+            if not cap or not base:
+                continue
+            d = diff(cap, base)
+            parts.append(f"{case.get('title', case['key'])}: energy "
+                         f"{_num(cap.get('energy_pj'), 1e6)} µJ with the cap, "
+                         f"{_num(base.get('energy_pj'), 1e6)} without, int8 PTQ "
+                         f"{_num(ptq.get('energy_pj'), 1e6)}; top-1 with − without "
+                         f"{fmt_diff(d)}, {words(d)}")
+        if parts:
+            lines.append(f"- int8 suite ({_src(res, rdir)}): " + "; ".join(parts) + ".")
+    cap_f = Path(results_dir) / "finetune-v1-int8-energy100.json"
+    base_f = Path(results_dir) / "finetune-v1-int8.json"
+    if cap_f.is_file() and base_f.is_file():
+        (ca, cr), (ba, br) = _ft_rows(cap_f), _ft_rows(base_f)
+        c300 = next((r for r in cr if r.get("steps") == 300), None)
+        b300 = next((r for r in br if r.get("steps") == 300), None)
+        n = (_json_file(cap_f) or {}).get("n_eval")
+        same = {k: ca.get(k) for k in ("model", "n", "seed", "budget")} == {
+            k: ba.get(k) for k in ("model", "n", "seed", "budget")}
+        if c300 and b300 and n and same:
+            d = unpaired(c300["top1"], n, b300["top1"], n)
+            lines.append(f"- `{os.path.relpath(cap_f, rdir)}` against "
+                         f"`{os.path.relpath(base_f, rdir)}` ({ca.get('n')} calibration "
+                         f"images, seed {ca.get('seed')}, 300 fine-tune steps, {n} val "
+                         f"images): energy {_num(c300.get('energy_pj'), 1e6)} vs "
+                         f"{_num(b300.get('energy_pj'), 1e6)} µJ; top-1 with − without "
+                         f"{fmt_diff(d)}, {words(d)}.")
+    if not lines:
+        return "_Not measured yet: run `python -m bench.run --suite int8`._"
+    return "\n".join(["Generated (ᵘ: unpaired 95% interval, the files predate per-image "
+                      "results):", "", *lines])
 
 
 def _src(res: dict, rdir: Path) -> str:
@@ -918,7 +1253,8 @@ def write_readme(results_dir: str | Path, readme: str | Path = REPO / "README.md
         return None
     old = readme.read_text()
     present = set(MARK.findall(old))
-    blocks = {k: v for k, v in readme_blocks(latest_per_suite(results_dir), readme).items()
+    blocks = {k: v for k, v in readme_blocks(latest_per_suite(results_dir), readme,
+                                             Path(results_dir)).items()
               if k in present}
     if not blocks:
         return None
@@ -938,8 +1274,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plots", type=Path, default=REPO / "bench" / "plots")
     p.add_argument("--readme", type=Path, default=REPO / "README.md",
                    help="README whose generated blocks to refresh")
+    p.add_argument("--no-plots", action="store_true",
+                   help="text only: leave the plots as they are (a text-only change)")
     a = p.parse_args(argv)
-    for path in write_benchmarks(a.results, a.markdown, a.plots):
+    for path in write_benchmarks(a.results, a.markdown, a.plots, plots=not a.no_plots):
         print(f"wrote {path}")
     if write_readme(a.results, a.readme):
         print(f"wrote {a.readme}")

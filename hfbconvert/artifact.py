@@ -186,8 +186,9 @@ class _Checker:
         self.source = source
         self.arch = "the architecture"
 
-    def bad(self, what: str) -> InputError:
-        return InputError(f"{self.source}: malformed compressed model ({what})")
+    def bad(self, what: str, **fields: str) -> InputError:
+        """``fields``: placeholders in ``what`` (:class:`.errors.HfbError`), kept for the CLI."""
+        return InputError(f"{self.source}: malformed compressed model ({what})", **fields)
 
     def int_in(self, x: Any, lo: int, hi: int, what: str) -> int:
         if type(x) is not int:
@@ -418,8 +419,9 @@ def _skeleton(info: ModelInfo, c: _Checker, skeleton: nn.Module | None) -> nn.Mo
         raise c.bad(f"model_info.config describes {n:,} weights (more than {MAX_ELEMENTS:,})")
     try:
         return build_model(info)
-    except InputError as exc:
-        raise c.bad(str(exc)) from None
+    except InputError as exc:  # its fields stay fields: the CLI renders them as flags
+        what, fields = exc.template_fields()
+        raise c.bad(what, **fields) from None
 
 
 def _check_site(model: nn.Module, name: str, spec: dict[str, Any], c: _Checker) -> None:

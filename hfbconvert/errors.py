@@ -12,6 +12,11 @@ def _plain(field: str) -> str:
     return field
 
 
+def _rebuild(cls: type[HfbError], args: tuple, kwargs: dict) -> HfbError:
+    """Unpickling: the error built again from its constructor's arguments."""
+    return cls(*args, **kwargs)
+
+
 class HfbError(Exception):
     """Base class; ``exit_code`` is what the CLI exits with, the message is one line.
 
@@ -24,6 +29,16 @@ class HfbError(Exception):
 
     exit_code = 2
 
+    def __new__(cls, *args: object, **kwargs: object) -> HfbError:
+        """Records the constructor's arguments, whatever the subclass's signature: the
+        message ``Exception`` keeps in ``args`` is the rendered one, which neither
+        ``HfbError`` (fields lost) nor ``ConfigError`` (four arguments) can be rebuilt
+        from, so pickling (multiprocessing sends a worker's error pickled; ``copy``)
+        would fail or drop fields."""
+        self = super().__new__(cls, *args)
+        self._ctor = (args, kwargs)
+        return self
+
     def __init__(self, message: str = "", /, **fields: str) -> None:
         self.template, self.fields = message, fields
         super().__init__(self.render(_plain) if fields else message)
@@ -34,6 +49,16 @@ class HfbError(Exception):
             return str(self)
         return _FIELD.sub(lambda m: name(self.fields[m[1]]) if m[1] in self.fields
                           else m[0], self.template)
+
+    def template_fields(self) -> tuple[str, dict[str, str]]:
+        """``(template, fields)`` such that ``HfbError(template, **fields)`` renders as
+        this error: for putting its message inside a longer one without losing the
+        fields (``HfbError(f"{p}: bad ({t})", **f)``)."""
+        return self.template, dict(self.fields)
+
+    def __reduce__(self) -> tuple:
+        args, kwargs = self._ctor
+        return _rebuild, (type(self), args, kwargs), self.__dict__
 
 
 class InputError(HfbError):
@@ -68,3 +93,9 @@ class ConfigError(InputError):
             if isinstance(self.value, float) else f" {self.value}"
         reason = self.reason.format(other=name(self.other)) if self.other else self.reason
         return f"{name(self.field)}{shown}: {reason}"
+
+    def template_fields(self) -> tuple[str, dict[str, str]]:
+        """Each field name as a placeholder (``{field0}``, ``{field1}``)."""
+        keys = {f: f"field{i}" for i, f in enumerate(dict.fromkeys(
+            f for f in (self.field, self.other) if f))}
+        return self.render(lambda f: "{" + keys[f] + "}"), {k: f for f, k in keys.items()}

@@ -28,6 +28,7 @@ from .metrics import (
     discordant,
     encode_bits,
     encode_classes,
+    encode_floats,
     mcnemar_exact,
     percentile_interval,
     verdict,
@@ -94,9 +95,7 @@ def evaluate_per_image(
                     rpred.append(ref.argmax(dim=1))
                     if y is not None:
                         rc1.append(rpred[-1] == y + label_offset)
-                    lp_ref = torch.log_softmax(ref.double(), dim=1)
-                    lp = torch.log_softmax(logits.double(), dim=1)
-                    kl.append((lp_ref.exp() * (lp_ref - lp)).sum(dim=1).clamp_min(0.0))
+                    kl.append(kl_per_image(ref, logits))
     finally:
         for m, was_training in modes:
             m.train(was_training)
@@ -106,6 +105,14 @@ def evaluate_per_image(
 
     return PerImage(pred=torch.cat(pred).numpy().astype(np.int64), correct=cat(c1),
                     correct5=cat(c5), ref_pred=cat(rpred), ref_correct=cat(rc1), kl=cat(kl))
+
+
+def kl_per_image(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(reference || model) of the softmaxes per image, nats, in float64 (the sum of
+    small differences of near-equal log-probabilities needs it)."""
+    lp_ref = torch.log_softmax(torch.as_tensor(ref_logits).double(), dim=1)
+    lp = torch.log_softmax(torch.as_tensor(logits).double(), dim=1)
+    return (lp_ref.exp() * (lp_ref - lp)).sum(dim=1).clamp_min(0.0)
 
 
 def summarize(r: PerImage, resamples: int = RESAMPLES, seed: int = 0) -> dict[str, Any]:
@@ -173,7 +180,9 @@ def compare_summary(r: PerImage, a: str, b: str, resamples: int = RESAMPLES,
 def per_image_record(r: PerImage, data: CalibData) -> dict[str, Any]:
     """Compact per-image results for results files: the images' fingerprint (so a later
     paired comparison can check it has the same images in the same order), correctness
-    bits as hex and predicted logit indices as base64 uint16."""
+    bits as hex and predicted logit indices as base64 uint16; with a reference also the
+    agreement bits (``agree_hex``) and KL(reference || model) as base64 float32
+    (``kl_b64``), so that two models' fidelity can be compared paired too."""
     from hfbconvert.calib.readers import chunks_of
 
     h = hashlib.sha256()  # streamed: the same digest as of the whole array's bytes
@@ -181,9 +190,15 @@ def per_image_record(r: PerImage, data: CalibData) -> dict[str, Any]:
         h.update(np.ascontiguousarray(c.numpy()).tobytes())
     if data.labels is not None:
         h.update(np.ascontiguousarray(data.labels.numpy().astype("<i8")).tobytes())
-    return {"n": r.n, "images_sha256": h.hexdigest(),
-            "correct_hex": None if r.correct is None else encode_bits(r.correct),
-            "pred_b64": encode_classes(r.pred)}
+    out: dict[str, Any] = {
+        "n": r.n, "images_sha256": h.hexdigest(),
+        "correct_hex": None if r.correct is None else encode_bits(r.correct),
+        "pred_b64": encode_classes(r.pred)}
+    if r.ref_pred is not None:
+        out["agree_hex"] = encode_bits(r.agree)
+    if r.kl is not None:
+        out["kl_b64"] = encode_floats(r.kl)
+    return out
 
 
 def evaluate(

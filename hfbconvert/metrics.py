@@ -131,15 +131,17 @@ def mcnemar_exact(b: int, c: int) -> float:
 
 
 def verdict(diff: float, lo: float, hi: float, better: str = "better than",
-            worse: str = "worse than") -> str:
+            worse: str = "worse than", *, scale: float = 100.0, unit: str = "points",
+            digits: int = 2) -> str:
     """The wording rule: "better"/"worse" only when the interval excludes zero, else
-    "within noise (±x)" with x the interval's half-width in points (the differences
-    this comparison cannot tell from zero)."""
+    "within noise (±x)" with x the interval's half-width (the differences this
+    comparison cannot tell from zero), in points for proportions (``scale`` 100) or in
+    ``unit`` for other measures (KL: ``scale=1, unit="nats", digits=4``)."""
     if lo > 0:
         return better
     if hi < 0:
         return worse
-    return f"within noise (±{50 * (hi - lo):.2f} points)"
+    return f"within noise (±{scale / 2 * (hi - lo):.{digits}f} {unit})"
 
 
 # ------------------------------------------------------------------------ compact vectors
@@ -173,3 +175,20 @@ def encode_classes(pred: np.ndarray) -> str:
 def decode_classes(text: str) -> np.ndarray:
     """Inverse of :func:`encode_classes` (int64)."""
     return np.frombuffer(base64.b64decode(text), dtype="<u2").astype(np.int64)
+
+
+def encode_floats(values: np.ndarray) -> str:
+    """Per-image real values (KL divergences) as base64 of little-endian float32: 1,300
+    images take 6,936 characters; float32 keeps 7 digits, far below any interval's width."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if v.size and not np.isfinite(v).all():
+        raise ValueError("non-finite value")
+    return base64.b64encode(v.astype("<f4").tobytes()).decode("ascii")
+
+
+def decode_floats(text: str, n: int) -> np.ndarray:
+    """Inverse of :func:`encode_floats` for ``n`` images (float64)."""
+    raw = base64.b64decode(text)
+    if len(raw) != 4 * n:
+        raise ValueError(f"{len(raw)} bytes do not hold {n} float32 values")
+    return np.frombuffer(raw, dtype="<f4").astype(np.float64)

@@ -245,40 +245,82 @@ def budget_plan(layers: list[PointwiseLayer], curves: dict[str, torch.Tensor],
     :func:`plan_options`; ``add_slack``: ADDs the cost model counts beyond what the plan
     predicts (measured after a fit), taken off the ADD cap.
 
-    Lagrangian relaxation (bisection on the MUL price, doubling cap prices), then a greedy
-    fill of the leftover MULs; ``bench/planner_exact.py`` compares it with the exact MILP.
-    Kept over one function body of 100+ lines' worth of helpers: the three phases share
-    ``opts`` and the caps."""
+    The exact MILP (:func:`exact_choice`); without it, the Lagrangian relaxation
+    (:func:`_relaxed_choice`) then a greedy fill of the leftover MULs (:func:`_greedy_fill`);
+    ``bench/planner_exact.py`` compares the two."""
     if not (0 < budget <= 1):
         raise ConfigError("budget", budget, "must be in (0, 1]")
-    limit = budget * original_muls - fixed_muls
     caps = plan_caps(layers, original_adds, max_add_increase, max_bytes, fixed_bytes,
                      max_energy_pj, fixed_energy_pj)
     caps[0] -= max(add_slack, 0.0)
+    lim = _Limits(budget, fixed_muls, original_muls, original_adds, max_add_increase,
+                  max_bytes, fixed_bytes, max_energy_pj, fixed_energy_pj, add_slack,
+                  limit=budget * original_muls - fixed_muls, caps=caps)
     opts = plan_options(layers, curves, energies, fragility, budgets, ratios, densities,
                         weight_bits=weight_bits, fp_bits=fp_bits, act_bits=act_bits,
                         energy_fn=energy_fn, density_scale=density_scale)
+    _refuse_unreachable(opts, lim)
+    limit = lim.limit
+    sel = exact_choice(opts, limit, caps)
+    if sel is None:  # no MILP solver (scipy missing) or no solution in its time limit
+        sel = _relaxed_choice(opts, limit, caps)
+        _refuse_unmet_caps(sel, lim, layers)
+        sel = _greedy_fill(opts, sel, limit, caps)
+    return _layer_plans(layers, sel, fragility)
+
+
+@dataclass(frozen=True)
+class _Limits:
+    """One planning call's MUL budget and caps: as the user set them (the refusals name
+    them) and what the planned layers may use of them (``limit`` MULs; ``caps``: ADDs,
+    bytes, pJ, each less the rest of the model's share, the ADDs less ``add_slack``)."""
+
+    budget: float
+    fixed_muls: int
+    original_muls: int
+    original_adds: int
+    max_add_increase: float
+    max_bytes: float | None
+    fixed_bytes: float
+    max_energy_pj: float | None
+    fixed_energy_pj: float
+    add_slack: float
+    limit: float
+    caps: list[float]
+
+    def user_cap(self, k: int) -> tuple[float | None, float, str]:
+        """``(as set, the part outside the plan, unit)`` of cap ``k`` (1 bytes, 2 energy)."""
+        if k == 1:
+            return self.max_bytes, self.fixed_bytes, "bytes"
+        return self.max_energy_pj, self.fixed_energy_pj, "pJ"
+
+
+def _refuse_unreachable(opts: list[list[_Opt]], lim: _Limits) -> None:
+    """Refuses a MUL budget, size or energy cap that even each layer's cheapest option
+    exceeds, naming the least it could be."""
     min_muls = sum(min(o.muls for o in lo) for lo in opts)
-    if min_muls > limit:
-        smallest = (min_muls + fixed_muls) / original_muls
+    if min_muls > lim.limit:
+        smallest = (min_muls + lim.fixed_muls) / lim.original_muls
         raise ConfigError(
-            "budget", budget, "unreachable: the smallest reachable budget is "
+            "budget", lim.budget, "unreachable: the smallest reachable budget is "
             f"{math.ceil(smallest * 1000) / 1000:.3f} (non-pointwise layers alone use "
-            f"{fixed_muls / original_muls:.3f} of the MULs)")
-    for k, (cap, fixed, unit) in ((1, (max_bytes, fixed_bytes, "bytes")),
-                                  (2, (max_energy_pj, fixed_energy_pj, "pJ"))):
+            f"{lim.fixed_muls / lim.original_muls:.3f} of the MULs)")
+    for k in (1, 2):
+        cap, fixed, unit = lim.user_cap(k)
         least = sum(min(o.use(k) for o in lo) for lo in opts)
-        if cap is not None and least > caps[k]:
+        if cap is not None and least > lim.caps[k]:
             raise ConfigError(
                 CAP_FIELDS[k], cap, f"the {CAP_NAMES[k]} ({cap:,.0f} {unit}) is unreachable: "
                 f"the smallest plan "
                 f"needs {least + fixed:,.0f} {unit} ({fixed:,.0f} of them in layers that "
                 f"are not planned)")
 
-    sel = exact_choice(opts, limit, caps)
-    if sel is not None:
-        return _layer_plans(layers, sel, fragility)
-    # no MILP solver (scipy missing) or no solution in its time limit: the relaxation
+
+def _relaxed_choice(opts: list[list[_Opt]], limit: float, caps: list[float]) -> list[_Opt]:
+    """Lagrangian relaxation: each layer's option minimizing λ·err plus priced MULs and
+    caps; the MUL price bisected to the budget, a cap's price doubled while the choice
+    exceeds it. The result may still exceed a cap (the caller refuses it) and leave MULs
+    unspent (the greedy fill spends them)."""
 
     def choose(price: float, prices: list[float]) -> list[_Opt]:
         return [min(lo, key=lambda o: o.werr + price * o.muls
@@ -298,35 +340,53 @@ def budget_plan(layers: list[PointwiseLayer], curves: dict[str, torch.Tensor],
                 hi_p = mid
         return choose(hi_p, prices)
 
-    def over(sel: list[_Opt]) -> list[bool]:
-        return [sum(o.use(k) for o in sel) > caps[k] for k in range(len(caps))]
-
     prices = [0.0] * len(caps)
     sel = solve(prices)
     for _ in range(200):  # raise the price of whichever cap is exceeded
-        exceeded = over(sel)
+        exceeded = _over(sel, caps)
         if not any(exceeded):
             break
         prices = [(p * 2 if p else 1e-12) if x else p for p, x in zip(prices, exceeded)]
         sel = solve(prices)
-    exceeded = over(sel)
-    if exceeded[0]:  # the ADD cap binds like the others (it was once let through silently)
-        fixed_adds = original_adds - sum(ly.pixels * ly.c_out * (ly.c_in - 1) for ly in layers)
-        need = (sum(o.adds for o in sel) + fixed_adds + max(add_slack, 0.0)) / original_adds
+    return sel
+
+
+def _over(sel: list[_Opt], caps: list[float]) -> list[bool]:
+    """Per cap: does the choice exceed it."""
+    return [sum(o.use(k) for o in sel) > caps[k] for k in range(len(caps))]
+
+
+def _refuse_unmet_caps(sel: list[_Opt], lim: _Limits, layers: list[PointwiseLayer]) -> None:
+    """Refuses the relaxation's choice when it exceeds a cap (the ADD cap binds like the
+    others: it was once let through silently), saying what the closest plan needs."""
+    exceeded = _over(sel, lim.caps)
+    if exceeded[0]:
+        fixed_adds = lim.original_adds - sum(ly.pixels * ly.c_out * (ly.c_in - 1)
+                                             for ly in layers)
+        need = (sum(o.adds for o in sel) + fixed_adds + max(lim.add_slack, 0.0)
+                ) / lim.original_adds
         raise ConfigError(
-            CAP_FIELDS[0], max_add_increase,
-            f"the {CAP_NAMES[0]} cannot be met together with {{other}} {budget:g} and the "
-            f"other caps: the closest plan needs {need:.3f}x the original ADDs; raise it or "
-            "{other}", other="budget")
+            CAP_FIELDS[0], lim.max_add_increase,
+            f"the {CAP_NAMES[0]} cannot be met together with {{other}} {lim.budget:g} and "
+            f"the other caps: the closest plan needs {need:.3f}x the original ADDs; raise it "
+            "or {other}", other="budget")
     if exceeded[1] or exceeded[2]:
         k = 1 if exceeded[1] else 2
+        cap, fixed, unit = lim.user_cap(k)
         raise ConfigError(
-            CAP_FIELDS[k], (max_bytes, max_energy_pj)[k - 1],
-            f"the {CAP_NAMES[k]} cannot be met together with {{other}} {budget:g} and the "
+            CAP_FIELDS[k], cap,
+            f"the {CAP_NAMES[k]} cannot be met together with {{other}} {lim.budget:g} and the "
             f"other caps: the closest plan needs "
-            f"{sum(o.use(k) for o in sel) + (fixed_bytes, fixed_energy_pj)[k - 1]:,.0f} "
-            f"{('bytes', 'pJ')[k - 1]}; raise it or {{other}}", other="budget")
-    # greedy fill: spend leftover MULs on the best error reduction per MUL
+            f"{sum(o.use(k) for o in sel) + fixed:,.0f} "
+            f"{unit}; raise it or {{other}}", other="budget")
+
+
+def _greedy_fill(opts: list[list[_Opt]], sel: list[_Opt], limit: float,
+                 caps: list[float]) -> list[_Opt]:
+    """Spend the MULs the choice leaves under ``limit``: repeatedly take the one option
+    change with the best error reduction per MUL that keeps every cap (a change that
+    also saves MULs first)."""
+    sel = list(sel)
     used = sum(o.muls for o in sel)
     improved = True
     while improved:
@@ -350,7 +410,7 @@ def budget_plan(layers: list[PointwiseLayer], curves: dict[str, torch.Tensor],
             used += o.muls - sel[i].muls
             sel[i] = o
             improved = True
-    return _layer_plans(layers, sel, fragility)
+    return sel
 
 
 def _layer_plans(layers: list[PointwiseLayer], sel: list[_Opt],

@@ -155,6 +155,29 @@ def retrain(student: nn.Module, info: ModelInfo, meta: dict[str, Any], teacher: 
             source: str = "compressed model") -> tuple[nn.Module, dict[str, Any], FinetuneLog]:
     """Fine-tune a copy of ``student`` (a loaded artifact's deploy-form model); returns
     (deploy-form model, new metadata, log). ``student`` and ``teacher`` are left as given."""
+    _check_retrainable(meta, info, data, source)
+    run = _prepare(student, teacher, data, cfg, device, checkpoint_every)
+    evaluate = held_evaluator(run.teacher, run.held, info.label_offset)
+    progress.info(f"fine-tune: {len(run.train)} training images, {len(run.held)} held apart, "
+                  f"{cfg.epochs} epoch(s) = {run.ft.steps} steps of {cfg.batch_size}"
+                  + (", learning the ternary codes" if cfg.learn_codes else ""))
+    with progress.task("fine-tune", run.ft.steps) as bar:
+        log = finetune(run.model, run.teacher, run.train.images, run.train.labels,
+                       normalizer(run.train), run.ft, checkpoint, resume,
+                       label_offset=info.label_offset,
+                       on_step=lambda s, lo, ag: bar.advance(
+                           1, info=f"loss {lo:.4f} agree {ag:.2f}"),
+                       teacher_at=_teacher_at(meta), identity=run.identity, evaluate=evaluate)
+    if distributed.active() and not distributed.is_main():
+        return run.model, {"rank": distributed.rank()}, log  # rank 0 evaluates and writes
+    new = _retrained_meta(meta, info, cfg, run, log, evaluate, data.source)
+    _refresh_layer_errors(new, run.model, run.teacher, run.train, run.held, cfg.seed)
+    return run.model, new, log
+
+
+def _check_retrainable(meta: dict[str, Any], info: ModelInfo, data: CalibData,
+                       source: str) -> None:
+    """Refuses an int8 artifact, and data without labels or too small to hold some apart."""
     if meta.get("activation_bits", 32) == 8:
         raise InputError(f"{source}: has int8 activations; fine-tuning such an artifact is "
                          "not supported (fine-tune the float artifact, then compress with "
@@ -163,6 +186,28 @@ def retrain(student: nn.Module, info: ModelInfo, meta: dict[str, Any], teacher: 
     if len(data) < 10:
         raise InputError(f"{data.source or 'data'}: {len(data)} image(s); need at least 10 "
                          "(some are held apart for the curve and early stopping)")
+
+
+@dataclass
+class _Run:
+    """What one fine-tune works on: copies of the models (the caller's stay as given),
+    the seeded training / held-apart split, the schedule, and what the checkpoint must
+    match to be resumed (``identity``)."""
+
+    model: nn.Module
+    teacher: nn.Module
+    train: CalibData
+    held: CalibData
+    ft: FinetuneConfig
+    codes_before: dict[str, int]
+    identity: dict[str, Any]
+
+
+def _prepare(student: nn.Module, teacher: nn.Module, data: CalibData, cfg: RetrainConfig,
+             device: str, checkpoint_every: int) -> _Run:
+    """Split the data (at least ``MIN_HELD`` held apart when there are enough images),
+    derive the fine-tune schedule from the epochs, copy the models (codes unfrozen with
+    ``learn_codes``)."""
     count = max(1, round(cfg.held_fraction * len(data)), min(MIN_HELD, len(data) // 5))
     train, held = data.split(cfg.held_fraction, seed=cfg.seed, count=count)
     steps = steps_for(len(train), cfg.epochs, cfg.batch_size)
@@ -173,7 +218,6 @@ def retrain(student: nn.Module, info: ModelInfo, meta: dict[str, Any], teacher: 
                         seed=cfg.seed, checkpoint_every=checkpoint_every,
                         eval_every=cfg.eval_every, patience=cfg.patience, device=device)
     model = copy.deepcopy(student).eval()
-    teacher = copy.deepcopy(teacher).eval()
     codes_before = code_counts(model)
     identity = {"command": "finetune", "epochs": cfg.epochs, "learn_codes": cfg.learn_codes,
                 "held_fraction": cfg.held_fraction,
@@ -182,18 +226,16 @@ def retrain(student: nn.Module, info: ModelInfo, meta: dict[str, Any], teacher: 
                                             ("labels", held.labels)])}
     if cfg.learn_codes:
         unfreeze_codes(model)
-    evaluate = held_evaluator(teacher, held, info.label_offset)
-    progress.info(f"fine-tune: {len(train)} training images, {len(held)} held apart, "
-                  f"{cfg.epochs} epoch(s) = {steps} steps of {cfg.batch_size}"
-                  + (", learning the ternary codes" if cfg.learn_codes else ""))
-    with progress.task("fine-tune", steps) as bar:
-        log = finetune(model, teacher, train.images, train.labels, normalizer(train), ft,
-                       checkpoint, resume, label_offset=info.label_offset,
-                       on_step=lambda s, lo, ag: bar.advance(
-                           1, info=f"loss {lo:.4f} agree {ag:.2f}"),
-                       teacher_at=_teacher_at(meta), identity=identity, evaluate=evaluate)
-    if distributed.active() and not distributed.is_main():
-        return model, {"rank": distributed.rank()}, log  # rank 0 evaluates and writes
+    return _Run(model, copy.deepcopy(teacher).eval(), train, held, ft, codes_before, identity)
+
+
+def _retrained_meta(meta: dict[str, Any], info: ModelInfo, cfg: RetrainConfig, run: _Run,
+                    log: FinetuneLog, evaluate: Callable[[nn.Module], tuple[float, ...]],
+                    data_source: str) -> dict[str, Any]:
+    """The artifact's metadata after the fine-tune: the trained weights rounded back to
+    the artifact's weight bits (in ``run.model``), then the curve, the final held-apart
+    figures and the cost of what ships."""
+    model, train, held = run.model, run.train, run.held
     bits = int(meta.get("weight_bits", 32))
     new = copy.deepcopy(meta)
     if bits < 32:  # the trained weights back at the artifact's storage precision
@@ -202,14 +244,14 @@ def retrain(student: nn.Module, info: ModelInfo, meta: dict[str, Any], teacher: 
     curve = {"steps": list(log.eval_steps), "held_kl": list(log.held_kl),
              "held_agreement": list(log.held_agreement), "held_top1": list(log.held_top1)}
     new["finetune_curve"] = {
-        **curve, "epochs": cfg.epochs, "steps_planned": steps,
+        **curve, "epochs": cfg.epochs, "steps_planned": run.ft.steps,
         "steps_run": len(log.steps), "best_step": log.best_step,
         "stopped_early_at": log.stopped_early_at, "learn_codes": cfg.learn_codes,
-        "train_images": len(train), "held_images": len(held), "data": data.source,
-        "config": {k: v for k, v in ft.to_dict().items()
+        "train_images": len(train), "held_images": len(held), "data": data_source,
+        "config": {k: v for k, v in run.ft.to_dict().items()
                    if k not in ("device", "checkpoint_every")},
         "final": {"held_kl": final[0], "held_agreement": final[1], "held_top1": final[2]},
-        "codes_before": codes_before, "codes_after": code_counts(model),
+        "codes_before": run.codes_before, "codes_after": code_counts(model),
         "world_size": log.world_size}
     new["stages"] = [*(meta.get("stages") or []),
                      {"stage": f"finetune_cmd_{len(log.steps)}", "agreement": final[1]}]
@@ -219,8 +261,7 @@ def retrain(student: nn.Module, info: ModelInfo, meta: dict[str, Any], teacher: 
     new["final_agreement_interval"] = {"n": n_held, "agree": k,
                                        "ci95": list(wilson_interval(k, n_held))}
     new["cost"] = model_cost(model, info.resolution).to_dict()
-    _refresh_layer_errors(new, model, teacher, train, held, cfg.seed)
-    return model, new, log
+    return new
 
 
 def _refresh_layer_errors(meta: dict[str, Any], model: nn.Module, teacher: nn.Module,

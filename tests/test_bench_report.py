@@ -289,3 +289,49 @@ def test_int8_order_rows_are_paired_against_the_default_order(tmp_path: Path) ->
     assert [c.strip() for c in wsa.split("|")][9:11] == ["", ""]
     assert [c.strip() for c in next(ln for ln in lines if "int8-order-old" in ln).split("|")][
         9:11] == ["", ""]
+
+
+def test_a_file_from_before_the_split_records_merges_only_on_the_same_images() -> None:
+    """A Lite0 run of the int8 cells alone completes the older file (no split, no list
+    recorded) only when the per-image fingerprints say the images are the same."""
+    bits = encode_bits(np.ones(8, bool))
+
+    def cell(method: str, sha: str) -> dict:
+        return {"model": "m", "method": method, "status": "ok", "top1": 1.0,
+                "per_image": {"n": 8, "images_sha256": sha, "correct_hex": bits}}
+
+    case = {"key": "m", "model": "w.pth", "eval_data": "val", "steps": "auto"}
+    old = {"_path": "old.json", "settings": {}, "models": [dict(case)],
+           "methods": {}, "cells": [cell("original", "s"), cell("hybrid-0.536", "s")]}
+    new = {"_path": "new.json", "settings": {"split": "eval"},
+           "models": [dict(case, splits={"evaluation": {"list_sha256": "L"}})],
+           "methods": {}, "cells": [cell("original", "s"), cell("hybrid-0.536-int8", "s")]}
+    merged = report.merge_results([old, new])
+    assert [c["method"] for c in merged["cells"]] == ["original", "hybrid-0.536",
+                                                      "hybrid-0.536-int8"]
+    other = {**new, "cells": [cell("original", "t"), cell("hybrid-0.536-int8", "t")]}
+    assert report.merge_results([old, other]) is other
+    tuned = {**new, "settings": {"split": "tune"}}
+    assert report.merge_results([old, tuned]) is tuned
+
+
+def test_agreement_bits_stored_or_from_the_predictions() -> None:
+    """The seeds table's agreement interval: stored bits first, else the cell's
+    predictions against the original's on the same images; nothing across other images."""
+    from hfbconvert.metrics import encode_classes
+
+    o = np.arange(40) % 7
+    h = o.copy()
+    h[:4] = 9
+    orig = {"per_image": {"n": 40, "images_sha256": "s", "pred_b64": encode_classes(o)}}
+    cell = {"agreement": 0.9, "per_image": {"n": 40, "images_sha256": "s",
+                                            "pred_b64": encode_classes(h)}}
+    assert report.agree_bits(cell, orig).mean() == pytest.approx(0.9)
+    stored = dict(cell, per_image=dict(cell["per_image"], agree_hex=encode_bits(
+        np.ones(40, bool))))
+    assert report.agree_bits(stored, orig).all()
+    other = dict(cell, per_image=dict(cell["per_image"], images_sha256="t"))
+    assert report.agree_bits(other, orig) is None
+    assert report._agree_ci(other, orig) == "90.00"  # the recorded figure, no interval
+    lo, hi = (float(x) for x in report._agree_ci(cell, orig).split("[")[1][:-1].split(","))
+    assert lo < 90.0 < hi

@@ -118,6 +118,22 @@ def test_per_image_record_decodes_to_the_top1(models) -> None:
     assert ((decode_classes(p["pred_b64"]) == labels) == bits).all()
 
 
+def test_per_image_record_carries_agreement_and_kl_with_a_reference(models) -> None:
+    """With a reference, the record's agreement bits and per-image KL decode to the
+    reported agreement and mean KL (what the paired fidelity intervals are built from)."""
+    from hfbconvert.metrics import decode_floats
+
+    res = _json(models["b"], "--data", models["npz"], "--original", models["a"],
+                "--per-image")
+    validate(res, "eval.json")
+    p = res["per_image"]
+    assert decode_bits(p["agree_hex"], p["n"]).mean() == pytest.approx(res["agreement"])
+    kl = decode_floats(p["kl_b64"], p["n"])
+    assert (kl >= 0).all() and kl.mean() == pytest.approx(res["kl"], rel=1e-5)
+    plain = _json(models["a"], "--data", models["npz"], "--per-image")["per_image"]
+    assert "agree_hex" not in plain and "kl_b64" not in plain  # no reference, no fidelity
+
+
 def test_compare_agrees_with_the_single_evaluations(models) -> None:
     res = _json("--compare", models["a"], models["b"], "--data", models["npz"])
     validate(res, "eval-compare.json")
@@ -216,6 +232,10 @@ def test_bench_per_image_record_matches_the_cli(models) -> None:
     with torch.no_grad():
         logits = torch.cat([net.eval()(x) for x, _ in data.batches(16)]).numpy()
     assert per_image_from_logits(logits, data, info.label_offset) == cli
+    # against a reference: the same agreement bits and KL as `eval --original`
+    ref = _json(models["a"], "--data", models["npz"], "--per-image", "--original",
+                models["a"])["per_image"]
+    assert per_image_from_logits(logits, data, info.label_offset, logits) == ref
 
 
 def _cell(bits: np.ndarray | None, sha: str = "x" * 64) -> dict:
@@ -241,8 +261,15 @@ def test_bench_compare_pairs_cells_with_per_image_results() -> None:
     assert line.endswith("new better than old")
     same = paired_line(_cell(old), _cell(old))
     assert "+0.00pp" in same and same.endswith("within noise (±0.00 points)")
-    assert "different evaluation images" in paired_line(_cell(old), _cell(new, "y" * 64))
-    assert "the old file" in paired_line(_cell(None), _cell(new))
+    other = paired_line(_cell(old), _cell(new, "y" * 64))
+    assert "different evaluation images" in other
+    # unpaired, the same +3.08 is wider and gets its interval and verdict all the same
+    lo, hi = (float(v) for v in re.search(r"\[([+-][\d.]+), ([+-][\d.]+)\]ᵘ", other).groups())
+    assert "unpaired new - old +3.08pp [" in other and lo < 3.08 < hi and hi - lo > 4
+    bare = _cell(old)
+    bare.pop("per_image")
+    unp = paired_line(bare, _cell(new))
+    assert "the old file" in unp and "]ᵘ: " in unp
     lines = paired_section({"cells": [_cell(old)]}, {"cells": [_cell(new)]})
     i = next(i for i, ln in enumerate(lines) if ln.startswith("m ") and " -> " in ln)
     assert f"{100 * old.mean():.2f} [" in lines[i] and lines[i + 1].endswith("than old")

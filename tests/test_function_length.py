@@ -15,11 +15,6 @@ REASON = "Long because:"
 # (file relative to hfbconvert/, qualified name) -> why it is still long
 ALLOWED = {
     # not split yet (the next refactor's list; each entry must still be long, see below)
-    ("calib/readers.py", "load_images"): "not split yet: source kinds x cache x decode",
-    ("calib/readers.py", "_list_folder"): "not split yet: walk, filter, label inference",
-    ("calib/readers.py", "_load_npz"): "not split yet: streamed zip member reader",
-    ("retrain.py", "retrain"): "not split yet: load, data, finetune, re-measure, write",
-    ("plan.py", "budget_plan"): "not split yet: the heuristic planner's greedy loop",
     ("pipeline.py", "make_plan"): "not split yet: plan source x energy model x caps",
     ("pipeline.py", "compress"): "not split yet: stage list x ranks x timings",
     ("stages.py", "add_cap"): "not split yet: count, re-plan, refit rounds",

@@ -16,9 +16,11 @@ from hfbconvert.metrics import (
     bootstrap_means,
     decode_bits,
     decode_classes,
+    decode_floats,
     discordant,
     encode_bits,
     encode_classes,
+    encode_floats,
     mcnemar_exact,
     paired_difference_interval,
     percentile_interval,
@@ -183,3 +185,59 @@ def test_encoders_refuse_what_they_cannot_hold() -> None:
         encode_classes(np.array([70000]))
     with pytest.raises(ValueError):
         decode_bits("ff", 9)
+
+
+def _plain_paired_interval(a: np.ndarray, b: np.ndarray, resamples: int,
+                           seed: int) -> tuple[float, tuple[float, float]]:
+    """The textbook paired percentile bootstrap, one resample at a time, with the same
+    random draws as bootstrap_means (one (resamples, n) block of row indices)."""
+    n = a.size
+    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    means = sorted(sum(a[i] - b[i] for i in row) / n for row in idx.tolist())
+    est = sum(a[i] - b[i] for i in range(n)) / n
+    lo = float(np.quantile(means, 0.025))
+    hi = float(np.quantile(means, 0.975))
+    return est, (min(lo, est), max(hi, est))
+
+
+def test_paired_kl_interval_matches_the_plain_bootstrap() -> None:
+    """Per-image KL of two models against one original (real-valued, skewed): the paired
+    interval is the plain resample-by-resample bootstrap of the per-image differences."""
+    rng = np.random.default_rng(7)
+    base = rng.gamma(0.5, 0.02, size=120)
+    kl_a = base * rng.uniform(0.6, 1.0, size=120)
+    kl_b = base * rng.uniform(0.9, 1.4, size=120)
+    d, (lo, hi) = paired_difference_interval(kl_a, kl_b, resamples=400, seed=3)
+    pd, (plo, phi) = _plain_paired_interval(kl_a, kl_b, 400, 3)
+    assert d == pytest.approx(pd, rel=1e-12)
+    assert (lo, hi) == (pytest.approx(plo, rel=1e-9), pytest.approx(phi, rel=1e-9))
+    assert hi < 0  # A is closer to the original on these images, and it shows
+    assert verdict(d, lo, hi, "higher", "lower", scale=1, unit="nats",
+                   digits=4) == "lower"
+
+
+def test_paired_agreement_interval_matches_the_plain_bootstrap() -> None:
+    rng = np.random.default_rng(11)
+    a = rng.random(90) < 0.95
+    b = rng.random(90) < 0.9
+    d, (lo, hi) = paired_difference_interval(a, b, resamples=300, seed=1)
+    pd, (plo, phi) = _plain_paired_interval(a.astype(float), b.astype(float), 300, 1)
+    assert d == pytest.approx(pd) and (lo, hi) == (pytest.approx(plo), pytest.approx(phi))
+
+
+def test_verdict_in_other_units() -> None:
+    assert verdict(0.001, -0.002, 0.004, scale=1, unit="nats",
+                   digits=4) == "within noise (±0.0030 nats)"
+
+
+@given(st.lists(st.floats(0, 10, width=32), max_size=200))
+def test_floats_round_trip(values: list[float]) -> None:
+    arr = np.array(values, dtype=np.float64)
+    assert decode_floats(encode_floats(arr), arr.size).tolist() == values
+
+
+def test_float_encoder_refuses_nan_and_bad_lengths() -> None:
+    with pytest.raises(ValueError):
+        encode_floats(np.array([0.1, float("nan")]))
+    with pytest.raises(ValueError):
+        decode_floats(encode_floats(np.zeros(3)), 4)

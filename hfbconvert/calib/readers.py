@@ -334,19 +334,41 @@ def load_images(
         raise InputError(f"{p}: expected a folder of images (or class sub-folders) or an .npz")
 
     files, folder_labels, names = _list_folder(p, classes_file, classes, classes_origin)
-    if size is not None and size < len(files):
-        keep = np.sort(np.random.default_rng(seed).permutation(len(files))[:size])
-        files = [files[i] for i in keep]
-        if folder_labels is not None:
-            folder_labels = [folder_labels[i] for i in keep]
+    keep = _sample_index(len(files), size, seed)
+    files = [files[i] for i in keep]
+    if folder_labels is not None:
+        folder_labels = [folder_labels[i] for i in keep]
+    backing, ok, errors = _decoded(files, prep, cache, draft, workers, progress)
+    return _folder_data(p, prep, files, folder_labels, names, (backing, ok, errors),
+                        loader_workers)
 
+
+def _sample_index(n: int, size: int | None, seed: int) -> np.ndarray:
+    """Positions of the seeded random ``size`` of ``n`` items, in order (all of them when
+    ``size`` is None or not smaller): the same subset for a folder and an .npz."""
+    if size is not None and size < n:
+        return np.sort(np.random.default_rng(seed).permutation(n)[:size])
+    return np.arange(n)
+
+
+def _decoded(files: list[Path], prep: Preprocess, cache: bool, draft: bool, workers: int,
+             progress: Callable[[int, int], None] | None,
+             ) -> tuple[_Backing, np.ndarray, list[str]]:
+    """(records file, ok mask, errors) of ``files``: read from the decode cache when a
+    complete entry for these files and geometry exists, else decoded (and cached)."""
     key = _cache_key(files, prep, draft) if cache else None
     cached = _cache_read(key, len(files), prep.resolution) if key else None
     if cached is not None:
-        backing, ok, errors = cached
-    else:
-        backing, ok, errors = _decode_all(files, prep, draft, workers, progress, key)
+        return cached
+    return _decode_all(files, prep, draft, workers, progress, key)
 
+
+def _folder_data(p: Path, prep: Preprocess, files: list[Path], folder_labels: list[int] | None,
+                 names: list[str] | None, decoded: tuple[_Backing, np.ndarray, list[str]],
+                 loader_workers: int) -> CalibData:
+    """The images that decoded (a view of the records that skips the others) with their
+    files and labels; refuses a folder where none did."""
+    backing, ok, errors = decoded
     kept_files = [str(f) for f, good in zip(files, ok, strict=True) if good]
     if not kept_files:
         why = f" (e.g. {errors[0]})" if errors else ""
@@ -441,6 +463,21 @@ def _list_folder(
     classes_origin: str = "the model's class list",
 ) -> tuple[list[Path], list[int] | None, list[str] | None]:
     """Files (sorted), their labels (None for a flat folder) and the class names."""
+    per_class, seen_files = _class_folders(p)
+    if not per_class:  # flat folder
+        return _flat_images(p, seen_files), None, None
+    order, index = _class_order(p, per_class, classes_file, classes, classes_origin)
+    files: list[Path] = []
+    labels: list[int] = []
+    for name in sorted(per_class):
+        files += per_class[name]
+        labels += [_lookup(index, name)] * len(per_class[name])  # type: ignore[list-item]
+    return files, labels, order
+
+
+def _class_folders(p: Path) -> tuple[dict[str, list[Path]], set]:
+    """``(class folder name -> its images, the real files seen)`` for the sub-folders of
+    ``p`` that hold images (empty: ``p`` is a flat folder)."""
     try:
         subdirs = sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith("."))
     except PermissionError:
@@ -455,21 +492,32 @@ def _list_folder(
         seen_dirs.discard(did)
         per_class[d.name] = _images_under(d, seen_dirs, seen_files)
         seen_dirs.add(did)
-    per_class = {k: v for k, v in per_class.items() if v}
-    if not per_class:  # flat folder
-        files = []
-        for f in sorted(f for f in p.iterdir() if _is_image(f)):
-            fid = _file_id(f)
-            if fid is not None and fid not in seen_files:
-                seen_files.add(fid)
-                files.append(f)
-        if not files:
-            raise InputError(
-                f"{p}: no images found (looked for {', '.join(sorted(IMAGE_EXTS))}, "
-                "directly or in class sub-folders)"
-            )
-        return files, None, None
+    return {k: v for k, v in per_class.items() if v}, seen_files
 
+
+def _flat_images(p: Path, seen_files: set) -> list[Path]:
+    """The images directly in ``p`` (sorted, each real file once); refuses none."""
+    files = []
+    for f in sorted(f for f in p.iterdir() if _is_image(f)):
+        fid = _file_id(f)
+        if fid is not None and fid not in seen_files:
+            seen_files.add(fid)
+            files.append(f)
+    if not files:
+        raise InputError(
+            f"{p}: no images found (looked for {', '.join(sorted(IMAGE_EXTS))}, "
+            "directly or in class sub-folders)"
+        )
+    return files
+
+
+def _class_order(
+    p: Path, per_class: dict[str, list[Path]], classes_file: str | os.PathLike | None,
+    classes: Sequence[str] | None, classes_origin: str,
+) -> tuple[list[str], tuple[dict[str, int], dict[str, int]]]:
+    """Class names in label order and their lookup index: from ``classes_file``, else
+    ``classes`` (every folder must be one of them), else a ``synset_words.txt`` next to
+    or inside ``p`` that names every folder, else the sorted folder names."""
     order: list[str] | None = None
     index: tuple[dict[str, int], dict[str, int]] | None = None
     origin = ""
@@ -496,12 +544,7 @@ def _list_folder(
         order = sorted(per_class)
     if index is None:
         index = _class_index(order)
-    files: list[Path] = []
-    labels: list[int] = []
-    for name in sorted(per_class):
-        files += per_class[name]
-        labels += [_lookup(index, name)] * len(per_class[name])  # type: ignore[list-item]
-    return files, labels, order
+    return order, index
 
 
 def _class_index(order: Sequence[str]) -> tuple[dict[str, int], dict[str, int]]:
@@ -693,65 +736,12 @@ def _load_npz(
     except Exception as exc:
         raise InputError(f"{p}: not a readable .npz ({str(exc)[:100]})") from None
     with zf:
-        names = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
-        if "images" not in names:
-            raise InputError(f"{p}: .npz has no 'images' array (found: {', '.join(names)})")
-        try:
-            labels = None
-            if "labels" in names:
-                with zf.open("labels.npy") as f:
-                    labels = np.lib.format.read_array(f, allow_pickle=False)
-            member = zf.open("images.npy")
-            version = np.lib.format.read_magic(member)
-            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                           else np.lib.format.read_array_header_2_0)
-            shape, fortran, dtype = read_header(member, max_header_size=100_000)
-        except InputError:
-            raise
-        except Exception as exc:
-            raise InputError(f"{p}: not a readable .npz ({str(exc)[:100]})") from None
+        labels, member, (shape, fortran, dtype) = _npz_open(zf, p)
         with member:
-            if len(shape) != 4 or shape[-1] != 3 or dtype != np.uint8 or fortran:
-                raise InputError(
-                    f"{p}: 'images' must be uint8 of shape (N, H, W, 3), got "
-                    f"{dtype} {tuple(shape)}"
-                )
-            if shape[0] == 0:
-                raise InputError(f"{p}: 'images' is empty")
-            if labels is not None:
-                labels = np.asarray(labels).reshape(-1)
-                if labels.shape[0] != shape[0] or not np.issubdtype(labels.dtype, np.integer):
-                    raise InputError(
-                        f"{p}: 'labels' must be {shape[0]} integers, got "
-                        f"{labels.dtype} {tuple(labels.shape)}"
-                    )
-            idx = np.arange(shape[0])
-            if size is not None and size < len(idx):
-                idx = np.sort(np.random.default_rng(seed).permutation(len(idx))[:size])
-            want = set(idx.tolist())
-            rec_in = int(np.prod(shape[1:]))
-            res = prep.resolution
-            fh = _scratch_file()
-
-            def raw() -> Iterator[np.ndarray]:
-                for i in range(shape[0]):
-                    buf = member.read(rec_in)
-                    if len(buf) != rec_in:
-                        raise InputError(f"{p}: 'images' is truncated at image {i}")
-                    if i in want:
-                        yield np.frombuffer(buf, dtype=np.uint8).reshape(shape[1:])
-
-            def one(a: np.ndarray) -> np.ndarray:
-                return preprocess_image(Image.fromarray(a, "RGB"), prep)
-
-            with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-                it = raw()
-                while True:
-                    part = [a for _, a in zip(range(DECODE_CHUNK), it, strict=False)]
-                    if not part:
-                        break
-                    _write_records(fh, iter(pool.map(one, part)), 3 * res * res)
-            fh.flush()
+            labels = _npz_checked(p, shape, fortran, dtype, labels)
+            idx = _sample_index(shape[0], size, seed)
+            fh = _preprocess_npz(member, p, shape, idx, prep, workers)
+    res = prep.resolution
     backing = _Backing(fh, (len(idx), 3, res, res))
     return CalibData(
         images=ImageFile(backing),
@@ -763,6 +753,83 @@ def _load_npz(
         source=str(p),
         workers=loader_workers,
     )
+
+
+def _npz_open(zf: Any, p: Path) -> tuple[np.ndarray | None, Any, tuple[Any, bool, Any]]:
+    """``(labels or None, the open 'images' member positioned at its data, its .npy
+    header (shape, fortran order, dtype))``: the labels are read whole (one integer per
+    image), the images not yet."""
+    names = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+    if "images" not in names:
+        raise InputError(f"{p}: .npz has no 'images' array (found: {', '.join(names)})")
+    try:
+        labels = None
+        if "labels" in names:
+            with zf.open("labels.npy") as f:
+                labels = np.lib.format.read_array(f, allow_pickle=False)
+        member = zf.open("images.npy")
+        version = np.lib.format.read_magic(member)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        header = read_header(member, max_header_size=100_000)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"{p}: not a readable .npz ({str(exc)[:100]})") from None
+    return labels, member, header
+
+
+def _npz_checked(p: Path, shape: tuple[int, ...], fortran: bool, dtype: Any,
+                 labels: np.ndarray | None) -> np.ndarray | None:
+    """Refuses 'images' that are not a non-empty (N, H, W, 3) uint8 array in C order, and
+    'labels' that are not N integers; returns the labels flat."""
+    if len(shape) != 4 or shape[-1] != 3 or dtype != np.uint8 or fortran:
+        raise InputError(
+            f"{p}: 'images' must be uint8 of shape (N, H, W, 3), got "
+            f"{dtype} {tuple(shape)}"
+        )
+    if shape[0] == 0:
+        raise InputError(f"{p}: 'images' is empty")
+    if labels is not None:
+        labels = np.asarray(labels).reshape(-1)
+        if labels.shape[0] != shape[0] or not np.issubdtype(labels.dtype, np.integer):
+            raise InputError(
+                f"{p}: 'labels' must be {shape[0]} integers, got "
+                f"{labels.dtype} {tuple(labels.shape)}"
+            )
+    return labels
+
+
+def _preprocess_npz(member: Any, p: Path, shape: tuple[int, ...], idx: np.ndarray,
+                    prep: Preprocess, workers: int) -> Any:
+    """The images at ``idx`` (sorted) of the .npy data in ``member``, read one record at
+    a time and preprocessed ``DECODE_CHUNK`` at a time in a thread pool, as records in an
+    anonymous file (returned, flushed)."""
+    want = set(idx.tolist())
+    rec_in = int(np.prod(shape[1:]))
+    res = prep.resolution
+    fh = _scratch_file()
+
+    def raw() -> Iterator[np.ndarray]:
+        for i in range(shape[0]):
+            buf = member.read(rec_in)
+            if len(buf) != rec_in:
+                raise InputError(f"{p}: 'images' is truncated at image {i}")
+            if i in want:
+                yield np.frombuffer(buf, dtype=np.uint8).reshape(shape[1:])
+
+    def one(a: np.ndarray) -> np.ndarray:
+        return preprocess_image(Image.fromarray(a, "RGB"), prep)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        it = raw()
+        while True:
+            part = [a for _, a in zip(range(DECODE_CHUNK), it, strict=False)]
+            if not part:
+                break
+            _write_records(fh, iter(pool.map(one, part)), 3 * res * res)
+    fh.flush()
+    return fh
 
 
 # ------------------------------------------------------------------------------ cache
