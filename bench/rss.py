@@ -101,9 +101,11 @@ NOTE = ("Both checkouts stream the images from the decoded record file. *before*
         "batches checked (a tenth of the images, at least 200 where a fifth allows, at most "
         "512 checked); *after*: freed memory goes back to the OS after each batch and stage "
         "(`malloc_trim`, hfbconvert/memory.py) and the per-layer output comparison keeps one "
-        "network's outputs. What still differs between sizes after the change is the largest "
-        "held-apart batch: 51 images at 256 images, 64 from 320 images on (per stage: "
-        "`python -m bench.rss_stages`, bench/results/rss_stages.json).")
+        "network's outputs. From 256 to 1,024 images the largest held-apart batch grows from "
+        "51 to 64 images (64 from 320 images on); from 1,024 to 5,000 it stays 64, and what is "
+        "left of the difference is not attributed (per stage: `python -m bench.rss_stages`, "
+        "bench/results/rss_stages.json). Wall seconds are not comparable between rows: other "
+        "jobs shared the machine's 2 cores during the run.")
 
 
 def render(res: dict) -> str:
