@@ -14,10 +14,15 @@ run it under ``flock /tmp/hfb-heavy.lock``.
         --before /path/to/main --write-md
     python -m bench.rss --render-only
 
-Where the peak goes (after streaming; MobileNetV1-0.5-160, ru_maxrss wrapped around the
-stages, measured once on 2026-12-03): 256 images: model + statistics 657 MiB, first held
-agreement pass +314, output errors +120; 1,024 images: 685, +397, +242. The held-apart
-set (51 vs 204 images) drives the difference; it is capped at 512 checked images.
+Where the peak goes: ``python -m bench.rss_stages`` (per stage, bench/results/
+rss_stages.json). With images streamed, what still grew with the number of images was not
+an array sized by it but glibc keeping the heap memory each held-apart batch freed (bytes
+in use constant, free-but-resident heap 303 MiB after the first agreement pass): more
+images, more held-apart batches (a tenth of the images, at most 512 checked), a higher
+peak. Freed memory now goes back after each batch and stage (hfbconvert/memory.py); what
+differs between sizes is the largest held-apart batch, 51 images at 256 (one batch) and
+64 from 320 images on: peak of the final per-layer comparison 1,068 vs 1,240 MiB at 256 vs
+1,024 images (before: 1,203 vs 1,358).
 """
 
 from __future__ import annotations
@@ -90,6 +95,17 @@ def measure(code: Path, cache: Path, model: str, calib: str, size: int | None,
 
 
 START, END = "<!-- generated:rss -->", "<!-- /generated -->"
+# what the rows of a run of this version show (stored with them as "note")
+NOTE = ("Both checkouts stream the images from the decoded record file. *before*: glibc kept "
+        "the heap memory each held-apart batch freed, so the peak grew with the number of "
+        "batches checked (a tenth of the images, at least 200 where a fifth allows, at most "
+        "512 checked); *after*: freed memory goes back to the OS after each batch and stage "
+        "(`malloc_trim`, hfbconvert/memory.py) and the per-layer output comparison keeps one "
+        "network's outputs. From 256 to 1,024 images the largest held-apart batch grows from "
+        "51 to 64 images (64 from 320 images on); from 1,024 to 5,000 it stays 64, and what is "
+        "left of the difference is not attributed (per stage: `python -m bench.rss_stages`, "
+        "bench/results/rss_stages.json). Wall seconds are not comparable between rows: other "
+        "jobs shared the machine's 2 cores during the run.")
 
 
 def render(res: dict) -> str:
@@ -114,6 +130,9 @@ def render(res: dict) -> str:
     same = _same_bytes(res["rows"])
     if same:
         lines += ["", "Artifacts: " + same]
+    if res.get("note"):
+        lines += ["", res["note"]]
+        return "\n".join(lines) + "\n"
     lines += ["", "*before*: every decoded image held in memory (uint8), plus the split's "
               "copies and the held-apart images in float; *after*: images decoded once into "
               "a record file and streamed per batch, only bounded samples (statistics 256, "
@@ -197,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                                                           else sys.argv[1:]),
               "model": a.model, "calib": a.calib,
               "what": "peak RSS (ru_maxrss) of compress --steps 0, decode cache warm",
-              "rows": rows}
+              "note": NOTE, "rows": rows}
     out = Path(a.out)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")

@@ -218,16 +218,11 @@ DEFAULT_CALIB_CAP = 2048
 
 
 def _workers_opt(f):
-    """``--data-workers``: DataLoader processes reading decoded images (no parameter of
-    its own: it sets the readers' default for this command)."""
-    def set_workers(_ctx, _param, value: int) -> int:
-        from hfbconvert.calib import readers
-
-        readers.DEFAULT_LOADER_WORKERS = value
-        return value
-
-    return click.option("--data-workers", type=click.IntRange(0, 64), default=0,
-                        show_default=True, expose_value=False, callback=set_workers,
+    """``--data-workers`` (``data_workers``): DataLoader processes reading decoded images,
+    passed down with the data it reads (``CalibData.workers``), never a module default
+    (one command's setting must not leak into the next in the same process)."""
+    return click.option("--data-workers", "data_workers", type=click.IntRange(0, 64),
+                        default=0, show_default=True,
                         help="DataLoader worker processes reading the decoded images in "
                              "batches. 0 reads in the main process: the images are decoded "
                              "once into a file (cached) and read back cheaply, so on a "
@@ -315,10 +310,11 @@ def _check_source(artifact: str, meta: dict, source_model: str) -> None:
 
 
 def _load_calib(path: str | None, info, size: int | None, seed: int, resolution: int | None,
-                preset: str | None, net=None):
+                preset: str | None, net=None, workers: int = 0):
     """Calibration data for ``--calib``: real images, or ``synthetic[:N[:ITERATIONS]]``
     distilled from ``net``'s BatchNorm statistics (N defaults to --calib-size, else 256;
-    with an explicit N, --calib-size picks a seeded subset as it does for real images)."""
+    with an explicit N, --calib-size picks a seeded subset as it does for real images).
+    ``workers``: ``--data-workers`` of the images read from disk."""
     if path is None:
         return None, info
     from hfbconvert.calib.presets import apply_overrides, preset_for
@@ -341,7 +337,8 @@ def _load_calib(path: str | None, info, size: int | None, seed: int, resolution:
             data = data.subset(np.sort(np.random.default_rng(seed).permutation(n)[:size]))
         return data, info
     with progress.task("reading images", None):
-        data = load_images(path, prep, size=size or DEFAULT_CALIB_CAP, seed=seed)
+        data = load_images(path, prep, size=size or DEFAULT_CALIB_CAP, seed=seed,
+                           loader_workers=workers)
     if data.skipped:
         progress.warn(f"{path}: skipped {data.skipped} unreadable image(s)"
                       + (f", e.g. {data.skipped_examples[0]}" if data.skipped_examples else ""))
@@ -425,7 +422,7 @@ def main() -> None:
 @click.pass_context
 def analyze(ctx, model, arch, trust_pickle, calib, calib_size, resolution, preset, budgets,
             threshold, threshold_budget, stats_images, as_json, output, force, include,
-            exclude, layer_kinds, device, seed, quiet):
+            exclude, layer_kinds, device, seed, quiet, data_workers):
     """Rank every pointwise filter's sensitivity to ternary StrassenNets approximation.
 
     MODEL is a checkpoint path or builtin:mobilenet_v2."""
@@ -452,18 +449,19 @@ def analyze(ctx, model, arch, trust_pickle, calib, calib_size, resolution, prese
     with output_lock([output] if output else []):
         _analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, bud,
                  threshold, threshold_budget, stats_images, as_json, output, force,
-                 _device(device), seed, include, exclude, kinds)
+                 _device(device), seed, include, exclude, kinds, data_workers)
 
 
 def _analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, bud,
              threshold, threshold_budget, stats_images, as_json, output, force, device,
-             seed, include, exclude, kinds=None) -> None:
+             seed, include, exclude, kinds=None, data_workers: int = 0) -> None:
     from .analysis import analyze as run_analyze
     from .fileio import atomic_write_text
     from .report.terminal import print_analysis
 
     net, info = _load(model, arch, trust_pickle, resolution)
-    data, info = _load_calib(calib, info, calib_size, seed, resolution, preset, net)
+    data, info = _load_calib(calib, info, calib_size, seed, resolution, preset, net,
+                             data_workers)
     if data is None:
         progress.warn("no --calib data: weight-space sensitivity (Σ = I), not activation-aware")
     res = run_analyze(net, info, data, bud, stats_images, threshold, threshold_budget, seed,
@@ -599,7 +597,7 @@ def compress(ctx, model, arch, trust_pickle, calib, calib_size, resolution, pres
              eval_every, patience, lr, reconstruct, sequential, bias_correction, bn_adjust,
              min_agreement, resume,
              device, weight_bits, activation_bits, hidden_bits, as_json, include, exclude,
-             layer_kinds, seed, quiet):
+             layer_kinds, seed, quiet, data_workers):
     """Split pointwise layers into full-precision critical filters + ternary banks under a
     MUL budget (activation-aware fit), then fine-tune briefly by distillation.
 
@@ -634,7 +632,8 @@ def compress(ctx, model, arch, trust_pickle, calib, calib_size, resolution, pres
     # rank 0 alone holds the lock: it alone writes the output and the checkpoint
     with distributed.session(device), \
             output_lock([] if dry_run or not main_rank else [out]):
-        data, info = _load_calib(calib, info, calib_size, seed, resolution, preset, net)
+        data, info = _load_calib(calib, info, calib_size, seed, resolution, preset, net,
+                                 data_workers)
         if data is None:
             progress.warn("no --calib data: weight-space fit only, no reconstruction or "
                           "fine-tune")
@@ -925,7 +924,7 @@ def _versions() -> dict:
 def finetune_cmd(compressed, data_path, size, epochs, output, force, teacher, learn_codes,
                  batch_size, lr, latent_lr, label_weight, held_fraction, eval_every, patience,
                  checkpoint_every, resume, as_json, source_model, trust_pickle, device, seed,
-                 quiet):
+                 quiet, data_workers):
     """Fine-tune a compressed model further on labelled data: distillation from the
     original plus cross-entropy on the labels, optionally learning the ternary codes, with
     early stopping on a held-apart split; writes a new artifact whose report shows the
@@ -959,7 +958,7 @@ def finetune_cmd(compressed, data_path, size, epochs, output, force, teacher, le
     main_rank = distributed.is_main()
     ckpt = str(out) + ".ckpt"
     with distributed.session(device), output_lock([out] if main_rank else []):
-        data = _eval_data(compressed, info, data_path, size, seed)
+        data = _eval_data(compressed, info, data_path, size, seed, data_workers)
         t_run = time.perf_counter()
         model, new_meta, log = retrain(net, info, meta, ref, data, cfg, device=device,
                                        checkpoint=ckpt, checkpoint_every=checkpoint_every,
@@ -1207,11 +1206,13 @@ def _eval_load(path: str, arch: str | None, trust_pickle: bool, compressed_ok: b
     return (*_load(path, arch, trust_pickle, resolution, need_resolution), None)
 
 
-def _eval_data(model: str, info, data_path: str, size: int | None, seed: int):
+def _eval_data(model: str, info, data_path: str, size: int | None, seed: int,
+               workers: int = 0):
     """``--data`` with labels in the model's class order: class folders are matched to the
     model's class names, or to ImageNet wnids for an unnamed 1000-class model (an
     unmatched folder is an error); only a model with neither gets sorted folder order,
-    with a warning. An ``.npz``'s integer labels are used as they are."""
+    with a warning. An ``.npz``'s integer labels are used as they are. ``workers``:
+    ``--data-workers``, carried by the data (``CalibData.workers``)."""
     from hfbconvert.calib.imagenet import imagenet_wnids
     from hfbconvert.calib.presets import preset_for
     from hfbconvert.calib.readers import load_images
@@ -1225,7 +1226,8 @@ def _eval_data(model: str, info, data_path: str, size: int | None, seed: int):
         kw = {"classes": list(imagenet_wnids()),
               "classes_origin": f"the ImageNet class ids (wnids) of {model}'s 1000 classes"}
     with progress.task("reading images", None):
-        data = load_images(data_path, preset_for(info), size=size, seed=seed, **kw)
+        data = load_images(data_path, preset_for(info), size=size, seed=seed,
+                           loader_workers=workers, **kw)
     if data.skipped:
         progress.warn(f"{data_path}: skipped {data.skipped} unreadable image(s)"
                       + (f", e.g. {data.skipped_examples[0]}" if data.skipped_examples else ""))

@@ -40,6 +40,7 @@ from .fitting import PairStats, fit_layer
 from .handlers import hybrid_modules
 from .layers import PointwiseLayer, layer_bias, layer_weight, set_submodule
 from .meanshift import correction_sites, match_output_means
+from .memory import release_freed
 from .metrics import wilson_interval
 from .models.info import ModelInfo
 from .plan import LayerPlan, Plan
@@ -468,10 +469,12 @@ def planning_stages(cfg: Any, has_data: bool) -> list[Step]:
 
 
 def run(st: State, steps: list[Step]) -> State:
-    """Run ``steps`` in order, timing each under its key and logging its agreement."""
+    """Run ``steps`` in order, timing each under its key and logging its agreement; what a
+    stage freed goes back to the OS before the next (:mod:`hfbconvert.memory`)."""
     for step in steps:
         t = time.perf_counter()
         st = step.fn(st)
+        release_freed()
         if step.timing:
             st.timings[step.timing] = time.perf_counter() - t
         if step.logged:

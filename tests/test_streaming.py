@@ -174,6 +174,8 @@ def test_rss_section_is_rendered_from_the_results_file_and_spliced(tmp_path: Pat
     out = md.read_text()
     assert out.count(rss.START) == 1 and "611 (10 s)" in out and "610 (10 s)" not in out
     assert "<!-- generated:other -->\nkeep\n<!-- /generated -->" in out
+    noted = rss.render({**res, "note": "Only this note."})  # a run's own explanation
+    assert noted.rstrip().endswith("Only this note.") and "*before*: every" not in noted
 
 
 def test_digests_of_streamed_images_equal_in_memory_ones(tmp_path: Path) -> None:
@@ -194,3 +196,96 @@ def test_digests_of_streamed_images_equal_in_memory_ones(tmp_path: Path) -> None
         "images_sha256"]
     sub = disk.sample(9, seed=2)
     assert fingerprint([("x", sub.images)]) == fingerprint([("x", sub.images.tensor())])
+
+
+def test_data_workers_is_passed_down_not_left_in_a_module(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch):
+    """--data-workers reaches the data it reads (``CalibData.workers``) as an argument:
+    the next command in the same process reads with the default again (it once set a
+    module-level default that outlived the command)."""
+    from hfbconvert import cli
+
+    model = write_reference_checkpoint(tmp_path / "m.pt")
+    npz = write_npz(tmp_path / "c.npz", n=24)
+    seen: list[int] = []
+    monkeypatch.setattr(cli, "_compress", lambda net, info, data, *a, **k: seen.append(
+        data.workers))
+    for extra in (["--data-workers", "1"], []):
+        res = CliRunner().invoke(main, ["compress", str(model), "--calib", str(npz),
+                                        "-o", str(tmp_path / "o.hfb.pt"), *extra])
+        assert res.exit_code == 0, res.output
+    assert seen == [1, 0]
+    assert readers.DEFAULT_LOADER_WORKERS == 0
+
+
+def test_images_held_at_once_do_not_grow_with_the_number_of_images(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every normalized batch the pipeline makes is counted while it is alive: with 160 or
+    1,000 images (200 held apart, four check batches) at most two 64-image batches are
+    in memory at any time (the one in use and the next being read), never the held-apart
+    set or the calibration set: what grows with N is bookkeeping, not images."""
+    import weakref
+
+    live, peak = [0], [0]
+    real = readers.CalibData.normalize
+
+    def counted(self: readers.CalibData, x: torch.Tensor) -> torch.Tensor:
+        out = real(self, x)
+        k = out.shape[0]
+        live[0] += k
+        peak[0] = max(peak[0], live[0])
+        weakref.finalize(out, lambda: live.__setitem__(0, live[0] - k))
+        return out
+
+    monkeypatch.setattr(readers.CalibData, "normalize", counted)
+    # uniform plan (no planner solve): the stages that read images are the same
+    cfg = replace(_cfg(), budget=None, critical_fraction=0.5,
+                  finetune=FinetuneConfig(steps=0))
+    peaks, held = {}, {}
+    for n in (160, 1000):
+        peak[0] = 0
+        _, meta = compress(tiny_v1(), tiny_info(), _on_disk(tmp_path, n), cfg)
+        peaks[n], held[n] = peak[0], meta["calibration"]["held_images"]
+    assert held[1000] == 200 > 2 * 64  # the held-apart set alone is over three batches
+    assert 0 < peaks[160] <= 2 * 64 and 0 < peaks[1000] <= 2 * 64, peaks
+    assert live[0] == 0  # nothing kept after the run
+
+
+def test_output_errors_equal_comparing_both_networks_stored_outputs() -> None:
+    """output_errors compares each hybrid output as it is produced (only the original's
+    outputs are kept per batch): the same floats as storing both networks' outputs."""
+    from hfbconvert.pipeline import output_errors
+
+    torch.manual_seed(0)
+    model, hybrid = tiny_v1(0).eval(), tiny_v1(1).eval()
+    names = ["blocks.0.conv_pw", "blocks.3.conv_pw", "classifier"]
+    images = [torch.randn(5, 3, 32, 32), torch.randn(3, 3, 32, 32)]
+    acc = {n: [0.0, 0.0] for n in names}
+    with torch.no_grad():
+        for x in images:
+            outs = []
+            for net in (model, hybrid):
+                store: dict[str, torch.Tensor] = {}
+                hs = [net.get_submodule(n).register_forward_hook(
+                    lambda _m, _i, o, n=n, s=store: s.__setitem__(n, o.detach()))
+                    for n in names]
+                net(x)
+                for h in hs:
+                    h.remove()
+                outs.append(store)
+            for n in names:
+                acc[n][0] += float((outs[1][n] - outs[0][n]).pow(2).sum())
+                acc[n][1] += float(outs[0][n].pow(2).sum())
+    want = {n: a / b for n, (a, b) in acc.items()}
+    assert output_errors(model, hybrid, names, images) == want
+    assert all(v > 0 for v in want.values())
+
+
+def test_release_freed_finds_malloc_trim_on_glibc() -> None:
+    import platform
+
+    from hfbconvert.memory import release_freed
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("malloc_trim is glibc's; elsewhere release_freed is a no-op")
+    assert release_freed() is True

@@ -42,8 +42,8 @@ CACHE_VERSION = 2  # 2: raw record file + JSON index (1: one .npz, read whole)
 # this many times larger than what the geometry step needs; see _draft_request.
 # images decoded per round before they are written out: what the decode pass holds
 DECODE_CHUNK = 64
-# DataLoader workers of CalibData.batches when load_images is given none (the CLI's
-# --data-workers sets it)
+# DataLoader workers of CalibData.batches when load_images is given none; a constant (the
+# CLI's --data-workers is passed to load_images and carried by CalibData.workers)
 DEFAULT_LOADER_WORKERS = 0
 DRAFT_MARGIN = {"resize_then_crop": 1.0, "crop_then_resize": 2.0}
 
