@@ -144,7 +144,7 @@ def test_energy_budget_is_checked_on_the_fitted_model(monkeypatch, capsys) -> No
 
 
 def test_energy_gate_exits_1_only_for_an_enforced_miss(tmp_path) -> None:
-    from hfbconvert.cli import _energy_cap_gate
+    from hfbconvert.cli import _cap_gate as _energy_cap_gate
     from hfbconvert.errors import CheckFailed
 
     miss = {"energy_budget": 0.72, "energy_model": "constants", "fraction_used": 0.733,
@@ -156,6 +156,21 @@ def test_energy_gate_exits_1_only_for_an_enforced_miss(tmp_path) -> None:
     _energy_cap_gate({"energy_cap": {**miss, "met": True}}, tmp_path / "m.hfb.pt")
     _energy_cap_gate({"energy_cap": {**miss, "met": None}}, tmp_path / "m.hfb.pt")  # unpriced
     _energy_cap_gate({}, tmp_path / "m.hfb.pt")  # no --energy-budget
+
+
+def test_both_caps_missed_are_named_in_one_line(tmp_path) -> None:
+    from hfbconvert.cli import _cap_gate
+    from hfbconvert.errors import CheckFailed
+
+    energy = {"energy_budget": 0.72, "energy_model": "constants", "fraction_used": 0.733,
+              "met": False, "enforced": True}
+    adds = {"max_add_increase": 0.48, "ratio": 1.54, "met": False, "enforced": True,
+            "repair_rounds": 3}
+    with pytest.raises(CheckFailed) as exc:
+        _cap_gate({"energy_cap": energy, "add_cap": adds}, tmp_path / "m.hfb.pt")
+    msg = str(exc.value)
+    assert "\n" not in msg and "1.540x" in msg and "73.3%" in msg
+    assert "--max-add-increase 0.48" in msg and "--energy-budget 0.72" in msg
 
 
 # ---------------------------------------------------------------- 4. the plan line

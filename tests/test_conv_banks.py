@@ -294,7 +294,7 @@ def test_kxk_add_cap_holds_on_the_final_counted_adds(monkeypatch, capsys) -> Non
 
 
 def test_add_cap_gate_exits_1_only_for_an_enforced_miss(tmp_path) -> None:
-    from hfbconvert.cli import _add_cap_gate
+    from hfbconvert.cli import _cap_gate as _add_cap_gate
     from hfbconvert.errors import CheckFailed
 
     miss = {"max_add_increase": 0.48, "limit_adds": 148, "adds": 154, "ratio": 1.54,
