@@ -62,7 +62,8 @@ def render(res: dict) -> str:
              f"`{res['command']}` (results: `bench/results/ddp-wall.json`): "
              f"{res['steps']} fine-tune steps of global batch {res['batch']} on "
              f"MobileNetV1-0.5-160 ({res['calib_size']} calibration images), 2-core CPU "
-             "machine shared with other jobs.", "",
+             "machine" + (f", load average {res['load_avg_start'][0]:.2f} before the first run"
+                          if res.get("load_avg_start") else "") + ".", "",
              "| run | command wall (s) | fine-tune (s) | × 1 process, 1 thread | last loss |",
              "|---|---|---|---|---|"]
     for r in res["rows"]:
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             str(a.steps), "--batch-size", str(a.batch), "--eval-every", "0",
             "--min-agreement", "0", "-q"]
     rows = []
+    load = os.getloadavg()  # what else ran: the ratios mean little on a busy machine
     with tempfile.TemporaryDirectory() as d:
         for mode in ("1 process, 1 thread", "1 process, 2 threads",
                      "2 processes (gloo), 1 thread each"):
@@ -99,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(rows[-1]), flush=True)
     res = {"command": "python -m bench.ddp_wall " + " ".join(argv if argv is not None
                                                             else sys.argv[1:]),
-           "steps": a.steps, "batch": a.batch, "calib_size": a.calib_size, "rows": rows}
+           "steps": a.steps, "batch": a.batch, "calib_size": a.calib_size, "rows": rows,
+           "load_avg_start": [round(x, 2) for x in load]}
     Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {a.out}")
     if a.write_md:

@@ -169,7 +169,8 @@ def splice(md: Path, section: str, start: str = START, end: str = END) -> None:
     block = f"{start}\n{section.rstrip()}\n{end}\n"
     if start in text:
         head, rest = text.split(start, 1)
-        text = head + block + rest.split(end, 1)[1].lstrip("\n")
+        tail = rest.split(end, 1)[1].lstrip("\n")
+        text = head + block + ("\n" + tail if tail else "")  # the blank line after stays
     else:
         text = text.rstrip("\n") + "\n\n" + block
     atomic_write_text(md, text)
