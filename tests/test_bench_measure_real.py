@@ -118,3 +118,19 @@ def test_finetune_cmd_render_rows_and_shipped_step() -> None:
     assert "| 100 | 0.0050 | 95.00 | 81.00 |" in rows
     assert "the state after 100 steps (lowest held KL)" in md
     assert "+1.00 [-0.20, +2.20]" in md
+
+
+def test_ddp_wall_render_ratios_and_imagenet_arithmetic() -> None:
+    from bench.ddp_wall import render
+
+    rows = [{"mode": "1 process, 1 thread", "wall_s": 80.0, "finetune_s": 50.0, "last_loss": 1.0},
+            {"mode": "1 process, 2 threads", "wall_s": 50.0, "finetune_s": 25.0,
+             "last_loss": 1.001},
+            {"mode": "2 processes (gloo), 1 thread each", "wall_s": 60.0, "finetune_s": 30.0,
+             "last_loss": 0.998}]
+    md = render({"command": "python -m bench.ddp_wall", "steps": 40, "batch": 32,
+                 "calib_size": 256, "rows": rows})
+    assert "| 1 process, 2 threads | 50.0 | 25.0 | 0.50 | 1.001 |" in md
+    assert "at most 0.20% of the 1-process loss" in md
+    # 1,281,167 / 32 -> 40,037 steps at 25 s / 40 steps = 0.625 s: 6.95 h
+    assert "40,037 steps, 7.0 h" in md and "0.62 s per step" in md
