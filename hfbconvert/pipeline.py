@@ -13,7 +13,7 @@ import functools
 import math
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -539,9 +539,12 @@ def sensitivity_inputs(model: nn.Module, layers: list[PointwiseLayer],
 def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: CompressConfig,
              checkpoint: str | None = None, resume: bool = False,
              plan_override: dict | None = None, dry_run: bool = False,
+             after_stage: Callable[[str, State], None] | None = None,
              ) -> tuple[nn.Module | None, dict[str, Any]]:
     """Run the pipeline; returns (deploy-form hybrid model, metadata). ``dry_run`` stops
-    after planning and returns (None, metadata with the plan)."""
+    after planning and returns (None, metadata with the plan). ``after_stage(name,
+    state)`` sees the network after each building stage (a per-stage ablation); it must
+    not change it."""
     validate_config(cfg, data is not None)
     torch.manual_seed(cfg.seed)
     from . import stages as S
@@ -566,7 +569,7 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
     post = S.stages_for(cfg, st.train is not None, st.finetune.steps)
     if helper:  # rank 0 alone runs what follows the last fine-tune, and writes
         return _helper_rank(st, post)
-    st = S.run(st, post)
+    st = S.run(st, post, after=after_stage)
     t = time.perf_counter()
     st = S.finish(st)
     st.timings["finish_s"] = time.perf_counter() - t

@@ -468,9 +468,12 @@ def planning_stages(cfg: Any, has_data: bool) -> list[Step]:
     return out
 
 
-def run(st: State, steps: list[Step]) -> State:
+def run(st: State, steps: list[Step],
+        after: Callable[[str, State], None] | None = None) -> State:
     """Run ``steps`` in order, timing each under its key and logging its agreement; what a
-    stage freed goes back to the OS before the next (:mod:`hfbconvert.memory`)."""
+    stage freed goes back to the OS before the next (:mod:`hfbconvert.memory`).
+    ``after(name, state)`` is called after each stage, outside its timing: how a
+    per-stage ablation looks at the network between stages (``bench/int8_stages.py``)."""
     for step in steps:
         t = time.perf_counter()
         st = step.fn(st)
@@ -481,6 +484,8 @@ def run(st: State, steps: list[Step]) -> State:
             t_eval = time.perf_counter()
             st.record(step.logged, t_eval - t)
             add_time(st.timings, "held_eval_s", time.perf_counter() - t_eval)
+        if after is not None:
+            after(step.name, st)
     return st
 
 
