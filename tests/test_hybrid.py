@@ -55,6 +55,33 @@ def test_freeze_keeps_output_bit_identical():
     assert torch.equal(h(x), before)
 
 
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_inplace_eval_under_no_grad_equals_recorded_forward(kind):
+    """Under no_grad the hidden units are scaled in place (memory); the result must be
+    bit-identical to the recorded forward, leave the input alone, and a recorded
+    forward must still give gradients to ``a``."""
+    g = torch.Generator().manual_seed(3)
+    h = HybridPointwise(8, 6, torch.tensor([2]), r=9, kind=kind, channel_scale=True)
+    with torch.no_grad():
+        h.w_crit.normal_(generator=g)
+        h.bias.normal_(generator=g)
+    h.set_factors(_random_codes(9, 8, g), torch.randn(9, generator=g), _random_codes(5, 9, g))
+    h.freeze()
+    with torch.no_grad():
+        h.channel_scale.uniform_(0.5, 1.5, generator=g)
+    h.eval()
+    x = torch.randn(2, 8, 3, 3, generator=g) if kind == "conv" else torch.randn(2, 8, generator=g)
+    x0 = x.clone()
+    with torch.no_grad():
+        fast = h(x)
+    assert torch.equal(x, x0)
+    h.a.requires_grad_(True)
+    slow = h(x)
+    assert torch.equal(fast, slow.detach())
+    slow.sum().backward()
+    assert h.a.grad is not None and h.a.grad.abs().sum() > 0
+
+
 def test_ste_passes_gradients_to_latents():
     h = HybridPointwise(4, 3, torch.tensor([], dtype=torch.long), r=3)
     with torch.no_grad():
