@@ -207,7 +207,7 @@ def check_settings(case: dict, earlier_case: dict, name: str) -> None:
                            f"{case.get('model')!r}; cannot pair")
 
 
-def _missing_cells(results: dict, earlier: dict, name: str) -> list[dict]:
+def missing_cells(results: dict, earlier: dict, name: str) -> list[dict]:
     """Cells of ``earlier`` with per-image results, of a model ``results`` has, for
     methods ``results`` lacks per-image results of; each named by its ``source``."""
     have = {c["method"] for c in results.get("cells", []) if c.get("per_image")}
@@ -216,17 +216,11 @@ def _missing_cells(results: dict, earlier: dict, name: str) -> list[dict]:
             if c.get("per_image") and c["method"] not in have and c["model"] in models]
 
 
-def earlier_cells(results: dict, earlier: Path) -> list[dict]:
-    """The cells of the results file ``earlier`` that ``results`` lacks (no settings
-    check here: :func:`borrow` makes it; ``paired`` refuses pairs on other images)."""
-    return _missing_cells(results, json.loads(Path(earlier).read_text()), Path(earlier).name)
-
-
 def borrow(results: dict, earlier: dict, name: str) -> tuple[dict, list[str]]:
     """``results`` with each cell it lacks (or has without per-image results) taken from
     ``earlier``, after :func:`check_pairable`; returns (merged results, methods taken)."""
     check_pairable(results, earlier, name)
-    taken = _missing_cells(results, earlier, name)
+    taken = missing_cells(results, earlier, name)
     gone = {t["method"] for t in taken}
     merged = dict(results)
     merged["cells"] = [c for c in results.get("cells", []) if c["method"] not in gone] + taken

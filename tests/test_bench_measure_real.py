@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bench.generality import END, START, markdown, real_top1, splice
-from bench.lite0 import earlier_cells, paired
+from bench.lite0 import missing_cells, paired
 from hfbconvert.metrics import encode_bits
 
 
@@ -43,15 +43,14 @@ def _row(name: str, **kw) -> dict:
     return row
 
 
-def test_earlier_cells_fill_only_missing_methods(tmp_path: Path) -> None:
+def test_missing_cells_fill_only_missing_methods() -> None:
     a = np.array([1, 0, 1, 1] * 50, bool)
     b = np.array([1, 1, 1, 0] * 50, bool)
     failed = {"model": "m", "method": "hybrid-0.536-int8", "status": "failed"}
-    old = tmp_path / "old.json"
-    old.write_text(json.dumps({"cells": [_cell("original", b), _cell("int8-ptq", b), failed,
-                                         dict(_cell("original", b), model="other")]}))
+    old = {"cells": [_cell("original", b), _cell("int8-ptq", b), failed,
+                     dict(_cell("original", b), model="other")]}
     now = {"cells": [_cell("hybrid-0.536-int8", a), _cell("int8-ptq", a)]}
-    got = earlier_cells(now, old)
+    got = missing_cells(now, old, "old.json")
     # only the missing method of this model, with per-image data, named by its source
     assert [(c["method"], c["model"], c["source"]) for c in got] == [("original", "m",
                                                                       "old.json")]
