@@ -155,6 +155,24 @@ def test_decoded_file_changed_under_a_run_is_one_line(tmp_path: Path,
     assert "\n" not in str(exc.value)
 
 
+def test_worker_error_arrives_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A library error in a DataLoader worker reaches the caller as itself, one line:
+    torch would re-raise it with the worker's traceback in the message."""
+    monkeypatch.setenv("HFB_CACHE", str(tmp_path / "cache"))
+    from PIL import Image
+
+    (tmp_path / "imgs").mkdir()
+    for i in range(6):
+        Image.fromarray(np.full((40, 40, 3), 30 * i, np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    data = load_images(tmp_path / "imgs", preset_for(tiny_info()))
+    assert sum(x.shape[0] for x, _ in data.batches(2, workers=1)) == 6
+    with open(data.images.backing.path, "r+b") as fh:
+        fh.truncate(10)
+    with pytest.raises(InputError, match="truncated") as exc:
+        list(data.batches(2, workers=1))
+    assert "\n" not in str(exc.value) and "Traceback" not in str(exc.value)
+
+
 def test_rss_section_is_rendered_from_the_results_file_and_spliced(tmp_path: Path) -> None:
     from bench import rss
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import torch.utils.data
 from PIL import Image
 
-from hfbconvert.errors import InputError
+from hfbconvert.errors import HfbError, InputError
 from hfbconvert.fileio import atomic_write
 
 from .presets import Preprocess
@@ -189,8 +189,35 @@ class _BatchSet(torch.utils.data.Dataset):
         return self.images[sl], None if self.labels is None else self.labels[sl]
 
 
+class _Failed:
+    """A DataLoader worker's library error, sent back whole: torch re-raises a worker's
+    exception as ``type(msg)`` with the worker's traceback in the message (a multi-line
+    message, or a RuntimeError when the type cannot be built from one string), so the
+    CLI's one-line error and exit code would be lost."""
+
+    def __init__(self, exc: HfbError) -> None:
+        self.exc = exc
+
+
 def _keep(batch: Any) -> Any:
     return batch
+
+
+class _WorkerSet(torch.utils.data.Dataset):
+    """:class:`_BatchSet` as a DataLoader worker reads it: library errors come back as
+    :class:`_Failed` items, re-raised in the reading process."""
+
+    def __init__(self, ds: _BatchSet) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> Any:
+        try:
+            return self.ds[i]
+        except HfbError as exc:
+            return _Failed(exc)
 
 
 @dataclass
@@ -246,10 +273,13 @@ class CalibData:
         if workers <= 0 or not isinstance(self.images, ImageFile) or len(ds) < 2:
             it: Iterator = (ds[i] for i in range(len(ds)))
         else:
-            it = iter(torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False,
-                                                  num_workers=workers, collate_fn=_keep,
-                                                  prefetch_factor=2))
-        for x, y in it:
+            it = iter(torch.utils.data.DataLoader(_WorkerSet(ds), batch_size=None,
+                                                  shuffle=False, num_workers=workers,
+                                                  collate_fn=_keep, prefetch_factor=2))
+        for item in it:
+            if isinstance(item, _Failed):
+                raise item.exc
+            x, y = item
             yield self.normalize(x), y
 
     def subset(self, idx: Sequence[int] | range | np.ndarray | torch.Tensor) -> CalibData:
