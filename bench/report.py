@@ -317,7 +317,8 @@ def _top1_ci(cell: dict | None) -> str:
     return f"{100 * cell['top1']:.2f} [{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]"
 
 
-COLUMNS = ["method", "top-1 %", "Δ top-1 (pp) [95%]", "top-5 %", "agree %", "MULs (M)", "Δ MULs",
+COLUMNS = ["method", "top-1 %", "Δ top-1 (pp) [95%]", "top-5 %", "agree % [95%]",
+           "KL (nats) [95%]", "MULs (M)", "Δ MULs",
            "ADDs (M)", "Δ ADDs", "params (M)", "size, cost model (MB)", "ONNX (MB)",
            "energy (µJ)", "ORT b1 ms (× orig)", "ORT b32 ms (× orig)", "convert (s)",
            "convert peak RSS (MB)"]
@@ -348,7 +349,8 @@ def model_table(res: dict, model: str) -> tuple[list[str], list[str]]:
             d_top1 = fmt_diff(diff(c, orig)) if o_top1 is not None else "—"
         row = [
             label, _pct(c.get("top1")), d_top1, _pct(c.get("top5")),
-            _pct(c.get("agreement")) if c["kind"] != "original" else "—",
+            _agree_ci(c, orig) if c["kind"] != "original" else "—",
+            _kl_ci(c) if c["kind"] != "original" else "—",
             _num(c.get("muls"), 1e6), _delta_pct(c.get("muls"), orig.get("muls"))
             if c["kind"] != "original" else "",
             _num(c.get("adds"), 1e6), _delta_pct(c.get("adds"), orig.get("adds"))
@@ -386,7 +388,10 @@ def _conventions(res: dict) -> list[str]:
     reps = s.get("latency_repeats", ["?", "?"])
     return [
         "Conventions: Δ top-1 in percentage points against the `original` row (same eval "
-        "images); *agree* = top-1 agreement with the original model. MULs/ADDs per inference "
+        "images); *agree* = top-1 agreement with the original model and *KL* = KL(original ‖ "
+        "model) in nats per image, each with its 95% bootstrap interval over the images where "
+        "the cell stored per-image results (else the figure alone; — where not measured). "
+        "MULs/ADDs per inference "
         "from hfbconvert's cost model (`hfbconvert/costs.py`): ADDs of ternary banks counted "
         "from the real non-zeros, bias additions not counted; the int8 row has the FP32 "
         "model's counts, as 8-bit operations. *size, cost model*: FP weights at 32 bits, "

@@ -335,3 +335,22 @@ def test_agreement_bits_stored_or_from_the_predictions() -> None:
     assert report._agree_ci(other, orig) == "90.00"  # the recorded figure, no interval
     lo, hi = (float(x) for x in report._agree_ci(cell, orig).split("[")[1][:-1].split(","))
     assert lo < 90.0 < hi
+
+
+def test_suite_tables_carry_agreement_and_kl_intervals() -> None:
+    """Every suite table's agreement and KL come with their interval when the cell stored
+    per-image results; the recorded figure alone otherwise."""
+    res = _seeds_results()
+    hy = next(c for c in res["cells"] if c["method"] == "hybrid-0.536")
+    hy["per_image"]["agree_hex"] = encode_bits(np.arange(1000) % 10 != 0)
+    hy.update(agreement=0.9, kl=0.0412, kl_ci95=[0.0301, 0.0523])
+    ptq = next(c for c in res["cells"] if c["method"] == "int8-ptq")
+    ptq["agreement"] = 0.95
+    lines, _ = report.model_table(res, "m")
+    head = lines[0].split(" | ")
+    row = {ln.split(" | ")[0]: ln.split(" | ") for ln in lines[2:]}
+    a, k = head.index("agree % [95%]"), head.index("KL (nats) [95%]")
+    assert row["| `hybrid-0.536`"][a].startswith("90.00 [")
+    assert row["| `hybrid-0.536`"][k] == "0.0412 [0.0301, 0.0523]"
+    assert row["| `int8-ptq`"][a] == "95.00" and row["| `int8-ptq`"][k] == "—"
+    assert row["| `original`"][a] == "—"
