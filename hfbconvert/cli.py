@@ -717,13 +717,27 @@ def _compress(net, info, data, cfg, model: str, out: Path, force: bool, resume: 
                "stages": meta["stages"], "timings": timings,
                "cost": meta["cost"]["totals"], "original_cost": meta["original_cost"]["totals"],
                "final_agreement": meta.get("final_agreement"),
-               "final_agreement_interval": meta.get("final_agreement_interval")}
+               "final_agreement_interval": meta.get("final_agreement_interval"),
+               "finetune": _finetune_json(meta)}
     if as_json:
         _emit_json(summary)
     else:
         print_compress(meta, timings, str(out))
     _agreement_gate(meta, cfg.min_agreement, gate_always, out)
     _cap_gate(meta, out)
+
+
+def _finetune_json(meta: dict) -> dict | None:
+    """The fine-tune's held-apart curve for ``compress --json`` (None: no fine-tune ran):
+    what a user tuning ``--steps`` or ``--lr`` reads to see whether it helped."""
+    log = meta.get("finetune_log")
+    if not log:
+        return None
+    return {"steps_run": log["steps"][-1] + 1 if log["steps"] else 0,
+            "best_step": log.get("best_step"), "stopped_early_at": log.get("stopped_early_at"),
+            "reverted": meta.get("finetune_reverted"),
+            "curve": {k: log.get(k, []) for k in ("eval_steps", "held_kl", "held_agreement",
+                                                   "held_top1")}}
 
 
 def _cap_gate(meta: dict, out: Path) -> None:

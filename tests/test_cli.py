@@ -417,6 +417,15 @@ def test_compress_json_and_output(chain) -> None:
     assert summary["output"] == str(chain["out"]) and chain["out"].stat().st_size > 1000
     assert [s["stage"] for s in summary["stages"]][-2:] == ["finetune_4", "weights_16bit"]
     assert summary["cost"]["muls"] < summary["original_cost"]["muls"]
+    # the fine-tune's held-apart curve, as the artifact records it
+    from hfbconvert import schemas
+
+    schemas.validate(summary, "compress")
+    ft = summary["finetune"]
+    log = torch.load(chain["out"], weights_only=True)["meta"]["finetune_log"]
+    assert ft["steps_run"] == 4 and ft["curve"]["eval_steps"] == log["eval_steps"]
+    assert ft["curve"]["held_kl"] == log["held_kl"] and len(ft["curve"]["held_kl"]) >= 2
+    assert ft["best_step"] == log["best_step"]
     assert "agreement" in res.stderr  # progress lines went to stderr
     assert not Path(str(chain["out"]) + ".ckpt").exists()  # fine-tune checkpoint cleaned up
     assert temp_leftovers(chain["dir"]) == []
