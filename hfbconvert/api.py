@@ -183,12 +183,14 @@ def finetune(compressed: Compressed, data: CalibData, *, teacher: nn.Module,
              lr: float = 1e-4, latent_lr: float = 2e-3, label_weight: float = 1.0,
              feature_weight: float = 1.0, temperature: float = 1.0,
              held_fraction: float = 0.1, eval_every: int = 25, patience: int = 3,
-             seed: int = 0, device: str = "cpu", checkpoint: str | os.PathLike | None = None,
+             stop_on: str = "auto", seed: int = 0, device: str = "cpu",
+             checkpoint: str | os.PathLike | None = None,
              checkpoint_every: int = 50, resume: bool = False) -> Compressed:
     """Fine-tune a compressed model further on labelled ``data`` (``load_images`` with the
     model's classes): distillation from ``teacher`` (the original) plus cross-entropy,
     optionally learning the ternary codes; early stopping on a held-apart split, whose
-    curve (held KL, agreement, top-1) lands in ``meta["finetune_curve"]``. ``compressed``
+    curve (held KL, agreement, top-1, cross-entropy) lands in ``meta["finetune_curve"]``;
+    ``stop_on`` ranks its checks (``RetrainConfig.stop_on``). ``compressed``
     is left as it was; the result is a new :class:`Compressed` (save it with
     :func:`save_compressed`). Under torchrun it runs on DDP like ``compress``."""
     from .retrain import RetrainConfig, retrain
@@ -197,7 +199,7 @@ def finetune(compressed: Compressed, data: CalibData, *, teacher: nn.Module,
                         label_weight=label_weight, temperature=temperature,
                         feature_weight=feature_weight, learn_codes=learn_codes,
                         held_fraction=held_fraction, eval_every=eval_every, patience=patience,
-                        seed=seed)
+                        stop_on=stop_on, seed=seed)
     model, meta, _ = retrain(compressed.model, compressed.info, compressed.meta, teacher, data,
                              cfg, device=device,
                              checkpoint=None if checkpoint is None else str(checkpoint),

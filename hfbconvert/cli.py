@@ -916,8 +916,14 @@ def _versions() -> dict:
               help="Check held KL / agreement / top-1 every N steps and keep the best state "
                    "(0: only before and after).")
 @click.option("--patience", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Stop after this many checks in a row without a new best held KL; the "
-                   "best state is shipped.")
+              help="Stop after this many checks in a row without a new best (by "
+                   "--stop-on); the best state is shipped.")
+@click.option("--stop-on", type=click.Choice(["auto", "kl", "loss", "top1"]), default="auto",
+              show_default=True,
+              help="What ranks the held-apart checks: kl (KL to the teacher), loss (KL + "
+                   "--label-weight x cross-entropy with the labels, the training "
+                   "objective), top1. auto: loss when --label-weight > 0, else kl (labels "
+                   "pull the student away from the teacher, so its KL rises as it learns).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=50, show_default=True,
               help="Write OUTPUT.ckpt every N steps (for --resume).")
 @click.option("--resume", is_flag=True,
@@ -933,8 +939,8 @@ def _versions() -> dict:
 @_common
 def finetune_cmd(compressed, data_path, size, epochs, output, force, teacher, learn_codes,
                  batch_size, lr, latent_lr, label_weight, held_fraction, eval_every, patience,
-                 checkpoint_every, resume, as_json, source_model, trust_pickle, device, seed,
-                 quiet, data_workers):
+                 stop_on, checkpoint_every, resume, as_json, source_model, trust_pickle, device,
+                 seed, quiet, data_workers):
     """Fine-tune a compressed model further on labelled data: distillation from the
     original plus cross-entropy on the labels, optionally learning the ternary codes, with
     early stopping on a held-apart split; writes a new artifact whose report shows the
@@ -964,7 +970,7 @@ def finetune_cmd(compressed, data_path, size, epochs, output, force, teacher, le
     cfg = RetrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, latent_lr=latent_lr,
                         label_weight=label_weight, learn_codes=learn_codes,
                         held_fraction=held_fraction, eval_every=eval_every,
-                        patience=patience, seed=seed)
+                        patience=patience, stop_on=stop_on, seed=seed)
     main_rank = distributed.is_main()
     ckpt = str(out) + ".ckpt"
     with distributed.session(device), output_lock([out] if main_rank else []):
@@ -999,9 +1005,10 @@ def _finetune_summary(out: Path, compressed: str, src: str, new_meta: dict,
     return {"schema_version": JSON_SCHEMA_VERSION, "output": str(out), "input": compressed,
             "teacher": src, **{k: curve[k] for k in (
                 "epochs", "steps_planned", "steps_run", "best_step", "stopped_early_at",
+                "stop_on",
                 "learn_codes", "train_images", "held_images", "world_size")},
             "curve": {k: curve[k] for k in ("steps", "held_kl", "held_agreement",
-                                            "held_top1")},
+                                            "held_top1", "held_ce")},
             "final": curve["final"], "cost": new_meta["cost"]["totals"], "timings": timings}
 
 

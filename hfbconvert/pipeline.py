@@ -326,6 +326,10 @@ def validate_config(cfg: CompressConfig, has_data: bool) -> None:
     if cfg.bn_scope not in BN_SCOPES:
         raise ConfigError("bn_scope", cfg.bn_scope, f"unknown; choose from "
                           f"{', '.join(BN_SCOPES)}")
+    if cfg.finetune.stop_on != "kl":
+        raise ConfigError("stop_on", cfg.finetune.stop_on, "compress checks its fine-tune "
+                          "on held-apart images without labels: only kl (hfbconvert "
+                          "finetune ranks by loss or top1)")
 
 
 def make_plan(model: nn.Module, info: ModelInfo, layers: list[PointwiseLayer],

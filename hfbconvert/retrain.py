@@ -28,7 +28,7 @@ from hfbconvert.calib.readers import CalibData
 
 from . import distributed, progress
 from .costs import model_cost
-from .distill import FinetuneConfig, FinetuneLog, finetune, fingerprint
+from .distill import STOP_ON, FinetuneConfig, FinetuneLog, finetune, fingerprint
 from .errors import InputError
 from .handlers import is_hybrid
 from .metrics import wilson_interval
@@ -59,6 +59,9 @@ class RetrainConfig:
     patience: int = 3
     warmup: int = 10
     seed: int = 0
+    # what early stopping and the shipped state follow (distill.FinetuneConfig.stop_on);
+    # "auto": the training objective ("loss") when labels are weighted, else "kl"
+    stop_on: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) \
@@ -67,6 +70,17 @@ class RetrainConfig:
         if not (isinstance(self.held_fraction, float | int)
                 and 0.0 < self.held_fraction < 1.0):
             raise InputError(f"held_fraction must be in (0, 1), got {self.held_fraction!r}")
+        if self.stop_on not in ("auto", *STOP_ON):
+            raise InputError(f"stop_on must be one of auto, {', '.join(STOP_ON)}, got "
+                             f"{self.stop_on!r}")
+
+    @property
+    def stop_rule(self) -> str:
+        """``stop_on`` resolved: with labels weighted the student is meant to move away
+        from the teacher, so its held KL is the wrong thing to keep low."""
+        if self.stop_on != "auto":
+            return self.stop_on
+        return "loss" if self.label_weight > 0 else "kl"
 
 
 def steps_for(n_train: int, epochs: int, batch_size: int) -> int:
@@ -115,12 +129,13 @@ def check_labels(data: CalibData, info: ModelInfo, what: str) -> None:
 
 def held_evaluator(teacher: nn.Module, held: CalibData, label_offset: int,
                    batch_size: int = 256) -> Callable[[nn.Module], tuple[float, ...]]:
-    """student -> (mean KL(teacher||student), agreement, top-1 or None) on ``held``; the
-    teacher's log-probabilities are computed once."""
+    """student -> (mean KL(teacher||student), agreement, top-1 or None, mean
+    cross-entropy with the labels or None) on ``held``; the teacher's log-probabilities
+    are computed once."""
     t_log: list[torch.Tensor] = []  # at the first call: under torchrun rank 0 alone calls
 
     @torch.no_grad()
-    def evaluate(student: nn.Module) -> tuple[float, float, float | None]:
+    def evaluate(student: nn.Module) -> tuple[float, float, float | None, float | None]:
         if not t_log:  # the images are read again per check: memory flat in their number
             teacher.eval()
             dev_t = next(iter(teacher.parameters()), torch.zeros(())).device
@@ -128,7 +143,7 @@ def held_evaluator(teacher: nn.Module, held: CalibData, label_offset: int,
                          for x, _ in held.batches(batch_size))
         student.eval()
         dev = next(iter(student.parameters()), torch.zeros(())).device
-        kl, hit, right, n = 0.0, 0, 0, 0
+        kl, ce, hit, right, n = 0.0, 0.0, 0, 0, 0
         for (x, y), lt in zip(held.batches(batch_size), t_log, strict=True):
             s = student(x.to(dev)).cpu()
             ls = torch.log_softmax(s.double(), 1)
@@ -137,9 +152,11 @@ def held_evaluator(teacher: nn.Module, held: CalibData, label_offset: int,
             hit += int((pred == lt.argmax(1)).sum())
             if y is not None:
                 right += int((pred == y + label_offset).sum())
+                ce -= float(ls.gather(1, (y + label_offset).long()[:, None]).sum())
             n += s.shape[0]
-        top1 = right / max(n, 1) if held.labels is not None else None
-        return kl / max(n, 1), hit / max(n, 1), top1
+        labelled = held.labels is not None
+        return (kl / max(n, 1), hit / max(n, 1), right / max(n, 1) if labelled else None,
+                ce / max(n, 1) if labelled else None)
 
     return evaluate
 
@@ -216,7 +233,8 @@ def _prepare(student: nn.Module, teacher: nn.Module, data: CalibData, cfg: Retra
                         temperature=cfg.temperature, label_weight=cfg.label_weight,
                         feature_weight=cfg.feature_weight, warmup=min(cfg.warmup, steps),
                         seed=cfg.seed, checkpoint_every=checkpoint_every,
-                        eval_every=cfg.eval_every, patience=cfg.patience, device=device)
+                        eval_every=cfg.eval_every, patience=cfg.patience,
+                        stop_on=cfg.stop_rule, device=device)
     model = copy.deepcopy(student).eval()
     codes_before = code_counts(model)
     identity = {"command": "finetune", "epochs": cfg.epochs, "learn_codes": cfg.learn_codes,
@@ -242,15 +260,18 @@ def _retrained_meta(meta: dict[str, Any], info: ModelInfo, cfg: RetrainConfig, r
         new["weight_quant"] = apply_weight_bits(model, bits)
     final = evaluate(model)  # what ships, after rounding
     curve = {"steps": list(log.eval_steps), "held_kl": list(log.held_kl),
-             "held_agreement": list(log.held_agreement), "held_top1": list(log.held_top1)}
+             "held_agreement": list(log.held_agreement), "held_top1": list(log.held_top1),
+             "held_ce": list(log.held_ce)}
     new["finetune_curve"] = {
         **curve, "epochs": cfg.epochs, "steps_planned": run.ft.steps,
         "steps_run": len(log.steps), "best_step": log.best_step,
-        "stopped_early_at": log.stopped_early_at, "learn_codes": cfg.learn_codes,
+        "stopped_early_at": log.stopped_early_at, "stop_on": run.ft.stop_on,
+        "learn_codes": cfg.learn_codes,
         "train_images": len(train), "held_images": len(held), "data": data_source,
         "config": {k: v for k, v in run.ft.to_dict().items()
                    if k not in ("device", "checkpoint_every")},
-        "final": {"held_kl": final[0], "held_agreement": final[1], "held_top1": final[2]},
+        "final": {"held_kl": final[0], "held_agreement": final[1], "held_top1": final[2],
+                  "held_ce": final[3]},
         "codes_before": run.codes_before, "codes_after": code_counts(model),
         "world_size": log.world_size}
     new["stages"] = [*(meta.get("stages") or []),

@@ -26,7 +26,7 @@ ALLOWED = {
 }
 PENDING: tuple[str, ...] = ()  # folders not yet converted (none)
 # fields the library may name that no CLI flag sets (library-only settings)
-LIBRARY_ONLY_FIELDS = {"bn_scope"}
+LIBRARY_ONLY_FIELDS = {"bn_scope", "stop_on"}  # stop_on: compress has no --stop-on
 
 
 def _library_files() -> list[Path]:
