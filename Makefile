@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 HFB_SHARED ?= ../shared
 export HFB_SHARED
 
-.PHONY: venv demo test lint bench bench-quick bench-compare clean
+.PHONY: venv demo test lint bench bench-quick bench-int8 bench-seeds bench-full-auto \
+	bench-compare clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -43,6 +44,15 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m bench.run --suite quick
+
+bench-int8: $(STAMP)
+	$(BIN)/python -m bench.run --suite int8
+
+bench-seeds: $(STAMP)
+	$(BIN)/python -m bench.run --suite seeds
+
+bench-full-auto: $(STAMP)
+	$(BIN)/python -m bench.run --suite full-auto
 
 bench-compare: $(STAMP)
 	$(BIN)/python -m bench.compare

@@ -637,13 +637,17 @@ committed blocks equal what the committed results files give.
 
 How to reproduce:
 
-- `make bench` — full suite: ImageNet MobileNetV1 0.5-160, CIFAR-10 MobileNetV1 0.5 and
-  ImageNet MobileNetV2 × {original, TWN, StrassenNets r=1/2×, hybrid uniform 50%,
-  hybrid MUL budget 0.7/0.536/0.4, onnxruntime int8 PTQ}; sized for about an hour on
-  2 CPU cores (cells past the time budget are recorded as skipped).
+- `make bench-full-auto` — the trade-off table at the CLI default `--steps auto`:
+  ImageNet MobileNetV1 0.5-160 and CIFAR-10 MobileNetV1 0.5 × {original, TWN,
+  StrassenNets r=1/2×, hybrid uniform 50%, hybrid MUL budget 0.7/0.536/0.4, onnxruntime
+  int8 PTQ}, every baseline given the hybrid's fine-tune (about 75 min at one thread).
+- `make bench` — full suite, the same methods plus MobileNetV2 and the int8 hybrids at
+  `--steps 0` (no fine-tune: the ablation); about an hour on 2 CPU cores (cells past
+  the time budget are recorded as skipped).
+- `make bench-int8` — the int8 hybrid against onnxruntime int8 PTQ on the three models.
 - `make bench-quick` — quick suite (≤ 10 min): MobileNetV1 0.5-160 × {original, TWN,
   hybrid 0.536, int8 PTQ} with fewer fine-tuning steps.
-- `python -m bench.run --suite seeds` — the headline cells (MobileNetV1 0.5-160: FP32,
+- `make bench-seeds` — the headline cells (MobileNetV1 0.5-160: FP32,
   hybrid 0.536 float and int8, int8 PTQ) at `--steps auto`, the hybrids once per
   calibration seed (0, 1, 2): mean ± spread and paired intervals.
 - `make bench-compare` — differences between the two latest results files.

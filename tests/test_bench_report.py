@@ -354,3 +354,14 @@ def test_suite_tables_carry_agreement_and_kl_intervals() -> None:
     assert row["| `hybrid-0.536`"][k] == "0.0412 [0.0301, 0.0523]"
     assert row["| `int8-ptq`"][a] == "95.00" and row["| `int8-ptq`"][k] == "—"
     assert row["| `original`"][a] == "—"
+
+
+def test_every_suite_the_report_names_has_its_make_target() -> None:
+    """The report writes "`make bench-NAME` (= ...)" for a suite's own command: that
+    target must exist (bench-int8 was cited before the Makefile had it)."""
+    make = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    for name in SUITES:
+        target = "bench" if name == "full" else f"bench-{name}"
+        line = report._command_line({"command": f"python -m bench.run --suite {name}"})
+        assert f"`make {target}`" in line
+        assert f"\n{target}: $(STAMP)\n\t$(BIN)/python -m bench.run --suite {name}\n" in make
