@@ -135,9 +135,16 @@ def merge_results(files: list[dict]) -> dict:
     """One suite's files (oldest first) as one results dict: the newest file, with each
     cell (model, method, seed) it lacks, or only recorded as skipped, taken from the
     newest earlier file that measured it the same way (same case signature and method
-    arguments). Cells keep the order they first appeared in; ``_sources`` names every
-    file that contributed cells (only when more than one did)."""
+    arguments). A model the newest file did not run at all (``--models v2`` after a run
+    of the others) is taken as the newest earlier file that ran it measured it. Cells
+    and models keep the order they first appeared in; ``_sources`` names every file that
+    contributed cells (only when more than one did)."""
     newest = files[-1]
+    # per model, the file whose case the merged table shows: the newest that ran it
+    ref: dict[str, dict] = {}
+    for res in files:
+        for m in res.get("models", []):
+            ref[m["key"]] = res
     chosen: dict[tuple, dict] = {}
     origin: dict[tuple, dict] = {}
     order: list[tuple] = []
@@ -148,20 +155,22 @@ def merge_results(files: list[dict]) -> dict:
     for res in reversed(files):  # newest first: a key is settled by the newest that fits
         for c in res.get("cells", []):
             k = _cell_key(c)
-            if res is not newest:
-                same = (same_case(res, newest, c["model"])
+            base = ref.get(c["model"], newest)
+            if res is not base:
+                same = (same_case(res, base, c["model"])
                         and (res.get("methods", {}).get(c["method"], {}).get("args")
-                             == newest.get("methods", {}).get(c["method"], {}).get("args")))
+                             == base.get("methods", {}).get(c["method"], {}).get("args")))
                 if not same or c.get("status") == "skipped":
                     continue
             have = chosen.get(k)
-            if have is None or (have.get("status") == "skipped" and res is not newest):
+            if have is None or (have.get("status") == "skipped" and res is not base):
                 chosen[k], origin[k] = c, res
     for k in order:  # keys no file measured: the newest skip record, else the oldest
         if k not in chosen:
+            base = ref.get(k[0], newest)
             for res in reversed(files):
                 c = next((x for x in res.get("cells", []) if _cell_key(x) == k), None)
-                if c is not None and (res is newest or same_case(res, newest, k[0])):
+                if c is not None and (res is base or same_case(res, base, k[0])):
                     chosen[k], origin[k] = c, res
                     break
     keys = [k for k in order if k in chosen]
@@ -170,6 +179,11 @@ def merge_results(files: list[dict]) -> dict:
         return newest
     merged = dict(newest)
     merged["cells"] = [chosen[k] for k in keys]
+    model_order = list(dict.fromkeys(m["key"] for r in files for m in r.get("models", [])))
+    merged["models"] = [_case(ref[m], m) for m in model_order
+                        if any(k[0] == m for k in keys)]
+    merged["methods"] = {**{k: v for r in used for k, v in r.get("methods", {}).items()},
+                         **newest.get("methods", {})}
     settings = dict(newest.get("settings", {}))
     seeds = sorted({c["seed"] for c in merged["cells"] if c.get("seed") is not None})
     if seeds:

@@ -365,3 +365,27 @@ def test_every_suite_the_report_names_has_its_make_target() -> None:
         line = report._command_line({"command": f"python -m bench.run --suite {name}"})
         assert f"`make {target}`" in line
         assert f"\n{target}: $(STAMP)\n\t$(BIN)/python -m bench.run --suite {name}\n" in make
+
+
+def test_a_run_of_another_model_completes_the_suite() -> None:
+    """``--models v2`` after a run of v1: both models' tables, each from the file that
+    ran it, v1 first; the newer file's model never takes cells from the older file."""
+    old = _seeds_results()
+    old = {**old, "_path": "old.json", "models": [{"key": "m", "title": "M", "steps": "auto"},
+                                                  {"key": "n", "title": "N", "steps": 0}],
+           "cells": old["cells"] + [dict(c, model="n") for c in old["cells"][:2]]}
+    rng = np.random.default_rng(5)
+    new = {"suite": "seeds", "_path": "new.json", "settings": {"seeds": [0]},
+           "models": [{"key": "n", "title": "N", "steps": "auto"}],
+           "methods": old["methods"],
+           "cells": [dict(_cell("original", rng.random(300) < 0.7, kind="original"),
+                          model="n")]}
+    merged = report.merge_results([old, new])
+    assert [m["key"] for m in merged["models"]] == ["m", "n"]
+    assert merged["models"][1]["steps"] == "auto"  # n as the newer file ran it
+    n_cells = [c for c in merged["cells"] if c["model"] == "n"]
+    # n's int8-ptq from the old file was measured at other steps: not taken
+    assert [c["method"] for c in n_cells] == ["original"] and n_cells[0] is new["cells"][0]
+    assert len([c for c in merged["cells"] if c["model"] == "m"]) == len(old["cells"]) - 2
+    lines, _ = report.model_table(merged, "m")
+    assert any(ln.startswith("| `hybrid-0.536` |") for ln in lines)
