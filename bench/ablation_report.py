@@ -1,5 +1,5 @@
 """The ablation section of BENCHMARKS.md, generated from the ablation scripts' results
-files (bench/results/ablation-*.json, finetune-*.json, int8-order-*.json,
+files (bench/results/ablation-*.json, finetune-*.json, int8-order-*.json, int8-stages-*.json,
 synthetic-calibration.json, *-planner-exact.json) so that no number in it is typed.
 
 These files store top-1 and image counts but not per-image results, so each difference
@@ -159,6 +159,49 @@ def order_table(files: list[Path], md_dir: Path) -> list[str]:
             "|---|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
 
 
+def _ci(v: float | None, ci: list[float] | None, scale: float = 100.0, dg: int = 2) -> str:
+    if v is None:
+        return "—"
+    return f"{scale * v:.{dg}f}" + (f" [{scale * ci[0]:.{dg}f}, {scale * ci[1]:.{dg}f}]"
+                                    if ci else "")
+
+
+def stages_table(files: list[Path], md_dir: Path) -> list[str]:
+    """bench/int8_stages.py: the int8 hybrid evaluated after each building stage, paired
+    against the original and against the stage before (per-image results stored)."""
+    rows = []
+    for f in files:
+        d = _load(f)
+        if not d or "rows" not in d:
+            continue
+        n, ref = d.get("n_eval"), d.get("top1_original")
+        split = (d.get("split") or {}).get("eval", {})
+        where = f"{split.get('name', '?')}, {n}"
+        sets = " ".join(f"`{x}`" for x in (d.get("args") or {}).get("set", [])) or "defaults"
+        for r in d["rows"]:
+            vo = dict(r["vs_original"], paired=True, n=n)
+            vp = dict(r["vs_previous_row"], paired=True, n=n)
+            rows.append(f"| {_rel(f, md_dir)} | {d.get('args', {}).get('model', '?')} "
+                        f"({sets}) | `{r['stage']}` | {where} | {_pc(ref)} | "
+                        f"{_ci(r.get('top1'), r.get('top1_ci'))} | {fmt_diff(vo, True)} | "
+                        f"{words(vo)} | {fmt_diff(vp, True)} | {words(vp)} | "
+                        f"{_ci(r.get('agreement'), r.get('agreement_ci'))} | "
+                        f"{_ci(r.get('kl'), r.get('kl_ci'), 1.0, 4)} |")
+    if not rows:
+        return []
+    return ["### The int8 hybrid, stage by stage (`python -m bench.int8_stages`)", "",
+            "`compress --activation-bits 8` run in process and evaluated after each stage "
+            "that changes the network: `add_cap` (the one-shot hybrid fit), `weight_quant` "
+            "(int8 weights), `mean_shift`, `activation_calibration` (uint8 activations, int32 "
+            "hidden units), `int8_finetune`. Measured on the tuning split (calibration images "
+            "held apart from calibration, never the evaluation images), per-image results "
+            "stored: every difference is paired (bootstrap 95% interval, McNemar's p).", "",
+            "| results file | model (settings) | after stage | split, images | original top-1 % "
+            "| top-1 % [95%] | Δ vs original (pp) [95%] | vs original | Δ vs stage before "
+            "(pp) [95%] | vs stage before | agreement % [95%] | KL (nats) [95%] |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
+
+
 def synthetic_table(files: list[Path], md_dir: Path) -> list[str]:
     """Data-free (synthetic) vs real calibration: the CLI runs of one results file."""
     rows = []
@@ -210,7 +253,8 @@ def planner_table(files: list[Path], md_dir: Path) -> list[str]:
 
 SECTIONS: list[tuple[str, Callable[[list[Path], Path], list[str]]]] = [
     ("ablation-*.json", configs_table), ("finetune-*.json", finetune_table),
-    ("int8-order-*.json", order_table), ("synthetic-calibration*.json", synthetic_table),
+    ("int8-order-*.json", order_table), ("int8-stages-*.json", stages_table),
+    ("synthetic-calibration*.json", synthetic_table),
     ("*-planner-exact.json", planner_table),
 ]
 
