@@ -168,9 +168,18 @@ def test_compress_leaves_the_callers_model_alone(bits: dict) -> None:
     before = _snapshot(model)
     cfg = CompressConfig(budget=0.6, stats_images=32, act_calib_images=32,
                          finetune=FinetuneConfig(steps=2, batch_size=8, device="cpu"), **bits)
-    hybrid, _ = compress(model, tiny_info(), _data(), cfg)
+    seen: list[tuple[str, int]] = []
+    hybrid, _ = compress(model, tiny_info(), _data(), cfg, after_stage=lambda name, st: (
+        seen.append((name, id(st.hybrid)))))
     assert hybrid is not None and hybrid is not model
     _assert_unchanged(model, before)
+    # the after_stage hook (bench/int8_stages.py) sees every building stage once, in
+    # order, each time on the network compress goes on to return
+    from hfbconvert import stages as S
+
+    want = [s.name for s in S.stages_for(cfg, True, 2)]
+    assert [n for n, _ in seen] == want and ("int8_finetune" in want) == bool(bits)
+    assert {i for _, i in seen[want.index("freeze"):]} == {id(hybrid)}
 
 
 def test_finetune_does_not_move_or_switch_the_teacher(monkeypatch: pytest.MonkeyPatch) -> None:
