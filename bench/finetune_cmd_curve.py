@@ -49,12 +49,18 @@ def render(res: dict, name: str) -> str:
              f"2. `{ft['cmd']}` ({ft['wall_s']:.0f} s: {ft['steps_run']} steps, "
              f"{ft['train_images']:,} training images, {ft['held_images']:,} held apart)",
              f"3. `{cmp_['cmd']}` (the 10,000 test images)", "",
-             "| steps | held KL (nats) | held agreement % | held top-1 % |", "|---|---|---|---|"]
-    for row in zip(c["steps"], c["held_kl"], c["held_agreement"], c["held_top1"]):
-        lines.append(f"| {row[0]} | {row[1]:.4f} | {100 * row[2]:.2f} | {100 * row[3]:.2f} |")
+             "| steps | held KL (nats) | held agreement % | held top-1 % | held CE (nats) |",
+             "|---|---|---|---|---|"]
+    ce = c.get("held_ce") or [None] * len(c["steps"])  # files from before --stop-on: none
+    for row in zip(c["steps"], c["held_kl"], c["held_agreement"], c["held_top1"], ce):
+        lines.append(f"| {row[0]} | {row[1]:.4f} | {100 * row[2]:.2f} | {100 * row[3]:.2f} | "
+                     + ("—" if row[4] is None else f"{row[4]:.4f}") + " |")
     best = ft["best_step"]
-    lines += ["", f"Shipped: the state after {best} steps (lowest held KL"
-              + ("; the fit itself" if best == 0 else "") + "). Test set, paired: "
+    rule = {"kl": "lowest held KL", "loss": "lowest held KL + label weight × CE",
+            "top1": "highest held top-1"}[ft.get("stop_on", "kl")]
+    lines += ["", f"Shipped: the state after {best} steps ({rule}, `--stop-on "
+              f"{ft.get('stop_on', 'kl')}`" + ("; the fit itself" if best == 0 else "")
+              + "). Test set, paired: "
               f"fit only {100 * cmp_['a']['top1']:.2f}%, fine-tuned "
               f"{100 * cmp_['b']['top1']:.2f}%, difference {100 * d['top1']:+.2f} "
               f"[{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}] ({d['verdict']}); "
@@ -62,8 +68,10 @@ def render(res: dict, name: str) -> str:
               f"[{100 * res['original_test']['top1_ci95'][0]:.2f}, "
               f"{100 * res['original_test']['top1_ci95'][1]:.2f}]. The held images come from "
               "the training set the original was trained on, so held top-1 is high; the "
-              "labels pull the student away from the teacher (held KL rises), so early "
-              "stopping on held KL keeps the fit where the fit already matches the teacher."]
+              "labels pull the student away from the teacher (held KL rises): ranking by "
+              "held KL (before `--stop-on`, the only rule) shipped the fit itself "
+              "(`bench/results/finetune-cmd-c10-epoch.json`); `--stop-on auto` ranks by the "
+              "training objective when labels are weighted."]
     return "\n".join(lines) + "\n"
 
 

@@ -114,8 +114,12 @@ def test_finetune_cmd_render_rows_and_shipped_step() -> None:
     md = render(res, "finetune-cmd-t.json")
     rows = [ln for ln in md.splitlines() if ln.startswith("| ") and ln[2].isdigit()]
     assert [r.split(" | ")[0] for r in rows] == ["| 0", "| 100", "| 150"]
-    assert "| 100 | 0.0050 | 95.00 | 81.00 |" in rows
-    assert "the state after 100 steps (lowest held KL)" in md
+    assert "| 100 | 0.0050 | 95.00 | 81.00 | — |" in rows  # a file without held CE
+    assert "the state after 100 steps (lowest held KL, `--stop-on kl`)" in md
+    res["finetune"].update(stop_on="loss", curve=dict(curve, held_ce=[0.5, 0.4, 0.45]))
+    md = render(res, "finetune-cmd-t.json")
+    assert "| 100 | 0.0050 | 95.00 | 81.00 | 0.4000 |" in md
+    assert "(lowest held KL + label weight × CE, `--stop-on loss`)" in md
     assert "+1.00 [-0.20, +2.20]" in md
 
 
