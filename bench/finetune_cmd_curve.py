@@ -62,7 +62,7 @@ def render(res: dict, name: str) -> str:
               f"{ft.get('stop_on', 'kl')}`" + ("; the fit itself" if best == 0 else "")
               + "). Test set, paired: "
               f"fit only {100 * cmp_['a']['top1']:.2f}%, fine-tuned "
-              f"{100 * cmp_['b']['top1']:.2f}%, difference {100 * d['top1']:+.2f} "
+              f"{100 * cmp_['b']['top1']:.2f}%, fit − fine-tuned {100 * d['top1']:+.2f} "
               f"[{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}] ({d['verdict']}); "
               f"the original {100 * res['original_test']['top1']:.2f}% "
               f"[{100 * res['original_test']['top1_ci95'][0]:.2f}, "
