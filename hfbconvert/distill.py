@@ -462,6 +462,7 @@ class _EarlyStop:
     def __init__(self, evaluate: Evaluator | None, cfg: FinetuneConfig, log: FinetuneLog,
                  dev: torch.device, best: dict | None) -> None:
         self.evaluate, self.cfg, self.log, self.dev, self.best = evaluate, cfg, log, dev, best
+        log.stop_on = cfg.stop_on
 
     def due(self, done: int) -> bool:
         return self.evaluate is not None and (
@@ -475,7 +476,6 @@ class _EarlyStop:
         got = tuple(self.evaluate(student)) if distributed.is_main() else (0.0, 0.0)
         extra = [math.nan if len(got) <= i or got[i] is None else got[i] for i in (2, 3)]
         kl, ag, top1, ce = distributed.broadcast_floats([got[0], got[1], *extra], self.dev)
-        self.log.stop_on = self.cfg.stop_on
         self.log.eval_steps.append(done)
         self.log.held_kl.append(kl)
         self.log.held_agreement.append(ag)
