@@ -94,7 +94,36 @@ def latest_per_suite(results_dir: str | Path) -> dict[str, dict]:
     for p in results_files(results_dir):
         r = load_results(p)
         by_suite.setdefault(r["suite"], []).append(r)
-    return {suite: merge_results(files) for suite, files in by_suite.items()}
+    return {suite: merge_results(borrowed(suite, by_suite) + files)
+            for suite, files in by_suite.items()}
+
+
+def borrowed(suite: str, by_suite: dict[str, list[dict]]) -> list[dict]:
+    """Other suites' files cut down to the cells ``suite`` lacks: a (model, method) that
+    ``suite`` runs, at a seed it declares, which none of its files measured. They go
+    before the suite's own files (oldest), so ``merge_results`` takes a cell from them
+    only when it was measured the same way (case signature, method arguments) and no
+    file of the suite has it: the seeds suite counts the int8 suite's seed-0 cell
+    instead of spending 47 minutes on it again."""
+    own = by_suite[suite]
+    pairs = {(c["model"], c["method"]) for r in own for c in r.get("cells", [])}
+    have = {_cell_key(c) for r in own for c in r.get("cells", [])
+            if c.get("status") != "skipped"}
+    seeds = set(SUITES[suite].seeds) if suite in SUITES else {
+        int(x) for r in own for x in (r.get("settings", {}).get("seeds") or [0])}
+    models = {m for m, _ in pairs}
+    out = []
+    for other, files in by_suite.items():
+        if other == suite:
+            continue
+        for r in files:
+            cells = [c for c in r.get("cells", [])
+                     if (c["model"], c["method"]) in pairs and _cell_key(c) not in have
+                     and c.get("status") != "skipped" and c.get("seed") in seeds]
+            if cells:
+                out.append({**r, "cells": cells,
+                            "models": [m for m in r.get("models", []) if m["key"] in models]})
+    return sorted(out, key=lambda r: str(r.get("started") or ""))
 
 
 def _cell_key(cell: dict) -> tuple:

@@ -389,3 +389,32 @@ def test_a_run_of_another_model_completes_the_suite() -> None:
     assert len([c for c in merged["cells"] if c["model"] == "m"]) == len(old["cells"]) - 2
     lines, _ = report.model_table(merged, "m")
     assert any(ln.startswith("| `hybrid-0.536` |") for ln in lines)
+
+
+def test_the_seeds_suite_borrows_a_cell_another_suite_measured_the_same_way() -> None:
+    """Seeds 1 and 2 run alone; seed 0 of the same cell comes from the int8 suite's file
+    (same case, same method arguments). A cell measured at other steps, a seed the suite
+    does not declare and a method the suite does not run are never borrowed."""
+    full = _seeds_results()
+    seeds = {**full, "_path": "seeds.json", "started": "2", "settings": {"seeds": [1, 2]},
+             "cells": [c for c in full["cells"] if c.get("seed") in (None, 1, 2)]}
+    int8 = {**full, "suite": "int8", "_path": "int8.json", "started": "1",
+            "settings": {"seeds": [0]},
+            "cells": [c for c in full["cells"] if c.get("seed") in (None, 0)]
+            + [_cell("hybrid-0.4", np.ones(1000, bool), seed=0),
+               _cell("hybrid-0.536", np.ones(1000, bool), seed=5)]}
+    other = {**int8, "_path": "other.json", "started": "0",
+             "models": [{"key": "m", "title": "M", "steps": 0}]}
+    by_suite = {"seeds": [seeds], "int8": [other, int8]}
+    lent = report.borrowed("seeds", by_suite)
+    merged = report.merge_results(lent + [seeds])
+    keys = sorted((c["method"], c.get("seed", -1)) for c in merged["cells"])
+    assert keys == sorted((c["method"], c.get("seed", -1)) for c in full["cells"])
+    took = {s["path"]: s["cells"] for s in merged["_sources"]}
+    assert sorted(k[1:] for k in took["int8.json"]) == [
+        ("hybrid-0.536", 0), ("hybrid-0.536-int8", 0)]
+    assert "other.json" not in took  # measured at other steps
+    ref = next(c for c in merged["cells"] if c["method"] == "original")
+    assert ref is seeds["cells"][0]  # the suite's own reference, never a borrowed one
+    text = "\n".join(report.seeds_table(merged, "m"))
+    assert "| `hybrid-0.536-int8` | 0, 1, 2 |" in text
