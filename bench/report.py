@@ -120,8 +120,9 @@ def borrowed(suite: str, by_suite: dict[str, list[dict]]) -> list[dict]:
             cells = [c for c in r.get("cells", [])
                      if (c["model"], c["method"]) in pairs and _cell_key(c) not in have
                      and c.get("status") != "skipped" and c.get("seed") in seeds]
-            if cells:
+            if cells:  # the run's time is the lent cells' time, not the whole run's
                 out.append({**r, "cells": cells,
+                            "duration_s": sum(c.get("cell_wall_s") or 0.0 for c in cells),
                             "models": [m for m in r.get("models", []) if m["key"] in models]})
     return sorted(out, key=lambda r: str(r.get("started") or ""))
 
@@ -477,9 +478,16 @@ def render_section(res: dict, md_dir: Path, plots: dict[str, Path]) -> list[str]
     g = res.get("git", {})
     dur = res.get("duration_s")
     out = [f"## {title}", ""]
-    out.append(f"Produced by {_command_line(res)}, started {res.get('started')}"
-               + (f", took {dur / 60:.1f} min" if dur is not None else "")
-               + ("" if res.get("complete") else " — **run incomplete**") + ".")
+    incomplete = "" if res.get("complete") else " — **run incomplete**"
+    if res.get("_sources"):  # a merged section: the time is every contributing run's
+        out.append(f"Merged from {len(res['_sources'])} runs (listed below)"
+                   + (f", {dur / 60:.1f} min of runs in all" if dur is not None else "")
+                   + f"; the newest: {_command_line(res)}, started {res.get('started')}"
+                   + incomplete + ".")
+    else:
+        out.append(f"Produced by {_command_line(res)}, started {res.get('started')}"
+                   + (f", took {dur / 60:.1f} min" if dur is not None else "")
+                   + incomplete + ".")
     out.append("")
     commit = (g.get("commit") or "unknown")[:12]
     out.append(f"- commit: `{commit}`" + (" (working tree had uncommitted changes)"
