@@ -33,6 +33,11 @@ ap.add_argument("--lr", type=float, default=FinetuneConfig.lr)
 ap.add_argument("--feature-weight", type=float, default=FinetuneConfig.feature_weight,
                 help="weight of the per-layer feature-map term (0: logits only)")
 ap.add_argument("--freeze-at", type=float, default=FinetuneConfig.freeze_at)
+ap.add_argument("--eval-every", type=int, default=FinetuneConfig.eval_every,
+                help="held-apart check every N steps (FinetuneConfig.eval_every)")
+ap.add_argument("--patience", type=int, default=FinetuneConfig.patience,
+                help="checks without a new best before early stopping; a large value "
+                     "runs every step (the curve without early stopping)")
 ap.add_argument("--seed", type=int, default=0, help="calibration sample and compress seed")
 ap.add_argument("--stats-images", type=int, default=CompressConfig.stats_images,
                 help="images behind each layer's input statistics (CompressConfig)")
@@ -58,7 +63,8 @@ out = f"bench/results/finetune-{a.tag}.json"
 os.makedirs("bench/results", exist_ok=True)
 for steps in (int(s) for s in a.steps.split(",")):
     ft = FinetuneConfig(steps=steps, lr=a.lr, freeze_at=a.freeze_at, seed=a.seed,
-                        feature_weight=a.feature_weight)
+                        feature_weight=a.feature_weight, eval_every=a.eval_every,
+                        patience=a.patience)
     cfg = CompressConfig(budget=a.budget, seed=a.seed, stats_images=a.stats_images, finetune=ft,
                          critical_fraction=a.critical_fraction,
                          hidden_units_ratio=a.hidden_units_ratio, size_budget=a.size_budget,
@@ -77,7 +83,10 @@ for steps in (int(s) for s in a.steps.split(",")):
                  "mul_ratio": c["muls"] / o["muls"], "add_ratio": c["adds"] / o["adds"],
                  "bytes_ratio": c["bytes"] / o["bytes"], "energy_pj": c["energy_pj"],
                  "held_kl": meta.get("finetune_held_kl"),
-                 "reverted": meta.get("finetune_reverted")})
+                 "reverted": meta.get("finetune_reverted"),
+                 "held_curve": {k: meta.get("finetune_log", {}).get(k) for k in
+                                ("eval_steps", "held_kl", "held_agreement", "held_top1",
+                                 "best_step", "stopped_early_at")}})
     print(json.dumps(rows[-1]), flush=True)
     with open(out, "w") as f:  # after every row: a killed run keeps what it measured
         json.dump({"tag": a.tag, "args": vars(a), "top1_original": orig, "n_eval": len(val),
