@@ -16,6 +16,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from hfbconvert.metrics import decode_bits, discordant, mcnemar_exact, paired_difference_interval
 
 from .report import _num, fmt_diff, unpaired, words
@@ -93,6 +95,7 @@ def finetune_table(files: list[Path], md_dir: Path) -> list[str]:
             vs, verdict = _vs(r.get("top1"), n, ref)
             ft = r.get("finetune_s")
             rows.append(f"| {_rel(f, md_dir)} | {_model(a)} | {extra} | {r.get('steps')} | "
+                        f"{_shipped(r)} | "
                         f"{_pc(r.get('top1'))} | {vs} | {verdict} | {_pc(r.get('agreement'))} | "
                         f"{_num(r.get('held_agreement'), 0.01)} | "
                         f"{_num(r.get('compress_s'), 1, 0)} ({_num(ft, 1, 0)}) |")
@@ -101,9 +104,56 @@ def finetune_table(files: list[Path], md_dir: Path) -> list[str]:
     return ["### Fine-tune length (`python -m bench.finetune_curve`)", "",
             "The whole `compress` through the library at each fine-tune length; original "
             "top-1 and the eval images as in each file. " + CAVEAT, "",
-            "| results file | model | settings | steps | top-1 % | Δ vs original (pp) [95%] | "
+            "\"Shipped\": the state `compress` kept. Files from before the held-apart checks "
+            "record none (the last step was shipped); since then the best held-apart check "
+            "is shipped, and the fit itself when no check beat it (\"the fit: reverted at "
+            "N\", the step the run stopped at).", "",
+            "| results file | model | settings | steps | shipped | top-1 % | "
+            "Δ vs original (pp) [95%] | "
             "vs original | agreement % | held agreement % | compress s (fine-tune s) |",
-            "|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
+            "|---|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
+
+
+def _shipped(row: dict) -> str:
+    """Which state a finetune_curve row's compress shipped (blank: not recorded)."""
+    kl = row.get("held_kl")
+    if not isinstance(kl, dict):
+        return "last step" if row.get("steps") and "held_kl" not in row else ""
+    stopped = kl.get("stopped_early_at")
+    if row.get("reverted") or kl.get("best_step") == 0:
+        return f"the fit: reverted at {stopped or row.get('steps')}"
+    return f"step {kl.get('best_step')}" + (f" (stopped at {stopped})" if stopped else "")
+
+
+def probe_table(files: list[Path], md_dir: Path) -> list[str]:
+    """bench/finetune_probe.py: short fine-tunes from one fit, held-apart KL per check."""
+    rows = []
+    for f in files:
+        d = _load(f)
+        if not d or "variants" not in d:
+            continue
+        a = d.get("args", {})
+        for spec, v in d["variants"].items():
+            kl, loss = v.get("held_kl") or [], v.get("loss") or []
+            q = max(1, len(loss) // 4)
+            curve = " → ".join(f"{x:.4f}" for x in kl)
+            rows.append(f"| {_rel(f, md_dir)} | {a.get('model')} | {spec} | "
+                        f"{', '.join(str(s) for s in v.get('eval_steps') or [])} | {curve} | "
+                        f"{np.mean(loss[:q]):.4f} → {np.mean(loss[-q:]):.4f} |"
+                        if loss else "")
+    rows = [r for r in rows if r]
+    if not rows:
+        return []
+    return ["### Fine-tune probes (`python -m bench.finetune_probe`)", "",
+            "Short fine-tunes from one fitted hybrid (same batches for every variant), "
+            "`WHAT@LR`: `all` every continuous parameter (the default), `no-bn` all but the "
+            "BatchNorm affine parameters, `fold` BatchNorm folded into the layers first, "
+            "`rel` a per-tensor lr scaled by the tensor's RMS. Held-apart KL to the original "
+            "at each check (calibration images held apart, not the evaluation split), and "
+            "the mean training loss over the first and the last quarter of the steps.", "",
+            "| results file | model | variant | checks at steps | held-apart KL | "
+            "training loss, first → last quarter |",
+            "|---|---|---|---|---|---|", *rows, ""]
 
 
 DEFAULT_ORDER = "wsa"  # what `compress --activation-bits 8` does
@@ -253,6 +303,7 @@ def planner_table(files: list[Path], md_dir: Path) -> list[str]:
 
 SECTIONS: list[tuple[str, Callable[[list[Path], Path], list[str]]]] = [
     ("ablation-*.json", configs_table), ("finetune-*.json", finetune_table),
+    ("finetune-probe-*.json", probe_table),
     ("int8-order-*.json", order_table), ("int8-stages-*.json", stages_table),
     ("synthetic-calibration*.json", synthetic_table),
     ("*-planner-exact.json", planner_table),

@@ -418,3 +418,51 @@ def test_the_seeds_suite_borrows_a_cell_another_suite_measured_the_same_way() ->
     assert ref is seeds["cells"][0]  # the suite's own reference, never a borrowed one
     text = "\n".join(report.seeds_table(merged, "m"))
     assert "| `hybrid-0.536-int8` | 0, 1, 2 |" in text
+
+
+def test_finetune_rows_say_which_state_compress_shipped(tmp_path: Path) -> None:
+    """A row whose fine-tune was reverted says so (the fit, and where it stopped), one that
+    shipped a check says which, and a file from before the checks says the last step."""
+    import json
+
+    from bench.ablation_report import finetune_table
+
+    rows = [{"steps": 7000, "top1": 0.72, "reverted": "kept the fit",
+             "held_kl": {"best_step": 0, "stopped_early_at": 75}},
+            {"steps": 300, "top1": 0.73, "reverted": None,
+             "held_kl": {"best_step": 150, "stopped_early_at": 225}},
+            {"steps": 300, "top1": 0.73, "reverted": None,
+             "held_kl": {"best_step": 300, "stopped_early_at": None}}]
+    f = tmp_path / "finetune-new.json"
+    f.write_text(json.dumps({"args": {"model": "m.pt"}, "n_eval": 100,
+                             "top1_original": 0.73, "rows": rows}))
+    old = tmp_path / "finetune-old.json"
+    old.write_text(json.dumps({"args": {"model": "m.pt"}, "n_eval": 100, "top1_original": 0.73,
+                               "rows": [{"steps": 4500, "top1": 0.72, "reverted": None}]}))
+    probe = tmp_path / "finetune-probe-x.json"  # another script's shape: not a row here
+    probe.write_text(json.dumps({"args": {"model": "m"}, "variants": {}}))
+    lines = [ln for ln in finetune_table([f, old, probe], tmp_path) if ln.startswith("| ")][1:]
+    shipped = [[c.strip() for c in ln.split("|")][5] for ln in lines if "---" not in ln]
+    assert shipped == ["the fit: reverted at 75", "step 150 (stopped at 225)", "step 300",
+                       "last step"]
+
+
+def test_probe_rows_show_the_held_kl_curve_and_the_loss_trend(tmp_path: Path) -> None:
+    """One row per variant: the held KL at every check in order, and the mean training
+    loss of the first and last quarter of the steps (a rising loss reads as rising)."""
+    import json
+
+    from bench.ablation_report import probe_table
+
+    f = tmp_path / "finetune-probe-v2.json"
+    f.write_text(json.dumps({"args": {"model": "builtin:mobilenet_v2"}, "variants": {
+        "all@1e-4": {"eval_steps": [0, 4, 8], "held_kl": [0.028, 0.047, 0.116],
+                     "loss": [0.02, 0.04, 0.1, 0.2, 0.2, 0.3, 0.3, 0.4]},
+        "all@1e-5": {"eval_steps": [0, 4, 8], "held_kl": [0.028, 0.0266, 0.0271],
+                     "loss": [0.04, 0.04, 0.03, 0.03, 0.03, 0.03, 0.02, 0.02]}}}))
+    rows = [[c.strip() for c in ln.split("|")] for ln in probe_table([f], tmp_path)
+            if ln.startswith("| `finetune-probe")]
+    assert [r[3] for r in rows] == ["all@1e-4", "all@1e-5"]
+    assert rows[0][5] == "0.0280 → 0.0470 → 0.1160"
+    assert rows[0][6] == "0.0300 → 0.3500" and rows[1][6] == "0.0400 → 0.0200"
+    assert probe_table([tmp_path / "missing.json"], tmp_path) == []
