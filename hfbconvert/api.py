@@ -183,7 +183,8 @@ def finetune(compressed: Compressed, data: CalibData, *, teacher: nn.Module,
              lr: float = 1e-4, latent_lr: float = 2e-3, label_weight: float = 1.0,
              feature_weight: float = 1.0, temperature: float = 1.0,
              held_fraction: float = 0.1, eval_every: int = 25, patience: int = 3,
-             stop_on: str = "auto", seed: int = 0, device: str = "cpu",
+             stop_from: float = 0.5, stop_on: str = "auto", seed: int = 0,
+             device: str = "cpu",
              checkpoint: str | os.PathLike | None = None,
              checkpoint_every: int = 50, resume: bool = False) -> Compressed:
     """Fine-tune a compressed model further on labelled ``data`` (``load_images`` with the
@@ -199,7 +200,7 @@ def finetune(compressed: Compressed, data: CalibData, *, teacher: nn.Module,
                         label_weight=label_weight, temperature=temperature,
                         feature_weight=feature_weight, learn_codes=learn_codes,
                         held_fraction=held_fraction, eval_every=eval_every, patience=patience,
-                        stop_on=stop_on, seed=seed)
+                        stop_from=stop_from, stop_on=stop_on, seed=seed)
     model, meta, _ = retrain(compressed.model, compressed.info, compressed.meta, teacher, data,
                              cfg, device=device,
                              checkpoint=None if checkpoint is None else str(checkpoint),

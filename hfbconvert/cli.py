@@ -532,6 +532,10 @@ def _analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, b
 @click.option("--patience", type=click.IntRange(min=1), default=3, show_default=True,
               help="Stop the fine-tune after this many checks in a row without a new best "
                    "held-apart KL; the best state is shipped.")
+@click.option("--stop-from", type=FiniteFloat(0.0, 1.0), default=0.5, show_default=True,
+              help="Stop early only once this fraction of the fine-tuning steps is done: "
+                   "the first steps at full lr can raise the held-apart KL before lowering "
+                   "it (0: from the first check).")
 @click.option("--lr", type=FiniteFloat(0.0, lo_open=True), default=1e-4, show_default=True,
               help="Fine-tuning learning rate (Adam), > 0.")
 @click.option("--reconstruct/--no-reconstruct", default=False, show_default=True,
@@ -594,8 +598,8 @@ def compress(ctx, model, arch, trust_pickle, calib, calib_size, resolution, pres
              force, method, budget, max_add_increase, size_budget, energy_budget,
              energy_model,
              critical_fraction, hidden_units_ratio, plan_file, dry_run, steps, batch_size,
-             eval_every, patience, lr, reconstruct, sequential, bias_correction, bn_adjust,
-             min_agreement, resume,
+             eval_every, patience, stop_from, lr, reconstruct, sequential, bias_correction,
+             bn_adjust, min_agreement, resume,
              device, weight_bits, activation_bits, hidden_bits, as_json, include, exclude,
              layer_kinds, seed, quiet, data_workers):
     """Split pointwise layers into full-precision critical filters + ternary banks under a
@@ -666,7 +670,8 @@ def compress_config(params: dict[str, Any]) -> Any:
         include=tuple(p["include"]), exclude=tuple(p["exclude"]), layer_kinds=kinds,
         finetune=FinetuneConfig(steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"],
                                 seed=p["seed"], eval_every=p["eval_every"],
-                                patience=p["patience"], device=device),
+                                patience=p["patience"], stop_from=p["stop_from"],
+                                device=device),
         weight_bits=None if wb is None else int(wb),
         activation_bits=int(p["activation_bits"]), hidden_bits=int(p["hidden_bits"]))
 
@@ -918,6 +923,10 @@ def _versions() -> dict:
 @click.option("--patience", type=click.IntRange(min=1), default=3, show_default=True,
               help="Stop after this many checks in a row without a new best (by "
                    "--stop-on); the best state is shipped.")
+@click.option("--stop-from", type=FiniteFloat(0.0, 1.0), default=0.5, show_default=True,
+              help="Stop early only once this fraction of the fine-tuning steps is done: "
+                   "the first steps at full lr can raise the held-apart KL before lowering "
+                   "it (0: from the first check).")
 @click.option("--stop-on", type=click.Choice(["auto", "kl", "loss", "top1"]), default="auto",
               show_default=True,
               help="What ranks the held-apart checks: kl (KL to the teacher), loss (KL + "
@@ -939,8 +948,8 @@ def _versions() -> dict:
 @_common
 def finetune_cmd(compressed, data_path, size, epochs, output, force, teacher, learn_codes,
                  batch_size, lr, latent_lr, label_weight, held_fraction, eval_every, patience,
-                 stop_on, checkpoint_every, resume, as_json, source_model, trust_pickle, device,
-                 seed, quiet, data_workers):
+                 stop_from, stop_on, checkpoint_every, resume, as_json, source_model,
+                 trust_pickle, device, seed, quiet, data_workers):
     """Fine-tune a compressed model further on labelled data: distillation from the
     original plus cross-entropy on the labels, optionally learning the ternary codes, with
     early stopping on a held-apart split; writes a new artifact whose report shows the
@@ -970,7 +979,7 @@ def finetune_cmd(compressed, data_path, size, epochs, output, force, teacher, le
     cfg = RetrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, latent_lr=latent_lr,
                         label_weight=label_weight, learn_codes=learn_codes,
                         held_fraction=held_fraction, eval_every=eval_every,
-                        patience=patience, stop_on=stop_on, seed=seed)
+                        patience=patience, stop_from=stop_from, stop_on=stop_on, seed=seed)
     main_rank = distributed.is_main()
     ckpt = str(out) + ".ckpt"
     with distributed.session(device), output_lock([out] if main_rank else []):

@@ -57,6 +57,7 @@ class RetrainConfig:
     held_fraction: float = 0.1
     eval_every: int = 25
     patience: int = 3
+    stop_from: float = 0.5  # FinetuneConfig.stop_from
     warmup: int = 10
     seed: int = 0
     # what early stopping and the shipped state follow (distill.FinetuneConfig.stop_on);
@@ -234,6 +235,7 @@ def _prepare(student: nn.Module, teacher: nn.Module, data: CalibData, cfg: Retra
                         feature_weight=cfg.feature_weight, warmup=min(cfg.warmup, steps),
                         seed=cfg.seed, checkpoint_every=checkpoint_every,
                         eval_every=cfg.eval_every, patience=cfg.patience,
+                        stop_from=cfg.stop_from,
                         stop_on=cfg.stop_rule, device=device)
     model = copy.deepcopy(student).eval()
     codes_before = code_counts(model)

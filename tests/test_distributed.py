@@ -24,6 +24,7 @@ from hfbconvert.artifact import load_compressed
 from hfbconvert.calib.readers import CalibData
 from hfbconvert.cli import main
 from hfbconvert.distill import FinetuneConfig, finetune
+from hfbconvert.errors import InputError
 from hfbconvert.pipeline import CompressConfig, compress
 
 from . import ddp_worker
@@ -212,13 +213,36 @@ def test_early_stop_ships_the_best_state_checked():
         seen[len(seen)] = copy.deepcopy(m.state_dict())
         return next(kls), 0.5
 
-    cfg = FinetuneConfig(steps=20, batch_size=8, lr=1e-3, warmup=2, eval_every=2, patience=2)
+    cfg = FinetuneConfig(steps=20, batch_size=8, lr=1e-3, warmup=2, eval_every=2, patience=2,
+                         stop_from=0.0)
     log = finetune(student, teacher, _images(), None, _norm, cfg, evaluate=evaluate)
     assert log.stopped_early_at == 6 and len(log.steps) == 6
     assert log.eval_steps == [0, 2, 4, 6] and log.held_kl == [1.0, 0.5, 0.7, 0.8]
     assert log.best_step == 2 and log.held_agreement == [0.5] * 4
     assert _max_diff(seen[1], student.state_dict()) == 0.0  # frozen form from the start
     assert _max_diff(seen[3], student.state_dict()) > 0  # not the last state
+
+
+def test_no_early_stop_before_stop_from_so_a_late_best_is_shipped():
+    """The MobileNetV1 shape (held KL up for three checks at full lr, then below the start):
+    with patience 3 from the first check the run stopped at step 6 and shipped the input;
+    by default (stop_from 0.5) it runs on and ships the later best; past half the steps
+    it still stops after ``patience`` checks without one."""
+    teacher = tiny_v1()
+    figures = [1.0, 1.3, 1.4, 1.2, 0.9, 0.8, 0.85, 0.9, 0.95, 0.99, 0.99]
+    runs = {}
+    for stop_from in (0.0, 0.5):
+        kls = iter(figures)
+        cfg = FinetuneConfig(steps=20, batch_size=8, lr=1e-3, warmup=2, eval_every=2,
+                             patience=3, stop_from=stop_from)
+        runs[stop_from] = finetune(_student(teacher), teacher, _images(), None, _norm, cfg,
+                                   evaluate=lambda m, kls=kls: (next(kls), 0.5))
+    early, late = runs[0.0], runs[0.5]
+    assert early.stopped_early_at == 6 and early.best_step == 0
+    assert late.best_step == 10 and late.stopped_early_at == 16
+    assert late.held_kl == figures[:9]
+    with pytest.raises(InputError, match="stop_from"):
+        FinetuneConfig(stop_from=1.5)
 
 
 def test_harmful_lr_stops_early_ships_the_fit_and_times_add_up():
