@@ -531,11 +531,11 @@ def _analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, b
                    "state (0: only before and after).")
 @click.option("--patience", type=click.IntRange(min=1), default=3, show_default=True,
               help="Stop the fine-tune after this many checks in a row without a new best "
-                   "held-apart KL; the best state is shipped.")
-@click.option("--stop-from", type=FiniteFloat(0.0, 1.0), default=0.5, show_default=True,
-              help="Stop early only once this fraction of the fine-tuning steps is done: "
-                   "the first steps at full lr can raise the held-apart KL before lowering "
-                   "it (0: from the first check).")
+                   "held-apart KL, once --stop-from allows; the best state is shipped.")
+@click.option("--stop-from", type=FiniteFloat(0.0, 1.0), default=1.0, show_default=True,
+              help="Stop early only once this fraction of the fine-tuning steps is done "
+                   "(1: never; the best check is shipped either way): the first steps at "
+                   "full lr raise the held-apart KL, which falls only as the lr decays.")
 @click.option("--lr", type=FiniteFloat(0.0, lo_open=True), default=1e-4, show_default=True,
               help="Fine-tuning learning rate (Adam), > 0.")
 @click.option("--reconstruct/--no-reconstruct", default=False, show_default=True,
@@ -924,9 +924,9 @@ def _versions() -> dict:
               help="Stop after this many checks in a row without a new best (by "
                    "--stop-on); the best state is shipped.")
 @click.option("--stop-from", type=FiniteFloat(0.0, 1.0), default=0.5, show_default=True,
-              help="Stop early only once this fraction of the fine-tuning steps is done: "
-                   "the first steps at full lr can raise the held-apart KL before lowering "
-                   "it (0: from the first check).")
+              help="Stop early only once this fraction of the fine-tuning steps is done "
+                   "(0: from the first check): the first steps at full lr can raise the "
+                   "held-apart KL before lowering it.")
 @click.option("--stop-on", type=click.Choice(["auto", "kl", "loss", "top1"]), default="auto",
               show_default=True,
               help="What ranks the held-apart checks: kl (KL to the teacher), loss (KL + "

@@ -438,13 +438,14 @@ def test_finetune_rows_say_which_state_compress_shipped(tmp_path: Path) -> None:
                              "top1_original": 0.73, "rows": rows}))
     old = tmp_path / "finetune-old.json"
     old.write_text(json.dumps({"args": {"model": "m.pt"}, "n_eval": 100, "top1_original": 0.73,
-                               "rows": [{"steps": 4500, "top1": 0.72, "reverted": None}]}))
+                               "rows": [{"steps": 4500, "top1": 0.72, "reverted": None},
+                                        {"steps": 76, "top1": 0.72, "reverted": "kept"}]}))
     probe = tmp_path / "finetune-probe-x.json"  # another script's shape: not a row here
     probe.write_text(json.dumps({"args": {"model": "m"}, "variants": {}}))
     lines = [ln for ln in finetune_table([f, old, probe], tmp_path) if ln.startswith("| ")][1:]
     shipped = [[c.strip() for c in ln.split("|")][5] for ln in lines if "---" not in ln]
     assert shipped == ["the fit: reverted at 75", "step 150 (stopped at 225)", "step 300",
-                       "last step"]
+                       "last step", "the fit: reverted at 76"]
 
 
 def test_probe_rows_show_the_held_kl_curve_and_the_loss_trend(tmp_path: Path) -> None:

@@ -226,8 +226,8 @@ def test_early_stop_ships_the_best_state_checked():
 def test_no_early_stop_before_stop_from_so_a_late_best_is_shipped():
     """The MobileNetV1 shape (held KL up for three checks at full lr, then below the start):
     with patience 3 from the first check the run stopped at step 6 and shipped the input;
-    by default (stop_from 0.5) it runs on and ships the later best; past half the steps
-    it still stops after ``patience`` checks without one."""
+    with stop_from 0.5 it runs on and ships the later best; past half the steps it still
+    stops after ``patience`` checks without one. compress's default never stops early."""
     teacher = tiny_v1()
     figures = [1.0, 1.3, 1.4, 1.2, 0.9, 0.8, 0.85, 0.9, 0.95, 0.99, 0.99]
     runs = {}
@@ -243,6 +243,7 @@ def test_no_early_stop_before_stop_from_so_a_late_best_is_shipped():
     assert late.held_kl == figures[:9]
     with pytest.raises(InputError, match="stop_from"):
         FinetuneConfig(stop_from=1.5)
+    assert FinetuneConfig().stop_from == 1.0
 
 
 def test_harmful_lr_stops_early_ships_the_fit_and_times_add_up():
@@ -252,7 +253,7 @@ def test_harmful_lr_stops_early_ships_the_fit_and_times_add_up():
     fit_only, _ = compress(teacher, tiny_info(), data,
                            CompressConfig(budget=0.6, finetune=FinetuneConfig(steps=0)))
     bad = CompressConfig(budget=0.6, finetune=FinetuneConfig(
-        steps=40, batch_size=16, lr=0.3, eval_every=2, patience=2))
+        steps=40, batch_size=16, lr=0.3, eval_every=2, patience=2, stop_from=0.5))
     hybrid, meta = compress(teacher, tiny_info(), data, bad)
     log = meta["finetune_log"]
     assert log["stopped_early_at"] is not None and log["stopped_early_at"] < 40
