@@ -105,7 +105,8 @@ def finetune_table(files: list[Path], md_dir: Path) -> list[str]:
             "The whole `compress` through the library at each fine-tune length; original "
             "top-1 and the eval images as in each file. " + CAVEAT, "",
             "\"Shipped\": the state `compress` kept. Files from before the held-apart checks "
-            "record none (the last step was shipped); since then the best held-apart check "
+            "ship the last step, or the fit where the run was reverted; since then the best "
+            "held-apart check "
             "is shipped, and the fit itself when no check beat it (\"the fit: reverted at "
             "N\", the step the run stopped at).", "",
             "| results file | model | settings | steps | shipped | top-1 % | "
@@ -118,6 +119,8 @@ def _shipped(row: dict) -> str:
     """Which state a finetune_curve row's compress shipped (blank: not recorded)."""
     kl = row.get("held_kl")
     if not isinstance(kl, dict):
+        if row.get("reverted"):  # from before the checks: reverted after the last step
+            return f"the fit: reverted at {row.get('steps')}"
         return "last step" if row.get("steps") and "held_kl" not in row else ""
     stopped = kl.get("stopped_early_at")
     if row.get("reverted") or kl.get("best_step") == 0:
@@ -137,7 +140,7 @@ def probe_table(files: list[Path], md_dir: Path) -> list[str]:
             kl, loss = v.get("held_kl") or [], v.get("loss") or []
             q = max(1, len(loss) // 4)
             curve = " → ".join(f"{x:.4f}" for x in kl)
-            rows.append(f"| {_rel(f, md_dir)} | {a.get('model')} | {spec} | "
+            rows.append(f"| {_rel(f, md_dir)} | {os.path.basename(str(a.get('model')))} | {spec} | "
                         f"{', '.join(str(s) for s in v.get('eval_steps') or [])} | {curve} | "
                         f"{np.mean(loss[:q]):.4f} → {np.mean(loss[-q:]):.4f} |"
                         if loss else "")
