@@ -36,6 +36,7 @@ import hfbconvert.distill as D
 from bench.splits import calib_splits
 from hfbconvert.bnfold import fold_batchnorms
 from hfbconvert.distill import FinetuneConfig, finetune
+from hfbconvert.handlers import is_hybrid
 from hfbconvert.pipeline import CompressConfig, compress, held_evaluator, normalizer
 
 SHARED = os.environ.get("HFB_SHARED", "../shared")
@@ -45,13 +46,9 @@ def _is_bn(m: nn.Module) -> bool:
     return isinstance(m, nn.modules.batchnorm._BatchNorm)
 
 
-def _is_hybrid(m: nn.Module) -> bool:
-    return type(m).__name__.startswith("Hybrid")
-
-
 KEEP: dict[str, Callable[[nn.Module], bool]] = {
     "all": lambda m: True, "fold": lambda m: True, "rel": lambda m: True,
-    "no-bn": lambda m: not _is_bn(m), "bn-only": _is_bn, "hybrid-only": _is_hybrid,
+    "no-bn": lambda m: not _is_bn(m), "bn-only": _is_bn, "hybrid-only": is_hybrid,
 }
 
 
