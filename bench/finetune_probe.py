@@ -54,16 +54,16 @@ KEEP: dict[str, Callable[[nn.Module], bool]] = {
 
 def groups_for(what: str) -> Callable[[nn.Module, FinetuneConfig], list[dict]]:
     """A replacement for ``distill._param_groups``: the parameters ``what`` trains."""
-    def groups(model: nn.Module, cfg: FinetuneConfig) -> list[dict]:
+    def groups(model: nn.Module, cfg: FinetuneConfig, scale: float = 1.0) -> list[dict]:
         out = []
         for _, m in model.named_modules():
             for _, p in m.named_parameters(recurse=False):
                 if not KEEP[what](m):
                     continue
-                lr = cfg.lr
+                lr = cfg.lr * scale
                 if what == "rel":
                     rms = float(p.detach().pow(2).mean().sqrt()) if p.numel() else 0.0
-                    lr = cfg.lr * max(rms, 0.01)
+                    lr = cfg.lr * scale * max(rms, 0.01)
                 out.append({"params": [p], "lr": lr, "base_lr": lr})
         return out
     return groups

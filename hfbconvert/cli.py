@@ -538,6 +538,10 @@ def _analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, b
                    "full lr raise the held-apart KL, which falls only as the lr decays.")
 @click.option("--lr", type=FiniteFloat(0.0, lo_open=True), default=1e-4, show_default=True,
               help="Fine-tuning learning rate (Adam), > 0.")
+@click.option("--lr-backoff", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Times the fine-tune may cut its lr tenfold, going back to the best "
+                   "state checked, when its training loss rises 1.5x while it trains (an "
+                   "lr too high for the model, as 1e-4 is for MobileNetV2); 0: never.")
 @click.option("--reconstruct/--no-reconstruct", default=False, show_default=True,
               help="Sequential reconstruction: refit layers in order against the compressed "
                    "network's own inputs. Off by default: on MobileNetV1-0.5-160 the one-shot "
@@ -598,7 +602,8 @@ def compress(ctx, model, arch, trust_pickle, calib, calib_size, resolution, pres
              force, method, budget, max_add_increase, size_budget, energy_budget,
              energy_model,
              critical_fraction, hidden_units_ratio, plan_file, dry_run, steps, batch_size,
-             eval_every, patience, stop_from, lr, reconstruct, sequential, bias_correction,
+             eval_every, patience, stop_from, lr, lr_backoff, reconstruct, sequential,
+             bias_correction,
              bn_adjust, min_agreement, resume,
              device, weight_bits, activation_bits, hidden_bits, as_json, include, exclude,
              layer_kinds, seed, quiet, data_workers):
@@ -671,7 +676,7 @@ def compress_config(params: dict[str, Any]) -> Any:
         finetune=FinetuneConfig(steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"],
                                 seed=p["seed"], eval_every=p["eval_every"],
                                 patience=p["patience"], stop_from=p["stop_from"],
-                                device=device),
+                                lr_backoff=p["lr_backoff"], device=device),
         weight_bits=None if wb is None else int(wb),
         activation_bits=int(p["activation_bits"]), hidden_bits=int(p["hidden_bits"]))
 
@@ -740,7 +745,7 @@ def _finetune_json(meta: dict) -> dict | None:
         return None
     return {"steps_run": log["steps"][-1] + 1 if log["steps"] else 0,
             "best_step": log.get("best_step"), "stopped_early_at": log.get("stopped_early_at"),
-            "reverted": meta.get("finetune_reverted"),
+            "reverted": meta.get("finetune_reverted"), "lr_cuts": log.get("lr_cuts", []),
             "curve": {k: log.get(k, []) for k in ("eval_steps", "held_kl", "held_agreement",
                                                    "held_top1")}}
 
@@ -927,6 +932,10 @@ def _versions() -> dict:
               help="Stop early only once this fraction of the fine-tuning steps is done "
                    "(0: from the first check): the first steps at full lr can raise the "
                    "held-apart KL before lowering it.")
+@click.option("--lr-backoff", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Times the fine-tune may cut its lr tenfold, going back to the best "
+                   "state checked, when its training loss rises 1.5x while it trains (an "
+                   "lr too high for the model, as 1e-4 is for MobileNetV2); 0: never.")
 @click.option("--stop-on", type=click.Choice(["auto", "kl", "loss", "top1"]), default="auto",
               show_default=True,
               help="What ranks the held-apart checks: kl (KL to the teacher), loss (KL + "
@@ -948,7 +957,8 @@ def _versions() -> dict:
 @_common
 def finetune_cmd(compressed, data_path, size, epochs, output, force, teacher, learn_codes,
                  batch_size, lr, latent_lr, label_weight, held_fraction, eval_every, patience,
-                 stop_from, stop_on, checkpoint_every, resume, as_json, source_model,
+                 stop_from, lr_backoff, stop_on, checkpoint_every, resume, as_json,
+                 source_model,
                  trust_pickle, device, seed, quiet, data_workers):
     """Fine-tune a compressed model further on labelled data: distillation from the
     original plus cross-entropy on the labels, optionally learning the ternary codes, with
@@ -979,7 +989,8 @@ def finetune_cmd(compressed, data_path, size, epochs, output, force, teacher, le
     cfg = RetrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, latent_lr=latent_lr,
                         label_weight=label_weight, learn_codes=learn_codes,
                         held_fraction=held_fraction, eval_every=eval_every,
-                        patience=patience, stop_from=stop_from, stop_on=stop_on, seed=seed)
+                        patience=patience, stop_from=stop_from, lr_backoff=lr_backoff,
+                        stop_on=stop_on, seed=seed)
     main_rank = distributed.is_main()
     ckpt = str(out) + ".ckpt"
     with distributed.session(device), output_lock([out] if main_rank else []):
@@ -1014,7 +1025,7 @@ def _finetune_summary(out: Path, compressed: str, src: str, new_meta: dict,
     return {"schema_version": JSON_SCHEMA_VERSION, "output": str(out), "input": compressed,
             "teacher": src, **{k: curve[k] for k in (
                 "epochs", "steps_planned", "steps_run", "best_step", "stopped_early_at",
-                "stop_on",
+                "stop_on", "lr_cuts",
                 "learn_codes", "train_images", "held_images", "world_size")},
             "curve": {k: curve[k] for k in ("steps", "held_kl", "held_agreement",
                                             "held_top1", "held_ce")},
@@ -1048,10 +1059,15 @@ def _print_finetune(out: Path, curve: dict) -> None:
                + (f", stopped early at {curve['stopped_early_at']}"
                   if curve["stopped_early_at"] else "")
                + f", best state at step {curve['best_step']}")
+    cuts = {c["step"]: c for c in curve.get("lr_cuts") or []}
     for st, kl, ag, t1 in zip(*(curve[k] for k in ("steps", "held_kl", "held_agreement",
                                                    "held_top1")), strict=True):
+        c = cuts.get(st)
         click.echo(f"  step {st:>6}  held KL {kl:.4f}  agreement {ag:.4f}"
-                   + (f"  top-1 {t1:.4f}" if t1 is not None else ""))
+                   + (f"  top-1 {t1:.4f}" if t1 is not None else "")
+                   + (f"  (training loss x{c['rise']:.2f}: lr cut to x{c['lr_scale']:g}"
+                      + (f", back to step {c['restored_step']})"
+                         if c["restored_step"] is not None else ")") if c else ""))
     f = curve["final"]
     click.echo(f"  shipped: held KL {f['held_kl']:.4f}  agreement {f['held_agreement']:.4f}"
                + (f"  top-1 {f['held_top1']:.4f}" if f["held_top1"] is not None else ""))

@@ -26,7 +26,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -59,6 +59,28 @@ def auto_steps(macs_per_image: int, n_images: int, batch_size: int) -> int:
 
 
 STOP_ON = ("kl", "loss", "top1")
+
+# An lr too high for a model shows as the training objective rising while it is trained on:
+# MobileNetV2 at lr 1e-4, mean loss per 4 steps 0.039 -> 0.071 -> 0.111 -> 0.224 and held KL
+# 0.028 -> 0.147; at 3e-5 the loss rises less (0.034 -> 0.057), at 1e-5 the held KL stays
+# level (bench/results/finetune-probe-v2.json). MobileNetV1-0.5-160 at 1e-4: the loss per
+# 25 steps falls (0.085, 0.084, 0.077, ...) while its held KL rises for the first checks
+# (finetune-probe-v1.json), so the held KL alone cannot tell the two apart; the loss can.
+# When the last ``eval_every`` steps' mean loss is above BACKOFF_RISE x the mean of the
+# first ``eval_every`` steps (since the start or the last cut) at a check that is no new
+# best, the run goes back to the best state checked and continues at BACKOFF_FACTOR x lr.
+BACKOFF_RISE = 1.5
+BACKOFF_FACTOR = 0.1
+
+
+def loss_rise(loss: Sequence[float], since: int, done: int, window: int) -> float | None:
+    """Mean training loss of steps [done - window, done) over that of [since, since +
+    window); None until two whole windows lie in [since, done) (``loss[i]``: step i's)."""
+    if window <= 0 or done - since < 2 * window or len(loss) < done:
+        return None
+    first = sum(loss[since:since + window]) / window
+    last = sum(loss[done - window:done]) / window
+    return last / first if first > 0 and math.isfinite(last / first) else None
 
 
 @dataclass
@@ -95,6 +117,9 @@ class FinetuneConfig:
     # its accuracy does: ranking by KL shipped the input after a CIFAR-10 epoch that raised
     # held top-1 from 93.34 to 93.58 % (bench/results/finetune-cmd-c10-epoch.json)
     stop_on: str = "kl"
+    # times the lr may be cut (x BACKOFF_FACTOR, from the best state checked) when the
+    # training loss rises while being trained on; 0: never (needs held-apart checks)
+    lr_backoff: int = 2
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -123,6 +148,7 @@ class FinetuneConfig:
         bad("checkpoint_every", count(self.checkpoint_every, 1), "an integer >= 1")
         bad("eval_every", count(self.eval_every, 0), "an integer >= 0")
         bad("patience", count(self.patience, 1), "an integer >= 1")
+        bad("lr_backoff", count(self.lr_backoff, 0), "an integer >= 0")
         bad("stop_from", num(self.stop_from) and 0 <= self.stop_from <= 1, "in [0, 1]")
         bad("stop_on", self.stop_on in STOP_ON, f"one of {', '.join(STOP_ON)}")
 
@@ -218,6 +244,9 @@ class FinetuneLog:
     best_step: int | None = None  # the state shipped (0: the student as given)
     stopped_early_at: int | None = None  # steps done when the held KL stopped improving
     world_size: int = 1  # processes of the run that produced the last steps
+    # each lr cut: steps done, the loss rise that caused it, the lr scale after it, the
+    # step whose state the run went back to (None: codes still learning, not restored)
+    lr_cuts: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -264,13 +293,15 @@ def _batch(images: torch.Tensor, labels: torch.Tensor | None, step: int, cfg: Fi
     return x, y
 
 
-def _param_groups(model: nn.Module, cfg: FinetuneConfig) -> list[dict]:
+def _param_groups(model: nn.Module, cfg: FinetuneConfig, scale: float = 1.0) -> list[dict]:
+    """Adam groups at ``scale`` x the configured lrs (``scale`` < 1 after lr cuts)."""
     latent, rest = [], []
     for n, p in model.named_parameters():
         (latent if n.endswith(("wb_latent", "wc_latent")) else rest).append(p)
-    groups = [{"params": rest, "lr": cfg.lr, "base_lr": cfg.lr}]
+    groups = [{"params": rest, "lr": cfg.lr * scale, "base_lr": cfg.lr * scale}]
     if latent:
-        groups.append({"params": latent, "lr": cfg.latent_lr, "base_lr": cfg.latent_lr})
+        groups.append({"params": latent, "lr": cfg.latent_lr * scale,
+                       "base_lr": cfg.latent_lr * scale})
     return groups
 
 
@@ -496,7 +527,8 @@ class _EarlyStop:
             self.best = {"step": done, "kl": kl, "score": score,
                          "student": _deploy_state(student)}
             return False
-        since = sum(1 for s in self.log.eval_steps if s > self.best["step"])
+        after = max([self.best["step"]] + [c["step"] for c in self.log.lr_cuts])
+        since = sum(1 for s in self.log.eval_steps if s > after)
         return since >= self.cfg.patience and done >= self.cfg.stop_from * self.cfg.steps
 
 
@@ -598,7 +630,7 @@ def _loop(run: _Run, opt: torch.optim.Optimizer, start: int) -> None:
     for step in range(start, cfg.steps):
         if step == run.freeze_step and step > 0:
             _freeze_all(student)
-            opt = torch.optim.Adam(_param_groups(student, cfg))
+            opt = torch.optim.Adam(_param_groups(student, cfg, _lr_scale(log)))
             sched = _schedule(opt, cfg, step)
             net = _wrap(student, run.world, run.dev)  # the parameters changed
         loss, loss_value, agree = _step_loss(run, net, step)
@@ -616,6 +648,10 @@ def _loop(run: _Run, opt: torch.optim.Optimizer, start: int) -> None:
             run.on_step(step, loss_value, agree)
         done = step + 1
         halt = stop.due(done) and stop.check(student, done)
+        if stop.due(done) and _cut_lr(run, done):
+            halt = False  # a fresh start at the lower lr: the optimizer and schedule too
+            opt = torch.optim.Adam(_param_groups(student, cfg, _lr_scale(log)))
+            sched = _schedule(opt, cfg, done)
         if main and run.ckpt_path is not None and (done % cfg.checkpoint_every == 0
                                                    or done == cfg.steps):
             last_good = _snapshot(student, opt, done, log, cfg, run.ident, stop.best)
@@ -626,6 +662,36 @@ def _loop(run: _Run, opt: torch.optim.Optimizer, start: int) -> None:
                           f"held-apart {cfg.stop_on} not better than its best at step "
                           f"{stop.best['step']} for {cfg.patience} or more checks")
             return
+
+
+def _lr_scale(log: FinetuneLog) -> float:
+    return log.lr_cuts[-1]["lr_scale"] if log.lr_cuts else 1.0
+
+
+def _cut_lr(run: _Run, done: int) -> bool:
+    """After a check at ``done`` steps: when the training loss rose (``loss_rise`` above
+    BACKOFF_RISE) and the check is no new best, go back to the best state checked and
+    cut the lr by BACKOFF_FACTOR, at most ``cfg.lr_backoff`` times. Every rank decides
+    alike (the logged loss is the global one, the best state is on every rank)."""
+    cfg, log, stop = run.cfg, run.log, run.stop
+    if len(log.lr_cuts) >= cfg.lr_backoff or stop.best is None or stop.best["step"] == done:
+        return False
+    since = log.lr_cuts[-1]["step"] if log.lr_cuts else 0
+    rise = loss_rise(log.loss, since, done, cfg.eval_every)
+    if rise is None or rise <= BACKOFF_RISE:
+        return False
+    restored = None
+    if _is_frozen(run.student):  # a best from the code-learning phase would not fit
+        run.student.load_state_dict(stop.best["student"])
+        restored = int(stop.best["step"])
+    scale = _lr_scale(log) * BACKOFF_FACTOR
+    log.lr_cuts.append({"step": done, "rise": rise, "lr_scale": scale,
+                        "restored_step": restored})
+    progress.info(f"  fine-tune: training loss rose x{rise:.2f} by step {done} at lr "
+                  f"{cfg.lr * scale / BACKOFF_FACTOR:.3g}; continuing at lr "
+                  f"{cfg.lr * scale:.3g}"
+                  + (f" from the state at step {restored}" if restored is not None else ""))
+    return True
 
 
 def _step_loss(run: _Run, net: nn.Module, step: int) -> tuple[torch.Tensor, float, float]:

@@ -60,6 +60,7 @@ class RetrainConfig:
     # FinetuneConfig.stop_from; 0.5 here, not compress's 1.0: a run of epochs is long, and
     # stopping it early is what saves the hours (not measured on a run that long here)
     stop_from: float = 0.5
+    lr_backoff: int = 2  # FinetuneConfig.lr_backoff
     warmup: int = 10
     seed: int = 0
     # what early stopping and the shipped state follow (distill.FinetuneConfig.stop_on);
@@ -237,7 +238,7 @@ def _prepare(student: nn.Module, teacher: nn.Module, data: CalibData, cfg: Retra
                         feature_weight=cfg.feature_weight, warmup=min(cfg.warmup, steps),
                         seed=cfg.seed, checkpoint_every=checkpoint_every,
                         eval_every=cfg.eval_every, patience=cfg.patience,
-                        stop_from=cfg.stop_from,
+                        stop_from=cfg.stop_from, lr_backoff=cfg.lr_backoff,
                         stop_on=cfg.stop_rule, device=device)
     model = copy.deepcopy(student).eval()
     codes_before = code_counts(model)
@@ -270,6 +271,7 @@ def _retrained_meta(meta: dict[str, Any], info: ModelInfo, cfg: RetrainConfig, r
         **curve, "epochs": cfg.epochs, "steps_planned": run.ft.steps,
         "steps_run": len(log.steps), "best_step": log.best_step,
         "stopped_early_at": log.stopped_early_at, "stop_on": run.ft.stop_on,
+        "lr_cuts": list(log.lr_cuts),
         "learn_codes": cfg.learn_codes,
         "train_images": len(train), "held_images": len(held), "data": data_source,
         "config": {k: v for k, v in run.ft.to_dict().items()

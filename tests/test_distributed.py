@@ -253,7 +253,8 @@ def test_harmful_lr_stops_early_ships_the_fit_and_times_add_up():
     fit_only, _ = compress(teacher, tiny_info(), data,
                            CompressConfig(budget=0.6, finetune=FinetuneConfig(steps=0)))
     bad = CompressConfig(budget=0.6, finetune=FinetuneConfig(
-        steps=40, batch_size=16, lr=0.3, eval_every=2, patience=2, stop_from=0.5))
+        steps=40, batch_size=16, lr=0.3, eval_every=2, patience=2, stop_from=0.5,
+        lr_backoff=0))
     hybrid, meta = compress(teacher, tiny_info(), data, bad)
     log = meta["finetune_log"]
     assert log["stopped_early_at"] is not None and log["stopped_early_at"] < 40

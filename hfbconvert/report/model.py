@@ -234,7 +234,8 @@ def _held_curve(meta: dict) -> dict | None:
                 "held_kl": list(c.get("held_kl") or []),
                 "held_agreement": list(c.get("held_agreement") or []),
                 "held_top1": list(c.get("held_top1") or [None] * len(c["steps"])),
-                "best_step": c.get("best_step"), "stopped_early_at": c.get("stopped_early_at")}
+                "best_step": c.get("best_step"), "stopped_early_at": c.get("stopped_early_at"),
+                "lr_cuts": list(c.get("lr_cuts") or [])}
     log = meta.get("finetune_log") or {}
     if not log.get("eval_steps"):
         return None
@@ -242,7 +243,8 @@ def _held_curve(meta: dict) -> dict | None:
             "held_kl": list(log.get("held_kl") or []),
             "held_agreement": list(log.get("held_agreement") or []),
             "held_top1": list(log.get("held_top1") or [None] * len(log["eval_steps"])),
-            "best_step": log.get("best_step"), "stopped_early_at": log.get("stopped_early_at")}
+            "best_step": log.get("best_step"), "stopped_early_at": log.get("stopped_early_at"),
+            "lr_cuts": list(log.get("lr_cuts") or [])}
 
 def _export(export: dict | None) -> dict | None:
     if not export:

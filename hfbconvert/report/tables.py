@@ -78,7 +78,14 @@ def stage_table(rep: dict) -> tuple[list[str], list[list[str]]]:
 
 def held_curve_table(rep: dict) -> tuple[list[str], list[list[str]]]:
     c = rep.get("held_curve") or {}
-    rows = [[str(st) + (" (shipped)" if st == c.get("best_step") else ""),
+    cuts = {x.get("step"): x for x in c.get("lr_cuts") or []}
+
+    def label(st: int) -> str:
+        cut = cuts.get(st)
+        return str(st) + (" (shipped)" if st == c.get("best_step") else "") + (
+            f" (lr cut to x{cut.get('lr_scale'):g})" if cut else "")
+
+    rows = [[label(st),
              fmt_num(_finite(kl), ".4f"), fmt_num(_finite(ag), ".4f"), fmt_num(_finite(t1), ".4f")]
             for st, kl, ag, t1 in zip(c.get("steps") or [], c.get("held_kl") or [],
                                       c.get("held_agreement") or [], c.get("held_top1") or [],
