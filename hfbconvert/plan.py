@@ -95,7 +95,7 @@ class Plan:
     # (hw.planner.EnginePrices.record), so the report prices the result the same way
     energy_pricing: dict | None = None
     # only when the MILP did not prove its plan optimal (time limit, no solution, no scipy):
-    # {"status", "gap", "time_limit_s", "used"}, see exact_choice
+    # {"status", "gap", "time_limit_s", "node_limit", "used"}, see exact_choice
     milp: dict | None = None
 
     def predicted_muls(self) -> int:
@@ -278,7 +278,7 @@ def budget_plan(layers: list[PointwiseLayer], curves: dict[str, torch.Tensor],
     _refuse_unreachable(opts, lim)
     limit = lim.limit
     sel = exact_choice(opts, limit, caps)
-    if sel is None:  # no MILP solver (scipy missing) or no solution in its time limit
+    if sel is None:  # no MILP solver (scipy missing) or no solution within its limits
         sel = _relaxed_choice(opts, limit, caps)
         _refuse_unmet_caps(sel, lim, layers)
         sel = _greedy_fill(opts, sel, limit, caps)
@@ -455,7 +455,14 @@ def _stdout_to_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-MILP_TIME_LIMIT = 60.0  # seconds the exact planner may take before its best plan is used
+# When the exact planner stops short of a proven optimum and uses its best plan: after
+# MILP_NODE_LIMIT branch-and-bound nodes, so the plan is the same on a fast and a slow
+# machine (HiGHS runs the same nodes in the same order), with a time limit only as a
+# backstop. Measured (capture from a real dry run, every budget 0.3-0.8): at most 463
+# nodes and 14.6 s on the CIFAR-10 MobileNetV1-0.5 on one loaded core; a 60 s time limit
+# alone made the plan depend on the machine once reached.
+MILP_NODE_LIMIT = 5_000
+MILP_TIME_LIMIT = 600.0
 
 
 class MilpNotOptimal(UserWarning):
@@ -465,41 +472,51 @@ class MilpNotOptimal(UserWarning):
     :func:`hfbconvert.pipeline.make_plan` catches it and records it with the plan."""
 
     def __init__(self, status: str, used: str, gap: float | None = None,
-                 time_limit: float | None = None) -> None:
-        self.record = {"status": status, "used": used, "gap": gap, "time_limit_s": time_limit}
+                 time_limit: float | None = None, node_limit: int | None = None) -> None:
+        self.record = {"status": status, "used": used, "gap": gap, "time_limit_s": time_limit,
+                       "node_limit": node_limit}
         gap_s = "" if gap is None else f", {gap:.2%} from the proven bound"
         super().__init__(f"MILP planner: {status}; {used} used{gap_s}")
 
 
-def _say_not_optimal(res, time_limit: float) -> None:
+def _say_not_optimal(res, time_limit: float, node_limit: int) -> None:
     """A :class:`MilpNotOptimal` warning for a ``scipy.optimize.milp`` result short of a
-    proven optimum (status 1: the time limit stopped HiGHS, with or without a plan)."""
+    proven optimum (status 1: the node or time limit stopped HiGHS, with or without a
+    plan). Only the time limit makes the plan depend on the machine's speed: it says so."""
     if res.status == 0:
         return
-    limit = res.status == 1
+    nodes = getattr(res, "mip_node_count", None)
+    # scipy has no status code for it: HiGHS's "solution limit" (status 16) comes back as
+    # an unrecognised status with the node count at the limit
+    by_nodes = nodes is not None and nodes >= node_limit
+    why = (f"stopped at its node limit ({node_limit:,} nodes)" if by_nodes else
+           f"stopped at its {time_limit:g} s time limit (the plan depends on this "
+           "machine's speed)" if res.status == 1 else None)
     if res.x is None:
-        said = MilpNotOptimal("time limit, no plan found" if limit else f"no plan ({res.message})",
-                              "the heuristic plan", None, time_limit)
+        said = MilpNotOptimal(f"{why}, no plan found" if why else f"no plan ({res.message})",
+                              "the heuristic plan", None, time_limit, node_limit)
     else:
         gap = getattr(res, "mip_gap", None)
-        said = MilpNotOptimal(f"stopped at its {time_limit:g} s time limit" if limit
-                              else str(res.message), "its best plan",
+        said = MilpNotOptimal(why or str(res.message), "its best plan",
                               float(gap) if gap is not None and math.isfinite(gap) else None,
-                              time_limit)
+                              time_limit, node_limit)
     warnings.warn(said, stacklevel=3)
 
 
 def exact_choice(opts: list[list[_Opt]], limit: float, caps: list[float],
-                 time_limit: float | None = None) -> list[_Opt] | None:
+                 time_limit: float | None = None,
+                 node_limit: int | None = None) -> list[_Opt] | None:
     """The optimal option per layer (multiple-choice knapsack as a MILP, HiGHS via
     ``scipy.optimize.milp``): minimum Σ λ·err, MULs within ``limit``, each finite cap
     respected. Measured against the Lagrangian + greedy heuristic on the three shared
     models (bench/planner_exact.py): the heuristic was up to 18.8% worse (MobileNetV2 at
     budget 0.5, 6.0% at 0.536), so this is the planner; None when scipy is missing or no
-    solution is found in ``time_limit`` s (default :data:`MILP_TIME_LIMIT`): the caller
-    falls back to the heuristic. Short of a proven optimum it warns (:class:`MilpNotOptimal`).
+    solution is found within ``node_limit`` nodes (default :data:`MILP_NODE_LIMIT`) or
+    ``time_limit`` s (default :data:`MILP_TIME_LIMIT`): the caller falls back to the
+    heuristic. Short of a proven optimum it warns (:class:`MilpNotOptimal`).
     Raises InputError when the caps cannot be met together."""
     time_limit = time_limit or MILP_TIME_LIMIT
+    node_limit = node_limit or MILP_NODE_LIMIT
     try:
         from scipy.optimize import Bounds, LinearConstraint, milp
         from scipy.sparse import coo_matrix
@@ -530,12 +547,13 @@ def exact_choice(opts: list[list[_Opt]], limit: float, caps: list[float],
     with _stdout_to_stderr():
         res = milp([o.werr for o in flat], constraints=LinearConstraint(a, lo_b, hi_b),
                    integrality=[1] * n, bounds=Bounds(0, 1),
-                   options={"time_limit": time_limit, "mip_rel_gap": 1e-6})
+                   options={"time_limit": time_limit, "node_limit": node_limit,
+                            "mip_rel_gap": 1e-6})
     if res.x is None and res.status == 2:  # infeasible: the caps exclude every plan
         raise InputError("the ADD cap, size budget and energy budget cannot be met "
                          "together with the MUL budget; raise one of them or {budget}",
                          budget="budget")
-    _say_not_optimal(res, time_limit)
+    _say_not_optimal(res, time_limit, node_limit)
     if res.x is None:
         return None
     x = res.x.round().astype(bool)

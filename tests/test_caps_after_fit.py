@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import io
+import math
+import warnings
 
 import pytest
 import torch
@@ -205,8 +207,9 @@ def test_milp_time_limit_is_recorded_and_reported(found: bool, monkeypatch, caps
     _, meta = compress(_kxk(16), KXK_INFO, None, CompressConfig(**KXK), dry_run=True)
     rec = meta["plan"]["milp"]
     if found:
-        assert rec == {"status": "stopped at its 60 s time limit", "used": "its best plan",
-                       "gap": 0.031, "time_limit_s": 60.0}
+        assert rec == {"status": "stopped at its 600 s time limit (the plan depends on this "
+                                 "machine's speed)", "used": "its best plan",
+                       "gap": 0.031, "time_limit_s": 600.0, "node_limit": 5000}
     else:
         assert rec["used"] == "the heuristic plan" and rec["gap"] is None
     assert "MILP planner" in capsys.readouterr().err
@@ -217,6 +220,46 @@ def test_milp_time_limit_is_recorded_and_reported(found: bool, monkeypatch, caps
     md = render_markdown(build_report(meta, None))
     section = md[md.index("## Planner notes"):]
     assert "time limit" in section and (("3.10%" in section) == found)
+
+
+def _hard_knapsack() -> tuple[list, float, list[float]]:
+    """A multiple-choice knapsack HiGHS needs 26 branch-and-bound nodes for (30 layers of
+    6 options, MUL and ADD caps), found by trying seeds."""
+    import random
+
+    from hfbconvert.plan import _Opt
+
+    rng = random.Random(20)
+    opts = [[_Opt(rng.randint(10, 100), rng.randint(10, 100), 0.0, 0.0,
+                  rng.randint(1, 100) / 7, k, 1, torch.zeros(1), 0.0, 1.0) for k in range(6)]
+            for _ in range(30)]
+    limit = sum(min(o.muls for o in lo) for lo in opts) * 1.6
+    adds = sum(min(o.adds for o in lo) for lo in opts) * 1.8
+    return opts, limit, [adds, math.inf, math.inf]
+
+
+def test_milp_node_limit_gives_the_same_plan_on_any_machine() -> None:
+    """Stopped by its node limit, the planner uses its best plan and says so; the plan
+    does not depend on the time it was given (a time limit reached would), and a proven
+    optimum needs no note and is no worse."""
+    from hfbconvert.plan import MilpNotOptimal, exact_choice
+
+    opts, limit, caps = _hard_knapsack()
+    runs = []
+    for time_limit in (30.0, 600.0):
+        with pytest.warns(MilpNotOptimal) as got:
+            sel = exact_choice(opts, limit, caps, time_limit=time_limit, node_limit=3)
+        rec = [w.message.record for w in got if isinstance(w.message, MilpNotOptimal)][0]
+        assert rec["status"] == "stopped at its node limit (3 nodes)"
+        assert rec["used"] == "its best plan" and rec["node_limit"] == 3
+        assert rec["gap"] is not None and rec["gap"] > 0
+        runs.append([(o.n_c, o.muls) for o in sel])
+    assert runs[0] == runs[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MilpNotOptimal)  # proven optimal: no warning
+        best = exact_choice(opts, limit, caps)
+    assert sum(o.werr for o in best) <= sum(o.werr for o in sel) + 1e-9
+    assert sum(o.muls for o in best) <= limit and sum(o.adds for o in best) <= caps[0]
 
 
 def test_an_optimal_milp_plan_records_nothing() -> None:
