@@ -458,9 +458,10 @@ def _stdout_to_stderr() -> Iterator[None]:
 # When the exact planner stops short of a proven optimum and uses its best plan: after
 # MILP_NODE_LIMIT branch-and-bound nodes, so the plan is the same on a fast and a slow
 # machine (HiGHS runs the same nodes in the same order), with a time limit only as a
-# backstop. Measured (capture from a real dry run, every budget 0.3-0.8): at most 463
-# nodes and 14.6 s on the CIFAR-10 MobileNetV1-0.5 on one loaded core; a 60 s time limit
-# alone made the plan depend on the machine once reached.
+# backstop. Measured on real dry runs, budgets 0.3-0.8: at most 487 nodes on
+# MobileNetV1-0.5-160, 463 on the CIFAR-10 MobileNetV1-0.5
+# (bench/results/milp-nodes-20261203.json); a time limit alone made the plan depend on
+# the machine once reached.
 MILP_NODE_LIMIT = 5_000
 MILP_TIME_LIMIT = 600.0
 
