@@ -34,7 +34,7 @@ demo: $(STAMP) $(DEMO_DATA)
 	$(BIN)/python -m hfbconvert.demo
 
 test: $(STAMP) $(DEMO_DATA)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25
 
 lint: $(STAMP)
 	$(BIN)/ruff check hfbconvert tests bench
