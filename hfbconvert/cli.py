@@ -958,8 +958,7 @@ def _versions() -> dict:
 def finetune_cmd(compressed, data_path, size, epochs, output, force, teacher, learn_codes,
                  batch_size, lr, latent_lr, label_weight, held_fraction, eval_every, patience,
                  stop_from, lr_backoff, stop_on, checkpoint_every, resume, as_json,
-                 source_model,
-                 trust_pickle, device, seed, quiet, data_workers):
+                 source_model, trust_pickle, device, seed, quiet, data_workers):
     """Fine-tune a compressed model further on labelled data: distillation from the
     original plus cross-entropy on the labels, optionally learning the ternary codes, with
     early stopping on a held-apart split; writes a new artifact whose report shows the

@@ -504,6 +504,32 @@ def _say_not_optimal(res, time_limit: float, node_limit: int) -> None:
     warnings.warn(said, stacklevel=3)
 
 
+def _milp_rows(opts: list[list[_Opt]], flat: list[_Opt], limit: float, caps: list[float],
+               coo_matrix):
+    """Constraint matrix and bounds of :func:`exact_choice`: one option per layer, then
+    each resource (MULs, every finite cap) scaled to O(1), so the solver's feasibility
+    tolerance means the same for every row."""
+    n = len(flat)
+    rows, cols, vals, j = [], [], [], 0
+    for i, k in enumerate(len(lo) for lo in opts):  # one option per layer
+        rows += [i] * k
+        cols += list(range(j, j + k))
+        vals += [1.0] * k
+        j += k
+    lo_b, hi_b = [1.0] * len(opts), [1.0] * len(opts)
+    resources = [("muls", limit)] + [(k, c) for k, c in enumerate(caps) if math.isfinite(c)]
+    for r, (what, cap) in enumerate(resources, start=len(opts)):
+        use = [o.muls if what == "muls" else o.use(what) for o in flat]
+        scale = max(abs(cap), max(use), 1.0)
+        rows += [r] * n
+        cols += list(range(n))
+        vals += [u / scale for u in use]
+        lo_b.append(-math.inf)
+        hi_b.append(cap / scale)
+    a = coo_matrix((vals, (rows, cols)), shape=(len(lo_b), n)).tocsr()
+    return a, lo_b, hi_b
+
+
 def exact_choice(opts: list[list[_Opt]], limit: float, caps: list[float],
                  time_limit: float | None = None,
                  node_limit: int | None = None) -> list[_Opt] | None:
@@ -526,28 +552,10 @@ def exact_choice(opts: list[list[_Opt]], limit: float, caps: list[float],
         return None
     sizes = [len(lo) for lo in opts]
     flat = [o for lo in opts for o in lo]
-    n = len(flat)
-    rows, cols, vals, j = [], [], [], 0
-    for i, k in enumerate(sizes):  # one option per layer
-        rows += [i] * k
-        cols += list(range(j, j + k))
-        vals += [1.0] * k
-        j += k
-    lo_b, hi_b = [1.0] * len(opts), [1.0] * len(opts)
-    # scaled to O(1) so the solver's feasibility tolerance means the same for every row
-    resources = [("muls", limit)] + [(k, c) for k, c in enumerate(caps) if math.isfinite(c)]
-    for r, (what, cap) in enumerate(resources, start=len(opts)):
-        use = [o.muls if what == "muls" else o.use(what) for o in flat]
-        scale = max(abs(cap), max(use), 1.0)
-        rows += [r] * n
-        cols += list(range(n))
-        vals += [u / scale for u in use]
-        lo_b.append(-math.inf)
-        hi_b.append(cap / scale)
-    a = coo_matrix((vals, (rows, cols)), shape=(len(lo_b), n)).tocsr()
+    a, lo_b, hi_b = _milp_rows(opts, flat, limit, caps, coo_matrix)
     with _stdout_to_stderr():
         res = milp([o.werr for o in flat], constraints=LinearConstraint(a, lo_b, hi_b),
-                   integrality=[1] * n, bounds=Bounds(0, 1),
+                   integrality=[1] * len(flat), bounds=Bounds(0, 1),
                    options={"time_limit": time_limit, "node_limit": node_limit,
                             "mip_rel_gap": 1e-6})
     if res.x is None and res.status == 2:  # infeasible: the caps exclude every plan
