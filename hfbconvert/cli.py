@@ -96,6 +96,15 @@ class _Group(click.Group):
             ctx.exit(130)
 
 
+def _lr_backoff_opt(f):
+    """compress's and finetune's --lr-backoff (distill.FinetuneConfig.lr_backoff)."""
+    return click.option(
+        "--lr-backoff", type=click.IntRange(min=0), default=2, show_default=True,
+        help="Times the fine-tune may cut its lr tenfold, going back to the best state "
+             "checked, when its training loss rises 1.5x while it trains (an lr too high "
+             "for the model, as 1e-4 is for MobileNetV2); 0: never.")(f)
+
+
 def _device_opt(f):
     return click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu",
                         show_default=True,
@@ -538,10 +547,7 @@ def _analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, b
                    "full lr raise the held-apart KL, which falls only as the lr decays.")
 @click.option("--lr", type=FiniteFloat(0.0, lo_open=True), default=1e-4, show_default=True,
               help="Fine-tuning learning rate (Adam), > 0.")
-@click.option("--lr-backoff", type=click.IntRange(min=0), default=2, show_default=True,
-              help="Times the fine-tune may cut its lr tenfold, going back to the best "
-                   "state checked, when its training loss rises 1.5x while it trains (an "
-                   "lr too high for the model, as 1e-4 is for MobileNetV2); 0: never.")
+@_lr_backoff_opt
 @click.option("--reconstruct/--no-reconstruct", default=False, show_default=True,
               help="Sequential reconstruction: refit layers in order against the compressed "
                    "network's own inputs. Off by default: on MobileNetV1-0.5-160 the one-shot "
@@ -932,10 +938,7 @@ def _versions() -> dict:
               help="Stop early only once this fraction of the fine-tuning steps is done "
                    "(0: from the first check): the first steps at full lr can raise the "
                    "held-apart KL before lowering it.")
-@click.option("--lr-backoff", type=click.IntRange(min=0), default=2, show_default=True,
-              help="Times the fine-tune may cut its lr tenfold, going back to the best "
-                   "state checked, when its training loss rises 1.5x while it trains (an "
-                   "lr too high for the model, as 1e-4 is for MobileNetV2); 0: never.")
+@_lr_backoff_opt
 @click.option("--stop-on", type=click.Choice(["auto", "kl", "loss", "top1"]), default="auto",
               show_default=True,
               help="What ranks the held-apart checks: kl (KL to the teacher), loss (KL + "

@@ -647,8 +647,9 @@ def _loop(run: _Run, opt: torch.optim.Optimizer, start: int) -> None:
         if run.on_step is not None:
             run.on_step(step, loss_value, agree)
         done = step + 1
-        halt = stop.due(done) and stop.check(student, done)
-        if stop.due(done) and _cut_lr(run, done):
+        checked = stop.due(done)
+        halt = checked and stop.check(student, done)
+        if checked and _cut_lr(run, done):
             halt = False  # a fresh start at the lower lr: the optimizer and schedule too
             opt = torch.optim.Adam(_param_groups(student, cfg, _lr_scale(log)))
             sched = _schedule(opt, cfg, done)
