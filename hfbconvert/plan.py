@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from .costs import LayerCost, add_limit, shift_adds, ternary_bytes, weight_bytes
@@ -530,6 +531,24 @@ def _milp_rows(opts: list[list[_Opt]], flat: list[_Opt], limit: float, caps: lis
     return a, lo_b, hi_b
 
 
+def _unit_objective(werr: list[float], cons, box, milp) -> np.ndarray:
+    """The costs scaled so the optimum is about 1. HiGHS also stops at an absolute gap
+    (1e-6) and judges optimality with absolute tolerances (1e-7): on raw predicted errors,
+    whose optimum can be 1e-5, it called a plan optimal that was 0.4% worse than the true
+    optimum, after 39 s of presolve (a random-weight EfficientNet-B0; scaled: the optimum
+    in 2 s). The scale is the LP relaxation's value (0.1 s), after a first scaling by the
+    largest cost so that LP's own tolerances are not the ones at fault."""
+    c = np.asarray(werr, dtype=np.float64)
+    top = float(np.abs(c).max()) if c.size else 0.0
+    if top <= 0.0:
+        return c
+    c = c / top
+    lp = milp(c, constraints=cons, integrality=0, bounds=box)
+    if lp.status == 0 and lp.fun is not None and lp.fun > 1e-9:
+        c = c / float(lp.fun)
+    return c
+
+
 def exact_choice(opts: list[list[_Opt]], limit: float, caps: list[float],
                  time_limit: float | None = None,
                  node_limit: int | None = None) -> list[_Opt] | None:
@@ -553,9 +572,10 @@ def exact_choice(opts: list[list[_Opt]], limit: float, caps: list[float],
     sizes = [len(lo) for lo in opts]
     flat = [o for lo in opts for o in lo]
     a, lo_b, hi_b = _milp_rows(opts, flat, limit, caps, coo_matrix)
+    cons, box = LinearConstraint(a, lo_b, hi_b), Bounds(0, 1)
     with _stdout_to_stderr():
-        res = milp([o.werr for o in flat], constraints=LinearConstraint(a, lo_b, hi_b),
-                   integrality=[1] * len(flat), bounds=Bounds(0, 1),
+        cost = _unit_objective([o.werr for o in flat], cons, box, milp)
+        res = milp(cost, constraints=cons, integrality=[1] * len(flat), bounds=box,
                    options={"time_limit": time_limit, "node_limit": node_limit,
                             "mip_rel_gap": 1e-6})
     if res.x is None and res.status == 2:  # infeasible: the caps exclude every plan

@@ -464,7 +464,7 @@ def planning_stages(cfg: Any, has_data: bool) -> list[Step]:
     out = [Step(sensitivity, "sensitivity_s", None)]
     if cfg.fragility and has_data and cfg.method == "hybrid":
         out.append(Step(fragility, "fragility_s", None))
-    out.append(Step(plan, None, None))
+    out.append(Step(plan, "plan_s", None))
     return out
 
 

@@ -262,6 +262,31 @@ def test_milp_node_limit_gives_the_same_plan_on_any_machine() -> None:
     assert sum(o.muls for o in best) <= limit and sum(o.adds for o in best) <= caps[0]
 
 
+@pytest.mark.parametrize("scale", [1e-9, 1e-5, 1.0, 1e6])
+def test_the_milp_plan_is_the_true_optimum_at_any_scale_of_predicted_error(scale) -> None:
+    """Against brute force over every plan of a small knapsack: the planner's plan is the
+    optimum whether the predicted errors are 1e-9 or 1e6 (HiGHS's absolute gap and
+    tolerances once made it stop short on tiny ones, calling a worse plan optimal)."""
+    import itertools
+    import random
+
+    from hfbconvert.plan import MilpNotOptimal, _Opt, exact_choice
+
+    rng = random.Random(3)
+    opts = [[_Opt(rng.randint(10, 100), rng.randint(10, 100), 0.0, 0.0,
+                  rng.randint(1, 1000) / 1000 * scale, k, 1, torch.zeros(1), 0.0, 1.0)
+             for k in range(5)] for _ in range(6)]
+    limit = sum(min(o.muls for o in lo) for lo in opts) * 1.5
+    adds = sum(min(o.adds for o in lo) for lo in opts) * 1.6
+    best = min((sum(o.werr for o in pick), [o.n_c for o in pick])
+               for pick in itertools.product(*opts)
+               if sum(o.muls for o in pick) <= limit and sum(o.adds for o in pick) <= adds)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MilpNotOptimal)
+        sel = exact_choice(opts, limit, [adds, math.inf, math.inf])
+    assert sum(o.werr for o in sel) == pytest.approx(best[0], rel=1e-9)
+
+
 def test_an_optimal_milp_plan_records_nothing() -> None:
     _, meta = compress(_kxk(16), KXK_INFO, None, CompressConfig(**KXK), dry_run=True)
     assert "milp" not in meta["plan"]
