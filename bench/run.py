@@ -227,10 +227,22 @@ def _git() -> dict:
         except (OSError, subprocess.SubprocessError):
             return ""
 
+    import hfbconvert
+
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"commit": git("rev-parse", "HEAD") or None,
             "describe": git("log", "-1", "--format=%h %s") or None,
-            "dirty": bool(status)}
+            "dirty": bool(status),
+            "code": str(Path(hfbconvert.__file__).resolve().parent.parent)}
+
+
+def _pinned_env() -> dict[str, str]:
+    """The CLI cells' environment, with this checkout first on PYTHONPATH: an editable
+    install points ``hfbconvert`` at whichever tree it was installed from, so a run from
+    a clone would otherwise record the clone's commit and measure another tree's code."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    return env
 
 
 def machine_info() -> dict:
@@ -344,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{out_path}", flush=True)
     write_json(out_path, results)
 
-    env = dict(os.environ)
+    env = _pinned_env()
     if settings.get("torch_threads"):
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env[var] = str(settings["torch_threads"])

@@ -5,6 +5,7 @@ failed, not fatal), the results JSON, BENCHMARKS.md + plot, and bench.compare.""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,20 @@ def test_time_budget_skips_cells(tmp_path: Path) -> None:
     tiny = [c for c in res["cells"] if c["model"] == "tiny"]
     assert len(tiny) == 3 and all(c["status"] == "skipped" for c in tiny)
     assert "time budget" in tiny[0]["errors"][0]
+
+
+def test_cli_cells_import_the_checkout_the_results_name(tmp_path: Path, monkeypatch) -> None:
+    """A run from a clone records the clone's commit; its CLI cells must run the clone's
+    code too, not the tree an editable install points at."""
+    import subprocess
+    import sys
+
+    from bench.cases import REPO
+
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    env = run._pinned_env()
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(REPO), str(tmp_path)]
+    got = subprocess.run([sys.executable, "-c", "import hfbconvert; print(hfbconvert.__file__)"],
+                         env=env, cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert Path(got.stdout.strip()).resolve().parent.parent == REPO
+    assert run._git()["code"] == str(REPO)
