@@ -270,7 +270,7 @@ def test_the_milp_plan_is_the_true_optimum_at_any_scale_of_predicted_error(scale
     import itertools
     import random
 
-    from hfbconvert.plan import MilpNotOptimal, _Opt, exact_choice
+    from hfbconvert.plan import MILP_REL_GAP, MilpNotOptimal, _Opt, exact_choice
 
     rng = random.Random(3)
     opts = [[_Opt(rng.randint(10, 100), rng.randint(10, 100), 0.0, 0.0,
@@ -284,7 +284,7 @@ def test_the_milp_plan_is_the_true_optimum_at_any_scale_of_predicted_error(scale
     with warnings.catch_warnings():
         warnings.simplefilter("error", MilpNotOptimal)
         sel = exact_choice(opts, limit, [adds, math.inf, math.inf])
-    assert sum(o.werr for o in sel) == pytest.approx(best[0], rel=1e-9)
+    assert best[0] * (1 - 1e-9) <= sum(o.werr for o in sel) <= best[0] * (1 + MILP_REL_GAP)
 
 
 def test_an_optimal_milp_plan_records_nothing() -> None:
