@@ -1,6 +1,7 @@
 """The ablation section of BENCHMARKS.md, generated from the ablation scripts' results
 files (bench/results/ablation-*.json, finetune-*.json, int8-order-*.json, int8-stages-*.json,
-synthetic-calibration.json, *-planner-exact.json) so that no number in it is typed.
+synthetic-calibration.json, *-planner-exact.json, milp-scale-*.json) so that no number in it
+is typed.
 
 These files store top-1 and image counts but not per-image results, so each difference
 against the original carries an unpaired 95% interval (ᵘ; wider than a paired one) and
@@ -125,7 +126,90 @@ def _shipped(row: dict) -> str:
     stopped = kl.get("stopped_early_at")
     if row.get("reverted") or kl.get("best_step") == 0:
         return f"the fit: reverted at {stopped or row.get('steps')}"
+    if kl.get("best_step") is None:  # held KL before/after only: the last step shipped
+        return "last step"
     return f"step {kl.get('best_step')}" + (f" (stopped at {stopped})" if stopped else "")
+
+
+CURVE_MIN_CHECKS = 8  # a row with at least this many held-apart checks gets its curve
+
+
+def _curve_rows(c: dict) -> list[str]:
+    """One table row per held-apart check of a finetune_curve row's ``held_curve``."""
+    def at(key: str, i: int) -> float | None:
+        v = c.get(key) or []
+        return v[i] if i < len(v) else None
+
+    return [f"| {s} | {_num(at('held_kl', i), 1, 4)} | {_pc(at('held_agreement', i))} "
+            f"| {_pc(at('held_top1', i))} |" for i, s in enumerate(c.get("eval_steps") or [])]
+
+
+def curve_table(files: list[Path], md_dir: Path) -> list[str]:
+    """The held-apart curve (held KL, agreement, top-1 at every check) of each long
+    bench/finetune_curve.py row: how the fine-tune moves with steps, not just where it
+    ends."""
+    out: list[str] = []
+    for f in files:
+        d = _load(f) or {}
+        for r in d.get("rows", []):
+            c = r.get("held_curve") or {}
+            if len(c.get("eval_steps") or []) < CURVE_MIN_CHECKS:
+                continue
+            a = d.get("args", {})
+            out += [f"{_rel(f, md_dir)}, {_model(a)}, {r.get('steps')} steps (lr {a.get('lr')}, "
+                    f"a check every {a.get('eval_every')} steps; shipped: {_shipped(r)}; final "
+                    f"top-1 {_pc(r.get('top1'))} on {d.get('n_eval')} eval images, original "
+                    f"{_pc(d.get('top1_original'))}):", "",
+                    "| step | held KL (nats) | held agreement % | held top-1 % |",
+                    "|---|---|---|---|", *_curve_rows(c), ""]
+    if not out:
+        return []
+    return ["### Fine-tune curves (`python -m bench.finetune_curve`, long runs)", "",
+            "Each held-apart check of the long runs in the table above, on the calibration "
+            "images held apart from the fine-tune (not the evaluation images).", "", *out]
+
+
+def _g(v: float | None) -> str:
+    return "—" if v is None else f"{v:.4g}"
+
+
+def _milp_cells(r: dict, gaps: list[str]) -> list[str]:
+    cells = []
+    for k in gaps:
+        v = r.get(k) or {}
+        vs = v.get("vs_raw")
+        cells.append(f"{v.get('nodes')} nodes, " + (
+            "=" if v.get("same_plan_as_raw") else "—" if vs is None else f"{100 * vs:+.4f}%"))
+    return cells
+
+
+def milp_scale_table(files: list[Path], md_dir: Path) -> list[str]:
+    """bench/milp_scale.py: the planner's MILP on raw vs scaled costs, budget by budget."""
+    out: list[str] = []
+    for f in files:
+        d = _load(f) or {}
+        models = d.get("models") or {}
+        gaps = sorted({k for rs in models.values() for r in rs for k in r
+                       if k.startswith("scaled@")}, key=lambda k: -float(k[7:]))
+        if not gaps:
+            continue
+        out += [f"{_rel(f, md_dir)} ({d.get('images')} calibration images per dry run, node "
+                f"limit {d.get('node_limit')}); per gap: nodes, then the scaled plan's "
+                "predicted error against the raw plan's (negative: lower; \"=\": the same "
+                "plan):", "",
+                "| model | MUL budget | raw objective | raw nodes | "
+                + " | ".join(f"scaled, gap {k[7:]}" for k in gaps) + " |",
+                "|---|---|---|---|" + "---|" * len(gaps)]
+        out += [f"| {model} | {r.get('budget')} | {_g((r.get('raw') or {}).get('objective'))} | "
+                f"{(r.get('raw') or {}).get('nodes')} | " + " | ".join(_milp_cells(r, gaps)) + " |"
+                for model, rs in models.items() for r in rs]
+        out.append("")
+    if not out:
+        return []
+    return ["### Budget planner: raw vs scaled MILP costs (`python -m bench.milp_scale`)", "",
+            "The planner's objective (predicted error, not a top-1) and branch-and-bound "
+            "nodes with the raw costs at gap 1e-6 (the planner before 2026-12-03) and with "
+            "the costs scaled to an optimum of about 1 (today's planner: gap 1e-4).", "", *out]
 
 
 def probe_table(files: list[Path], md_dir: Path) -> list[str]:
@@ -306,10 +390,11 @@ def planner_table(files: list[Path], md_dir: Path) -> list[str]:
 
 SECTIONS: list[tuple[str, Callable[[list[Path], Path], list[str]]]] = [
     ("ablation-*.json", configs_table), ("finetune-*.json", finetune_table),
+    ("finetune-*.json", curve_table),
     ("finetune-probe-*.json", probe_table),
     ("int8-order-*.json", order_table), ("int8-stages-*.json", stages_table),
     ("synthetic-calibration*.json", synthetic_table),
-    ("*-planner-exact.json", planner_table),
+    ("*-planner-exact.json", planner_table), ("milp-scale-*.json", milp_scale_table),
 ]
 
 

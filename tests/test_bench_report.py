@@ -439,13 +439,59 @@ def test_finetune_rows_say_which_state_compress_shipped(tmp_path: Path) -> None:
     old = tmp_path / "finetune-old.json"
     old.write_text(json.dumps({"args": {"model": "m.pt"}, "n_eval": 100, "top1_original": 0.73,
                                "rows": [{"steps": 4500, "top1": 0.72, "reverted": None},
-                                        {"steps": 76, "top1": 0.72, "reverted": "kept"}]}))
+                                        {"steps": 76, "top1": 0.72, "reverted": "kept"},
+                                        {"steps": 100, "top1": 0.72, "reverted": None,
+                                         "held_kl": {"before": 0.05, "after": 0.04}}]}))
     probe = tmp_path / "finetune-probe-x.json"  # another script's shape: not a row here
     probe.write_text(json.dumps({"args": {"model": "m"}, "variants": {}}))
     lines = [ln for ln in finetune_table([f, old, probe], tmp_path) if ln.startswith("| ")][1:]
     shipped = [[c.strip() for c in ln.split("|")][5] for ln in lines if "---" not in ln]
     assert shipped == ["the fit: reverted at 75", "step 150 (stopped at 225)", "step 300",
-                       "last step", "the fit: reverted at 76"]
+                       "last step", "the fit: reverted at 76", "last step"]
+
+
+def test_long_finetune_rows_get_their_held_curve(tmp_path: Path) -> None:
+    """A row with at least CURVE_MIN_CHECKS held-apart checks gets one table row per check,
+    with its figures; a short one gets none."""
+    import json
+
+    from bench.ablation_report import CURVE_MIN_CHECKS, curve_table
+
+    n = CURVE_MIN_CHECKS
+    long_curve = {"eval_steps": [250 * i for i in range(n)],
+                  "held_kl": [0.05 - 0.001 * i for i in range(n)],
+                  "held_agreement": [0.9 + 0.001 * i for i in range(n)], "best_step": 250 * (n - 1)}
+    short = {"eval_steps": [0, 25], "held_kl": [0.05, 0.04], "held_agreement": [0.9, 0.91]}
+    f = tmp_path / "finetune-long.json"
+    f.write_text(json.dumps({"args": {"model": "m.pt", "lr": 1e-4, "eval_every": 250},
+                             "n_eval": 100, "top1_original": 0.73,
+                             "rows": [{"steps": 250 * n, "top1": 0.72, "held_curve": long_curve,
+                                       "held_kl": {"best_step": 250 * (n - 1)}},
+                                      {"steps": 50, "top1": 0.7, "held_curve": short}]}))
+    lines = curve_table([f], tmp_path)
+    rows = [ln for ln in lines if ln.startswith("| ") and "---" not in ln][1:]
+    assert len(rows) == n and f"step {250 * (n - 1)}" in "\n".join(lines)
+    assert rows[0].split("|")[1:4] == [" 0 ", " 0.0500 ", " 90.00 "]
+    assert rows[-1].split("|")[2].strip() == f"{0.05 - 0.001 * (n - 1):.4f}"
+    assert curve_table([tmp_path / "missing.json"], tmp_path) == []
+
+
+def test_milp_scale_rows_show_nodes_and_the_change_per_gap(tmp_path: Path) -> None:
+    import json
+
+    from bench.ablation_report import milp_scale_table
+
+    row = {"budget": 0.5, "raw": {"nodes": 5000, "objective": 0.0189},
+           "scaled@1e-4": {"nodes": 300, "objective": 0.0188, "same_plan_as_raw": False,
+                           "vs_raw": -0.0053},
+           "scaled@1e-6": {"nodes": 900, "objective": 0.0189, "same_plan_as_raw": True,
+                           "vs_raw": 0.0}}
+    f = tmp_path / "milp-scale-x.json"
+    f.write_text(json.dumps({"images": 256, "node_limit": 5000, "models": {"v2": [row]}}))
+    lines = milp_scale_table([f], tmp_path)
+    assert "| model | MUL budget | raw objective | raw nodes | scaled, gap 1e-4 | " \
+           "scaled, gap 1e-6 |" in lines  # today's gap first
+    assert "| v2 | 0.5 | 0.0189 | 5000 | 300 nodes, -0.5300% | 900 nodes, = |" in lines
 
 
 def test_probe_rows_show_the_held_kl_curve_and_the_loss_trend(tmp_path: Path) -> None:
