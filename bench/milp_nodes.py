@@ -22,6 +22,22 @@ from bench.planner_exact import MODELS, capture, cifar_folder
 BUDGETS = (0.3, 0.4, 0.45, 0.5, 0.536, 0.55, 0.6, 0.65, 0.7, 0.8)
 
 
+def capture_model(name: str, shared: Path, images: int) -> tuple[tuple, dict]:
+    """``budget_plan``'s arguments from a real dry run of shared model ``name``."""
+    rel, calib = MODELS[name]
+    model = rel if rel.startswith("builtin:") else str(shared / rel)
+    calib = cifar_folder(shared, Path.home() / ".cache/hfbconvert/planner") \
+        if calib == "cifar" else str(shared / calib)
+    return capture(model, calib, images, 0)
+
+
+def write_result(name: str, out: dict) -> None:
+    path = Path("bench/results") / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(path)
+
+
 def main() -> None:
     import scipy.optimize as so
 
@@ -46,11 +62,7 @@ def main() -> None:
     out: dict[str, Any] = {"tag": a.tag, "images": a.images, "node_limit": MILP_NODE_LIMIT,
                            "threads": os.environ.get("OMP_NUM_THREADS"), "models": {}}
     for name in a.models.split(","):
-        rel, calib = MODELS[name]
-        model = rel if rel.startswith("builtin:") else str(shared / rel)
-        calib = cifar_folder(shared, Path.home() / ".cache/hfbconvert/planner") \
-            if calib == "cifar" else str(shared / calib)
-        args, kwargs = capture(model, calib, a.images, 0)
+        args, kwargs = capture_model(name, shared, a.images)
         rows = []
         so.milp = spy
         try:
@@ -64,10 +76,7 @@ def main() -> None:
             so.milp = real
         out["models"][name] = rows
         print(name, max(r["nodes"] for r in rows), "nodes at most", flush=True)
-    path = Path("bench/results") / f"milp-nodes-{a.tag}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1) + "\n")
-    print(path)
+    write_result(f"milp-nodes-{a.tag}.json", out)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.milp_nodes import BUDGETS
-from bench.planner_exact import MODELS, capture, cifar_folder
+from bench.milp_nodes import BUDGETS, capture_model, write_result
 
 
 def main() -> None:
@@ -62,11 +61,7 @@ def main() -> None:
     plan.exact_choice, scipy_opt.milp = choice_spy, milp_spy
     try:
         for name in a.models.split(","):
-            rel, calib = MODELS[name]
-            model = rel if rel.startswith("builtin:") else str(shared / rel)
-            calib = cifar_folder(shared, Path.home() / ".cache/hfbconvert/planner") \
-                if calib == "cifar" else str(shared / calib)
-            args, kwargs = capture(model, calib, a.images, 0)
+            args, kwargs = capture_model(name, shared, a.images)
             rows = []
             for b in BUDGETS:
                 call = list(args)
@@ -98,10 +93,7 @@ def main() -> None:
     finally:
         plan.exact_choice, scipy_opt.milp = real_choice, real_milp
         plan._unit_objective, plan.MILP_REL_GAP = scaled, gap0
-    path = Path("bench/results") / f"milp-scale-{a.tag}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1) + "\n")
-    print(path)
+    write_result(f"milp-scale-{a.tag}.json", out)
 
 
 if __name__ == "__main__":
