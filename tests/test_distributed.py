@@ -267,3 +267,5 @@ def test_harmful_lr_stops_early_ships_the_fit_and_times_add_up():
     t = meta["timings"]
     parts = sum(v for k, v in t.items() if k != "total_s")
     assert "other_s" in t and parts == pytest.approx(t["total_s"], rel=1e-9)
+    # every named stage has its own line, the planner's MILP included (it was in other_s)
+    assert {"sensitivity_s", "fragility_s", "plan_s", "fit_s", "finetune_s"} <= set(t)
