@@ -432,6 +432,9 @@ def compress_cell(ctx: ModelContext, method: Method, deadline: float | None,
                                       for k in ("muls", "adds", "params", "bytes")}
     cell["compress_timings"] = j.get("timings")
     cell["stages"] = j.get("stages")
+    # the fine-tune's held-apart curve, best step, revert and lr cuts: without them a cell
+    # whose top-1 equals the fit's cannot say whether its fine-tune was thrown away
+    cell["finetune"] = j.get("finetune")
     cell["pt_bytes"] = pt.stat().st_size if pt.exists() else None
 
     r = run_cli("eval", _eval_args(ctx, str(pt)), logs, _remaining(deadline), ctx.env)

@@ -66,6 +66,7 @@ def test_bench_end_to_end(tmp_path: Path, capsys) -> None:
               "energy_pj", "onnx_bytes", "convert_wall_s", "convert_peak_rss_mb"):
         assert cell[k] is not None, k
     assert cell["n_eval"] == 32 and cell["steps_finetune"] == 2
+    assert cell["finetune"]["steps_run"] == 2 and cell["finetune"]["lr_cuts"] == []
     assert cell["muls"] < orig["muls"]
     assert cell["onnx_custom_ops"] > 0 and cell["verify"]["passed"]
     assert [s["name"] for s in cell["steps"]] == ["compress", "eval", "export"]
