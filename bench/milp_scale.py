@@ -4,7 +4,9 @@ one or more relative gaps (``plan.MILP_REL_GAP``): the objective each reaches (i
 units), whether the plan differs from the raw one, the seconds and the branch-and-bound
 nodes. The raw costs' optimum can be 1e-5, where HiGHS's absolute gap (1e-6) and
 tolerances decide when a plan is "optimal". Captures ``budget_plan``'s arguments from one
-real ``compress --dry-run`` per model (``bench.planner_exact.capture``).
+real ``compress --dry-run`` per model (``bench.planner_exact.capture``). It records the
+node counts behind ``plan.MILP_NODE_LIMIT`` too, and replaces ``bench.milp_nodes``, whose
+``bench/results/milp-nodes-20261203.json`` holds the raw-cost planner's counts.
 
     OMP_NUM_THREADS=1 python -m bench.milp_scale --models v1-0.5-160,cifar10-v1-0.5 \\
         --gaps 1e-6,1e-4 --tag 20261203      -> bench/results/milp-scale-TAG.json
@@ -21,7 +23,25 @@ from typing import Any
 
 import numpy as np
 
-from bench.milp_nodes import BUDGETS, capture_model, write_result
+from bench.planner_exact import MODELS, capture, cifar_folder
+
+BUDGETS = (0.3, 0.4, 0.45, 0.5, 0.536, 0.55, 0.6, 0.65, 0.7, 0.8)
+
+
+def capture_model(name: str, shared: Path, images: int) -> tuple[tuple, dict]:
+    """``budget_plan``'s arguments from a real dry run of shared model ``name``."""
+    rel, calib = MODELS[name]
+    model = rel if rel.startswith("builtin:") else str(shared / rel)
+    calib = cifar_folder(shared, Path.home() / ".cache/hfbconvert/planner") \
+        if calib == "cifar" else str(shared / calib)
+    return capture(model, calib, images, 0)
+
+
+def write_result(name: str, out: dict) -> None:
+    path = Path("bench/results") / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(path)
 
 
 def main() -> None:
