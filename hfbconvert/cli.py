@@ -25,7 +25,7 @@ CONFIG_FLAGS = {
     "method": "--method", "budget": "--budget", "critical_fraction": "--critical-fraction",
     "size_budget": "--size-budget", "energy_budget": "--energy-budget",
     "max_add_increase": "--max-add-increase", "weight_bits": "--weight-bits",
-    "activation_bits": "--activation-bits", "hidden_bits": "--hidden-bits",
+    "activation_bits": "--activation-bits", "hidden_bits": "--hidden-bits", "qat=False": "--no-qat",
     "calib": "--calib", "bn_adjust": "--bn-adjust", "plan_override": "--plan",
     # fields that library errors (HfbError placeholders) point at; switches as name=True
     "force=True": "--force", "resume=True": "--resume", "trust_pickle=True": "--trust-pickle",
@@ -599,6 +599,12 @@ def _analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, b
                    "values, no extra operation). 8: requantized to uint8 with power-of-two "
                    "scales, for targets that keep every stored activation 8-bit (measured: "
                    "-0.6 points top-1 on MobileNetV1-0.5-160).")
+@click.option("--qat/--no-qat", default=True, show_default=True,
+              help="With --activation-bits 8 and a fine-tune: --qat fine-tunes after the "
+                   "int8 stages with the quantizers in the forward (straight-through); "
+                   "--no-qat fine-tunes in float first, then rounds the weights, corrects "
+                   "the means and calibrates the activations (no fake quantization in the "
+                   "training steps: faster). Measured: BENCHMARKS.md, int8 suite.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print a JSON summary to stdout (with schema_version).")
 @_layer_opts
@@ -611,8 +617,8 @@ def compress(ctx, model, arch, trust_pickle, calib, calib_size, resolution, pres
              eval_every, patience, stop_from, lr, lr_backoff, reconstruct, sequential,
              bias_correction,
              bn_adjust, min_agreement, resume,
-             device, weight_bits, activation_bits, hidden_bits, as_json, include, exclude,
-             layer_kinds, seed, quiet, data_workers):
+             device, weight_bits, activation_bits, hidden_bits, qat, as_json, include,
+             exclude, layer_kinds, seed, quiet, data_workers):
     """Split pointwise layers into full-precision critical filters + ternary banks under a
     MUL budget (activation-aware fit), then fine-tune briefly by distillation.
 
@@ -684,7 +690,8 @@ def compress_config(params: dict[str, Any]) -> Any:
                                 patience=p["patience"], stop_from=p["stop_from"],
                                 lr_backoff=p["lr_backoff"], device=device),
         weight_bits=None if wb is None else int(wb),
-        activation_bits=int(p["activation_bits"]), hidden_bits=int(p["hidden_bits"]))
+        activation_bits=int(p["activation_bits"]), hidden_bits=int(p["hidden_bits"]),
+        qat=p["qat"])
 
 
 def _compress(net, info, data, cfg, model: str, out: Path, force: bool, resume: bool,

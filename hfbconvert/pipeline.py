@@ -107,6 +107,10 @@ class CompressConfig:
     # with int8 activations: ternary-bank hidden units int32 (exact; default) or uint8
     # (power-of-two scales); see actquant.attach
     hidden_bits: int = 32
+    # with int8 activations and a fine-tune: True (QAT) fine-tunes after the int8 stages
+    # with the quantizers in the forward; False fine-tunes in float first, then rounds
+    # weights, corrects means and calibrates activations (no fake quantization per step)
+    qat: bool = True
     act_calib_images: int = 128  # one forward pass as a single batch
     mean_shift: bool = True  # after rounding to 8 bits: match per-layer output means
     # BatchNorm stage (bnadjust.py): "off" | "match" | "reestimate". Off by default: the
@@ -320,6 +324,11 @@ def validate_config(cfg: CompressConfig, has_data: bool) -> None:
     check_caps(cfg.method, cfg.critical_fraction, cfg.size_budget, cfg.energy_budget)
     check_bits(cfg.weight_bits)
     actquant.check_config(cfg.activation_bits, cfg.weight_bits, has_data, cfg.hidden_bits)
+    if not isinstance(cfg.qat, bool):
+        raise ConfigError("qat", cfg.qat, "must be true or false")
+    if not cfg.qat and cfg.activation_bits != 8:
+        raise ConfigError("qat=False", None, "applies only with {other} 8",
+                          other="activation_bits")
     if cfg.bn_adjust not in BN_MODES:
         raise ConfigError("bn_adjust", cfg.bn_adjust, f"unknown; choose from "
                           f"{', '.join(BN_MODES)}")

@@ -441,7 +441,9 @@ def stages_for(cfg: Any, has_data: bool, steps: int) -> list[Step]:
     # fitted one-shot, also after reconstruction
     out.append(Step(add_cap, "add_cap_s", None))
     out.append(Step(banks, None, None))
-    if steps > 0 and has_data and not int8:
+    # int8 fine-tunes in float here only without QAT (cfg.qat False), else after the
+    # int8 stages with the quantizers in the forward (int8_finetune)
+    if steps > 0 and has_data and not (int8 and cfg.qat):
         out.append(Step(finetune, None, None))  # times and logs itself (it may revert)
     if cfg.bn_adjust != "off":
         out.append(Step(bn, None, None))  # logs itself, or why it had nothing to do
@@ -454,7 +456,7 @@ def stages_for(cfg: Any, has_data: bool, steps: int) -> list[Step]:
         out.append(Step(mean_shift, "mean_shift_s", "mean_shift"))
     if int8:
         out.append(Step(activation_calibration, "activation_bits_s", "activations_8bit"))
-        if steps > 0 and has_data:
+        if steps > 0 and has_data and cfg.qat:
             out.append(Step(int8_finetune, None, None))
     return out
 

@@ -32,6 +32,8 @@ BAD = [  # (changes to the default config, has calibration data, field at fault,
     ({"hidden_bits": 8}, True, "hidden_bits", 8),
     ({"hidden_bits": 7, "activation_bits": 8, "weight_bits": 8}, True, "hidden_bits", 7),
     ({"bn_adjust": "maybe"}, True, "bn_adjust", "maybe"),
+    ({"qat": False}, True, "qat=False", None),
+    ({"qat": "no", "activation_bits": 8, "weight_bits": 8}, True, "qat", "no"),
     ({"bn_scope": "some"}, True, "bn_scope", "some"),
 ]
 
@@ -57,7 +59,8 @@ def test_good_configs_pass():
 
 
 def _all_options(cmd: click.Command) -> set[str]:
-    opts = {o for p in cmd.get_params(click.Context(cmd)) for o in getattr(p, "opts", [])}
+    opts = {o for p in cmd.get_params(click.Context(cmd))
+            for o in [*getattr(p, "opts", []), *getattr(p, "secondary_opts", [])]}
     for sub in getattr(cmd, "commands", {}).values():
         opts |= _all_options(sub)
     return opts
@@ -75,7 +78,8 @@ def test_every_mapped_flag_is_a_cli_option():
     fields = {f.name for f in dataclasses.fields(CompressConfig)
               + dataclasses.fields(FinetuneConfig)}
     for field, flag in cli.CONFIG_FLAGS.items():
-        assert field in fields | LIBRARY_PARAMS, field
+        field = field.split("=")[0]  # a switch's value: "qat=False" is set by --no-qat
+        assert field in fields | {p.split("=")[0] for p in LIBRARY_PARAMS}, field
         if field in fields:  # a configuration field is set by a compress option
             assert flag in compress_opts, (field, flag)
 
@@ -92,6 +96,7 @@ def test_planner_budget_errors_are_typed():
     (["--activation-bits", "8", "--weight-bits", "8"],
      ["--activation-bits 8: needs calibration images", "(give --calib)"]),
     (["--hidden-bits", "8"], ["--hidden-bits 8: applies only with --activation-bits 8"]),
+    (["--no-qat"], ["--no-qat: applies only with --activation-bits 8"]),
     (["--size-budget", "0.5", "--method", "twn"],
      ["--size-budget 0.5: steers the budget planner", "--method twn"]),
 ])

@@ -156,8 +156,9 @@ def _assert_unchanged(model: nn.Module, before: dict) -> None:
         assert a.dtype == v.dtype and torch.equal(a, v), k
 
 
-@pytest.mark.parametrize("bits", [{}, {"weight_bits": 8, "activation_bits": 8}],
-                         ids=["default", "int8"])
+@pytest.mark.parametrize("bits", [{}, {"weight_bits": 8, "activation_bits": 8},
+                                  {"weight_bits": 8, "activation_bits": 8, "qat": False}],
+                         ids=["default", "int8", "int8-no-qat"])
 def test_compress_leaves_the_callers_model_alone(bits: dict) -> None:
     """The user's model goes in in training mode with one frozen parameter and comes out
     exactly as it went in: weights, device, per-module training flags, attributes (no
@@ -178,7 +179,13 @@ def test_compress_leaves_the_callers_model_alone(bits: dict) -> None:
     from hfbconvert import stages as S
 
     want = [s.name for s in S.stages_for(cfg, True, 2)]
-    assert [n for n, _ in seen] == want and ("int8_finetune" in want) == bool(bits)
+    qat = bits.get("activation_bits") == 8 and bits.get("qat", True)
+    assert [n for n, _ in seen] == want and ("int8_finetune" in want) == qat
+    # exactly one fine-tune: with the quantizers (QAT) or in float before the int8 stages
+    assert ("finetune" in want) != qat
+    if "finetune" in want and bits:
+        assert want.index("finetune") < want.index("weight_quant") < \
+            want.index("activation_calibration")
     assert {i for _, i in seen[want.index("freeze"):]} == {id(hybrid)}
 
 
