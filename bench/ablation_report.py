@@ -328,15 +328,74 @@ def stages_table(files: list[Path], md_dir: Path) -> list[str]:
         return []
     return ["### The int8 hybrid, stage by stage (`python -m bench.int8_stages`)", "",
             "`compress --activation-bits 8` run in process and evaluated after each stage "
-            "that changes the network: `add_cap` (the one-shot hybrid fit), `weight_quant` "
-            "(int8 weights), `mean_shift`, `activation_calibration` (uint8 activations, int32 "
-            "hidden units), `int8_finetune`. Measured on the tuning split (calibration images "
-            "held apart from calibration, never the evaluation images), per-image results "
-            "stored: every difference is paired (bootstrap 95% interval, McNemar's p).", "",
+            "that changes the network: `add_cap` (the one-shot hybrid fit), `finetune` (the "
+            "float fine-tune, with `--no-qat`), `weight_quant` (int8 weights), `mean_shift`, "
+            "`activation_calibration` (uint8 activations, int32 hidden units), "
+            "`int8_finetune` (with the quantizers in the loop, the default `--qat`). Measured "
+            "on the tuning split (calibration images held apart from calibration, never the "
+            "evaluation images), per-image results stored: every difference is paired "
+            "(bootstrap 95% interval, McNemar's p).", "",
             "| results file | model (settings) | after stage | split, images | original top-1 % "
             "| top-1 % [95%] | Δ vs original (pp) [95%] | vs original | Δ vs stage before "
             "(pp) [95%] | vs stage before | agreement % [95%] | KL (nats) [95%] |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
+            "|---|---|---|---|---|---|---|---|---|---|---|---|", *rows, "",
+            *final_rows_table(files, md_dir)]
+
+
+def _final(d: dict) -> tuple[dict, int] | None:
+    """The last row of an int8_stages file (the shipped model) and its image count, when
+    it stores per-image results with agreement and KL."""
+    rows = d.get("rows") or []
+    pi = rows[-1].get("per_image") if rows else None
+    if not pi or "agree_hex" not in pi or "kl_b64" not in pi:
+        return None
+    return rows[-1], int(pi["n"])
+
+
+def final_rows_table(files: list[Path], md_dir: Path) -> list[str]:
+    """Shipped model against shipped model, paired: every two int8_stages files of one
+    model, seed and image list whose settings differ (e.g. ``qat=false`` against the
+    defaults). Top-1, agreement and per-image KL differences with bootstrap intervals."""
+    from hfbconvert.metrics import decode_floats
+
+    loaded = [(f, d) for f in files if (d := _load(f)) and _final(d)]
+    out = []
+    for i, (fa, a) in enumerate(loaded):
+        for fb, b in loaded[i + 1:]:
+            aa, ab = a.get("args") or {}, b.get("args") or {}
+            ra, n = _final(a)
+            rb, nb = _final(b)
+            same = (aa.get("model"), aa.get("seed"), ra["per_image"]["images_sha256"]) == \
+                (ab.get("model"), ab.get("seed"), rb["per_image"]["images_sha256"])
+            if not same or n != nb or aa.get("set", []) == ab.get("set", []):
+                continue
+            if not aa.get("set"):  # the settings that differ first, the defaults second
+                (fa, a, aa, ra), (fb, b, ab, rb) = (fb, b, ab, rb), (fa, a, aa, ra)
+            pa, pb = ra["per_image"], rb["per_image"]
+            ca, cb = decode_bits(pa["correct_hex"], n), decode_bits(pb["correct_hex"], n)
+            top = dict(zip(("d", "ci"), paired_difference_interval(ca, cb)))
+            o, q = discordant(ca, cb)
+            top1 = {"d": top["d"], "lo": top["ci"][0], "hi": top["ci"][1],
+                    "p": mcnemar_exact(o, q), "only_x": o, "only_y": q, "paired": True, "n": n}
+            ag = paired_difference_interval(decode_bits(pa["agree_hex"], n),
+                                            decode_bits(pb["agree_hex"], n))
+            kl = paired_difference_interval(decode_floats(pa["kl_b64"], n),
+                                            decode_floats(pb["kl_b64"], n))
+            sets = " ".join(f"`{x}`" for x in aa.get("set", [])) or "defaults"
+            setb = " ".join(f"`{x}`" for x in ab.get("set", [])) or "defaults"
+            out.append(f"| {_rel(fa, md_dir)} − {_rel(fb, md_dir)} | {aa.get('model')} seed "
+                       f"{aa.get('seed')} | {sets} (`{ra['stage']}`) − {setb} "
+                       f"(`{rb['stage']}`) | {n} | {fmt_diff(top1, True)} | {words(top1)} | "
+                       f"{100 * ag[0]:+.2f} [{100 * ag[1][0]:+.2f}, {100 * ag[1][1]:+.2f}] | "
+                       f"{kl[0]:+.4f} [{kl[1][0]:+.4f}, {kl[1][1]:+.4f}] |")
+    if not out:
+        return []
+    return ["Shipped model against shipped model on the same tuning images (the last row of "
+            "each file; paired bootstrap 95% intervals; a KL difference below zero means "
+            "closer to the original):", "",
+            "| files | model | settings (last stage) | images | Δ top-1 (pp) [95%] | verdict "
+            "| Δ agreement (pp) [95%] | Δ KL (nats) [95%] |", "|---|---|---|---|---|---|---|---|",
+            *out, ""]
 
 
 def synthetic_table(files: list[Path], md_dir: Path) -> list[str]:

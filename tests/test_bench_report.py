@@ -513,3 +513,39 @@ def test_probe_rows_show_the_held_kl_curve_and_the_loss_trend(tmp_path: Path) ->
     assert rows[0][5] == "0.0280 → 0.0470 → 0.1160"
     assert rows[0][6] == "0.0300 → 0.3500" and rows[1][6] == "0.0400 → 0.0200"
     assert probe_table([tmp_path / "missing.json"], tmp_path) == []
+
+
+def test_shipped_models_of_two_stage_runs_are_compared_paired(tmp_path: Path) -> None:
+    """Two int8_stages files of one model, seed and image list whose settings differ give
+    one row: the last rows' top-1, agreement and KL differences, the changed settings
+    first; files of another seed, or with the same settings, give none."""
+    import json
+
+    from bench.ablation_report import final_rows_table
+    from hfbconvert.metrics import encode_floats
+
+    n = 8
+    truth = np.ones(n, dtype=bool)
+
+    def write(name: str, sets: list[str], seed: int, correct: list[int], kl: list[float]):
+        c = np.array(correct, dtype=bool)
+        pi = {"n": n, "images_sha256": "abc", "correct_hex": encode_bits(c),
+              "agree_hex": encode_bits(c == truth),
+              "kl_b64": encode_floats(np.array(kl, dtype=np.float32)), "pred_b64": ""}
+        p = tmp_path / f"int8-stages-{name}.json"
+        p.write_text(json.dumps({"args": {"model": "m", "seed": seed, "set": sets},
+                                 "n_eval": n, "rows": [{"stage": "mean_shift"},
+                                                       {"stage": name, "per_image": pi}]}))
+        return p
+
+    base = write("int8_finetune", [], 0, [1] * 6 + [0, 0], [0.04] * n)
+    noqat = write("activation_calibration", ["qat=false"], 0, [1] * 8, [0.03] * n)
+    other_seed = write("x", ["qat=false"], 1, [1] * 8, [0.01] * n)
+    lines = final_rows_table([base, noqat, other_seed], tmp_path)
+    rows = [ln for ln in lines if ln.startswith("| ") and "---" not in ln][1:]
+    assert len(rows) == 1, lines
+    cells = [c.strip() for c in rows[0].split("|")[1:-1]]
+    assert cells[2] == "`qat=false` (`activation_calibration`) − defaults (`int8_finetune`)"
+    assert cells[3] == "8" and cells[4].startswith("+25.00")
+    assert cells[6].startswith("+25.00") and cells[7].startswith("-0.0100")
+    assert final_rows_table([base, write("y", [], 0, [1] * 8, [0.0] * n)], tmp_path) == []

@@ -495,6 +495,29 @@ def test_cli_int8_fine_tunes_with_quantizers_in_the_loop(a8, tmp_path):
     assert exp["verify"]["passed"]
 
 
+def test_cli_int8_no_qat_fine_tunes_in_float_first(a8, tmp_path):
+    """--no-qat: the one fine-tune runs in float, before the weights are rounded and the
+    activations calibrated; the result is the same int8 artifact kind and exports
+    verified; the option is recorded in the configuration."""
+    from hfbconvert.weightquant import int8_codes, weight_params
+
+    pt, onx = tmp_path / "f.hfb.pt", tmp_path / "f.onnx"
+    res = json.loads(ok(run("compress", a8["model"], "--calib", a8["calib"], "--steps", "6",
+                            "--batch-size", "8", "--activation-bits", "8", "--no-qat",
+                            "--min-agreement", "0", "-o", pt, "--json", "-q")).stdout)
+    stages = [s["stage"] for s in res["stages"]]
+    assert stages[0] == "fit" and stages[-3:] == ["weights_8bit", "mean_shift",
+                                                  "activations_8bit"]
+    assert [s for s in stages if s.startswith("finetune")] == ["finetune_6"]
+    net, _, meta = load_compressed(pt)
+    assert meta["activation_bits"] == 8 and meta["config"]["qat"] is False
+    for _name, mod, attr in weight_params(net):
+        int8_codes(getattr(mod, attr).detach().numpy())  # raises unless exact int8 values
+    exp = json.loads(ok(run("export", "onnx", pt, "-o", onx, "--calib", a8["calib"], "--json",
+                            "-q")).stdout)
+    assert exp["verify"]["passed"]
+
+
 def test_hidden_quant_contract_matches_function_body(a8):
     """``--hidden-bits 8``: the numpy contract of StrassenPointwise with h_scale and
     h_zero_point computes what the exported function body computes."""
