@@ -16,7 +16,8 @@ the optimiser or the held-apart check is at fault.
 Variants are ``WHAT@LR``. WHAT: ``all`` (every continuous parameter, the default),
 ``no-bn`` (all but BatchNorm affine parameters), ``bn-only``, ``hybrid-only``, ``fold``
 (BatchNorm folded into the layers first, as the int8 path does; all parameters), ``rel``
-(per-tensor lr = LR x max(RMS of the tensor, 0.01): a scale-relative step).
+(per-tensor lr = LR x max(RMS of the tensor, 0.01): a scale-relative step), ``no17``
+(all but the modules feeding MobileNetV2's amplifying BatchNorm, :data:`AMPLIFIED`).
 """
 
 from __future__ import annotations
@@ -46,9 +47,15 @@ def _is_bn(m: nn.Module) -> bool:
     return isinstance(m, nn.modules.batchnorm._BatchNorm)
 
 
-KEEP: dict[str, Callable[[nn.Module], bool]] = {
-    "all": lambda m: True, "fold": lambda m: True, "rel": lambda m: True,
-    "no-bn": lambda m: not _is_bn(m), "bn-only": _is_bn, "hybrid-only": is_hybrid,
+# the modules upstream of MobileNetV2's amplifying BatchNorm (features.17.conv.1.1: 689 of
+# 960 channels with running variance <= 1e-5, gain gamma/sqrt(var + eps) up to 107)
+AMPLIFIED = ("features.17.conv.0", "features.17.conv.1")
+
+KEEP: dict[str, Callable[[str, nn.Module], bool]] = {
+    "all": lambda n, m: True, "fold": lambda n, m: True, "rel": lambda n, m: True,
+    "no-bn": lambda n, m: not _is_bn(m), "bn-only": lambda n, m: _is_bn(m),
+    "hybrid-only": lambda n, m: is_hybrid(m),
+    "no17": lambda n, m: not n.startswith(AMPLIFIED),
 }
 
 
@@ -56,9 +63,9 @@ def groups_for(what: str) -> Callable[[nn.Module, FinetuneConfig], list[dict]]:
     """A replacement for ``distill._param_groups``: the parameters ``what`` trains."""
     def groups(model: nn.Module, cfg: FinetuneConfig, scale: float = 1.0) -> list[dict]:
         out = []
-        for _, m in model.named_modules():
+        for name, m in model.named_modules():
             for _, p in m.named_parameters(recurse=False):
-                if not KEEP[what](m):
+                if not KEEP[what](name, m):
                     continue
                 lr = cfg.lr * scale
                 if what == "rel":
