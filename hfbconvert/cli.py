@@ -26,6 +26,7 @@ CONFIG_FLAGS = {
     "size_budget": "--size-budget", "energy_budget": "--energy-budget",
     "max_add_increase": "--max-add-increase", "weight_bits": "--weight-bits",
     "activation_bits": "--activation-bits", "hidden_bits": "--hidden-bits", "qat=False": "--no-qat",
+    "trainable": "--trainable",
     "calib": "--calib", "bn_adjust": "--bn-adjust", "plan_override": "--plan",
     # fields that library errors (HfbError placeholders) point at; switches as name=True
     "force=True": "--force", "resume=True": "--resume", "trust_pickle=True": "--trust-pickle",
@@ -103,6 +104,17 @@ def _lr_backoff_opt(f):
         help="Times the fine-tune may cut its lr tenfold, going back to the best state "
              "checked, when its training loss rises 1.5x while it trains (an lr too high "
              "for the model, as 1e-4 is for MobileNetV2); 0: never.")(f)
+
+
+def _trainable_opt(f):
+    """compress's and finetune's --trainable (distill.FinetuneConfig.trainable)."""
+    return click.option(
+        "--trainable", type=click.Choice(["all", "norm"]), default="all", show_default=True,
+        help="Which parameters the fine-tune trains: all continuous ones, or norm (the "
+             "BatchNorm/GroupNorm/LayerNorm scales and shifts alone). On MobileNetV2 "
+             "every other set raised the held-apart KL at lr 3e-5 and norm lowered it "
+             "(BENCHMARKS.md, fine-tune probes). norm needs normalization layers that "
+             "are not folded (with --activation-bits 8: --no-qat).")(f)
 
 
 def _device_opt(f):
@@ -548,6 +560,7 @@ def _analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, b
 @click.option("--lr", type=FiniteFloat(0.0, lo_open=True), default=1e-4, show_default=True,
               help="Fine-tuning learning rate (Adam), > 0.")
 @_lr_backoff_opt
+@_trainable_opt
 @click.option("--reconstruct/--no-reconstruct", default=False, show_default=True,
               help="Sequential reconstruction: refit layers in order against the compressed "
                    "network's own inputs. Off by default: on MobileNetV1-0.5-160 the one-shot "
@@ -614,7 +627,7 @@ def compress(ctx, model, arch, trust_pickle, calib, calib_size, resolution, pres
              force, method, budget, max_add_increase, size_budget, energy_budget,
              energy_model,
              critical_fraction, hidden_units_ratio, plan_file, dry_run, steps, batch_size,
-             eval_every, patience, stop_from, lr, lr_backoff, reconstruct, sequential,
+             eval_every, patience, stop_from, lr, lr_backoff, trainable, reconstruct, sequential,
              bias_correction,
              bn_adjust, min_agreement, resume,
              device, weight_bits, activation_bits, hidden_bits, qat, as_json, include,
@@ -688,7 +701,8 @@ def compress_config(params: dict[str, Any]) -> Any:
         finetune=FinetuneConfig(steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"],
                                 seed=p["seed"], eval_every=p["eval_every"],
                                 patience=p["patience"], stop_from=p["stop_from"],
-                                lr_backoff=p["lr_backoff"], device=device),
+                                lr_backoff=p["lr_backoff"], trainable=p["trainable"],
+                                device=device),
         weight_bits=None if wb is None else int(wb),
         activation_bits=int(p["activation_bits"]), hidden_bits=int(p["hidden_bits"]),
         qat=p["qat"])
@@ -946,6 +960,7 @@ def _versions() -> dict:
                    "(0: from the first check): the first steps at full lr can raise the "
                    "held-apart KL before lowering it.")
 @_lr_backoff_opt
+@_trainable_opt
 @click.option("--stop-on", type=click.Choice(["auto", "kl", "loss", "top1"]), default="auto",
               show_default=True,
               help="What ranks the held-apart checks: kl (KL to the teacher), loss (KL + "
@@ -967,7 +982,7 @@ def _versions() -> dict:
 @_common
 def finetune_cmd(compressed, data_path, size, epochs, output, force, teacher, learn_codes,
                  batch_size, lr, latent_lr, label_weight, held_fraction, eval_every, patience,
-                 stop_from, lr_backoff, stop_on, checkpoint_every, resume, as_json,
+                 stop_from, lr_backoff, trainable, stop_on, checkpoint_every, resume, as_json,
                  source_model, trust_pickle, device, seed, quiet, data_workers):
     """Fine-tune a compressed model further on labelled data: distillation from the
     original plus cross-entropy on the labels, optionally learning the ternary codes, with
@@ -999,6 +1014,7 @@ def finetune_cmd(compressed, data_path, size, epochs, output, force, teacher, le
                         label_weight=label_weight, learn_codes=learn_codes,
                         held_fraction=held_fraction, eval_every=eval_every,
                         patience=patience, stop_from=stop_from, lr_backoff=lr_backoff,
+                        trainable=trainable,
                         stop_on=stop_on, seed=seed)
     main_rank = distributed.is_main()
     ckpt = str(out) + ".ckpt"

@@ -25,7 +25,7 @@ from hfbconvert.calib.readers import CalibData
 from . import actquant, distributed, progress
 from .bnadjust import BN_MODES, BN_SCOPES, bn_targets, match_bn, reestimate_bn
 from .costs import ModelCost, model_cost
-from .distill import FinetuneConfig, finetune, fingerprint
+from .distill import FinetuneConfig, finetune, fingerprint, trainable_parameters
 from .errors import ConfigError
 from .fitting import PairStats
 from .handlers import is_hybrid, parse_kinds
@@ -329,6 +329,10 @@ def validate_config(cfg: CompressConfig, has_data: bool) -> None:
     if not cfg.qat and cfg.activation_bits != 8:
         raise ConfigError("qat=False", None, "applies only with {other} 8",
                           other="activation_bits")
+    if cfg.finetune.trainable == "norm" and cfg.activation_bits == 8 and cfg.qat:
+        raise ConfigError("trainable", "norm", "with 8-bit activations needs {other} (QAT "
+                          "fine-tunes after BatchNorm is folded into the layers)",
+                          other="qat=False")
     if cfg.bn_adjust not in BN_MODES:
         raise ConfigError("bn_adjust", cfg.bn_adjust, f"unknown; choose from "
                           f"{', '.join(BN_MODES)}")
@@ -565,6 +569,11 @@ def compress(model: nn.Module, info: ModelInfo, data: CalibData | None, cfg: Com
     # the caller's model is never touched: every stage reads a private eval-mode copy (no
     # training flag, device move, hook, attribute or transient weight change leaks back)
     model = copy.deepcopy(model).eval()
+    if cfg.finetune.trainable != "all" and data is not None and cfg.finetune.steps != 0 \
+            and not trainable_parameters(model, cfg.finetune.trainable):
+        # before any work, not after the fit
+        raise ConfigError("trainable", cfg.finetune.trainable, "the model has no "
+                          "normalization layer parameters to train (BatchNorm folded?)")
     t0 = time.perf_counter()
     st = _initial_state(model, info, data, cfg, checkpoint, resume, plan_override)
     helper = distributed.active() and not distributed.is_main()

@@ -61,6 +61,7 @@ class RetrainConfig:
     # stopping it early is what saves the hours (not measured on a run that long here)
     stop_from: float = 0.5
     lr_backoff: int = 2  # FinetuneConfig.lr_backoff
+    trainable: str = "all"  # FinetuneConfig.trainable
     warmup: int = 10
     seed: int = 0
     # what early stopping and the shipped state follow (distill.FinetuneConfig.stop_on);
@@ -239,6 +240,7 @@ def _prepare(student: nn.Module, teacher: nn.Module, data: CalibData, cfg: Retra
                         seed=cfg.seed, checkpoint_every=checkpoint_every,
                         eval_every=cfg.eval_every, patience=cfg.patience,
                         stop_from=cfg.stop_from, lr_backoff=cfg.lr_backoff,
+                        trainable=cfg.trainable,
                         stop_on=cfg.stop_rule, device=device)
     model = copy.deepcopy(student).eval()
     codes_before = code_counts(model)

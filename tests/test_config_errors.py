@@ -33,6 +33,8 @@ BAD = [  # (changes to the default config, has calibration data, field at fault,
     ({"hidden_bits": 7, "activation_bits": 8, "weight_bits": 8}, True, "hidden_bits", 7),
     ({"bn_adjust": "maybe"}, True, "bn_adjust", "maybe"),
     ({"qat": False}, True, "qat=False", None),
+    ({"finetune": FinetuneConfig(trainable="norm"), "activation_bits": 8, "weight_bits": 8},
+     True, "trainable", "norm"),
     ({"qat": "no", "activation_bits": 8, "weight_bits": 8}, True, "qat", "no"),
     ({"bn_scope": "some"}, True, "bn_scope", "some"),
 ]
@@ -97,6 +99,8 @@ def test_planner_budget_errors_are_typed():
      ["--activation-bits 8: needs calibration images", "(give --calib)"]),
     (["--hidden-bits", "8"], ["--hidden-bits 8: applies only with --activation-bits 8"]),
     (["--no-qat"], ["--no-qat: applies only with --activation-bits 8"]),
+    (["--trainable", "norm", "--activation-bits", "8", "--calib", "synthetic:8"],
+     ["--trainable norm: with 8-bit activations needs --no-qat"]),
     (["--size-budget", "0.5", "--method", "twn"],
      ["--size-budget 0.5: steers the budget planner", "--method twn"]),
 ])

@@ -175,3 +175,54 @@ def test_harmful_finetune_is_reverted_to_the_fit():
     assert kl["after"] > kl["before"] and "kept the fit" in meta["finetune_reverted"]
     a, b = fit_only.state_dict(), hybrid.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_norm_only_finetune_trains_only_normalization_layers():
+    """``trainable="norm"``: the BatchNorm scales and shifts move, every other parameter
+    and every running statistic stays bit for bit, and each parameter's requires_grad
+    comes back as it went in (a frozen one stays frozen)."""
+    from torch import nn
+
+    from hfbconvert.hybrid import HybridPointwise
+
+    teacher = tiny_v1()
+    student = _student(teacher)
+    for m in student.modules():
+        if isinstance(m, HybridPointwise):
+            m.freeze()  # the deploy form: the state to compare has no latents
+    student.blocks[0].conv_dw.weight.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in student.named_parameters()}
+    before = copy.deepcopy(student.state_dict())
+    norm = {f"{mn}.{pn}" for mn, m in student.named_modules()
+            if isinstance(m, nn.BatchNorm2d) for pn, _ in m.named_parameters(recurse=False)}
+    finetune(student, teacher, _images(), None, _norm,
+             FinetuneConfig(steps=8, batch_size=8, lr=1e-2, warmup=1, trainable="norm"))
+    after = student.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and moved <= norm, moved - norm
+    assert {n: p.requires_grad for n, p in student.named_parameters()} == flags
+
+
+def test_norm_only_needs_normalization_layers():
+    """A model whose BatchNorm is folded has nothing for ``trainable="norm"`` to train:
+    refused by the fine-tune, and by compress before any work."""
+    from hfbconvert.bnfold import fold_batchnorms
+    from hfbconvert.calib.readers import CalibData
+    from hfbconvert.errors import ConfigError
+
+    from .tiny import tiny_info
+
+    teacher = tiny_v1()
+    fold_batchnorms(teacher)
+    cfg = FinetuneConfig(steps=2, batch_size=8, trainable="norm")
+    with pytest.raises(ConfigError) as ei:
+        finetune(_student(teacher), teacher, _images(), None, _norm, cfg)
+    assert (ei.value.field, ei.value.value) == ("trainable", "norm")
+    data = CalibData(_images(), None, (0.5,) * 3, (0.25,) * 3, [str(i) for i in range(40)],
+                     source="random")
+    with pytest.raises(ConfigError, match="no normalization layer parameters"):
+        compress(teacher, tiny_info(), data, CompressConfig(finetune=cfg))
+    with pytest.raises(ConfigError) as ei:  # int8 QAT folds BatchNorm before its fine-tune
+        compress(tiny_v1(), tiny_info(), data, CompressConfig(
+            activation_bits=8, finetune=cfg))
+    assert ei.value.field == "trainable" and ei.value.other == "qat=False"
