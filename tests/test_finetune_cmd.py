@@ -179,6 +179,22 @@ def test_cli_writes_a_new_artifact_with_the_curve(setup) -> None:
     assert re.search(r"\| 0( \(shipped\))? \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \|", md)
 
 
+def test_cli_trainable_norm_moves_only_batchnorm(setup) -> None:
+    """``finetune --trainable norm``: the new artifact differs from its input only in
+    BatchNorm scales and shifts, and records the choice."""
+    out = setup["dir"] / "norm.hfb.pt"
+    res = run("finetune", setup["art"], "--data", setup["npz"], *FAST, "-o", out,
+              "--trainable", "norm", "--lr", "1e-2", "--eval-every", "0")
+    assert res.exit_code == 0, res.output
+    a, b = api.load_compressed(setup["art"]), api.load_compressed(out)
+    norm = {f"{mn}.{pn}" for mn, m in b.model.named_modules()
+            if isinstance(m, torch.nn.BatchNorm2d) for pn, _ in m.named_parameters(recurse=False)}
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    moved = {k for k in sa if not torch.equal(sa[k], sb[k])}
+    assert moved and moved <= norm, moved - norm
+    assert b.meta["finetune_curve"]["config"]["trainable"] == "norm"
+
+
 def test_resume_refuses_a_changed_configuration(setup) -> None:
     comp = api.load_compressed(setup["art"])
     data = api.load_images(setup["npz"], comp.info)
