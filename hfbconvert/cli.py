@@ -25,8 +25,8 @@ CONFIG_FLAGS = {
     "method": "--method", "budget": "--budget", "critical_fraction": "--critical-fraction",
     "size_budget": "--size-budget", "energy_budget": "--energy-budget",
     "max_add_increase": "--max-add-increase", "weight_bits": "--weight-bits",
-    "activation_bits": "--activation-bits", "hidden_bits": "--hidden-bits", "qat=False": "--no-qat",
-    "trainable": "--trainable",
+    "activation_bits": "--activation-bits", "hidden_bits": "--hidden-bits",
+    "qat": "--qat", "qat=False": "--no-qat", "trainable": "--trainable",
     "calib": "--calib", "bn_adjust": "--bn-adjust", "plan_override": "--plan",
     # fields that library errors (HfbError placeholders) point at; switches as name=True
     "force=True": "--force", "resume=True": "--resume", "trust_pickle=True": "--trust-pickle",
@@ -1014,8 +1014,7 @@ def finetune_cmd(compressed, data_path, size, epochs, output, force, teacher, le
                         label_weight=label_weight, learn_codes=learn_codes,
                         held_fraction=held_fraction, eval_every=eval_every,
                         patience=patience, stop_from=stop_from, lr_backoff=lr_backoff,
-                        trainable=trainable,
-                        stop_on=stop_on, seed=seed)
+                        trainable=trainable, stop_on=stop_on, seed=seed)
     main_rank = distributed.is_main()
     ckpt = str(out) + ".ckpt"
     with distributed.session(device), output_lock([out] if main_rank else []):
@@ -1026,12 +1025,7 @@ def finetune_cmd(compressed, data_path, size, epochs, output, force, teacher, le
                                        resume=resume, source=compressed)
         if not main_rank:
             return
-        new_meta["finetuned_from"] = compressed
-        if Path(compressed).is_file():
-            from .fileio import file_sha256
-
-            new_meta["finetuned_from_sha256"] = file_sha256(compressed)
-        new_meta["versions"] = _versions()
+        _stamp_finetuned(new_meta, compressed)
         t_write = time.perf_counter()
         save_compressed(out, model, info, new_meta, overwrite=force)
         Path(ckpt).unlink(missing_ok=True)
@@ -1041,6 +1035,16 @@ def finetune_cmd(compressed, data_path, size, epochs, output, force, teacher, le
         _emit_json(_finetune_summary(out, compressed, src, new_meta, timings))
     else:
         _print_finetune(out, new_meta["finetune_curve"])
+
+
+def _stamp_finetuned(new_meta: dict, compressed: str) -> None:
+    """Record where a fine-tuned artifact came from (path, checksum) and the versions."""
+    new_meta["finetuned_from"] = compressed
+    if Path(compressed).is_file():
+        from .fileio import file_sha256
+
+        new_meta["finetuned_from_sha256"] = file_sha256(compressed)
+    new_meta["versions"] = _versions()
 
 
 def _finetune_summary(out: Path, compressed: str, src: str, new_meta: dict,

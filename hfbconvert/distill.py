@@ -434,13 +434,7 @@ def finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
     log = FinetuneLog(world_size=world) if state is None else \
         FinetuneLog(**{**state["log"], "world_size": world})
     distributed.broadcast_state(student)  # every rank starts from rank 0's student
-    # parameters outside cfg.trainable need no gradient: the backward skips their weight
-    # gradients (restored after the run)
-    trained = {id(p) for _, p in trainable_parameters(student, cfg.trainable)}
-    held = [(p, p.requires_grad) for p in student.parameters() if id(p) not in trained]
-    try:
-        for p, _ in held:
-            p.requires_grad_(False)
+    with _only_trainable(student, cfg.trainable):
         opt = _optimizer(student, cfg, state, ckpt_path)
         start = 0 if state is None else int(state["step"])
         stop = _EarlyStop(evaluate, cfg, log, dev, state.get("best") if state else None)
@@ -457,9 +451,6 @@ def finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
             finally:
                 if tap is not None:
                     tap.close()
-    finally:
-        for p, flag in held:
-            p.requires_grad_(flag)
     _freeze_all(student)
     if stop.best is not None:
         log.best_step = int(stop.best["step"])
@@ -468,6 +459,21 @@ def finetune(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
     student.to(home)  # the caller evaluates it where it was given
     student.eval()
     return log
+
+
+@contextlib.contextmanager
+def _only_trainable(student: nn.Module, trainable: str) -> Iterator[None]:
+    """Parameters outside ``trainable`` need no gradient: the backward then skips their
+    weight gradients. Their flags are restored on the way out."""
+    trained = {id(p) for _, p in trainable_parameters(student, trainable)}
+    held = [(p, p.requires_grad) for p in student.parameters() if id(p) not in trained]
+    try:
+        for p, _ in held:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in held:
+            p.requires_grad_(flag)
 
 
 def _resumed_state(student: nn.Module, ckpt_path: Path | None, ident: Mapping[str, Any],
