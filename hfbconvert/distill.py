@@ -50,7 +50,9 @@ AUTO_MACS = 300 * 32 * 76_530_000
 
 def auto_steps(macs_per_image: int, n_images: int, batch_size: int) -> int:
     """Fine-tuning steps of the "auto" schedule: bounded compute (so a 300 M-MAC model gets
-    a quarter of the steps a 76 M-MAC one does), bounded epochs."""
+    a quarter of the steps a 76 M-MAC one does), bounded epochs. ``trainable="norm"`` gets
+    the same: twice the steps left MobileNetV2's int8 top-1 and KL within noise on three
+    seeds (bench/results/recheck/v2-int8-norm-steps152-vs-auto-20261204.txt)."""
     if n_images <= 0 or macs_per_image <= 0:
         return 0
     by_compute = AUTO_MACS // (macs_per_image * batch_size)
