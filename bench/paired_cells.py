@@ -16,32 +16,30 @@ PTQ cell found in any of the files (``--ref`` adds files to look in), worded by 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
-from hfbconvert.metrics import (
-    decode_bits,
-    decode_floats,
-    discordant,
-    mcnemar_exact,
-    paired_difference_interval,
-    verdict,
-)
+from hfbconvert.metrics import decode_floats, paired_difference_interval, verdict
 
-from .report import _spread, seed_mean_diff
+from .report import _spread, diff, fmt_diff, load_results, seed_mean_diff, words
+
+Loaded = list[tuple[str, dict]]  # (file name, results) per file, in the order given
 
 
-def _cells(files: list[Path], model: str, method: str) -> dict[int | None, tuple[str, dict]]:
+def _load(files: list[Path]) -> Loaded:
+    return [(f.name, load_results(f)) for f in files]
+
+
+def _cells(loaded: Loaded, model: str, method: str) -> dict[int | None, tuple[str, dict]]:
     """``{seed: (file name, cell)}`` of ``model``/``method`` with status ok; a later file's
     cell replaces an earlier one's of the same seed."""
     out: dict[int | None, tuple[str, dict]] = {}
-    for f in files:
-        for c in json.loads(f.read_text()).get("cells", []):
+    for name, res in loaded:
+        for c in res.get("cells", []):
             if c.get("model") == model and c.get("method") == method \
                     and c.get("status", "ok") == "ok":
-                out[c.get("seed")] = (f.name, c)
+                out[c.get("seed")] = (name, c)
     return out
 
 
@@ -57,14 +55,11 @@ def pair_line(seed: int | None, a: tuple[str, dict], b: tuple[str, dict],
     head = (f"seed {seed}: {ca['method']} {100 * ca['top1']:.2f} ({fa}, steps "
             f"{ca.get('steps_finetune')}) - {cb['method']} {100 * cb['top1']:.2f} ({fb}, steps "
             f"{cb.get('steps_finetune')})")
-    n = int(pa.get("n") or 0)
-    if not n or pa.get("images_sha256") != pb.get("images_sha256") or pb.get("n") != n:
+    top = diff(ca, cb, seed=boot_seed)
+    if top is None or not top["paired"]:
         return head + ": not paired (different or unrecorded evaluation images)"
-    xa, xb = decode_bits(pa["correct_hex"], n), decode_bits(pb["correct_hex"], n)
-    d, (lo, hi) = paired_difference_interval(xa, xb, seed=boot_seed)
-    only_a, only_b = discordant(xa, xb)
-    text = (f"{head}: top-1 {_ci(d, lo, hi, 100, '+.2f')}, p = "
-            f"{mcnemar_exact(only_a, only_b):.2g} ({verdict(d, lo, hi, 'better', 'worse')})")
+    n = top["n"]
+    text = f"{head}: top-1 {fmt_diff(top, p=True)} ({words(top)})"
     if pa.get("kl_b64") and pb.get("kl_b64"):
         k, (klo, khi) = paired_difference_interval(decode_floats(pa["kl_b64"], n),
                                                    decode_floats(pb["kl_b64"], n),
@@ -102,12 +97,13 @@ def _files(text: str) -> list[Path]:
 def report(model: str, a_files: list[Path], a_method: str, b_files: list[Path],
            b_method: str, ref_files: list[Path]) -> list[str]:
     """The whole text (see the module docstring)."""
-    a = _cells(a_files, model, a_method)
-    b = _cells(b_files, model, b_method)
+    la, lb, lr = _load(a_files), _load(b_files), _load(ref_files)
+    a = _cells(la, model, a_method)
+    b = _cells(lb, model, b_method)
     lines = ["paired on the same evaluation images (bootstrap 95%, McNemar exact); a - b"]
     for seed in sorted(set(a) & set(b), key=lambda s: -1 if s is None else s):
         lines.append(pair_line(seed, a[seed], b[seed]))
-    every = [*ref_files, *a_files, *b_files]
+    every = [*lr, *la, *lb]
     refs = {name: next((c for _, c in _cells(every, model, key).values()), None)
             for name, key in (("FP32", "original"), ("int8 PTQ", "int8-ptq"))}
     for label, cells in (("a", a), ("b", b)):

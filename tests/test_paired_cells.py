@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import paired_cells
+from bench import RESULTS_SCHEMA, paired_cells
 from hfbconvert.metrics import encode_bits, encode_floats
 
 N = 400
@@ -24,7 +24,7 @@ def _cell(method: str, right: np.ndarray, seed: int | None = None, kl: float | N
 
 
 def _write(path: Path, cells: list[dict]) -> Path:
-    path.write_text(json.dumps({"cells": cells}))
+    path.write_text(json.dumps({"schema": RESULTS_SCHEMA, "cells": cells}))
     return path
 
 
