@@ -368,8 +368,17 @@ def bn_fold(st: State) -> State:
 
 
 def weight_quant(st: State) -> State:
-    """Round every full-precision weight to its storage precision (weight-only)."""
-    st.meta["weight_quant"] = weightquant.apply_weight_bits(st.hybrid, st.cfg.weight_bits)
+    """Round every full-precision weight to its storage precision (weight-only); int8
+    with data and ``weight_rounding`` "gptq": codes by error feedback against each
+    layer's inputs in the network as it stands (one pass over calibration images)."""
+    moments = None
+    if st.cfg.weight_bits == 8 and st.cfg.weight_rounding == "gptq" and st.train is not None:
+        name = "weight_quant"
+        # 8 images a pass: a depthwise conv's im2col at 112x112 is 43 MB per image
+        parts = [x for b in st.batches(st.cfg.act_calib_images, name) for x in b.split(8)]
+        moments = weightquant.input_moments(st.hybrid, parts, seed=stage_seed(st.cfg.seed, name))
+    st.meta["weight_quant"] = weightquant.apply_weight_bits(st.hybrid, st.cfg.weight_bits,
+                                                            moments=moments)
     return st
 
 

@@ -29,9 +29,11 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .handlers import is_hybrid, layer_modules
+from .handlers import handler_for, is_hybrid, layer_modules
+from .layers import hooked_eval
 from .quant import calibrators as C
 from .quant import primitives as P
+from .quant import rounding as R
 
 WEIGHT_BITS = (32, 16, 8)
 INT8_MIN, INT8_MAX = P.INT8_SYMMETRIC
@@ -158,21 +160,100 @@ def mark_weight_bits(model: nn.Module, bits: int) -> None:
 
 @torch.no_grad()
 def apply_weight_bits(model: nn.Module, bits: int,
-                      clip_ratios: tuple[float, ...] = CLIP_RATIOS) -> dict[str, Any]:
+                      clip_ratios: tuple[float, ...] = CLIP_RATIOS,
+                      moments: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Round every full-precision weight of ``model`` in place to ``bits`` and mark the
-    model; returns per-weight statistics (plain data) for the artifact's metadata."""
+    model; returns per-weight statistics (plain data) for the artifact's metadata.
+
+    ``moments`` (8 bits; from :func:`input_moments`): the weights named there are
+    rounded with error feedback (:func:`quantize_int8_gptq`) on the same grid."""
     bits = check_bits(bits)
     stats: dict[str, Any] = {}
     for name, mod, attr in weight_params(model):
         p = getattr(mod, attr)
         w = p.data
-        q = fake_quant(w, bits, clip_ratios).to(w.device, w.dtype)
+        extra: dict[str, Any] = {}
+        if bits == 8 and moments is not None and name in moments:
+            codes, scale, extra = quantize_int8_gptq(w, moments[name], clip_ratios)
+            q = dequantize_int8(codes, scale).to(w.device, w.dtype)
+        else:
+            q = fake_quant(w, bits, clip_ratios).to(w.device, w.dtype)
         d = (q.double() - w.double()).pow(2).sum()
         stats[name] = {"channels": int(w.shape[0]), "numel": int(w.numel()),
-                       "rel_err": float(d / w.double().pow(2).sum().clamp_min(1e-30))}
+                       "rel_err": float(d / w.double().pow(2).sum().clamp_min(1e-30)), **extra}
         p.data.copy_(q)
     mark_weight_bits(model, bits)
     return stats
+
+
+# ---------------------------------------------------------------- error-feedback rounding
+ROUNDINGS = ("nearest", "gptq")
+MOMENT_ROWS_PER_IMAGE = 256  # output positions per image sampled into E[x xᵀ]
+
+
+def check_rounding(rounding: Any, field: str = "weight_rounding") -> str:
+    if rounding not in ROUNDINGS:
+        raise ConfigError(field, rounding, "not supported; choose nearest or gptq")
+    return str(rounding)
+
+
+def quantize_int8_gptq(w: torch.Tensor, moment: torch.Tensor,
+                       clip_ratios: tuple[float, ...] = CLIP_RATIOS,
+                       ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """:func:`quantize_int8`'s grid (scales) with codes chosen by error feedback against
+    the input second moment ``moment`` (groups, fan_in, fan_in): lower expected output
+    error ``(w − q)ᵀ E[x xᵀ] (w − q)`` than rounding to nearest.
+
+    A channel whose largest code would no longer be ±127 keeps its nearest codes: the
+    export re-derives each scale from the largest code (:func:`int8_codes`), so it must
+    stay at the grid's end. Returns ``(codes, scale, stats)``: the output error relative
+    to nearest rounding and how many channels kept nearest codes."""
+    codes, scale = quantize_int8(w, clip_ratios)
+    rows = _rows(w).double()
+    near = codes.reshape(w.shape[0], -1).to(torch.float64)
+    m = moment.to("cpu", torch.float64)
+    group = None if m.shape[0] == 1 else torch.arange(w.shape[0]) // (w.shape[0] // m.shape[0])
+    fb = R.gptq_codes(rows, scale, m, group, INT8_MIN, INT8_MAX)
+    keep = fb.abs().amax(1) != near.abs().amax(1)
+    fb[keep] = near[keep]
+    s = scale.double()[:, None]
+    e_near = R.output_error(rows, near * s, m, group).sum()
+    e_fb = R.output_error(rows, fb * s, m, group).sum()
+    return fb.to(torch.int8).reshape(w.shape), scale, {
+        "rounding": "gptq", "output_err_vs_nearest": float(e_fb / e_near.clamp_min(1e-300)),
+        "nearest_channels": int(keep.sum())}
+
+
+@torch.no_grad()
+def input_moments(model: nn.Module, batches: list[torch.Tensor], seed: int = 0,
+                  rows_per_image: int = MOMENT_ROWS_PER_IMAGE) -> dict[str, torch.Tensor]:
+    """``E[x xᵀ]`` (groups, fan_in, fan_in), float64 on the CPU, of what every
+    full-precision weight (:func:`weight_params`) multiplies, over a sample of output
+    positions of ``batches`` (one forward pass, the layer kinds' ``weight_inputs``)."""
+    gen = torch.Generator().manual_seed(seed)
+    acc: dict[str, list] = {}
+    handles = []
+    for name, mod, _ in weight_params(model):
+        h = handler_for(mod)
+        if h is None:  # pragma: no cover - weight_params only lists known kinds
+            continue
+
+        def hook(m: nn.Module, inp: tuple, _n: str = name, _h: Any = h) -> None:
+            x = inp[0].detach()
+            r = _h.weight_inputs(m, x)
+            cap = rows_per_image * x.shape[0]
+            if r.shape[1] > cap:
+                r = r[:, torch.randperm(r.shape[1], generator=gen)[:cap].to(r.device)]
+            r = r.double()
+            a = acc.setdefault(_n, [0.0, 0])
+            a[0] = a[0] + (r.transpose(1, 2) @ r).cpu()
+            a[1] += r.shape[1]
+        handles.append(mod.register_forward_pre_hook(hook))
+    dev = next((t.device for t in model.parameters()), torch.device("cpu"))
+    with hooked_eval(model, handles):
+        for x in batches:
+            model(x.to(dev))
+    return {n: s / max(c, 1) for n, (s, c) in acc.items()}
 
 
 # ------------------------------------------------------------- training with int8 in the loop

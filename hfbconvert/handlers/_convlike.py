@@ -52,6 +52,20 @@ class ConvLike(LayerHandler):
         return LayerCost(name, self.cost_kind, pix * fan_in * c_out, pix * c_out * (fan_in - 1),
                          params, byts, pix, {"weight_bits": weight_bits})
 
+    def weight_inputs(self, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A ``Conv2d`` of any kernel, padding mode and groups: its im2col patches split
+        by group (a depthwise conv: one group of k·k taps per channel); a hybrid layer
+        reads as its kind's :meth:`layer_input`."""
+        if not isinstance(m, nn.Conv2d):
+            return super().weight_inputs(m, x)
+        # the padding Conv2d itself applies (any mode, 'same'), then unpadded patches
+        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+        x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
+        cols = F.unfold(x, m.kernel_size, dilation=m.dilation, stride=m.stride)
+        n, fan, pos = cols.shape
+        g = m.groups
+        return cols.reshape(n, g, fan // g, pos).permute(1, 0, 3, 2).reshape(g, n * pos, fan // g)
+
     def folds_bn(self, m: nn.Module) -> bool:
         return True
 

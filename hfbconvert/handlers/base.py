@@ -75,6 +75,14 @@ class LayerHandler:
         per output position, so statistics and reconstruction rows line up with outputs."""
         return x
 
+    def weight_inputs(self, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """(groups, rows, fan_in): what each row of the layer's full-precision weight
+        multiplies, one row per output position (rows of weight group ``g`` read group
+        ``g``'s inputs). Error-feedback int8 rounding weighs rounding errors by these."""
+        r = self.layer_input(m, x)
+        r = r.movedim(1, -1) if r.dim() == 4 else r
+        return r.reshape(1, -1, r.shape[-1])
+
     def weight_matrix(self, m: nn.Module) -> torch.Tensor:
         """The (c_out, c_in) weight matrix (detached), in :meth:`layer_input`'s order."""
         w = m.weight.detach()
