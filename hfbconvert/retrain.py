@@ -33,8 +33,8 @@ from .errors import InputError
 from .handlers import is_hybrid
 from .metrics import wilson_interval
 from .models.info import ModelInfo
-from .pipeline import normalizer
-from .weightquant import apply_weight_bits
+from .pipeline import _batches, normalizer
+from .weightquant import apply_weight_bits, input_moments
 
 # fewer held-apart images than this and the curve's agreement is noise (95% interval
 # +-0.07 at 200); the split takes held_fraction of the data, raised towards this
@@ -254,6 +254,19 @@ def _prepare(student: nn.Module, teacher: nn.Module, data: CalibData, cfg: Retra
     return _Run(model, copy.deepcopy(teacher).eval(), train, held, ft, codes_before, identity)
 
 
+def _rounding_moments(model: nn.Module, meta: dict[str, Any], train: CalibData,
+                      ) -> dict[str, torch.Tensor] | None:
+    """The input moments for error-feedback int8 rounding when the artifact was rounded
+    that way (``weight_rounding`` "gptq"; artifacts from before it rounded to nearest),
+    on the compress stage's number of training images."""
+    cfg = meta.get("config") or {}
+    if int(meta.get("weight_bits", 32)) != 8 or cfg.get("weight_rounding") != "gptq":
+        return None
+    n = min(len(train), int(cfg.get("act_calib_images", 128)))
+    parts = [x for b in _batches(train, n, seed=int(cfg.get("seed", 0))) for x in b.split(8)]
+    return input_moments(model, parts, seed=int(cfg.get("seed", 0)))
+
+
 def _retrained_meta(meta: dict[str, Any], info: ModelInfo, cfg: RetrainConfig, run: _Run,
                     log: FinetuneLog, evaluate: Callable[[nn.Module], tuple[float, ...]],
                     data_source: str) -> dict[str, Any]:
@@ -264,7 +277,8 @@ def _retrained_meta(meta: dict[str, Any], info: ModelInfo, cfg: RetrainConfig, r
     bits = int(meta.get("weight_bits", 32))
     new = copy.deepcopy(meta)
     if bits < 32:  # the trained weights back at the artifact's storage precision
-        new["weight_quant"] = apply_weight_bits(model, bits)
+        new["weight_quant"] = apply_weight_bits(model, bits, moments=_rounding_moments(
+            model, meta, train))
     final = evaluate(model)  # what ships, after rounding
     curve = {"steps": list(log.eval_steps), "held_kl": list(log.held_kl),
              "held_agreement": list(log.held_agreement), "held_top1": list(log.held_top1),

@@ -37,6 +37,7 @@ BAD = [  # (changes to the default config, has calibration data, field at fault,
      True, "trainable", "norm"),
     ({"qat": "no", "activation_bits": 8, "weight_bits": 8}, True, "qat", "no"),
     ({"bn_scope": "some"}, True, "bn_scope", "some"),
+    ({"weight_rounding": "stochastic"}, True, "weight_rounding", "stochastic"),
 ]
 
 

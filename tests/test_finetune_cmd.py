@@ -394,3 +394,27 @@ def test_compress_refuses_a_label_rule_for_its_fine_tune() -> None:
 
     with pytest.raises(InputError, match="stop_on"):
         validate_config(CompressConfig(finetune=FinetuneConfig(stop_on="top1")), True)
+
+
+@pytest.mark.parametrize("rounding", ["gptq", "nearest"])
+def test_int8_weights_are_rounded_back_as_compress_rounded_them(setup, rounding) -> None:
+    """An int8-weight artifact: the fine-tuned weights go back to exact int8 values, by
+    error feedback on the training images when compress rounded that way."""
+    from hfbconvert.weightquant import int8_codes, weight_params
+
+    art = setup["dir"] / f"w8-{rounding}.hfb.pt"
+    res = run("compress", setup["ref"], "--calib", setup["npz"], "--steps", "0", "--budget",
+              "0.6", "--weight-bits", "8", "--weight-rounding", rounding, "-o", art, "-q")
+    assert res.exit_code == 0, res.output
+    comp = api.load_compressed(art)
+    assert comp.meta["config"]["weight_rounding"] == rounding
+    assert all((s.get("rounding") == "gptq") == (rounding == "gptq")
+               for s in comp.meta["weight_quant"].values())
+    data = api.load_images(setup["npz"], comp.info)
+    cfg = RetrainConfig(epochs=1, batch_size=16, lr=1e-2, eval_every=0, warmup=2)
+    model, meta, _ = retrain(comp.model, comp.info, comp.meta, setup["teacher"], data, cfg)
+    wq = meta["weight_quant"]
+    assert set(wq) == {n for n, _, _ in weight_params(model)}
+    assert all((s.get("rounding") == "gptq") == (rounding == "gptq") for s in wq.values())
+    for _, mod, attr in weight_params(model):
+        int8_codes(getattr(mod, attr).detach().numpy())  # raises unless exact int8 values

@@ -236,6 +236,10 @@ def test_cli_int8_weights_are_exact(tiny) -> None:
     net, _, meta = load_compressed(tiny[8]["pt"])
     assert meta["weight_bits"] == 8 and meta["config"]["weight_bits"] == 8
     assert [s["stage"] for s in meta["stages"]][-2:] == ["weights_8bit", "mean_shift"]
+    # with --calib the default: error-feedback codes on the same grid, never worse
+    assert meta["config"]["weight_rounding"] == "gptq"
+    assert {s["rounding"] for s in meta["weight_quant"].values()} == {"gptq"}
+    assert all(s["output_err_vs_nearest"] <= 1 + 1e-9 for s in meta["weight_quant"].values())
     mp = onnx.load(str(tiny[8]["onnx"]))
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in mp.graph.initializer}
     sd = net.state_dict()
