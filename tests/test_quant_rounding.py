@@ -67,10 +67,13 @@ def _problem(seed: int, rows: int, k: int, dead: int = 0):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(0, 10_000), st.integers(1, 5), st.integers(1, 12), st.integers(0, 2))
-def test_gptq_matches_obq_reference(seed: int, rows: int, k: int, dead: int) -> None:
+@given(st.integers(0, 10_000), st.integers(1, 5), st.integers(1, 12), st.integers(0, 2),
+       st.sampled_from([1, 3, 128]))
+def test_gptq_matches_obq_reference(seed: int, rows: int, k: int, dead: int,
+                                    block: int) -> None:
+    """Any block size (lazy batch updates) is the same rounding as the reference."""
     w, s, h = _problem(seed, rows, k, min(dead, k - 1))
-    got = gptq_codes(w, s, h).numpy()
+    got = gptq_codes(w, s, h, block=block).numpy()
     ref, pre = obq_reference(w.numpy(), s.numpy(), h[0].numpy())
     # the two forms agree up to float rounding: a code may differ only where the value
     # it rounded sat on a rounding boundary
@@ -98,9 +101,10 @@ def test_error_feedback_lowers_output_error() -> None:
 
 def test_grouped_rows_use_their_own_hessian() -> None:
     (w0, s0, h0), (w1, s1, h1) = _problem(1, 3, 9), _problem(2, 3, 9)
-    both = gptq_codes(torch.cat([w0, w1]), torch.cat([s0, s1]), torch.cat([h0, h1]),
-                      torch.tensor([0, 0, 0, 1, 1, 1]))
-    assert torch.equal(both, torch.cat([gptq_codes(w0, s0, h0), gptq_codes(w1, s1, h1)]))
+    for block in (2, 128):  # the per-row lazy update too
+        both = gptq_codes(torch.cat([w0, w1]), torch.cat([s0, s1]), torch.cat([h0, h1]),
+                          torch.tensor([0, 0, 0, 1, 1, 1]), block=block)
+        assert torch.equal(both, torch.cat([gptq_codes(w0, s0, h0), gptq_codes(w1, s1, h1)]))
     with pytest.raises(ValueError, match="group index"):
         gptq_codes(w0, s0, torch.cat([h0, h1]))
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 DAMP = 0.01  # Tikhonov damping, as a fraction of the mean diagonal of H (GPTQ's default)
+BLOCK = 128  # columns per lazy batch update
 
 
 def inverse_factor(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
@@ -44,26 +45,36 @@ def output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor,
 
 def gptq_codes(w: torch.Tensor, scale: torch.Tensor, h: torch.Tensor,
                group: torch.Tensor | None = None, qmin: int = -127, qmax: int = 127,
-               damp: float = DAMP) -> torch.Tensor:
+               damp: float = DAMP, block: int = BLOCK) -> torch.Tensor:
     """Codes (float64, integers in [qmin, qmax]) of the rows of ``w`` (R, K) on the grid
     ``scale`` (R,), rounded column by column with error feedback.
 
     ``h``: (G, K, K) input second moments; row ``r`` uses ``h[group[r]]`` (``group``
     None: G must be 1, shared by all rows -- a dense layer; per-row groups serve grouped
-    and depthwise convolutions, whose output channels read different inputs)."""
+    and depthwise convolutions, whose output channels read different inputs). Columns go
+    in blocks of ``block``: the feedback inside a block column by column, onto the later
+    columns as one product per block (GPTQ's lazy batch update; same arithmetic)."""
     wk = w.detach().to(torch.float64).clone()
-    s = scale.detach().to(torch.float64)[:, None]
+    s = scale.detach().to(torch.float64)
     u = inverse_factor(h, damp)
-    if group is None:
-        if u.shape[0] != 1:
-            raise ValueError(f"{u.shape[0]} Hessians for rows without a group index")
-        u = u.expand(wk.shape[0], -1, -1)
-    else:
-        u = u[group]
+    if group is None and u.shape[0] != 1:
+        raise ValueError(f"{u.shape[0]} Hessians for rows without a group index")
     codes = torch.empty_like(wk)
-    for j in range(wk.shape[1]):
-        q = torch.clamp(torch.round(wk[:, j:j + 1] / s), qmin, qmax)
-        codes[:, j:j + 1] = q
-        err = (wk[:, j] - q[:, 0] * s[:, 0]) / u[:, j, j]
-        wk[:, j + 1:] -= err[:, None] * u[:, j, j + 1:]
+    k = wk.shape[1]
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        # this block's factor per row: a view of the shared one, or one per row's group
+        ub = u[0, i1:i2, i1:i2].expand(wk.shape[0], -1, -1) if group is None \
+            else u[group, i1:i2, i1:i2]
+        wb, err = wk[:, i1:i2], torch.empty(wk.shape[0], i2 - i1, dtype=torch.float64)
+        for j in range(i2 - i1):
+            q = torch.clamp(torch.round(wb[:, j] / s), qmin, qmax)
+            codes[:, i1 + j] = q
+            err[:, j] = (wb[:, j] - q * s) / ub[:, j, j]
+            wb[:, j + 1:] -= err[:, j:j + 1] * ub[:, j, j + 1:]
+        if i2 < k:
+            if group is None:
+                wk[:, i2:] -= err @ u[0, i1:i2, i2:]
+            else:
+                wk[:, i2:] -= torch.einsum("rb,rbk->rk", err, u[group, i1:i2, i2:])
     return codes
