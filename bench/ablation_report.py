@@ -1,7 +1,7 @@
 """The ablation section of BENCHMARKS.md, generated from the ablation scripts' results
 files (bench/results/ablation-*.json, finetune-*.json, int8-order-*.json, int8-stages-*.json,
-synthetic-calibration.json, *-planner-exact.json, milp-scale-*.json) so that no number in it
-is typed.
+int8-rounding-*.json, synthetic-calibration.json, *-planner-exact.json, milp-scale-*.json) so
+that no number in it is typed.
 
 These files store top-1 and image counts but not per-image results, so each difference
 against the original carries an unpaired 95% interval (ᵘ; wider than a paired one) and
@@ -342,6 +342,44 @@ def stages_table(files: list[Path], md_dir: Path) -> list[str]:
             *final_rows_table(files, md_dir)]
 
 
+def rounding_table(files: list[Path], md_dir: Path) -> list[str]:
+    """bench/int8_rounding.py: int8 weight rounding of the folded float hybrid, nearest
+    against error feedback (GPTQ), all weights and by layer group."""
+    rows = []
+    for f in files:
+        d = _load(f)
+        if not d or "rows" not in d:
+            continue
+        split = (d.get("split") or {}).get("eval", {})
+        where = f"{split.get('name', '?')}, {split.get('n', '?')}"
+        for r in d["rows"]:
+            kl = r.get("kl_vs_nearest")
+            n = r.get("n")
+            t1 = dict(r["top1_vs_nearest"], paired=True, n=n) if "top1_vs_nearest" in r else None
+            kl_d = (f"{kl['d']:+.4f} [{kl['lo']:+.4f}, {kl['hi']:+.4f}]" if kl else "")
+            kl_w = "" if not kl else ("lower" if kl["hi"] < 0 else "higher" if kl["lo"] > 0
+                                       else "within noise")
+            rows.append(f"| {_rel(f, md_dir)} | {d.get('args', {}).get('model', '?')} | "
+                        f"{r['variant']} | {where} | {_ci(r.get('top1'), r.get('top1_ci95'))} | "
+                        f"{_ci(r.get('agreement'), r.get('agreement_ci95'))} | "
+                        f"{_ci(r.get('kl'), r.get('kl_ci95'), 1.0, 4)} | {kl_d} | {kl_w} | "
+                        f"{fmt_diff(t1, True) if t1 else ''} | {words(t1) if t1 else ''} | "
+                        f"{r.get('nearest_channels', '')} |")
+    if not rows:
+        return []
+    return ["### Int8 weight rounding: nearest vs error feedback (`python -m bench.int8_rounding`)",
+            "", "The folded float hybrid of `compress --activation-bits 8 --steps 0` (before "
+            "any weight is rounded), its full-precision weights rounded to per-channel int8 "
+            "-- all of them, or one layer group -- to nearest and by error feedback against "
+            "each layer's input second moments (`--weight-rounding gptq`, 128 calibration "
+            "images). Against the original on the tuning split; the GPTQ row's differences "
+            "are paired per image against the nearest row above it.", "",
+            "| results file | model | weights: rounding | split, images | top-1 % [95%] | "
+            "agreement % [95%] | KL (nats) [95%] | KL gptq − nearest [95%] | KL | "
+            "Δ top-1 gptq − nearest (pp) [95%] | top-1 | channels kept nearest |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
+
+
 def _final(d: dict) -> tuple[dict, int] | None:
     """The last row of an int8_stages file (the shipped model) and its image count, when
     it stores per-image results with agreement and KL."""
@@ -452,6 +490,7 @@ SECTIONS: list[tuple[str, Callable[[list[Path], Path], list[str]]]] = [
     ("finetune-*.json", curve_table),
     ("finetune-probe-*.json", probe_table),
     ("int8-order-*.json", order_table), ("int8-stages-*.json", stages_table),
+    ("int8-rounding-*.json", rounding_table),
     ("synthetic-calibration*.json", synthetic_table),
     ("*-planner-exact.json", planner_table), ("milp-scale-*.json", milp_scale_table),
 ]

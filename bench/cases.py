@@ -62,6 +62,11 @@ METHODS: dict[str, Method] = {m.key: m for m in [
            "fine-tune then int8 stages (--no-qat --trainable norm)", "compress",
            ("--method", "hybrid", "--budget", "0.536", "--activation-bits", "8", "--no-qat",
             "--trainable", "norm"), "hybrid-int8"),
+    Method("hybrid-0.536-int8-norm-gptq", "hybrid, MUL budget 0.536, int8, BatchNorm-only "
+           "float fine-tune then int8 stages, error-feedback int8 weights (--no-qat "
+           "--trainable norm --weight-rounding gptq)", "compress",
+           ("--method", "hybrid", "--budget", "0.536", "--activation-bits", "8", "--no-qat",
+            "--trainable", "norm", "--weight-rounding", "gptq"), "hybrid-int8"),
     Method("hybrid-0.536-norm", "hybrid, MUL budget 0.536, BatchNorm-only fine-tune "
            "(--trainable norm)", "compress",
            ("--method", "hybrid", "--budget", "0.536", "--trainable", "norm"), "hybrid-norm"),
@@ -71,7 +76,8 @@ METHODS: dict[str, Method] = {m.key: m for m in [
 TABLE_ORDER = list(METHODS)
 RUN_PRIORITY = ["original", "int8-ptq", "hybrid-0.536", "twn", "hybrid-0.7", "hybrid-0.4",
                 "hybrid-uniform-0.5", "strassen-r1", "strassen-r2", "hybrid-0.536-int8",
-                "hybrid-0.536-int8-e1", "hybrid-0.536-int8-norm", "hybrid-0.536-norm"]
+                "hybrid-0.536-int8-e1", "hybrid-0.536-int8-norm", "hybrid-0.536-norm",
+                "hybrid-0.536-int8-norm-gptq"]
 ALL_METHODS = TABLE_ORDER
 
 # The paper's reported point (poster / arXiv 1911.01028) for MobileNetV1 width 0.5 on

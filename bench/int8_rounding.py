@@ -21,10 +21,10 @@ import json
 import os
 import time
 
-import numpy as np
 import torch
 from torch import nn
 
+from bench.int8_stages import paired
 from bench.splits import calib_splits
 from hfbconvert import weightquant as WQ
 from hfbconvert.calib.presets import preset_for
@@ -100,9 +100,9 @@ def main() -> None:
         groups.setdefault(group_of(mod), set()).add(name)
     scopes = {"all": set().union(*groups.values()), **groups}
 
-    def measure(m: nn.Module) -> tuple[dict, np.ndarray]:
+    def measure(m: nn.Module):
         pi = evaluate_per_image(m, val, info.label_offset, reference=orig)
-        return summarize(pi), pi.kl
+        return summarize(pi), pi
 
     @torch.no_grad()
     def rounded(names: set[str], rounding: str) -> tuple[nn.Module, int]:
@@ -122,17 +122,20 @@ def main() -> None:
     base, _ = measure(hyb)
     rows = [{"variant": "float (folded hybrid)", "scope": None, "rounding": None, **base}]
     for scope, names in scopes.items():
-        kls = {}
+        pis = {}
         for rounding in ("nearest", "gptq"):
             t = time.perf_counter()
             m, kept = rounded(names, rounding)
             secs = round(time.perf_counter() - t, 1)
-            s, kls[rounding] = measure(m)
+            s, pis[rounding] = measure(m)
             rows.append({"variant": f"{scope}: {rounding}", "scope": scope, "rounding": rounding,
                          "weights": len(names), "round_seconds": secs,
                          "nearest_channels": kept, **s})
-        d, (lo, hi) = bootstrap_mean_interval(kls["gptq"] - kls["nearest"])
+        g, n = pis["gptq"], pis["nearest"]
+        d, (lo, hi) = bootstrap_mean_interval(g.kl - n.kl)
         rows[-1]["kl_vs_nearest"] = {"d": d, "lo": lo, "hi": hi}
+        rows[-1]["top1_vs_nearest"] = paired(g.correct, n.correct)
+        rows[-1]["agreement_vs_nearest"] = paired(g.agree, n.agree)
         print(json.dumps(rows[-2]), json.dumps(rows[-1]), flush=True)
     os.makedirs(a.out, exist_ok=True)
     out = os.path.join(a.out, f"int8-rounding-{a.tag}.json")

@@ -204,8 +204,10 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
     for bits in (32, 16, 8):
         pt, onx = d / f"c{bits}.pt", d / f"c{bits}" / "m.onnx"
         onx.parent.mkdir()
-        ok(run("compress", model, "--calib", npz, *FASTEST, "--weight-bits", bits, "-o", pt,
-               "-q"))
+        # int8: error-feedback codes, which the export must carry exactly as well
+        rounding = ["--weight-rounding", "gptq"] if bits == 8 else []
+        ok(run("compress", model, "--calib", npz, *FASTEST, "--weight-bits", bits, *rounding,
+               "-o", pt, "-q"))
         exp = ok(run("export", "onnx", pt, "-o", onx, "--calib", npz, "--json", "-q"))
         out[bits] = {"pt": pt, "onnx": onx, "export": json.loads(exp.stdout)}
     return out
@@ -236,7 +238,7 @@ def test_cli_int8_weights_are_exact(tiny) -> None:
     net, _, meta = load_compressed(tiny[8]["pt"])
     assert meta["weight_bits"] == 8 and meta["config"]["weight_bits"] == 8
     assert [s["stage"] for s in meta["stages"]][-2:] == ["weights_8bit", "mean_shift"]
-    # with --calib the default: error-feedback codes on the same grid, never worse
+    # --weight-rounding gptq: error-feedback codes on the same grid, never worse
     assert meta["config"]["weight_rounding"] == "gptq"
     assert {s["rounding"] for s in meta["weight_quant"].values()} == {"gptq"}
     assert all(s["output_err_vs_nearest"] <= 1 + 1e-9 for s in meta["weight_quant"].values())
