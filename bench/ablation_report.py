@@ -352,10 +352,11 @@ def rounding_table(files: list[Path], md_dir: Path) -> list[str]:
             continue
         split = (d.get("split") or {}).get("eval", {})
         where = f"{split.get('name', '?')}, {split.get('n', '?')}"
-        for r in d["rows"]:
-            kl = r.get("kl_vs_nearest")
+        for r in [*d["rows"], *d.get("chains", [])]:
+            kl = r.get("kl_vs_nearest") or r.get("kl_vs_default")
             n = r.get("n")
-            t1 = dict(r["top1_vs_nearest"], paired=True, n=n) if "top1_vs_nearest" in r else None
+            t1 = r.get("top1_vs_nearest") or r.get("top1_vs_default")
+            t1 = dict(t1, paired=True, n=n) if t1 else None
             kl_d = (f"{kl['d']:+.4f} [{kl['lo']:+.4f}, {kl['hi']:+.4f}]" if kl else "")
             kl_w = "" if not kl else ("lower" if kl["hi"] < 0 else "higher" if kl["lo"] > 0
                                        else "within noise")
@@ -372,11 +373,14 @@ def rounding_table(files: list[Path], md_dir: Path) -> list[str]:
             "any weight is rounded), its full-precision weights rounded to per-channel int8 "
             "-- all of them, or one layer group -- to nearest and by error feedback against "
             "each layer's input second moments (`--weight-rounding gptq`, 128 calibration "
-            "images). Against the original on the tuning split; the GPTQ row's differences "
-            "are paired per image against the nearest row above it.", "",
+            "images). Then the whole post-training chain on every weight as the stages run "
+            "it, ending with the uint8 activation quantizers: nearest + mean shift (the "
+            "default), gptq alone, gptq + mean shift. Against the original on the tuning "
+            "split; differences are paired per image: a gptq row against the nearest row "
+            "above it, a chain against the default chain.", "",
             "| results file | model | weights: rounding | split, images | top-1 % [95%] | "
-            "agreement % [95%] | KL (nats) [95%] | KL gptq − nearest [95%] | KL | "
-            "Δ top-1 gptq − nearest (pp) [95%] | top-1 | channels kept nearest |",
+            "agreement % [95%] | KL (nats) [95%] | Δ KL [95%] | KL | "
+            "Δ top-1 (pp) [95%] | top-1 | channels kept nearest |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
 
 

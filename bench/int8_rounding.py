@@ -8,7 +8,10 @@ the hybrid layers' critical filters, other convs and linears) -- by nearest roun
 :func:`hfbconvert.weightquant.quantize_int8_gptq` (moments from 128 calibration images,
 as the ``weight_quant`` stage takes them). Each variant: top-1, agreement and KL to the
 original with 95% intervals on the tuning split (300 calibration images held apart,
-bench/splits.py), and the paired per-image KL difference gptq − nearest.
+bench/splits.py), and the paired per-image KL difference gptq − nearest. Then the whole
+post-training chain on all weights, as the stages run it: nearest + mean shift (the
+default), gptq alone, gptq + mean shift, each followed by the uint8 activation quantizers,
+paired against the default.
 
     OMP_NUM_THREADS=2 python -m bench.int8_rounding --model builtin:mobilenet_v2 --tag v2
 """
@@ -26,18 +29,23 @@ from torch import nn
 
 from bench.int8_stages import paired
 from bench.splits import calib_splits
+from hfbconvert import actquant
 from hfbconvert import weightquant as WQ
 from hfbconvert.calib.presets import preset_for
 from hfbconvert.calib.readers import load_images
 from hfbconvert.distill import FinetuneConfig
 from hfbconvert.evaluation import evaluate_per_image, summarize
 from hfbconvert.handlers import is_hybrid
+from hfbconvert.meanshift import correction_sites, match_output_means
 from hfbconvert.metrics import bootstrap_mean_interval
 from hfbconvert.models.loading import load_model
 from hfbconvert.pipeline import CompressConfig, _batches, compress
 from hfbconvert.stages import stage_seed
 
 SHARED = os.environ.get("HFB_SHARED", "../shared")
+MOMENT_IMAGES = CompressConfig.act_calib_images  # as the weight_quant stage takes them
+# post-training chains compared; the first is what compress does by default
+CHAINS = ("nearest+mean_shift", "gptq", "gptq+mean_shift")
 
 
 class _Folded(Exception):
@@ -54,21 +62,113 @@ def group_of(mod: nn.Module) -> str:
     return "other conv/linear"
 
 
-def folded_hybrid(net: nn.Module, info, cal, seed: int) -> tuple[nn.Module, nn.Module]:
-    """(folded float hybrid, original) of ``compress --activation-bits 8 --steps 0``."""
+def folded_hybrid(net: nn.Module, info, cal, seed: int) -> tuple[nn.Module, nn.Module, list]:
+    """(folded float hybrid, original, folded [layer, BN] pairs) of ``compress
+    --activation-bits 8 --steps 0``."""
     cfg = CompressConfig(seed=seed, activation_bits=8, finetune=FinetuneConfig(steps=0))
     got: dict = {}
 
     def after(name: str, st) -> None:
         if name == "bn_fold":
             got["h"], got["o"] = st.hybrid, st.original
+            got["pairs"] = [tuple(p) for p in st.meta.get("bn_folded") or []]
             raise _Folded
 
     try:
         compress(net, info, cal, cfg, after_stage=after)
     except _Folded:
         pass
-    return got["h"].eval(), got["o"].eval()
+    return got["h"].eval(), got["o"].eval(), got["pairs"]
+
+
+class Bench:
+    """The folded float hybrid, its input moments and the tuning images of one run."""
+
+    def __init__(self, a: argparse.Namespace) -> None:
+        self.seed = a.seed
+        self.cal_split, self.tune_split = calib_splits(a.calib)
+        net, self.info = load_model(a.model)
+        net.eval()
+        prep = preset_for(self.info)
+        self.cal = load_images(self.cal_split.path, prep, size=a.calib_size, seed=a.seed,
+                               classes=self.info.classes)
+        self.val = load_images(self.tune_split.path, prep, seed=0, classes=self.info.classes)
+        self.hyb, self.orig, self.pairs = folded_hybrid(net, self.info, self.cal, a.seed)
+        t = time.perf_counter()
+        parts = [x for x in self.images("weight_quant").split(8)]
+        self.moments = WQ.input_moments(self.hyb, parts, seed=stage_seed(a.seed, "weight_quant"))
+        self.moments_s = round(time.perf_counter() - t, 1)
+        groups: dict[str, set[str]] = {}
+        for name, mod, _ in WQ.weight_params(self.hyb):
+            groups.setdefault(group_of(mod), set()).add(name)
+        self.scopes = {"all": set().union(*groups.values()), **groups}
+
+    def images(self, stage: str) -> torch.Tensor:
+        """The calibration images the compress stage ``stage`` takes (same seeded sample)."""
+        return torch.cat(_batches(self.cal, MOMENT_IMAGES, seed=stage_seed(self.seed, stage)))
+
+    def measure(self, m: nn.Module):
+        pi = evaluate_per_image(m, self.val, self.info.label_offset, reference=self.orig)
+        return summarize(pi), pi
+
+    @torch.no_grad()
+    def rounded(self, names: set[str], rounding: str) -> tuple[nn.Module, int]:
+        """A copy with the ``names`` weights rounded; channels that kept nearest codes."""
+        m, kept = copy.deepcopy(self.hyb), 0
+        for n, mod, attr in WQ.weight_params(m):
+            if n in names:
+                p = getattr(mod, attr)
+                if rounding == "gptq":
+                    codes, scale, st = WQ.quantize_int8_gptq(p.data, self.moments[n])
+                    p.data.copy_(WQ.dequantize_int8(codes, scale))
+                    kept += st["nearest_channels"]
+                else:
+                    p.data.copy_(WQ.fake_quant(p.data, 8))
+        return m, kept
+
+    def scope_rows(self) -> list[dict]:
+        """Float, then each scope rounded to nearest and by gptq (paired gptq − nearest)."""
+        base, _ = self.measure(self.hyb)
+        rows = [{"variant": "float (folded hybrid)", "scope": None, "rounding": None, **base}]
+        for scope, names in self.scopes.items():
+            pis = {}
+            for rounding in ("nearest", "gptq"):
+                t = time.perf_counter()
+                m, kept = self.rounded(names, rounding)
+                secs = round(time.perf_counter() - t, 1)
+                s, pis[rounding] = self.measure(m)
+                rows.append({"variant": f"{scope}: {rounding}", "scope": scope,
+                             "rounding": rounding, "weights": len(names),
+                             "round_seconds": secs, "nearest_channels": kept, **s})
+            g, n = pis["gptq"], pis["nearest"]
+            d, (lo, hi) = bootstrap_mean_interval(g.kl - n.kl)
+            rows[-1]["kl_vs_nearest"] = {"d": d, "lo": lo, "hi": hi}
+            rows[-1]["top1_vs_nearest"] = paired(g.correct, n.correct)
+            rows[-1]["agreement_vs_nearest"] = paired(g.agree, n.agree)
+            print(json.dumps(rows[-2]), json.dumps(rows[-1]), flush=True)
+        return rows
+
+    def chain_rows(self) -> list[dict]:
+        """The whole post-training chain as the stages run it (weights, mean shift or not,
+        uint8 activations), each variant paired against the default."""
+        chains, finals = [], {}
+        for variant in CHAINS:
+            m, _ = self.rounded(self.scopes["all"], variant.split("+")[0])
+            if variant.endswith("+mean_shift"):
+                sites, owners = correction_sites(m, self.pairs)
+                match_output_means(m, self.orig, self.images("mean_shift"), sites, owners)
+            actquant.attach(m, 32)
+            actquant.calibrate(m, self.images("activation_calibration"),
+                               seed=stage_seed(self.seed, "activation_calibration"))
+            s, finals[variant] = self.measure(m)
+            chains.append({"variant": f"{variant}, uint8 activations", **s})
+        ref = finals[CHAINS[0]]
+        for row, variant in zip(chains[1:], CHAINS[1:]):
+            d, (lo, hi) = bootstrap_mean_interval(finals[variant].kl - ref.kl)
+            row["kl_vs_default"] = {"d": d, "lo": lo, "hi": hi}
+            row["top1_vs_default"] = paired(finals[variant].correct, ref.correct)
+            print(json.dumps(row), flush=True)
+        return chains
 
 
 def main() -> None:
@@ -82,68 +182,16 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     t0 = time.perf_counter()
-    cal_split, tune_split = calib_splits(a.calib)
-    net, info = load_model(a.model)
-    net.eval()
-    prep = preset_for(info)
-    cal = load_images(cal_split.path, prep, size=a.calib_size, seed=a.seed, classes=info.classes)
-    val = load_images(tune_split.path, prep, seed=0, classes=info.classes)
-    hyb, orig = folded_hybrid(net, info, cal, a.seed)
-    t = time.perf_counter()
-    n_mom = CompressConfig.act_calib_images
-    parts = [x for b in _batches(cal, n_mom, seed=stage_seed(a.seed, "weight_quant"))
-             for x in b.split(8)]
-    moments = WQ.input_moments(hyb, parts, seed=stage_seed(a.seed, "weight_quant"))
-    moments_s = time.perf_counter() - t
-    groups: dict[str, set[str]] = {}
-    for name, mod, _ in WQ.weight_params(hyb):
-        groups.setdefault(group_of(mod), set()).add(name)
-    scopes = {"all": set().union(*groups.values()), **groups}
-
-    def measure(m: nn.Module):
-        pi = evaluate_per_image(m, val, info.label_offset, reference=orig)
-        return summarize(pi), pi
-
-    @torch.no_grad()
-    def rounded(names: set[str], rounding: str) -> tuple[nn.Module, int]:
-        """A copy with the ``names`` weights rounded; channels that kept nearest codes."""
-        m, kept = copy.deepcopy(hyb), 0
-        for n, mod, attr in WQ.weight_params(m):
-            if n in names:
-                p = getattr(mod, attr)
-                if rounding == "gptq":
-                    codes, scale, st = WQ.quantize_int8_gptq(p.data, moments[n])
-                    p.data.copy_(WQ.dequantize_int8(codes, scale))
-                    kept += st["nearest_channels"]
-                else:
-                    p.data.copy_(WQ.fake_quant(p.data, 8))
-        return m, kept
-
-    base, _ = measure(hyb)
-    rows = [{"variant": "float (folded hybrid)", "scope": None, "rounding": None, **base}]
-    for scope, names in scopes.items():
-        pis = {}
-        for rounding in ("nearest", "gptq"):
-            t = time.perf_counter()
-            m, kept = rounded(names, rounding)
-            secs = round(time.perf_counter() - t, 1)
-            s, pis[rounding] = measure(m)
-            rows.append({"variant": f"{scope}: {rounding}", "scope": scope, "rounding": rounding,
-                         "weights": len(names), "round_seconds": secs,
-                         "nearest_channels": kept, **s})
-        g, n = pis["gptq"], pis["nearest"]
-        d, (lo, hi) = bootstrap_mean_interval(g.kl - n.kl)
-        rows[-1]["kl_vs_nearest"] = {"d": d, "lo": lo, "hi": hi}
-        rows[-1]["top1_vs_nearest"] = paired(g.correct, n.correct)
-        rows[-1]["agreement_vs_nearest"] = paired(g.agree, n.agree)
-        print(json.dumps(rows[-2]), json.dumps(rows[-1]), flush=True)
+    b = Bench(a)
+    rows, chains = b.scope_rows(), b.chain_rows()
     os.makedirs(a.out, exist_ok=True)
     out = os.path.join(a.out, f"int8-rounding-{a.tag}.json")
     with open(out + ".tmp", "w") as f:
-        json.dump({"tag": a.tag, "args": vars(a), "split": {"eval": tune_split.record(),
-                                                             "calibration": cal_split.record()},
-                   "moment_images": n_mom, "moments_seconds": round(moments_s, 1),
-                   "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}, f, indent=1)
+        json.dump({"tag": a.tag, "args": vars(a),
+                   "split": {"eval": b.tune_split.record(), "calibration": b.cal_split.record()},
+                   "moment_images": MOMENT_IMAGES, "moments_seconds": b.moments_s,
+                   "rows": rows, "chains": chains,
+                   "seconds": round(time.perf_counter() - t0, 1)}, f, indent=1)
     os.replace(out + ".tmp", out)
     print(out)
 
