@@ -95,8 +95,8 @@ class Bench:
         self.val = load_images(self.tune_split.path, prep, seed=0, classes=self.info.classes)
         self.hyb, self.orig, self.pairs = folded_hybrid(net, self.info, self.cal, a.seed)
         t = time.perf_counter()
-        parts = [x for x in self.images("weight_quant").split(8)]
-        self.moments = WQ.input_moments(self.hyb, parts, seed=stage_seed(a.seed, "weight_quant"))
+        self.moments = WQ.input_moments(self.hyb, [self.images("weight_quant")],
+                                        seed=stage_seed(a.seed, "weight_quant"))
         self.moments_s = round(time.perf_counter() - t, 1)
         groups: dict[str, set[str]] = {}
         for name, mod, _ in WQ.weight_params(self.hyb):

@@ -263,8 +263,8 @@ def _rounding_moments(model: nn.Module, meta: dict[str, Any], train: CalibData,
     if int(meta.get("weight_bits", 32)) != 8 or cfg.get("weight_rounding") != "gptq":
         return None
     n = min(len(train), int(cfg.get("act_calib_images", 128)))
-    parts = [x for b in _batches(train, n, seed=int(cfg.get("seed", 0))) for x in b.split(8)]
-    return input_moments(model, parts, seed=int(cfg.get("seed", 0)))
+    seed = int(cfg.get("seed", 0))
+    return input_moments(model, _batches(train, n, seed=seed), seed=seed)
 
 
 def _retrained_meta(meta: dict[str, Any], info: ModelInfo, cfg: RetrainConfig, run: _Run,

@@ -374,9 +374,8 @@ def weight_quant(st: State) -> State:
     moments = None
     if st.cfg.weight_bits == 8 and st.cfg.weight_rounding == "gptq" and st.train is not None:
         name = "weight_quant"
-        # 8 images a pass: a depthwise conv's im2col at 112x112 is 43 MB per image
-        parts = [x for b in st.batches(st.cfg.act_calib_images, name) for x in b.split(8)]
-        moments = weightquant.input_moments(st.hybrid, parts, seed=stage_seed(st.cfg.seed, name))
+        moments = weightquant.input_moments(st.hybrid, st.batches(st.cfg.act_calib_images, name),
+                                            seed=stage_seed(st.cfg.seed, name))
     st.meta["weight_quant"] = weightquant.apply_weight_bits(st.hybrid, st.cfg.weight_bits,
                                                             moments=moments)
     return st
