@@ -62,6 +62,15 @@ def group_of(mod: nn.Module) -> str:
     return "other conv/linear"
 
 
+def versus(x, y, name: str) -> dict:
+    """Per-image ``x`` − ``y`` (two evaluations of the same images): KL by bootstrap, top-1
+    and agreement paired (interval and McNemar's p), keyed ``*_vs_<name>``."""
+    d, (lo, hi) = bootstrap_mean_interval(x.kl - y.kl)
+    return {f"kl_vs_{name}": {"d": d, "lo": lo, "hi": hi},
+            f"top1_vs_{name}": paired(x.correct, y.correct),
+            f"agreement_vs_{name}": paired(x.agree, y.agree)}
+
+
 def folded_hybrid(net: nn.Module, info, cal, seed: int) -> tuple[nn.Module, nn.Module, list]:
     """(folded float hybrid, original, folded [layer, BN] pairs) of ``compress
     --activation-bits 8 --steps 0``."""
@@ -140,11 +149,7 @@ class Bench:
                 rows.append({"variant": f"{scope}: {rounding}", "scope": scope,
                              "rounding": rounding, "weights": len(names),
                              "round_seconds": secs, "nearest_channels": kept, **s})
-            g, n = pis["gptq"], pis["nearest"]
-            d, (lo, hi) = bootstrap_mean_interval(g.kl - n.kl)
-            rows[-1]["kl_vs_nearest"] = {"d": d, "lo": lo, "hi": hi}
-            rows[-1]["top1_vs_nearest"] = paired(g.correct, n.correct)
-            rows[-1]["agreement_vs_nearest"] = paired(g.agree, n.agree)
+            rows[-1].update(versus(pis["gptq"], pis["nearest"], "nearest"))
             print(json.dumps(rows[-2]), json.dumps(rows[-1]), flush=True)
         return rows
 
@@ -164,9 +169,7 @@ class Bench:
             chains.append({"variant": f"{variant}, uint8 activations", **s})
         ref = finals[CHAINS[0]]
         for row, variant in zip(chains[1:], CHAINS[1:]):
-            d, (lo, hi) = bootstrap_mean_interval(finals[variant].kl - ref.kl)
-            row["kl_vs_default"] = {"d": d, "lo": lo, "hi": hi}
-            row["top1_vs_default"] = paired(finals[variant].correct, ref.correct)
+            row.update(versus(finals[variant], ref, "default"))
             print(json.dumps(row), flush=True)
         return chains
 
