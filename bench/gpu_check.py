@@ -4,6 +4,13 @@ the CPU, on MobileNetV1-0.5-160 with the shared calibration images. It compares 
 the fine-tuned weights (float tolerance) and the wall time of each run, and writes
 bench/results/gpu-check.json. Without CUDA it says so and exits 0 (no test depends on a GPU).
 
+With ``--smoke`` (the default) it then runs every other heavy command on the device once,
+each in a fresh process, and records exit status, wall time and its key figures: analyze,
+compress with int8 activations and gptq rounding (input moments on the device), synthetic
+calibration, finetune, eval (the CPU artifact on the device against on the CPU: top-1 and
+agreement within --agreement-tol), export onnx (verification inputs), and compress under
+``torchrun`` with one process (nccl on CUDA, gloo on the CPU).
+
     HFB_SHARED=/work/shared python -m bench.gpu_check                # defaults below
     python -m bench.gpu_check --calib-size 500 --steps 100 --out bench/results/gpu-check.json
 
@@ -38,6 +45,70 @@ def _run(args: list[str], out: Path) -> tuple[dict[str, Any], float]:
     return json.loads(res.stdout), wall
 
 
+def _smoke_step(name: str, cmd: list[str], env: dict[str, str] | None = None
+                ) -> dict[str, Any]:
+    """One command in a fresh process: exit status, wall time, its JSON (when it printed
+    one) and its last stderr line (the one-line error of a failure)."""
+    t = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    step: dict[str, Any] = {"name": name, "rc": res.returncode,
+                            "wall_s": round(time.perf_counter() - t, 2)}
+    out = res.stdout
+    if "{" in out:
+        try:
+            step["json"] = json.loads(out[out.index("{"):])
+        except ValueError:
+            pass
+    err = res.stderr.strip().splitlines()
+    if res.returncode != 0 and err:
+        step["error"] = err[-1][:300]
+    print(f"smoke: {name}: exit {res.returncode} in {step['wall_s']} s"
+          + (f": {step['error']}" if "error" in step else ""), file=sys.stderr, flush=True)
+    return step
+
+
+def smoke(model: str, calib: str, calib_size: int, device: str, cpu_artifact: Path,
+          dev_artifact: Path, work: Path, tol: float) -> dict[str, Any]:
+    """Every other heavy command once on ``device`` (see the module docstring)."""
+    cli = [sys.executable, "-m", "hfbconvert.cli"]
+    dev = ["--device", device, "--seed", "0"]
+    n = str(min(calib_size, 500))
+    steps = [
+        _smoke_step("analyze", [*cli, "analyze", model, "--calib", calib, "--calib-size",
+                                "256", "--json", *dev]),
+        _smoke_step("compress int8 gptq", [
+            *cli, "compress", model, "--calib", calib, "--calib-size", n,
+            "--activation-bits", "8", "--weight-rounding", "gptq", "--steps", "20",
+            "--min-agreement", "0", "-o", str(work / "int8.hfb.pt"), "--json", "-q", *dev]),
+        _smoke_step("compress synthetic calibration", [
+            *cli, "compress", model, "--calib", "synthetic:64", "--steps", "0",
+            "--min-agreement", "0", "-o", str(work / "syn.hfb.pt"), "--json", "-q", *dev]),
+        _smoke_step("finetune", [
+            *cli, "finetune", str(cpu_artifact), "--data", calib, "--data-size", n,
+            "--epochs", "1", "--eval-every", "10", "-o", str(work / "ft.hfb.pt"), "--json",
+            "-q", *dev]),
+        _smoke_step("export onnx", [
+            *cli, "export", "onnx", str(dev_artifact), "-o", str(work / "m.onnx"),
+            "--calib", calib, "--calib-size", "16", "--no-report", "--json", "-q", *dev]),
+    ]
+    evals = {d: _smoke_step(f"eval on {d}", [
+        *cli, "eval", str(cpu_artifact), "--data", calib, "--data-size", n, "--json",
+        "--device", d, "--seed", "0"]) for d in ("cpu", device)}
+    steps += list(evals.values())
+    env = dict(os.environ, MASTER_PORT="29541")
+    steps.append(_smoke_step("compress under torchrun (1 process)", [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+        "--master_port", "29541", "-m", "hfbconvert.cli", "compress", model, "--calib", calib,
+        "--calib-size", n, "--steps", "20", "--min-agreement", "0",
+        "-o", str(work / "ddp.hfb.pt"), "--json", "-q", *dev], env=env))
+    checks = {s["name"]: s["rc"] == 0 for s in steps}
+    ev = [evals[d].get("json") or {} for d in ("cpu", device)]
+    checks["eval top-1/agreement same on both devices"] = all(
+        e.get(k) is not None for e in ev for k in ("top1", "agreement")) and all(
+        abs(ev[0][k] - ev[1][k]) <= tol for k in ("top1", "agreement"))
+    return {"steps": steps, "checks": checks, "passed": all(checks.values())}
+
+
 def _plan_key(meta: dict[str, Any]) -> list[tuple[str, int, tuple[int, ...]]]:
     return [(lp["name"], int(lp["r"]), tuple(lp.get("critical_idx") or []))
             for lp in meta["plan"]["layers"]]
@@ -53,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="max relative difference of any fine-tuned weight tensor")
     ap.add_argument("--agreement-tol", type=float, default=0.01)
     ap.add_argument("--out", default="bench/results/gpu-check.json")
+    ap.add_argument("--smoke", action=argparse.BooleanOptionalAction, default=True,
+                    help="then run analyze/int8 compress/synthetic/finetune/eval/export/"
+                         "torchrun once each on the device")
     ap.add_argument("--against", default="cuda",
                     help="device compared with the CPU run ('cpu' exercises this script "
                          "without a GPU)")
@@ -77,9 +151,14 @@ def main(argv: list[str] | None = None) -> int:
         for key, dev in (("cpu", "cpu"), ("cuda", a.against)):
             out = Path(d) / f"{key}.hfb.pt"
             summary, wall = _run([*common, "--device", dev], out)
+            print(f"compress --device {dev}: {wall:.1f} s, agreement "
+                  f"{summary['final_agreement']}", file=sys.stderr, flush=True)
             model, _, meta = load_compressed(out)
             runs[key] = {"summary": summary, "wall_s": wall, "meta": meta,
                          "state": model.state_dict()}
+        smoked = (smoke(a.model, a.calib, a.calib_size, a.against, Path(d) / "cpu.hfb.pt",
+                        Path(d) / "cuda.hfb.pt", Path(d), a.agreement_tol)
+                  if a.smoke else None)
     cpu, gpu = runs["cpu"], runs["cuda"]
     same_plan = _plan_key(cpu["meta"]) == _plan_key(gpu["meta"])
     rel = 0.0
@@ -105,11 +184,17 @@ def main(argv: list[str] | None = None) -> int:
         "max_rel_weight_diff": rel,
         "wall_s": {"cpu": round(cpu["wall_s"], 2), "cuda": round(gpu["wall_s"], 2)},
         "timings": {"cpu": cpu["summary"]["timings"], "cuda": gpu["summary"]["timings"]},
-        "checks": checks, "passed": all(checks.values())}
+        "checks": checks, "smoke": smoked,
+        "passed": all(checks.values()) and (smoked is None or smoked["passed"])}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: result[k] for k in ("device", "agreement", "max_rel_weight_diff",
-                                             "wall_s", "checks", "passed")}, indent=1))
+    brief = {k: result[k] for k in ("device", "agreement", "max_rel_weight_diff", "wall_s",
+                                    "checks", "passed")}
+    if smoked is not None:
+        brief["smoke"] = {s["name"]: {k: s[k] for k in ("rc", "wall_s", "error") if k in s}
+                          for s in smoked["steps"]}
+        brief["smoke_checks"] = smoked["checks"]
+    print(json.dumps(brief, indent=1))
     return 0 if result["passed"] else 1
 
 
