@@ -67,6 +67,23 @@ def _smoke_step(name: str, cmd: list[str], env: dict[str, str] | None = None
     return step
 
 
+def _bn_model(model: str, work: Path) -> str:
+    """``model`` when it has BatchNorm statistics (synthetic calibration needs them), else
+    a freshly initialized MobileNetV2 state_dict (torchvision keys) written to ``work``."""
+    import torch
+
+    from hfbconvert.models.loading import ARCHS
+
+    state = torch.load(model, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state) if isinstance(state, dict) else {}
+    if any(str(k).endswith("running_var") for k in state):
+        return model
+    torch.manual_seed(0)
+    path = work / "mobilenet_v2_random.pt"
+    torch.save(ARCHS["mobilenet_v2"]().state_dict(), path)
+    return str(path)
+
+
 def smoke(model: str, calib: str, calib_size: int, device: str, cpu_artifact: Path,
           dev_artifact: Path, work: Path, tol: float) -> dict[str, Any]:
     """Every other heavy command once on ``device`` (see the module docstring)."""
@@ -81,7 +98,7 @@ def smoke(model: str, calib: str, calib_size: int, device: str, cpu_artifact: Pa
             "--activation-bits", "8", "--weight-rounding", "gptq", "--steps", "20",
             "--min-agreement", "0", "-o", str(work / "int8.hfb.pt"), "--json", "-q", *dev]),
         _smoke_step("compress synthetic calibration", [
-            *cli, "compress", model, "--calib", "synthetic:64", "--steps", "0",
+            *cli, "compress", _bn_model(model, work), "--calib", "synthetic:64", "--steps", "0",
             "--min-agreement", "0", "-o", str(work / "syn.hfb.pt"), "--json", "-q", *dev]),
         _smoke_step("finetune", [
             *cli, "finetune", str(cpu_artifact), "--data", calib, "--data-size", n,

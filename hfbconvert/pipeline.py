@@ -267,7 +267,7 @@ def layer_fragility(model: nn.Module, layers: list[PointwiseLayer], images: torc
         mod = model.get_submodule(ly.name)
         w = mod.weight.data
         kept = w.clone()  # w + noise - noise is not w in float: restore the exact bits
-        noise = torch.randn(w.shape, generator=g)
+        noise = torch.randn(w.shape, generator=g).to(w.device)  # the same on any device
         noise *= (rel_noise * w.pow(2).sum() / noise.pow(2).sum().clamp_min(1e-30)).sqrt()
         w.add_(noise)
         try:
@@ -532,15 +532,17 @@ def apply_plan_override(plans: list[LayerPlan], override: dict, layers: list[Poi
 def sensitivity_inputs(model: nn.Module, layers: list[PointwiseLayer],
                        data: CalibData | None, cfg: CompressConfig, seed: int | None = None):
     """Σ per layer (None without data), loss curves, output energies per filter and the
-    layer input means (None without data)."""
+    layer input means (None without data), all on the CPU. The statistics pass and the
+    curves' fits run where ``model`` is (a device copy for ``--device``)."""
     sig: dict[str, torch.Tensor | None] = {ly.name: None for ly in layers}
     means: dict[str, torch.Tensor | None] = {ly.name: None for ly in layers}
     if data is not None:
         seed = cfg.seed if seed is None else seed
         # Σ and the mean are sums: the sample's batches stream from disk, one in memory
         sample = data.sample(cfg.stats_images, seed=seed)
+        dev = _device_of(model)
         st = collect_input_stats(model, [ly.name for ly in layers],
-                                 (x for x, _ in sample.batches(64)), seed=seed)
+                                 (x.to(dev) for x, _ in sample.batches(64)), seed=seed)
         sig = {n: s.sigma for n, s in st.items()}
         means = {n: s.mean for n, s in st.items()}
     curves, energies, densities = {}, {}, {}
@@ -549,11 +551,13 @@ def sensitivity_inputs(model: nn.Module, layers: list[PointwiseLayer],
             w = layer_weight(model, ly.name).float()
             s = sig[ly.name]
             if cfg.method == "hybrid" and cfg.critical_fraction != 0.0:
-                curves[ly.name], densities[ly.name] = loss_curves(w, s, cfg.budgets,
-                                                                  with_density=True)
+                c, d = loss_curves(w, None if s is None else s.to(w.device), cfg.budgets,
+                                   with_density=True)
+                curves[ly.name], densities[ly.name] = c.cpu(), d.cpu()
             else:  # no filter is ranked: TWN/StrassenNets everywhere need no curves
                 curves[ly.name] = torch.zeros(w.shape[0], len(cfg.budgets))
                 densities[ly.name] = torch.full_like(curves[ly.name], 0.7)
+            w = w.cpu()
             energies[ly.name] = ((w.double() @ s) * w.double()).sum(1) if s is not None else \
                 w.double().pow(2).sum(1)
             t.advance(1, info=ly.name)

@@ -150,8 +150,9 @@ def loss_curves(w: torch.Tensor, sigma: torch.Tensor | None,
     for s in range(0, w.shape[0], chunk):
         fit = fit_terms(w[s:s + chunk], sigma, k_max)
         out.append(fit.losses[:, cols])
-        nz = (fit.terms != 0).float().mean(2).cumsum(1)  # (n, k): summed density of 1..k
-        dens.append(nz[:, cols] / torch.tensor([b for b in budgets], dtype=nz.dtype))
+        if with_density:
+            nz = (fit.terms != 0).float().mean(2).cumsum(1)  # (n, k): summed density 1..k
+            dens.append(nz[:, cols] / torch.tensor(budgets, dtype=nz.dtype, device=nz.device))
     curves = torch.cat(out).float()
     return (curves, torch.cat(dens).float()) if with_density else curves
 

@@ -12,6 +12,7 @@ so adding, removing or reordering a stage never changes another stage's samples.
 
 from __future__ import annotations
 
+import copy
 import time
 import zlib
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from torch import nn
 
 from hfbconvert.calib.readers import CalibData
 
-from . import actquant, progress, weightquant
+from . import actquant, distributed, progress, weightquant
 from .bnfold import fold_batchnorms
 from .costs import (
     ModelCost,
@@ -83,6 +84,26 @@ class State:
     meta: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     log: list[dict[str, Any]] = field(default_factory=list)
+    _original_dev: nn.Module | None = field(default=None, repr=False)
+
+    def device(self) -> torch.device:
+        """Where the heavy planning and fitting work runs (``--device``; under torchrun each
+        rank's own GPU). The state's networks stay on the CPU; the fine-tune moves its own."""
+        return distributed.device_for(self.cfg.finetune.device)
+
+    def original_on_device(self) -> nn.Module:
+        """``original`` on :meth:`device` (itself on the CPU): one copy per run, never
+        modified, as ``original`` is not."""
+        dev = self.device()
+        if dev.type == "cpu":
+            return self.original
+        if self._original_dev is None:
+            self._original_dev = copy.deepcopy(self.original).to(dev)
+        return self._original_dev
+
+    def on_device(self, net: nn.Module) -> nn.Module:
+        """A copy of ``net`` on :meth:`device` to read from (``net`` itself on the CPU)."""
+        return net if self.device().type == "cpu" else copy.deepcopy(net).to(self.device())
 
     def batches(self, n: int, stage: str) -> list[torch.Tensor]:
         """``n`` training images of this stage's own random sample, normalized."""
@@ -95,7 +116,9 @@ class State:
         """Agreement with the original on the held-apart images after stage ``name``."""
         from .pipeline import _stage
 
-        _stage(self.log, name, self.hybrid, self.original, self.held, seconds)
+        assert self.hybrid is not None
+        _stage(self.log, name, self.on_device(self.hybrid), self.original_on_device(),
+               self.held, seconds)
 
 
 Stage = Callable[[State], State]
@@ -107,7 +130,8 @@ def sensitivity(st: State) -> State:
     from .pipeline import sensitivity_inputs
 
     st.sigma, st.curves, st.energies, st.densities, st.means = sensitivity_inputs(
-        st.original, st.layers, st.train, st.cfg, seed=stage_seed(st.cfg.seed, "sensitivity"))
+        st.original_on_device(), st.layers, st.train, st.cfg,
+        seed=stage_seed(st.cfg.seed, "sensitivity"))
     return st
 
 
@@ -115,8 +139,9 @@ def fragility(st: State) -> State:
     """Logit distortion per unit of weight error of each layer (weights the planner)."""
     from .pipeline import layer_fragility
 
-    st.fragility = layer_fragility(st.original, st.layers,
-                                   torch.cat(st.batches(32, "fragility")), seed=st.cfg.seed)
+    st.fragility = layer_fragility(st.original_on_device(), st.layers,
+                                   torch.cat(st.batches(32, "fragility")).to(st.device()),
+                                   seed=st.cfg.seed)
     return st
 
 
@@ -156,7 +181,7 @@ def _fit_one(st: State, ly: PointwiseLayer) -> None:
     if st.cfg.method == "twn":
         _twn_init(h, w)
     fit_layer(h, stats, bias_correction=st.cfg.bias_correction,
-              reinit_codes=st.cfg.method != "twn", prior=w)
+              reinit_codes=st.cfg.method != "twn", prior=w, device=st.device())
 
 
 ADD_REPAIR_ROUNDS = 3
@@ -374,7 +399,8 @@ def weight_quant(st: State) -> State:
     moments = None
     if st.cfg.weight_bits == 8 and st.cfg.weight_rounding == "gptq" and st.train is not None:
         name = "weight_quant"
-        moments = weightquant.input_moments(st.hybrid, st.batches(st.cfg.act_calib_images, name),
+        moments = weightquant.input_moments(st.on_device(st.hybrid),
+                                            st.batches(st.cfg.act_calib_images, name),
                                             seed=stage_seed(st.cfg.seed, name))
     st.meta["weight_quant"] = weightquant.apply_weight_bits(st.hybrid, st.cfg.weight_bits,
                                                             moments=moments)
