@@ -13,6 +13,7 @@ agreement within --agreement-tol), export onnx (verification inputs), and compre
 
     HFB_SHARED=/work/shared python -m bench.gpu_check                # defaults below
     python -m bench.gpu_check --calib-size 500 --steps 100 --out bench/results/gpu-check.json
+    python -m bench.gpu_check --render     # BENCHMARKS.md's section from the results files
 
 Exit 0: checks passed, or no CUDA (skipped); 1: a check failed; 2: inputs missing.
 """
@@ -90,15 +91,21 @@ def smoke(model: str, calib: str, calib_size: int, device: str, cpu_artifact: Pa
     cli = [sys.executable, "-m", "hfbconvert.cli"]
     dev = ["--device", device, "--seed", "0"]
     n = str(min(calib_size, 500))
+    analyzed = _smoke_step("analyze", [*cli, "analyze", model, "--calib", calib,
+                                       "--calib-size", "256", "--json", *dev])
+    if "json" in analyzed:  # the per-filter losses are not this file's business
+        j = analyzed["json"]
+        analyzed["json"] = {"layers": len(j.get("layers", [])),
+                            "activation_aware": j.get("activation_aware"),
+                            "first_ranking": (j.get("layers") or [{}])[0].get("ranking", [])[:8]}
     steps = [
-        _smoke_step("analyze", [*cli, "analyze", model, "--calib", calib, "--calib-size",
-                                "256", "--json", *dev]),
+        analyzed,
         _smoke_step("compress int8 gptq", [
             *cli, "compress", model, "--calib", calib, "--calib-size", n,
             "--activation-bits", "8", "--weight-rounding", "gptq", "--steps", "20",
             "--min-agreement", "0", "-o", str(work / "int8.hfb.pt"), "--json", "-q", *dev]),
         _smoke_step("compress synthetic calibration", [
-            *cli, "compress", _bn_model(model, work), "--calib", "synthetic:64", "--steps", "0",
+            *cli, "compress", _bn_model(model, work), "--calib", "synthetic:32", "--steps", "0",
             "--min-agreement", "0", "-o", str(work / "syn.hfb.pt"), "--json", "-q", *dev]),
         _smoke_step("finetune", [
             *cli, "finetune", str(cpu_artifact), "--data", calib, "--data-size", n,
@@ -131,6 +138,61 @@ def _plan_key(meta: dict[str, Any]) -> list[tuple[str, int, tuple[int, ...]]]:
             for lp in meta["plan"]["layers"]]
 
 
+RESULTS = Path(__file__).resolve().parent / "results"
+START, END = "<!-- generated:gpu-check -->", "<!-- /generated -->"
+
+
+def render(runs: list[tuple[str, dict[str, Any]]]) -> str:
+    """The BENCHMARKS.md section from the results files ``(name, result)``."""
+    lines = ["## CUDA check: `--device cuda` against the CPU on one machine", "",
+             "`python -m bench.gpu_check` on a GPU machine: the same `compress` (MobileNetV1-"
+             "0.5-160, seed 0) with `--device cpu` and `--device cuda` in fresh processes, "
+             "then every other heavy command once on the GPU (`--smoke`). One run each: "
+             "wall times are single measurements.", "",
+             "| results file | code | device | same plan | max rel. weight diff | agreement "
+             "cpu / cuda | compress wall cpu / cuda (s) | fine-tune cpu / cuda (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in runs:
+        t = r["timings"]
+        lines.append(
+            f"| `{name}` | {r.get('code_commit', '?')} | {r['device']} | "
+            f"{'yes' if r['checks']['same_plan'] else '**no**'} | "
+            + (f"{r['max_rel_weight_diff']:.2g}" if r["checks"]["same_plan"]
+               else "— (other layers)")
+            + f" | {r['agreement']['cpu']} / "
+            f"{r['agreement']['cuda']} | {r['wall_s']['cpu']:.1f} / {r['wall_s']['cuda']:.1f}"
+            f" | {t['cpu'].get('finetune_s', float('nan')):.1f} / "
+            f"{t['cuda'].get('finetune_s', float('nan')):.1f} |")
+    lines += [""] + [f"- `{name}`: {r['note']}" for name, r in runs if r.get("note")]
+    names = [st["name"] for _, r in runs if r.get("smoke") for st in r["smoke"]["steps"]]
+    order = list(dict.fromkeys(names))
+    if order:
+        lines += ["", "Smoke steps on the GPU (exit status, wall seconds of the whole command):",
+                  "", "| step | " + " | ".join(f"`{n}`" for n, r in runs if r.get("smoke"))
+                  + " |", "|---|" + "---|" * sum(1 for _, r in runs if r.get("smoke"))]
+        for step in order:
+            cells = []
+            for _, r in runs:
+                if not r.get("smoke"):
+                    continue
+                st = next((x for x in r["smoke"]["steps"] if x["name"] == step), None)
+                cells.append("—" if st is None else
+                             f"exit {st['rc']}, {st['wall_s']:.1f} s" if st["rc"] == 0 else
+                             f"**exit {st['rc']}**: {st.get('error', '')[:90]}")
+            lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_section(md: Path) -> None:
+    """Regenerate the ``gpu-check`` block of ``md`` from bench/results/gpu-check*.json."""
+    from bench.rss import splice
+
+    runs = [(p.name, json.loads(p.read_text()))
+            for p in RESULTS.glob("gpu-check*.json")]
+    runs.sort(key=lambda nr: nr[1].get("measured_utc", ""))  # oldest first
+    splice(md, render(runs), START, END)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=os.path.join(SHARED, "models/mobilenet_v1_0.5_160.pt"))
@@ -147,7 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--against", default="cuda",
                     help="device compared with the CPU run ('cpu' exercises this script "
                          "without a GPU)")
+    ap.add_argument("--render", action="store_true",
+                    help="only regenerate the BENCHMARKS.md section from the results files")
     a = ap.parse_args(argv)
+    if a.render:
+        write_section(RESULTS.parent.parent / "BENCHMARKS.md")
+        return 0
 
     import torch
 

@@ -332,11 +332,12 @@ def _check_source(artifact: str, meta: dict, source_model: str) -> None:
 
 
 def _load_calib(path: str | None, info, size: int | None, seed: int, resolution: int | None,
-                preset: str | None, net=None, workers: int = 0):
+                preset: str | None, net=None, workers: int = 0, device: str = "cpu"):
     """Calibration data for ``--calib``: real images, or ``synthetic[:N[:ITERATIONS]]``
     distilled from ``net``'s BatchNorm statistics (N defaults to --calib-size, else 256;
     with an explicit N, --calib-size picks a seeded subset as it does for real images).
-    ``workers``: ``--data-workers`` of the images read from disk."""
+    ``workers``: ``--data-workers`` of the images read from disk; ``device``: where
+    synthetic images are optimised."""
     if path is None:
         return None, info
     from hfbconvert.calib.presets import apply_overrides, preset_for
@@ -351,8 +352,10 @@ def _load_calib(path: str | None, info, size: int | None, seed: int, resolution:
         if net is None:
             raise InputError(f"--calib {path}: synthetic images need the model's BatchNorm "
                              "statistics, not available here; pass real images")
+        from .distributed import device_for
+
         data = synthesize(net, prep, n or size or DEFAULT_N, seed, iterations=iterations,
-                          source=getattr(info, "source", ""))
+                          source=getattr(info, "source", ""), device=device_for(device))
         if n is not None and size is not None and size < len(data):
             import numpy as np
 
@@ -483,7 +486,7 @@ def _analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, b
 
     net, info = _load(model, arch, trust_pickle, resolution)
     data, info = _load_calib(calib, info, calib_size, seed, resolution, preset, net,
-                             data_workers)
+                             data_workers, device)
     if data is None:
         progress.warn("no --calib data: weight-space sensitivity (Σ = I), not activation-aware")
     res = run_analyze(net, info, data, bud, stats_images, threshold, threshold_budget, seed,
@@ -676,7 +679,7 @@ def compress(ctx, model, arch, trust_pickle, calib, calib_size, resolution, pres
     with distributed.session(device), \
             output_lock([] if dry_run or not main_rank else [out]):
         data, info = _load_calib(calib, info, calib_size, seed, resolution, preset, net,
-                                 data_workers)
+                                 data_workers, device)
         if data is None:
             progress.warn("no --calib data: weight-space fit only, no reconstruction or "
                           "fine-tune")
@@ -1323,13 +1326,14 @@ def export() -> None:
     """Export a model to a deployment format."""
 
 
-def _verify_images(calib: str | None, info, calib_size: int, seed: int, net) -> Any:
-    """Normalized images to verify an export on: a seeded subset of ``calib``, else seeded
-    random inputs."""
+def _verify_images(calib: str | None, info, calib_size: int, seed: int, net,
+                   device: str = "cpu") -> Any:
+    """Normalized images to verify an export on: a seeded subset of ``calib`` (synthetic
+    ones optimised on ``device``), else seeded random inputs."""
     import torch
 
     if calib:
-        data, _ = _load_calib(calib, info, calib_size, seed, None, None, net)
+        data, _ = _load_calib(calib, info, calib_size, seed, None, None, net, device=device)
         return data.normalized()
     g = torch.Generator().manual_seed(seed)
     return torch.randn(calib_size, 3, info.resolution, info.resolution, generator=g)
@@ -1395,7 +1399,7 @@ def export_onnx_cmd(model, arch, trust_pickle, output, force, opset, pack, verif
     _outputs(reports, force, [model, calib])
     with output_lock([out, *reports]):
         # every input is read and checked before anything is written
-        images = _verify_images(calib, info, calib_size, seed, net) if verify else None
+        images = _verify_images(calib, info, calib_size, seed, net, dev) if verify else None
         from .export.onnx import export_onnx, onnx_metadata
 
         stats = export_onnx(net, out, info.resolution, opset=opset, pack=pack, force=force,

@@ -20,7 +20,7 @@ import torch
 
 from .hybrid import HybridPointwise
 from .linalg import solve
-from .sensitivity import TermFit, fit_terms
+from .sensitivity import fit_terms
 
 
 @dataclass
@@ -61,21 +61,10 @@ def _ridge_solve(cov: torch.Tensor, rhs: torch.Tensor, ridge: float,
     return solve(cov + lam * torch.eye(c, dtype=cov.dtype), rhs)
 
 
-def _fit_terms_on(w: torch.Tensor, sigma: torch.Tensor | None, k: int,
-                  device: torch.device | None) -> TermFit:
-    """The greedy fitter (the heavy part of a layer fit) on ``device``, results on the CPU."""
-    if device is None or device.type == "cpu":
-        return fit_terms(w, sigma, k, refine_upto=3)
-    f = fit_terms(w.to(device), None if sigma is None else sigma.to(device), k, refine_upto=3)
-    return TermFit(f.terms.cpu(), f.alphas.cpu(), f.losses.cpu())
-
-
-def init_bank(w_tol: torch.Tensor, sigma: torch.Tensor | None, r: int,
-              device: torch.device | None = None) -> tuple[torch.Tensor, ...]:
+def init_bank(w_tol: torch.Tensor, sigma: torch.Tensor | None, r: int) -> tuple[torch.Tensor, ...]:
     """Initial SPN factors for the tolerant rows: each filter gets ⌊r/n⌋ private ternary
     terms from the greedy fitter, and the filters with the largest remaining loss get one
-    more, until r hidden units are used. Returns (W_b codes, a, W_c codes), on the CPU;
-    ``device``: where the greedy fitter runs."""
+    more, until r hidden units are used. Returns (W_b codes, a, W_c codes)."""
     n, c = w_tol.shape
     if n == 0:
         return torch.zeros(0, c), torch.zeros(0), torch.zeros(0, 0)
@@ -83,7 +72,7 @@ def init_bank(w_tol: torch.Tensor, sigma: torch.Tensor | None, r: int,
         raise ValueError(f"bank needs at least one hidden unit per tolerant filter (r={r} < {n})")
     k = r // n
     extra = r - k * n
-    fit = _fit_terms_on(w_tol, sigma, k + (1 if extra else 0), device)
+    fit = fit_terms(w_tol, sigma, k + (1 if extra else 0), refine_upto=3)
     counts = torch.full((n,), k, dtype=torch.long)
     if extra:
         gain = fit.losses[:, k - 1] - fit.losses[:, k]  # loss removed by one more term
@@ -97,7 +86,7 @@ def init_bank(w_tol: torch.Tensor, sigma: torch.Tensor | None, r: int,
     # re-solve α of filters that did not take the extra term (their LS used k+1 terms)
     alphas = fit.alphas.clone()
     if extra:
-        refit = _fit_terms_on(w_tol[counts == k], sigma, k, device) if k > 0 else None
+        refit = fit_terms(w_tol[counts == k], sigma, k, refine_upto=3) if k > 0 else None
         if refit is not None:
             alphas[counts == k, :k] = refit.alphas
     a = alphas[owner, slot].float()
@@ -128,13 +117,12 @@ def fit_a_ls(layer: HybridPointwise, target_w: torch.Tensor, cov: torch.Tensor,
 @torch.no_grad()
 def fit_layer(layer: HybridPointwise, stats: PairStats, ridge: float = 1e-4,
               bias_correction: bool = True, reinit_codes: bool = True,
-              prior: torch.Tensor | None = None, device: torch.device | None = None) -> dict:
+              prior: torch.Tensor | None = None) -> dict:
     """Fit a hybrid layer to (compressed input, original output) statistics.
 
     Critical rows: least squares. Tolerant bank: W* projected onto the bank (codes from
     the greedy fitter in the Σ metric, then ``a`` by least squares). Bias: mean-shift
-    correction. Returns the relative output errors before/after, in the Σ metric.
-    ``device``: where the greedy fitter (the heavy part) runs; the layer stays where it is."""
+    correction. Returns the relative output errors before/after, in the Σ metric."""
     cov, cross = stats.centered()
     w_prior = None if prior is None else prior.double().T
     w_star = _ridge_solve(cov, cross, ridge, w_prior).T  # (c_out, c_in)
@@ -142,7 +130,7 @@ def fit_layer(layer: HybridPointwise, stats: PairStats, ridge: float = 1e-4,
     layer.w_crit.data.copy_(w_star[crit].float())
     if layer.n_tolerant:
         if reinit_codes:
-            tb, a, tc = init_bank(w_star[tol], cov, layer.r, device)
+            tb, a, tc = init_bank(w_star[tol], cov, layer.r)
             layer.set_factors(tb, a, tc)
         fit_a_ls(layer, w_star[tol], cov)
     w_hat = layer.effective_weight().double()

@@ -267,7 +267,7 @@ def layer_fragility(model: nn.Module, layers: list[PointwiseLayer], images: torc
         mod = model.get_submodule(ly.name)
         w = mod.weight.data
         kept = w.clone()  # w + noise - noise is not w in float: restore the exact bits
-        noise = torch.randn(w.shape, generator=g).to(w.device)  # the same on any device
+        noise = torch.randn(w.shape, generator=g)
         noise *= (rel_noise * w.pow(2).sum() / noise.pow(2).sum().clamp_min(1e-30)).sqrt()
         w.add_(noise)
         try:
@@ -532,17 +532,15 @@ def apply_plan_override(plans: list[LayerPlan], override: dict, layers: list[Poi
 def sensitivity_inputs(model: nn.Module, layers: list[PointwiseLayer],
                        data: CalibData | None, cfg: CompressConfig, seed: int | None = None):
     """Σ per layer (None without data), loss curves, output energies per filter and the
-    layer input means (None without data), all on the CPU. The statistics pass and the
-    curves' fits run where ``model`` is (a device copy for ``--device``)."""
+    layer input means (None without data)."""
     sig: dict[str, torch.Tensor | None] = {ly.name: None for ly in layers}
     means: dict[str, torch.Tensor | None] = {ly.name: None for ly in layers}
     if data is not None:
         seed = cfg.seed if seed is None else seed
         # Σ and the mean are sums: the sample's batches stream from disk, one in memory
         sample = data.sample(cfg.stats_images, seed=seed)
-        dev = _device_of(model)
         st = collect_input_stats(model, [ly.name for ly in layers],
-                                 (x.to(dev) for x, _ in sample.batches(64)), seed=seed)
+                                 (x for x, _ in sample.batches(64)), seed=seed)
         sig = {n: s.sigma for n, s in st.items()}
         means = {n: s.mean for n, s in st.items()}
     curves, energies, densities = {}, {}, {}
@@ -551,13 +549,11 @@ def sensitivity_inputs(model: nn.Module, layers: list[PointwiseLayer],
             w = layer_weight(model, ly.name).float()
             s = sig[ly.name]
             if cfg.method == "hybrid" and cfg.critical_fraction != 0.0:
-                c, d = loss_curves(w, None if s is None else s.to(w.device), cfg.budgets,
-                                   with_density=True)
-                curves[ly.name], densities[ly.name] = c.cpu(), d.cpu()
+                curves[ly.name], densities[ly.name] = loss_curves(w, s, cfg.budgets,
+                                                                  with_density=True)
             else:  # no filter is ranked: TWN/StrassenNets everywhere need no curves
                 curves[ly.name] = torch.zeros(w.shape[0], len(cfg.budgets))
                 densities[ly.name] = torch.full_like(curves[ly.name], 0.7)
-            w = w.cpu()
             energies[ly.name] = ((w.double() @ s) * w.double()).sum(1) if s is not None else \
                 w.double().pow(2).sum(1)
             t.advance(1, info=ly.name)
@@ -700,7 +696,8 @@ def _bn_stage(model: nn.Module, hybrid: nn.Module, layers: list[PointwiseLayer],
         reestimate_bn(hybrid, names, batches)
     timings["bn_adjust_s"] = time.perf_counter() - t
     meta["bn_adjust"] = info
-    _stage(stages, f"bn_{cfg.bn_adjust}", hybrid, model, held, timings["bn_adjust_s"])
+    _stage(stages, f"bn_{cfg.bn_adjust}", hybrid, model, held, timings["bn_adjust_s"],
+           cfg.finetune.device)
 
 
 def _min_recon_images(layers: list[PointwiseLayer], cfg: CompressConfig) -> int:
@@ -860,14 +857,28 @@ def _guarded_finetune(hybrid: nn.Module, model: nn.Module, train: CalibData, hel
             progress.warn(f"fine-tuning made the held-apart images worse (KL "
                           f"{kl_before:.4g} -> {kl_after:.4g}); kept the model before it")
     timings["finetune_s"] = time.perf_counter() - t
-    _stage(stages, stage, hybrid, model, held, timings["finetune_s"])
+    _stage(stages, stage, hybrid, model, held, timings["finetune_s"], ft.device)
     return hybrid
 
 
+def on_device(net: nn.Module, device: str | torch.device | None) -> nn.Module:
+    """``net`` when it is on ``device`` already (or none is asked for), else a copy there
+    to read from: ``--device`` moves copies, never the networks the stages build."""
+    if device is None:
+        return net
+    from .distill import _on_device
+
+    dev = distributed.device_for(str(device))
+    return net if _on_device(net, dev) else copy.deepcopy(net).to(dev)
+
+
 def _stage(stages: list, name: str, hybrid: nn.Module, model: nn.Module, held: list,
-           seconds: float) -> None:
+           seconds: float, device: str | torch.device | None = None) -> None:
+    """Log stage ``name`` with the agreement of ``hybrid`` and ``model`` on the held-apart
+    images, computed on ``device`` (copies)."""
     # torchrun ranks other than 0 print and ship nothing: no agreement checks for them
-    ag = agreement(hybrid, model, held) if held and distributed.is_main() else None
+    ag = agreement(on_device(hybrid, device), on_device(model, device), held) \
+        if held and distributed.is_main() else None
     stages.append({"stage": name, "agreement": ag, "seconds": round(seconds, 3)})
     if ag is not None:
         progress.info(f"  after {name}: agreement with original {ag:.4f} ({seconds:.1f} s)")

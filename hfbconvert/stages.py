@@ -12,7 +12,6 @@ so adding, removing or reordering a stage never changes another stage's samples.
 
 from __future__ import annotations
 
-import copy
 import time
 import zlib
 from collections.abc import Callable
@@ -84,26 +83,18 @@ class State:
     meta: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     log: list[dict[str, Any]] = field(default_factory=list)
-    _original_dev: nn.Module | None = field(default=None, repr=False)
 
     def device(self) -> torch.device:
-        """Where the heavy planning and fitting work runs (``--device``; under torchrun each
-        rank's own GPU). The state's networks stay on the CPU; the fine-tune moves its own."""
+        """Where the forward passes that decide nothing run (``--device``; under torchrun
+        each rank's own GPU): the held-apart checks and gptq's input moments, on copies.
+
+        Whatever decides the plan or the ternary codes (the statistics behind Σ, the
+        sensitivity and fragility probes, the greedy fits) stays on the CPU, so the plan
+        is the same with any ``--device``: on an H200, running them on the GPU changed the
+        plan of MobileNetV1-0.5-160 and of the test model, there through the ADD repair of
+        the fitted codes (bench/results/gpu-check-planning-on-gpu.json). The fine-tune
+        moves its own networks."""
         return distributed.device_for(self.cfg.finetune.device)
-
-    def original_on_device(self) -> nn.Module:
-        """``original`` on :meth:`device` (itself on the CPU): one copy per run, never
-        modified, as ``original`` is not."""
-        dev = self.device()
-        if dev.type == "cpu":
-            return self.original
-        if self._original_dev is None:
-            self._original_dev = copy.deepcopy(self.original).to(dev)
-        return self._original_dev
-
-    def on_device(self, net: nn.Module) -> nn.Module:
-        """A copy of ``net`` on :meth:`device` to read from (``net`` itself on the CPU)."""
-        return net if self.device().type == "cpu" else copy.deepcopy(net).to(self.device())
 
     def batches(self, n: int, stage: str) -> list[torch.Tensor]:
         """``n`` training images of this stage's own random sample, normalized."""
@@ -117,8 +108,7 @@ class State:
         from .pipeline import _stage
 
         assert self.hybrid is not None
-        _stage(self.log, name, self.on_device(self.hybrid), self.original_on_device(),
-               self.held, seconds)
+        _stage(self.log, name, self.hybrid, self.original, self.held, seconds, self.device())
 
 
 Stage = Callable[[State], State]
@@ -130,7 +120,7 @@ def sensitivity(st: State) -> State:
     from .pipeline import sensitivity_inputs
 
     st.sigma, st.curves, st.energies, st.densities, st.means = sensitivity_inputs(
-        st.original_on_device(), st.layers, st.train, st.cfg,
+        st.original, st.layers, st.train, st.cfg,
         seed=stage_seed(st.cfg.seed, "sensitivity"))
     return st
 
@@ -139,9 +129,8 @@ def fragility(st: State) -> State:
     """Logit distortion per unit of weight error of each layer (weights the planner)."""
     from .pipeline import layer_fragility
 
-    st.fragility = layer_fragility(st.original_on_device(), st.layers,
-                                   torch.cat(st.batches(32, "fragility")).to(st.device()),
-                                   seed=st.cfg.seed)
+    st.fragility = layer_fragility(st.original, st.layers,
+                                   torch.cat(st.batches(32, "fragility")), seed=st.cfg.seed)
     return st
 
 
@@ -181,7 +170,7 @@ def _fit_one(st: State, ly: PointwiseLayer) -> None:
     if st.cfg.method == "twn":
         _twn_init(h, w)
     fit_layer(h, stats, bias_correction=st.cfg.bias_correction,
-              reinit_codes=st.cfg.method != "twn", prior=w, device=st.device())
+              reinit_codes=st.cfg.method != "twn", prior=w)
 
 
 ADD_REPAIR_ROUNDS = 3
@@ -396,10 +385,12 @@ def weight_quant(st: State) -> State:
     """Round every full-precision weight to its storage precision (weight-only); int8
     with data and ``weight_rounding`` "gptq": codes by error feedback against each
     layer's inputs in the network as it stands (one pass over calibration images)."""
+    from .pipeline import on_device
+
     moments = None
     if st.cfg.weight_bits == 8 and st.cfg.weight_rounding == "gptq" and st.train is not None:
         name = "weight_quant"
-        moments = weightquant.input_moments(st.on_device(st.hybrid),
+        moments = weightquant.input_moments(on_device(st.hybrid, st.device()),
                                             st.batches(st.cfg.act_calib_images, name),
                                             seed=stage_seed(st.cfg.seed, name))
     st.meta["weight_quant"] = weightquant.apply_weight_bits(st.hybrid, st.cfg.weight_bits,

@@ -205,3 +205,45 @@ def test_cli_folded_model_exit_2(tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["analyze", str(ckpt), "--calib", "synthetic:4:1", "-q"])
     assert res.exit_code == 2, res.output
     assert "needs BatchNorm statistics" in res.output and res.output.count("\n") == 1
+
+
+def test_cpu_cache_key_is_unchanged_and_a_gpu_has_its_own(model: torch.nn.Module) -> None:
+    """``--device``: images optimised on a GPU round differently, so they are cached under
+    their own key; the CPU's key stays what it was (existing caches still hit)."""
+    plain = syn.fingerprint(model, N, 0, PREP, ITERS, N, 0.1)
+    assert syn.fingerprint(model, N, 0, PREP, ITERS, N, 0.1, "cpu") == plain
+    assert syn.fingerprint(model, N, 0, PREP, ITERS, N, 0.1, "cuda") != plain
+
+
+@pytest.mark.parametrize("command", ["analyze", "compress", "export"])
+def test_cli_optimises_synthetic_images_on_the_device(tmp_path: Path, monkeypatch,
+                                                      command: str) -> None:
+    """Every command that takes ``--calib synthetic`` hands its ``--device`` to the
+    optimisation (here the CPU, asked for by name; bench/gpu_check.py runs it on CUDA)."""
+    seen: list = []
+    real = syn.synthesize
+
+    def spy(*a, **kw):
+        seen.append(kw.get("device"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(syn, "synthesize", spy)
+    ckpt = str(write_reference_checkpoint(tmp_path / "tiny.pt"))
+    common = ["--calib", "synthetic:8:2", "--device", "cpu", "-q"]
+    args = {"analyze": ["analyze", ckpt, "--budgets", "1,2", *common],
+            "compress": ["compress", ckpt, "--steps", "0", "--dry-run", *common],
+            "export": ["export", "onnx", ckpt, "-o", str(tmp_path / "m.onnx"), "--no-report",
+                       *common]}[command]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert seen == [torch.device("cpu")]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs CUDA (run on a GPU machine: bench/gpu_check.py)")
+def test_generation_on_cuda(model: torch.nn.Module) -> None:
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = _gen(model, device="cuda")
+    assert data.images.dtype == torch.uint8 and data.images.shape[0] == N
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
