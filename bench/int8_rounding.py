@@ -11,7 +11,9 @@ original with 95% intervals on the tuning split (300 calibration images held apa
 bench/splits.py), and the paired per-image KL difference gptq − nearest. Then the whole
 post-training chain on all weights, as the stages run it: nearest + mean shift (the
 default), gptq alone, gptq + mean shift, each followed by the uint8 activation quantizers,
-paired against the default.
+paired against the default; and gptq against the quantized inputs: activation ranges on
+the float weights, each weight corrected by least squares towards the float network's
+outputs from its quantized inputs, rounded by gptq on E[x_q x_qᵀ], ranges re-calibrated.
 
     OMP_NUM_THREADS=2 python -m bench.int8_rounding --model builtin:mobilenet_v2 --tag v2
 """
@@ -45,7 +47,73 @@ from hfbconvert.stages import stage_seed
 SHARED = os.environ.get("HFB_SHARED", "../shared")
 MOMENT_IMAGES = CompressConfig.act_calib_images  # as the weight_quant stage takes them
 # post-training chains compared; the first is what compress does by default
-CHAINS = ("nearest+mean_shift", "gptq", "gptq+mean_shift")
+CHAINS = ("nearest+mean_shift", "gptq", "gptq+mean_shift", "gptq_qin")
+DAMP = 0.01  # GPTQ's dampening of E[x_q x_qᵀ], fraction of its mean diagonal
+
+
+def paired_moments(flt: nn.Module, qnt: nn.Module, images: torch.Tensor, seed: int,
+                   rows_per_image: int = WQ.MOMENT_ROWS_PER_IMAGE) -> dict[str, tuple]:
+    """Per full-precision weight of ``qnt`` (int8 activations attached and calibrated):
+    ``(E[x_q x_qᵀ], E[x_f x_qᵀ])`` (groups, fan_in, fan_in) over the same sampled output
+    positions, ``x_q`` what the weight multiplies in ``qnt`` (its input after its
+    quantizer) and ``x_f`` the same position's input in the float network ``flt``."""
+    from hfbconvert.handlers import handler_for
+
+    names = [n for n, _, _ in WQ.weight_params(qnt)]
+    rows: dict[str, dict[str, torch.Tensor]] = {"f": {}, "q": {}}
+    acc: dict[str, list] = {}
+
+    def capture(net: nn.Module, key: str, gen: torch.Generator) -> list:
+        handles = []
+        for name, mod, _ in WQ.weight_params(net):
+            h = handler_for(mod)
+
+            def hook(m, inp, _n=name, _h=h):
+                x = inp[0].detach()
+                if key == "q" and getattr(m, "input_quant", None) is not None:
+                    x = m.input_quant(x)
+                r = _h.weight_inputs(m, x)
+                cap = rows_per_image * x.shape[0]
+                if r.shape[1] > cap:
+                    r = r[:, torch.randperm(r.shape[1], generator=gen)[:cap]]
+                rows[key][_n] = r.double()
+            handles.append(mod.register_forward_pre_hook(hook, prepend=True))
+        return handles
+
+    with torch.no_grad():
+        for part in images.split(WQ.MOMENT_BATCH):
+            for net, key in ((flt, "f"), (qnt, "q")):
+                # one generator per net, seeded alike: the same positions in both
+                gen = torch.Generator().manual_seed(seed)
+                handles = capture(net, key, gen)
+                try:
+                    net.eval()(part)
+                finally:
+                    for hd in handles:
+                        hd.remove()
+            for n in names:
+                rf, rq = rows["f"][n], rows["q"][n]
+                a = acc.setdefault(n, [0.0, 0.0, 0])
+                a[0] = a[0] + rq.transpose(1, 2) @ rq
+                a[1] = a[1] + rf.transpose(1, 2) @ rq
+                a[2] += rq.shape[1]
+    return {n: (h / c, x / c) for n, (h, x, c) in acc.items()}
+
+
+def corrected_weight(w: torch.Tensor, hq: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+    """``W (E[x_f x_qᵀ] + λI) (E[x_q x_qᵀ] + λI)⁻¹`` per group: the weight that best maps
+    the quantized inputs to the float outputs (least squares), ridged towards ``W`` (where
+    the inputs have no energy, a plain solve would take any value and wreck the grid), in
+    ``w``'s shape."""
+    g = hq.shape[0]
+    rows = w.detach().double().reshape(w.shape[0], -1).reshape(g, w.shape[0] // g, -1)
+    lam = DAMP * torch.diagonal(hq, dim1=1, dim2=2).mean(1).clamp_min(1e-12)
+    eye = torch.eye(hq.shape[1], dtype=hq.dtype)
+    # rows @ C @ H⁻¹ = (H⁻¹ Cᵀ rowsᵀ)ᵀ, H symmetric
+    ridge = lam[:, None, None] * eye
+    sol = torch.linalg.solve(hq + ridge, (cross + ridge).transpose(1, 2)
+                             @ rows.transpose(1, 2))
+    return sol.transpose(1, 2).reshape(w.shape).to(w.dtype)
 
 
 class _Folded(Exception):
@@ -153,11 +221,39 @@ class Bench:
             print(json.dumps(rows[-2]), json.dumps(rows[-1]), flush=True)
         return rows
 
+    @torch.no_grad()
+    def quantized_input_gptq(self) -> nn.Module:
+        """Activation ranges on the float weights, then each full-precision weight
+        corrected towards the float outputs from its quantized inputs
+        (:func:`corrected_weight`) and rounded by gptq on ``E[x_q x_qᵀ]``, then the
+        ranges calibrated again on the rounded network."""
+        m = copy.deepcopy(self.hyb)
+        actquant.attach(m, 32)
+        cal = self.images("activation_calibration")
+        act_seed = stage_seed(self.seed, "activation_calibration")
+        actquant.calibrate(m, cal, seed=act_seed)
+        mom = paired_moments(self.hyb, m, self.images("weight_quant"),
+                             stage_seed(self.seed, "weight_quant"))
+        for n, mod, attr in WQ.weight_params(m):
+            p = getattr(mod, attr)
+            hq, cross = mom[n]
+            w2 = corrected_weight(p.data, hq, cross)
+            codes, scale, _ = WQ.quantize_int8_gptq(w2, hq)
+            p.data.copy_(WQ.dequantize_int8(codes, scale))
+        actquant.calibrate(m, cal, seed=act_seed)
+        return m
+
     def chain_rows(self) -> list[dict]:
         """The whole post-training chain as the stages run it (weights, mean shift or not,
         uint8 activations), each variant paired against the default."""
         chains, finals = [], {}
         for variant in CHAINS:
+            if variant == "gptq_qin":
+                m = self.quantized_input_gptq()
+                s, finals[variant] = self.measure(m)
+                chains.append({"variant": "gptq on quantized inputs (least-squares "
+                               "correction, ranges re-calibrated), uint8 activations", **s})
+                continue
             m, _ = self.rounded(self.scopes["all"], variant.split("+")[0])
             if variant.endswith("+mean_shift"):
                 sites, owners = correction_sites(m, self.pairs)
@@ -181,12 +277,15 @@ def main() -> None:
     ap.add_argument("--calib-size", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="x")
+    ap.add_argument("--chains-only", action="store_true",
+                    help="skip the by-group rows; only the post-training chains")
     ap.add_argument("--out", default="bench/results")
     a = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     t0 = time.perf_counter()
     b = Bench(a)
-    rows, chains = b.scope_rows(), b.chain_rows()
+    rows = [] if a.chains_only else b.scope_rows()
+    chains = b.chain_rows()
     os.makedirs(a.out, exist_ok=True)
     out = os.path.join(a.out, f"int8-rounding-{a.tag}.json")
     with open(out + ".tmp", "w") as f:
