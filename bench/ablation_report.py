@@ -375,7 +375,11 @@ def rounding_table(files: list[Path], md_dir: Path) -> list[str]:
             "each layer's input second moments (`--weight-rounding gptq`, 128 calibration "
             "images). Then the whole post-training chain on every weight as the stages run "
             "it, ending with the uint8 activation quantizers: nearest + mean shift (the "
-            "default), gptq alone, gptq + mean shift. Against the original on the tuning "
+            "default), gptq alone, gptq + mean shift, and (`int8-rounding-v2-qin.json`) "
+            "gptq against the quantized inputs: activation ranges first, then layer by "
+            "layer each weight corrected by ridged least squares towards the float "
+            "network's outputs from its quantized inputs and rounded by gptq on "
+            "E[x_q x_qᵀ], ranges calibrated again. Against the original on the tuning "
             "split; differences are paired per image: a gptq row against the nearest row "
             "above it, a chain against the default chain.", "",
             "| results file | model | weights: rounding | split, images | top-1 % [95%] | "
