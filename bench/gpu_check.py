@@ -73,11 +73,10 @@ def _bn_model(model: str, work: Path) -> str:
     a freshly initialized MobileNetV2 state_dict (torchvision keys) written to ``work``."""
     import torch
 
-    from hfbconvert.models.loading import ARCHS
+    from hfbconvert.calib.synthetic import bn_layers
+    from hfbconvert.models.loading import ARCHS, load_model
 
-    state = torch.load(model, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state) if isinstance(state, dict) else {}
-    if any(str(k).endswith("running_var") for k in state):
+    if bn_layers(load_model(model)[0]):  # what synthetic calibration itself checks
         return model
     torch.manual_seed(0)
     path = work / "mobilenet_v2_random.pt"

@@ -76,11 +76,7 @@ def paired_moments(flt: nn.Module, qnt: nn.Module, images: torch.Tensor, seed: i
                 x = inp[0].detach()
                 if key == "q" and getattr(m, "input_quant", None) is not None:
                     x = m.input_quant(x)
-                r = _h.weight_inputs(m, x)
-                cap = rows_per_image * x.shape[0]
-                if r.shape[1] > cap:
-                    r = r[:, torch.randperm(r.shape[1], generator=gen)[:cap]]
-                rows[key][_n] = r.double()
+                rows[key][_n] = WQ.sampled_inputs(_h, m, x, rows_per_image, gen)
             handles.append(mod.register_forward_pre_hook(hook, prepend=True))
         return handles
 

@@ -225,6 +225,18 @@ def quantize_int8_gptq(w: torch.Tensor, moment: torch.Tensor,
         "nearest_channels": int(keep.sum())}
 
 
+def sampled_inputs(h: Any, m: nn.Module, x: torch.Tensor, rows_per_image: int,
+                   gen: torch.Generator) -> torch.Tensor:
+    """What ``m``'s weight multiplies for input ``x`` (its kind ``h``'s ``weight_inputs``,
+    (groups, rows, fan_in)), at most ``rows_per_image`` seeded output positions per image,
+    float64: the rows behind every input moment."""
+    r = h.weight_inputs(m, x)
+    cap = rows_per_image * x.shape[0]
+    if r.shape[1] > cap:
+        r = r[:, torch.randperm(r.shape[1], generator=gen)[:cap].to(r.device)]
+    return r.double()
+
+
 @torch.no_grad()
 def input_moments(model: nn.Module, batches: list[torch.Tensor], seed: int = 0,
                   rows_per_image: int = MOMENT_ROWS_PER_IMAGE) -> dict[str, torch.Tensor]:
@@ -240,12 +252,7 @@ def input_moments(model: nn.Module, batches: list[torch.Tensor], seed: int = 0,
             continue
 
         def hook(m: nn.Module, inp: tuple, _n: str = name, _h: Any = h) -> None:
-            x = inp[0].detach()
-            r = _h.weight_inputs(m, x)
-            cap = rows_per_image * x.shape[0]
-            if r.shape[1] > cap:
-                r = r[:, torch.randperm(r.shape[1], generator=gen)[:cap].to(r.device)]
-            r = r.double()
+            r = sampled_inputs(_h, m, inp[0].detach(), rows_per_image, gen)
             a = acc.setdefault(_n, [0.0, 0])
             a[0] = a[0] + (r.transpose(1, 2) @ r).cpu()
             a[1] += r.shape[1]
