@@ -1,0 +1,80 @@
+"""Which uint8 activation quantizers cost the int8 hybrid its fidelity: leave one out.
+
+``compress --activation-bits 8`` runs in process up to the folded float hybrid
+(:class:`bench.int8_rounding.Bench`); every weight is rounded by gptq (the
+``--weight-rounding gptq`` chain), the uint8 activation quantizers are attached and
+calibrated as the ``activation_calibration`` stage does. Then each quantizer in turn is
+switched off (its input passes in float, every other quantizer stays on) and the network
+is measured on the tuning split (300 calibration images held apart, never the evaluation
+images): the paired per-image KL drop against all-on says how much of the activation
+loss that one site carries. Also the all-off row (int8 weights, float activations).
+
+    OMP_NUM_THREADS=2 python -m bench.int8_act_sites --tag v2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from bench.int8_rounding import SHARED, Bench, versus
+from hfbconvert import actquant
+from hfbconvert.stages import stage_seed
+
+
+def _bypass(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="builtin:mobilenet_v2")
+    ap.add_argument("--calib", default=os.path.join(SHARED, "data/imagenet/calib"))
+    ap.add_argument("--calib-size", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tag", default="x")
+    ap.add_argument("--out", default="bench/results")
+    a = ap.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    t0 = time.perf_counter()
+    b = Bench(a)
+    m, _ = b.rounded(b.scopes["all"], "gptq")
+    actquant.attach(m, 32)
+    ranges = actquant.calibrate(m, b.images("activation_calibration"),
+                                seed=stage_seed(a.seed, "activation_calibration"))
+    base, base_pi = b.measure(m)
+    qs = actquant.quantizers(m)
+    for _, q in qs:
+        q.forward = _bypass
+    off, off_pi = b.measure(m)
+    for _, q in qs:
+        del q.forward
+    rows = [{"site": "all on", **base},
+            {"site": "all off", **off, **versus(off_pi, base_pi, "all_on")}]
+    print(json.dumps(rows[-1]), flush=True)
+    for name, q in qs:
+        q.forward = _bypass
+        try:
+            s, pi = b.measure(m)
+        finally:
+            del q.forward
+        rows.append({"site": name, "range": ranges.get(name), **s,
+                     **versus(pi, base_pi, "all_on")})
+        print(json.dumps({"site": name, "kl": s["kl"],
+                          "d": rows[-1]["kl_vs_all_on"]}), flush=True)
+    os.makedirs(a.out, exist_ok=True)
+    out = os.path.join(a.out, f"int8-act-sites-{a.tag}.json")
+    with open(out + ".tmp", "w") as f:
+        json.dump({"tag": a.tag, "args": vars(a),
+                   "split": {"eval": b.tune_split.record(), "calibration": b.cal_split.record()},
+                   "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}, f, indent=1)
+    os.replace(out + ".tmp", out)
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
