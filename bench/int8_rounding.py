@@ -47,7 +47,10 @@ from hfbconvert.stages import stage_seed
 SHARED = os.environ.get("HFB_SHARED", "../shared")
 MOMENT_IMAGES = CompressConfig.act_calib_images  # as the weight_quant stage takes them
 # post-training chains compared; the first is what compress does by default
-CHAINS = ("nearest+mean_shift", "gptq", "gptq+mean_shift", "gptq_qin")
+CHAINS = ("nearest+mean_shift", "gptq", "gptq+mean_shift", "gptq_qin",
+          "nearest+mean_shift@output", "gptq@output")
+# "@output": activation ranges by the least squared error of each layer's output
+# (actquant.calibrate objective "output") instead of the tensor's own
 DAMP = 0.01  # GPTQ's dampening of E[x_q x_qᵀ], fraction of its mean diagonal
 
 
@@ -256,28 +259,36 @@ class Bench:
                                     self.images("weight_quant"),
                                     stage_seed(self.seed, "weight_quant"))
 
-    def chain_rows(self) -> list[dict]:
+    def chain_rows(self, which: tuple[str, ...] = CHAINS) -> list[dict]:
         """The whole post-training chain as the stages run it (weights, mean shift or not,
-        uint8 activations), each variant paired against the default."""
+        uint8 activations), each variant paired against the default (``which`` always
+        runs the default first)."""
         chains, finals = [], {}
-        for variant in CHAINS:
+        which = (CHAINS[0], *[c for c in which if c != CHAINS[0]])
+        for variant in which:
             if variant == "gptq_qin":
                 m = self.quantized_input_gptq()
                 s, finals[variant] = self.measure(m)
                 chains.append({"variant": "gptq on quantized inputs (least-squares "
                                "correction, ranges re-calibrated), uint8 activations", **s})
                 continue
-            m, _ = self.rounded(self.scopes["all"], variant.split("+")[0])
-            if variant.endswith("+mean_shift"):
+            variant_, _, objective = variant.partition("@")
+            m, _ = self.rounded(self.scopes["all"], variant_.split("+")[0])
+            if variant_.endswith("+mean_shift"):
                 sites, owners = correction_sites(m, self.pairs)
                 match_output_means(m, self.orig, self.images("mean_shift"), sites, owners)
             actquant.attach(m, 32)
+            t = time.perf_counter()
             actquant.calibrate(m, self.images("activation_calibration"),
-                               seed=stage_seed(self.seed, "activation_calibration"))
+                               seed=stage_seed(self.seed, "activation_calibration"),
+                               objective=objective or "input")
+            secs = round(time.perf_counter() - t, 1)
             s, finals[variant] = self.measure(m)
-            chains.append({"variant": f"{variant}, uint8 activations", **s})
+            ranges = " (ranges by each layer's output error)" if objective else ""
+            chains.append({"variant": f"{variant_}, uint8 activations{ranges}",
+                           "calibrate_seconds": secs, **s})
         ref = finals[CHAINS[0]]
-        for row, variant in zip(chains[1:], CHAINS[1:]):
+        for row, variant in zip(chains[1:], which[1:]):
             row.update(versus(finals[variant], ref, "default"))
             print(json.dumps(row), flush=True)
         return chains
@@ -292,13 +303,18 @@ def main() -> None:
     ap.add_argument("--tag", default="x")
     ap.add_argument("--chains-only", action="store_true",
                     help="skip the by-group rows; only the post-training chains")
+    ap.add_argument("--chains", default=",".join(CHAINS),
+                    help=f"comma-separated chains to run, of {','.join(CHAINS)}")
     ap.add_argument("--out", default="bench/results")
     a = ap.parse_args()
+    which = tuple(c for c in a.chains.split(",") if c)
+    if set(which) - set(CHAINS):
+        ap.error(f"unknown chain(s) {sorted(set(which) - set(CHAINS))}; of {CHAINS}")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     t0 = time.perf_counter()
     b = Bench(a)
     rows = [] if a.chains_only else b.scope_rows()
-    chains = b.chain_rows()
+    chains = b.chain_rows(which)
     os.makedirs(a.out, exist_ok=True)
     out = os.path.join(a.out, f"int8-rounding-{a.tag}.json")
     with open(out + ".tmp", "w") as f:

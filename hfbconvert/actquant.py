@@ -43,6 +43,8 @@ QMIN, QMAX = P.UINT8
 CLIP_RATIOS = C.ACTIVATION_CLIP_RATIOS
 SAMPLE_VALUES = C.SAMPLE_VALUES  # values per tensor the clipping search is run on
 ATTR = "hfb_activation_bits"
+OBJECTIVES = ("input", "output")  # what a range minimises: see calibrate
+OUTPUT_SEARCH_IMAGES = 32  # images of the calibration batch the output search runs on
 
 
 def _check_bits(bits: Any, allowed: tuple[int, ...], field: str, choices: str) -> int:
@@ -87,12 +89,15 @@ class ActQuant(nn.Module):
         self.register_buffer("scale", torch.ones(shape))
         self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
         self.observer: Callable[[torch.Tensor], None] | None = None  # set while calibrating
+        self.bypass = False  # pass inputs through in float (the output-error range search)
         # ONNX form when traced: False writes the arithmetic (Div, Round, Add, Clip, Sub,
         # Mul), which every runtime computes as PyTorch does; True writes QuantizeLinear/
         # DequantizeLinear, which onnxruntime rewrites into its int8 kernels
         self.export_qdq = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bypass:
+            return x
         if self.observer is not None:
             self.observer(x)  # sets scale/zero_point, then clears itself
         if self.export_qdq and torch.jit.is_tracing() and self.scale.dim() == 0:
@@ -232,37 +237,84 @@ Fit = Callable[[torch.Tensor], tuple[float, int, float, float, float]]
 
 
 def _observer(name: str, q: ActQuant, fit: Fit, report: dict[str, dict],
-              on_quantizer: Callable[[str], None] | None) -> Callable[[torch.Tensor], None]:
-    """``q``'s one-shot observer: sets its range from the first tensor it sees, records
-    it in ``report`` and switches itself off, so ``q`` quantizes that same tensor."""
+              on_quantizer: Callable[[str], None] | None,
+              search: Callable[[ActQuant, torch.Tensor], tuple] | None = None,
+              ) -> Callable[[torch.Tensor], None]:
+    """``q``'s one-shot observer: sets its range from the first tensor it sees (by ``fit``
+    on the values, or ``search(q, x)``), records it in ``report`` and switches itself off,
+    so ``q`` quantizes that same tensor."""
     def observe(x: torch.Tensor) -> None:
         x = x.detach().float()
+        q.observer = None  # calibrated from here on (a search calls the layer again)
         if q.scale.dim() == 0:
-            scale, zp, ratio, lo, hi = fit(x.reshape(-1))
+            scale, zp, ratio, lo, hi = search(q, x) if search else fit(x.reshape(-1))
             q.scale.fill_(scale)
             q.zero_point.fill_(zp)
             report[name] = {"min": lo, "max": hi, "clip_ratio": ratio, "scale": scale,
                             "zero_point": zp}
         else:
             report[name] = _fit_pow2(q, x, fit)
-        q.observer = None  # calibrated: quantize from now on (this call included)
         if on_quantizer is not None:
             on_quantizer(name)
     return observe
+
+
+def consumers(model: nn.Module) -> dict[int, nn.Module]:
+    """id(input quantizer) -> the layer whose input it quantizes."""
+    return {id(m.input_quant): m for _, m in quant_sites(model)
+            if isinstance(getattr(m, "input_quant", None), ActQuant)}
+
+
+@torch.no_grad()
+def output_error_range(q: ActQuant, layer: nn.Module, x: torch.Tensor,
+                       ratios: tuple[float, ...], images: int = OUTPUT_SEARCH_IMAGES,
+                       ) -> tuple[float, int, float, float, float]:
+    """(scale, zero_point, clip ratio, min, max) of ``q`` minimising the squared error of
+    ``layer``'s OUTPUT, ``‖layer(q(x)) − layer(x)‖²`` on the first ``images`` samples of
+    ``x``, among the ranges ``ratio · [min, max]`` (ties keep the widest).
+
+    Why: the error a layer passes on is ``W (x − q(x))``, which weighs each input channel's
+    rounding and clipping error by its outgoing weights; the tensor's own squared error
+    weighs every channel alike, so it clips a few wide channels deep even where the layer
+    leans on them. Other quantizers inside ``layer`` (hidden units) pass through during
+    the search."""
+    lo, hi = float(x.min()), float(x.max())
+    scales, zps = P.choose_qparams(lo, hi, QMIN, QMAX,
+                                   clip_ratio=torch.tensor(ratios, dtype=torch.float32))
+    xs = x[:images]
+    others = [m for m in layer.modules() if isinstance(m, ActQuant) and m is not q]
+    for m in [q, *others]:
+        m.bypass = True
+    try:
+        ref = layer(xs).double()
+        q.bypass = False
+        errs = []
+        for s, z in zip(scales.tolist(), zps.tolist()):
+            q.scale.fill_(s)
+            q.zero_point.fill_(z)
+            errs.append(float((layer(xs).double() - ref).pow(2).sum()))
+    finally:
+        for m in [q, *others]:
+            m.bypass = False
+    k = min(range(len(errs)), key=lambda i: (errs[i], i))
+    return float(scales[k]), int(zps[k]), float(ratios[k]), lo, hi
 
 
 @torch.no_grad()
 def calibrate(model: nn.Module, images: torch.Tensor, seed: int = 0,
               on_quantizer: Callable[[str], None] | None = None,
               clip_ratios: tuple[float, ...] = CLIP_RATIOS,
-              calibrator: Callable[[], C.Calibrator] | None = None) -> dict[str, dict]:
+              calibrator: Callable[[], C.Calibrator] | None = None,
+              objective: str = "input") -> dict[str, dict]:
     """Calibrate every quantizer of ``model`` (after :func:`attach`) in ONE forward pass
     over ``images`` (one batch): each quantizer picks its range from the tensor it receives,
     then quantizes it, so every later quantizer sees the int8 network's activations.
     Returns per-quantizer ranges (plain data for the report). Each tensor's range comes
     from a fresh ``calibrator()`` (default: MSE clipping over ``clip_ratios``, sampling
     from one generator seeded by ``seed``; ``clip_ratios`` ``(1.0,)`` is MinMax, for
-    comparisons: the search includes it).
+    comparisons: the search includes it). ``objective`` ``"output"``: each per-tensor
+    input quantizer instead takes the clip ratio with the least squared error of its
+    layer's output (:func:`output_error_range`).
 
     Raises :class:`InputError` when a quantizer sees no activations (no calibration image
     reaches that layer)."""
@@ -285,8 +337,19 @@ def calibrate(model: nn.Module, images: torch.Tensor, seed: int = 0,
         r = c.compute()
         return r.scale, r.zero_point, r.clip_ratio, r.lo, r.hi
 
+    if objective not in OBJECTIVES:
+        raise ConfigError("activation_objective", objective,
+                          f"not supported; choose {', '.join(OBJECTIVES)}")
+    layers = consumers(model) if objective == "output" else {}
+
+    def searcher(q: ActQuant) -> Callable[[ActQuant, torch.Tensor], tuple] | None:
+        layer = layers.get(id(q))
+        if layer is None:
+            return None
+        return lambda q_, x: output_error_range(q_, layer, x, tuple(clip_ratios))
+
     for name, q in qs.items():
-        q.observer = _observer(name, q, fit, report, on_quantizer)
+        q.observer = _observer(name, q, fit, report, on_quantizer, searcher(q))
     was = model.training
     model.eval()
     try:

@@ -25,7 +25,7 @@ from hfbconvert.actquant import ActQuant, choose_range, fake_quant_ref, qparams
 from hfbconvert.artifact import load_compressed
 from hfbconvert.bnfold import conv_bn_pairs, fold_batchnorms
 from hfbconvert.costs import ENERGY_PJ, model_cost
-from hfbconvert.errors import InputError
+from hfbconvert.errors import ConfigError, InputError
 from hfbconvert.hybrid import HybridPointwise
 from hfbconvert.verify import verify_onnx
 
@@ -203,6 +203,55 @@ def test_calibration_is_one_pass_and_sequential():
     float_in = inputs(float_net)
     differ = [n for n in int8_in if minmax_mse(float_in[n]) != minmax_mse(int8_in[n])]
     assert differ and "conv_stem.input_quant" not in differ
+
+
+def test_output_objective_minimises_each_layers_output_error():
+    """objective "output": every per-tensor range is the clip ratio whose quantized input
+    gives the layer output closest to the float input's (brute force over the ratios on
+    the input the int8 network feeds it), hidden units still calibrated; and it is not
+    the tensor-MSE choice everywhere (else the test could not tell them apart)."""
+    net = _with_hybrid()
+    fold_batchnorms(net)
+    actquant.attach(net, hidden_bits=8)
+    x = torch.randn(8, 3, TINY_RES, TINY_RES, generator=torch.Generator().manual_seed(5))
+    x[:, 0] *= 6.0  # one wide input channel: the stem's tensor MSE clips it
+    other = copy.deepcopy(net)
+    rep = actquant.calibrate(net, x, objective="output")
+    rep_in = actquant.calibrate(other, x)
+    assert set(rep) == set(rep_in)
+    layers = {id(m.input_quant): m for _, m in actquant.quant_sites(net)}
+    seen = {}
+    hooks = [q.register_forward_pre_hook(lambda m, a, q=q: seen.setdefault(id(q), a[0]))
+             for _, q in actquant.quantizers(net) if q.scale.dim() == 0]
+    with torch.no_grad():
+        net(x)
+    for h in hooks:
+        h.remove()
+    ratios = torch.tensor(actquant.CLIP_RATIOS)
+    for name, q in actquant.quantizers(net):
+        if q.scale.dim():
+            assert rep[name]["units_per_shift"]  # hidden units: per-channel, as before
+            continue
+        layer, v = layers[id(q)], seen[id(q)]
+        inner = [m for m in layer.modules() if isinstance(m, ActQuant)]
+        errs = []
+        with torch.no_grad():
+            for m in inner:
+                m.bypass = True
+            ref = layer(v).double()
+            for r in ratios:
+                s, z = actquant.qparams(torch.tensor(float(v.min())) * r,
+                                        torch.tensor(float(v.max())) * r)
+                errs.append(float((layer(fake_quant_ref(v, s, z)).double() - ref)
+                                  .pow(2).sum()))
+            for m in inner:
+                m.bypass = False
+        best = min(range(len(errs)), key=lambda i: (errs[i], i))
+        assert rep[name]["clip_ratio"] == pytest.approx(float(ratios[best])), name
+    assert any(rep[n]["clip_ratio"] != rep_in[n]["clip_ratio"] for n in rep
+               if "units_per_shift" not in rep[n])
+    with pytest.raises(ConfigError, match="objective"):
+        actquant.calibrate(copy.deepcopy(other), x, objective="loss")
 
 
 def test_unreached_quantizer_is_an_input_error():
