@@ -379,7 +379,11 @@ def rounding_table(files: list[Path], md_dir: Path) -> list[str]:
             "gptq against the quantized inputs: activation ranges first, then layer by "
             "layer each weight corrected by ridged least squares towards the float "
             "network's outputs from its quantized inputs and rounded by gptq on "
-            "E[x_q x_qᵀ], ranges calibrated again. Against the original on the tuning "
+            "E[x_q x_qᵀ], ranges calibrated again; and (`int8-rounding-v2-outrange.json`) "
+            "the activation ranges chosen by the least squared error of each layer's "
+            "output instead of the quantized tensor's own (`actquant.calibrate(..., "
+            "objective=\"output\")`, on 32 of the 128 calibration images). Against the "
+            "original on the tuning "
             "split; differences are paired per image: a gptq row against the nearest row "
             "above it, a chain against the default chain.", "",
             "| results file | model | weights: rounding | split, images | top-1 % [95%] | "

@@ -13,7 +13,9 @@ post-training chain on all weights, as the stages run it: nearest + mean shift (
 default), gptq alone, gptq + mean shift, each followed by the uint8 activation quantizers,
 paired against the default; and gptq against the quantized inputs: activation ranges on
 the float weights, each weight corrected by least squares towards the float network's
-outputs from its quantized inputs, rounded by gptq on E[x_q x_qᵀ], ranges re-calibrated.
+outputs from its quantized inputs, rounded by gptq on E[x_q x_qᵀ], ranges re-calibrated;
+and ``@output`` chains, whose activation ranges minimise each layer's output error
+(``actquant.calibrate(..., objective="output")``). ``--chains`` picks the chains.
 
     OMP_NUM_THREADS=2 python -m bench.int8_rounding --model builtin:mobilenet_v2 --tag v2
 """
