@@ -14,6 +14,7 @@ the original and against the previous row.
 
     OMP_NUM_THREADS=1 python -m bench.int8_stages --model builtin:mobilenet_v2 --tag v2
     ... --set hidden_bits=8 --tag v2-h8       # any CompressConfig field
+    ... --set qat=false --set finetune.trainable=norm --tag v2-norm   # FinetuneConfig
 """
 
 from __future__ import annotations
@@ -48,21 +49,37 @@ def paired(x, y) -> dict:
     return {"d": d, "lo": lo, "hi": hi, "p": mcnemar_exact(b, c), "only_x": b, "only_y": c}
 
 
-def parse_set(items: list[str]) -> dict:
-    """``field=value`` pairs for CompressConfig, values typed by the field's default."""
-    types = {f.name: f.type for f in fields(CompressConfig)}
+def _typed(v: str):
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    if v.lower() in ("none", ""):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def parse_set(items: list[str]) -> tuple[dict, dict]:
+    """``field=value`` pairs for CompressConfig (``finetune.field=value`` for its
+    FinetuneConfig), values typed as written (bool, None, int, float, else str)."""
+    top = {f.name for f in fields(CompressConfig)}
+    sub = {f.name for f in fields(FinetuneConfig)}
     out: dict = {}
+    ft: dict = {}
     for item in items:
         k, _, v = item.partition("=")
-        if k not in types:
-            raise SystemExit(f"--set {item}: no CompressConfig field {k!r}")
-        if v.lower() in ("true", "false"):
-            out[k] = v.lower() == "true"
-        elif v.lower() in ("none", ""):
-            out[k] = None
+        if k.startswith("finetune."):
+            if k[len("finetune."):] not in sub:
+                raise SystemExit(f"--set {item}: no FinetuneConfig field {k[9:]!r}")
+            ft[k[len("finetune."):]] = _typed(v)
+        elif k in top and k != "finetune":
+            out[k] = _typed(v)
         else:
-            out[k] = float(v) if "." in v else int(v)
-    return out
+            raise SystemExit(f"--set {item}: no CompressConfig field {k!r}")
+    return out, ft
 
 
 def main() -> None:
@@ -90,9 +107,10 @@ def main() -> None:
     cal = load_images(cal_split.path, prep, size=a.calib_size, seed=a.seed,
                       classes=info.classes)
     val = load_images(ev_split.path, prep, seed=0, classes=info.classes)
-    overrides = {"activation_bits": 8, **parse_set(a.set)}
+    top, ft = parse_set(a.set)
+    overrides = {"activation_bits": 8, **top}
     steps = None if a.steps == "auto" else int(a.steps)
-    cfg = CompressConfig(seed=a.seed, finetune=FinetuneConfig(steps=steps), **overrides)
+    cfg = CompressConfig(seed=a.seed, finetune=FinetuneConfig(steps=steps, **ft), **overrides)
 
     orig_pi = evaluate_per_image(net, val, info.label_offset)
     rows: list[dict] = []

@@ -60,7 +60,7 @@ def auto_steps(macs_per_image: int, n_images: int, batch_size: int) -> int:
     return int(min(AUTO_MAX_STEPS, by_compute, by_epochs))
 
 
-TRAINABLE = ("all", "norm")
+TRAINABLE = ("all", "norm", "bias")
 STOP_ON = ("kl", "loss", "top1")
 
 # An lr too high for a model shows as the training objective rising while it is trained on:
@@ -127,7 +127,8 @@ class FinetuneConfig:
     # layers' affine parameters alone). Measured on MobileNetV2 (BatchNorm unfolded),
     # 12-step probes from one fit: every other parameter set raised the held-apart KL at
     # lr 3e-5 (all 0.028 -> 0.042), BatchNorm alone lowered it (0.028 -> 0.024)
-    # (bench/results/finetune-probe-v2-bn.json)
+    # (bench/results/finetune-probe-v2-bn.json). "bias": every bias (layers' and the
+    # normalization shifts), what a BatchNorm-folded int8 network still has to move
     trainable: str = "all"
     device: str = "cpu"
 
@@ -308,9 +309,12 @@ NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 def trainable_parameters(model: nn.Module, trainable: str) -> list[tuple[str, nn.Parameter]]:
     """The (name, parameter) pairs a fine-tune with ``trainable`` trains: every parameter
-    ("all"), or those of BatchNorm/GroupNorm/LayerNorm modules ("norm")."""
+    ("all"), those of BatchNorm/GroupNorm/LayerNorm modules ("norm"), or every module's
+    ``bias`` ("bias")."""
     if trainable == "all":
         return list(model.named_parameters())
+    if trainable == "bias":
+        return [(n, p) for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias"]
     return [(f"{mn}.{pn}" if mn else pn, p) for mn, m in model.named_modules()
             if isinstance(m, NORM_LAYERS) for pn, p in m.named_parameters(recurse=False)]
 
@@ -322,8 +326,9 @@ def _param_groups(model: nn.Module, cfg: FinetuneConfig, scale: float = 1.0) -> 
     for n, p in trainable_parameters(model, cfg.trainable):
         (latent if n.endswith(("wb_latent", "wc_latent")) else rest).append(p)
     if not latent and not rest:
-        raise ConfigError("trainable", cfg.trainable, "the model has no normalization "
-                          "layer parameters to train (BatchNorm folded?)")
+        what = "biases" if cfg.trainable == "bias" else \
+            "normalization layer parameters (BatchNorm folded?)"
+        raise ConfigError("trainable", cfg.trainable, f"the model has no {what} to train")
     groups = [{"params": rest, "lr": cfg.lr * scale, "base_lr": cfg.lr * scale}]
     if latent:
         groups.append({"params": latent, "lr": cfg.latent_lr * scale,

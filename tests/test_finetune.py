@@ -203,6 +203,30 @@ def test_norm_only_finetune_trains_only_normalization_layers():
     assert {n: p.requires_grad for n, p in student.named_parameters()} == flags
 
 
+def test_bias_only_finetune_moves_only_biases_of_a_folded_int8_network():
+    """``trainable="bias"`` on a BatchNorm-folded network (what int8 QAT fine-tunes):
+    the folded biases move, every weight and quantizer range stays bit for bit."""
+    from hfbconvert import actquant
+    from hfbconvert.bnfold import fold_batchnorms
+
+    teacher = tiny_v1()
+    student = _student(teacher)
+    for m in student.modules():
+        if hasattr(m, "freeze"):
+            m.freeze()
+    fold_batchnorms(student)
+    actquant.attach(student)
+    actquant.calibrate(student, _norm(_images()[:8]))
+    before = copy.deepcopy(student.state_dict())
+    finetune(student, teacher, _images(), None, _norm,
+             FinetuneConfig(steps=8, batch_size=8, lr=1e-2, warmup=1, trainable="bias"))
+    after = student.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    biases = {n for n, _ in student.named_parameters() if n.endswith(".bias")}
+    assert moved and moved <= biases, moved - biases
+    assert any(".input_quant." in k for k in before)  # the ranges were there and kept
+
+
 def test_norm_only_needs_normalization_layers():
     """A model whose BatchNorm is folded has nothing for ``trainable="norm"`` to train:
     refused by the fine-tune, and by compress before any work."""
