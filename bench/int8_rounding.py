@@ -50,9 +50,11 @@ SHARED = os.environ.get("HFB_SHARED", "../shared")
 MOMENT_IMAGES = CompressConfig.act_calib_images  # as the weight_quant stage takes them
 # post-training chains compared; the first is what compress does by default
 CHAINS = ("nearest+mean_shift", "gptq", "gptq+mean_shift", "gptq_qin",
-          "nearest+mean_shift@output", "gptq@output")
+          "nearest+mean_shift@output", "gptq@output", "nearest+mean_shift@dwchan",
+          "gptq@dwchan")
 # "@output": activation ranges by the least squared error of each layer's output
-# (actquant.calibrate objective "output") instead of the tensor's own
+# (actquant.calibrate objective "output") instead of the tensor's own; "@dwchan": each
+# depthwise conv's input quantized with one range per channel (actquant.fit_channels)
 DAMP = 0.01  # GPTQ's dampening of E[x_q x_qᵀ], fraction of its mean diagonal
 
 
@@ -279,14 +281,15 @@ class Bench:
             if variant_.endswith("+mean_shift"):
                 sites, owners = correction_sites(m, self.pairs)
                 match_output_means(m, self.orig, self.images("mean_shift"), sites, owners)
-            actquant.attach(m, 32)
+            actquant.attach(m, 32, depthwise_channels=objective == "dwchan")
             t = time.perf_counter()
             actquant.calibrate(m, self.images("activation_calibration"),
                                seed=stage_seed(self.seed, "activation_calibration"),
-                               objective=objective or "input")
+                               objective="output" if objective == "output" else "input")
             secs = round(time.perf_counter() - t, 1)
             s, finals[variant] = self.measure(m)
-            ranges = " (ranges by each layer's output error)" if objective else ""
+            ranges = {"output": " (ranges by each layer's output error)",
+                      "dwchan": " (depthwise inputs: one range per channel)"}.get(objective, "")
             chains.append({"variant": f"{variant_}, uint8 activations{ranges}",
                            "calibrate_seconds": secs, **s})
         ref = finals[CHAINS[0]]

@@ -83,9 +83,12 @@ class ActQuant(nn.Module):
     """uint8 fake quantization with calibrated ``scale`` and ``zero_point``: per tensor, or
     (``channels``) one pair per channel of dim 1, as the hidden units' groups use."""
 
-    def __init__(self, channels: int | None = None) -> None:
+    def __init__(self, channels: int | None = None, pow2: bool = True) -> None:
         super().__init__()
         shape = () if channels is None else (int(channels),)
+        # per channel: scales powers of two apart (hidden units: :func:`_fit_pow2`) or
+        # free (:func:`fit_channels`, for a depthwise conv's input)
+        self.pow2 = pow2
         self.register_buffer("scale", torch.ones(shape))
         self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
         self.observer: Callable[[torch.Tensor], None] | None = None  # set while calibrating
@@ -144,7 +147,13 @@ def quant_sites(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m, _ in layer_modules(model)]
 
 
-def attach(model: nn.Module, hidden_bits: int = 32) -> list[ActQuant]:
+def is_depthwise(m: nn.Module) -> bool:
+    """A conv each of whose outputs reads one input channel (groups == in_channels > 1)."""
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
+
+
+def attach(model: nn.Module, hidden_bits: int = 32,
+           depthwise_channels: bool = False) -> list[ActQuant]:
     """Give every quant site an input quantizer (hybrid layers also a hidden-unit one when
     ``hidden_bits`` is 8) and mark the model; idempotent. Structure only: the ranges come
     from :func:`calibrate` or a saved state dict.
@@ -156,7 +165,10 @@ def attach(model: nn.Module, hidden_bits: int = 32) -> list[ActQuant]:
     int32 instead of uint8 in memory. 8: requantized to uint8 with power-of-two scales
     (:func:`_fit_pow2`), for targets that must keep every stored activation 8-bit.
     Measured on MobileNetV2 (96 px proxy, 300 val images): uint8 hidden units in the
-    classifier alone cost 15 points of agreement with the original."""
+    classifier alone cost 15 points of agreement with the original.
+
+    ``depthwise_channels``: a depthwise conv's input gets one free range per channel
+    (:func:`fit_channels`) instead of one per tensor."""
     check_hidden_bits(hidden_bits)
     made = []
     for _, m in quant_sites(model):
@@ -168,7 +180,9 @@ def attach(model: nn.Module, hidden_bits: int = 32) -> list[ActQuant]:
                 m.hidden_quant = ActQuant(channels=m.r)
                 made.append(m.hidden_quant)
         elif not isinstance(getattr(m, "input_quant", None), ActQuant):
-            m.add_module("input_quant", ActQuant())
+            per_channel = depthwise_channels and is_depthwise(m)
+            m.add_module("input_quant", ActQuant(channels=m.in_channels, pow2=False)
+                         if per_channel else ActQuant())
             m.register_forward_pre_hook(_quant_input_hook)
             made.append(m.input_quant)
     setattr(model, ATTR, 8)
@@ -215,6 +229,38 @@ def _fit_pow2(q: ActQuant, x: torch.Tensor, fit: Callable) -> dict:
             "units_per_shift": counts.tolist()}
 
 
+CHANNEL_SAMPLE = 4096  # positions per channel the per-channel clipping search runs on
+
+
+def fit_channels(q: ActQuant, x: torch.Tensor, ratios: tuple[float, ...] = CLIP_RATIOS,
+                 sample: int = CHANNEL_SAMPLE) -> dict:
+    """Free per-channel ranges: each channel of dim 1 gets the MSE-optimal clip of its own
+    [lo_c, hi_c] ∪ {0} (ratios searched for all channels at once, on the same ``sample``
+    evenly spaced positions of each channel; ties keep the widest).
+
+    Why a depthwise conv's input may have them at no integer cost: output channel c reads
+    only input channel c, so the input scale s_c merges with the filter's own per-channel
+    scale into the one requantization multiplier channel c has anyway (and the producer's
+    per-channel weight scales already give it one multiplier per channel)."""
+    c = x.shape[1]
+    v = x.transpose(0, 1).reshape(c, -1)
+    lo_c = v.amin(1).clamp(max=0.0)
+    hi_c = v.amax(1).clamp(min=0.0)
+    vs = v[:, :: max(1, v.shape[1] // sample)].float()
+    r = torch.tensor(ratios, dtype=torch.float32)[:, None]
+    scale, zp = P.choose_qparams(lo_c[None] * r, hi_c[None] * r, QMIN, QMAX)  # (R, C)
+    qv = P.fake_quantize(vs[None], scale[..., None], zp[..., None].float(), QMIN, QMAX,
+                         ste=False)
+    best = (qv - vs[None]).pow(2).sum(2).argmin(0)  # first minimum: the widest
+    idx = torch.arange(c)
+    q.scale.copy_(scale[best, idx])
+    q.zero_point.copy_(zp[best, idx])
+    chosen = r[best, 0]
+    return {"min": float(lo_c.min()), "max": float(hi_c.max()), "per_channel": True,
+            "clip_ratio_mean": float(chosen.mean()),
+            "clip_ratio_min": float(chosen.min())}
+
+
 def hidden_groups(q: ActQuant | None) -> int:
     """Distinct (scale, zero point) pairs of a hidden-unit quantizer (0: none): the
     distinct shifts of :func:`_fit_pow2`."""
@@ -239,6 +285,7 @@ Fit = Callable[[torch.Tensor], tuple[float, int, float, float, float]]
 def _observer(name: str, q: ActQuant, fit: Fit, report: dict[str, dict],
               on_quantizer: Callable[[str], None] | None,
               search: Callable[[ActQuant, torch.Tensor], tuple] | None = None,
+              clip_ratios: tuple[float, ...] = CLIP_RATIOS,
               ) -> Callable[[torch.Tensor], None]:
     """``q``'s one-shot observer: sets its range from the first tensor it sees (by ``fit``
     on the values, or ``search(q, x)``), records it in ``report`` and switches itself off,
@@ -252,8 +299,10 @@ def _observer(name: str, q: ActQuant, fit: Fit, report: dict[str, dict],
             q.zero_point.fill_(zp)
             report[name] = {"min": lo, "max": hi, "clip_ratio": ratio, "scale": scale,
                             "zero_point": zp}
-        else:
+        elif q.pow2:
             report[name] = _fit_pow2(q, x, fit)
+        else:
+            report[name] = fit_channels(q, x, clip_ratios)
         if on_quantizer is not None:
             on_quantizer(name)
     return observe
@@ -352,7 +401,8 @@ def calibrate(model: nn.Module, images: torch.Tensor, seed: int = 0,
         return lambda q_, x: output_error_range(q_, layer, x, tuple(clip_ratios))
 
     for name, q in qs.items():
-        q.observer = _observer(name, q, fit, report, on_quantizer, searcher(q))
+        q.observer = _observer(name, q, fit, report, on_quantizer, searcher(q),
+                               tuple(clip_ratios))
     was = model.training
     model.eval()
     try:

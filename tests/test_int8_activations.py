@@ -254,6 +254,41 @@ def test_output_objective_minimises_each_layers_output_error():
         actquant.calibrate(copy.deepcopy(other), x, objective="loss")
 
 
+def test_depthwise_inputs_get_one_range_per_channel():
+    """``depthwise_channels``: each depthwise conv's input quantizer has free per-channel
+    ranges, each channel's the MSE clip of its own values (a per-channel loop over
+    ``choose_range`` on the same sampled positions is the reference); other sites stay
+    per tensor; the structure is what attach rebuilds for an artifact."""
+    net = _with_hybrid()
+    fold_batchnorms(net)
+    qs = actquant.attach(net, depthwise_channels=True)
+    dw = {n: m for n, m in actquant.quant_sites(net) if actquant.is_depthwise(m)}
+    assert dw and all(m.input_quant.scale.shape == (m.in_channels,) for m in dw.values())
+    assert all(q.scale.dim() == 0 for _, q in actquant.quantizers(net)
+               if not any(q is m.input_quant for m in dw.values()))
+    assert len(qs) == len(actquant.quant_sites(net))
+    x = torch.randn(8, 3, TINY_RES, TINY_RES, generator=torch.Generator().manual_seed(2))
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: seen.setdefault(n, a[0]),
+                                         prepend=True) for n, m in dw.items()]
+    rep = actquant.calibrate(net, x)
+    for h in hooks:
+        h.remove()
+    for n, m in dw.items():
+        q, v = m.input_quant, seen[n]
+        assert rep[f"{n}.input_quant"]["per_channel"]
+        flat = v.transpose(0, 1).reshape(v.shape[1], -1)
+        step = max(1, flat.shape[1] // actquant.CHANNEL_SAMPLE)
+        for c in range(v.shape[1]):
+            vals = flat[c]
+            scale, zp, _ = actquant.choose_range(vals[::step], min(float(vals.min()), 0.0),
+                                                 max(float(vals.max()), 0.0))
+            assert float(q.scale[c]) == pytest.approx(scale, rel=1e-6), (n, c)
+            assert int(q.zero_point[c]) == zp, (n, c)
+    y = net(x)  # quantizes per channel along dim 1
+    assert torch.isfinite(y).all()
+
+
 def test_unreached_quantizer_is_an_input_error():
     class Unused(nn.Module):
         def __init__(self):
