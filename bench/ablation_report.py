@@ -382,7 +382,11 @@ def rounding_table(files: list[Path], md_dir: Path) -> list[str]:
             "E[x_q x_qᵀ], ranges calibrated again; and (`int8-rounding-v2-outrange.json`) "
             "the activation ranges chosen by the least squared error of each layer's "
             "output instead of the quantized tensor's own (`actquant.calibrate(..., "
-            "objective=\"output\")`, on 32 of the 128 calibration images). Against the "
+            "objective=\"output\")`, on 32 of the 128 calibration images); and "
+            "(`int8-rounding-v2-dwchan.json`) each depthwise conv's input quantized with one "
+            "MSE-clipped range per channel (`actquant.attach(..., depthwise_channels=True)`), "
+            "free in an integer kernel because output channel c reads only input channel c. "
+            "Against the "
             "original on the tuning "
             "split; differences are paired per image: a gptq row against the nearest row "
             "above it, a chain against the default chain.", "",
