@@ -15,6 +15,7 @@ the original and against the previous row.
     OMP_NUM_THREADS=1 python -m bench.int8_stages --model builtin:mobilenet_v2 --tag v2
     ... --set hidden_bits=8 --tag v2-h8       # any CompressConfig field
     ... --set qat=false --set finetune.trainable=norm --tag v2-norm   # FinetuneConfig
+    ... --set qat=false --set finetune.trainable=norm --then-int8-finetune bias  # both
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ import argparse
 import json
 import os
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import torch
 
 from bench.splits import calib_splits, folder_split
+from hfbconvert import stages
 from hfbconvert.calib.presets import preset_for
 from hfbconvert.calib.readers import load_images
 from hfbconvert.distill import FinetuneConfig
@@ -93,6 +95,9 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="CompressConfig override (default: activation_bits=8)")
     ap.add_argument("--steps", default="auto", help="fine-tune steps (auto: the CLI default)")
+    ap.add_argument("--then-int8-finetune", choices=("bias", "all"), default=None,
+                    help="after activation calibration (a --set qat=false run), fine-tune "
+                         "these parameters with the quantizers in the loop as well")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="x")
     ap.add_argument("--out", default="bench/results")
@@ -136,6 +141,15 @@ def main() -> None:
     def after(name: str, st) -> None:
         if name not in EVALUATED:
             return
+        measure(name, st)
+        if name == "activation_calibration" and a.then_int8_finetune and st.finetune:
+            # a second fine-tune, with the quantizers in the loop (the --no-qat path
+            # already fine-tuned in float): the stage itself, on these parameters
+            st.finetune = replace(st.finetune, trainable=a.then_int8_finetune)
+            stages.int8_finetune(st)
+            measure("int8_finetune", st)
+
+    def measure(name: str, st) -> None:
         t = time.perf_counter()
         pi = evaluate_per_image(st.hybrid, val, info.label_offset, reference=st.original)
         r = summarize(pi)
