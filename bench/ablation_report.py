@@ -303,6 +303,15 @@ def _ci(v: float | None, ci: list[float] | None, scale: float = 100.0, dg: int =
                                     if ci else "")
 
 
+def _settings(args: dict) -> str:
+    """An int8_stages run's settings as the table shows them: its ``--set`` overrides
+    and a second int8 fine-tune (``--then-int8-finetune``), or "defaults"."""
+    items = [f"`{x}`" for x in args.get("set", [])]
+    if args.get("then_int8_finetune"):
+        items.append(f"then int8 fine-tune of `{args['then_int8_finetune']}`")
+    return " ".join(items) or "defaults"
+
+
 def stages_table(files: list[Path], md_dir: Path) -> list[str]:
     """bench/int8_stages.py: the int8 hybrid evaluated after each building stage, paired
     against the original and against the stage before (per-image results stored)."""
@@ -314,7 +323,7 @@ def stages_table(files: list[Path], md_dir: Path) -> list[str]:
         n, ref = d.get("n_eval"), d.get("top1_original")
         split = (d.get("split") or {}).get("eval", {})
         where = f"{split.get('name', '?')}, {n}"
-        sets = " ".join(f"`{x}`" for x in (d.get("args") or {}).get("set", [])) or "defaults"
+        sets = _settings(d.get("args") or {})
         for r in d["rows"]:
             vo = dict(r["vs_original"], paired=True, n=n)
             vp = dict(r["vs_previous_row"], paired=True, n=n)
@@ -331,7 +340,9 @@ def stages_table(files: list[Path], md_dir: Path) -> list[str]:
             "that changes the network: `add_cap` (the one-shot hybrid fit), `finetune` (the "
             "float fine-tune, with `--no-qat`), `weight_quant` (int8 weights), `mean_shift`, "
             "`activation_calibration` (uint8 activations, int32 hidden units), "
-            "`int8_finetune` (with the quantizers in the loop, the default `--qat`). Measured "
+            "`int8_finetune` (with the quantizers in the loop, the default `--qat`; after a "
+            "`qat=false` run, \"then int8 fine-tune\" is a second one, `bench.int8_stages "
+            "--then-int8-finetune`). Measured "
             "on the tuning split (calibration images held apart from calibration, never the "
             "evaluation images), per-image results stored: every difference is paired "
             "(bootstrap 95% interval, McNemar's p).", "",
@@ -421,9 +432,9 @@ def final_rows_table(files: list[Path], md_dir: Path) -> list[str]:
             rb, nb = _final(b)
             same = (aa.get("model"), aa.get("seed"), ra["per_image"]["images_sha256"]) == \
                 (ab.get("model"), ab.get("seed"), rb["per_image"]["images_sha256"])
-            if not same or n != nb or aa.get("set", []) == ab.get("set", []):
+            if not same or n != nb or _settings(aa) == _settings(ab):
                 continue
-            if not aa.get("set"):  # the settings that differ first, the defaults second
+            if _settings(aa) == "defaults":  # the settings that differ first, defaults second
                 (fa, a, aa, ra), (fb, b, ab, rb) = (fb, b, ab, rb), (fa, a, aa, ra)
             pa, pb = ra["per_image"], rb["per_image"]
             ca, cb = decode_bits(pa["correct_hex"], n), decode_bits(pb["correct_hex"], n)
@@ -435,8 +446,7 @@ def final_rows_table(files: list[Path], md_dir: Path) -> list[str]:
                                             decode_bits(pb["agree_hex"], n))
             kl = paired_difference_interval(decode_floats(pa["kl_b64"], n),
                                             decode_floats(pb["kl_b64"], n))
-            sets = " ".join(f"`{x}`" for x in aa.get("set", [])) or "defaults"
-            setb = " ".join(f"`{x}`" for x in ab.get("set", [])) or "defaults"
+            sets, setb = _settings(aa), _settings(ab)
             out.append(f"| {_rel(fa, md_dir)} − {_rel(fb, md_dir)} | {aa.get('model')} seed "
                        f"{aa.get('seed')} | {sets} (`{ra['stage']}`) − {setb} "
                        f"(`{rb['stage']}`) | {n} | {fmt_diff(top1, True)} | {words(top1)} | "

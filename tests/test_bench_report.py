@@ -527,13 +527,15 @@ def test_shipped_models_of_two_stage_runs_are_compared_paired(tmp_path: Path) ->
     n = 8
     truth = np.ones(n, dtype=bool)
 
-    def write(name: str, sets: list[str], seed: int, correct: list[int], kl: list[float]):
+    def write(name: str, sets: list[str], seed: int, correct: list[int], kl: list[float],
+              then: str | None = None):
         c = np.array(correct, dtype=bool)
         pi = {"n": n, "images_sha256": "abc", "correct_hex": encode_bits(c),
               "agree_hex": encode_bits(c == truth),
               "kl_b64": encode_floats(np.array(kl, dtype=np.float32)), "pred_b64": ""}
         p = tmp_path / f"int8-stages-{name}.json"
-        p.write_text(json.dumps({"args": {"model": "m", "seed": seed, "set": sets},
+        p.write_text(json.dumps({"args": {"model": "m", "seed": seed, "set": sets,
+                                          "then_int8_finetune": then},
                                  "n_eval": n, "rows": [{"stage": "mean_shift"},
                                                        {"stage": name, "per_image": pi}]}))
         return p
@@ -549,3 +551,9 @@ def test_shipped_models_of_two_stage_runs_are_compared_paired(tmp_path: Path) ->
     assert cells[3] == "8" and cells[4].startswith("+25.00")
     assert cells[6].startswith("+25.00") and cells[7].startswith("-0.0100")
     assert final_rows_table([base, write("y", [], 0, [1] * 8, [0.0] * n)], tmp_path) == []
+    # the same --set with a second int8 fine-tune is a different setting, named as such
+    then = write("int8_finetune", ["qat=false"], 0, [1] * 8, [0.02] * n, then="bias")
+    rows = [ln for ln in final_rows_table([noqat, then], tmp_path)
+            if ln.startswith("| ") and "---" not in ln][1:]
+    assert len(rows) == 1
+    assert "`qat=false` then int8 fine-tune of `bias` (`int8_finetune`)" in rows[0]
