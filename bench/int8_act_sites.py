@@ -14,7 +14,6 @@ loss that one site carries. Also the all-off row (int8 weights, float activation
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -22,7 +21,7 @@ import time
 import torch
 from torch import nn
 
-from bench.int8_rounding import SHARED, Bench, versus
+from bench.int8_rounding import Bench, bench_args, versus
 from hfbconvert import actquant
 from hfbconvert.evaluation import evaluate_per_image, summarize
 from hfbconvert.stages import stage_seed
@@ -50,14 +49,7 @@ class _Replay(nn.Module):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="builtin:mobilenet_v2")
-    ap.add_argument("--calib", default=os.path.join(SHARED, "data/imagenet/calib"))
-    ap.add_argument("--calib-size", type=int, default=1000)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tag", default="x")
-    ap.add_argument("--out", default="bench/results")
-    a = ap.parse_args()
+    a = bench_args(__doc__).parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     t0 = time.perf_counter()
     b = Bench(a)

@@ -299,18 +299,25 @@ class Bench:
         return chains
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def bench_args(doc: str) -> argparse.ArgumentParser:
+    """The arguments :class:`Bench` reads (model, calibration folder and size, seed), and
+    the results file's tag and folder."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--model", default="builtin:mobilenet_v2")
     ap.add_argument("--calib", default=os.path.join(SHARED, "data/imagenet/calib"))
     ap.add_argument("--calib-size", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="x")
+    ap.add_argument("--out", default="bench/results")
+    return ap
+
+
+def main() -> None:
+    ap = bench_args(__doc__)
     ap.add_argument("--chains-only", action="store_true",
                     help="skip the by-group rows; only the post-training chains")
     ap.add_argument("--chains", default=",".join(CHAINS),
                     help=f"comma-separated chains to run, of {','.join(CHAINS)}")
-    ap.add_argument("--out", default="bench/results")
     a = ap.parse_args()
     which = tuple(c for c in a.chains.split(",") if c)
     if set(which) - set(CHAINS):
