@@ -117,10 +117,6 @@ class CompressConfig:
     # with the quantizers in the forward; False fine-tunes in float first, then rounds
     # weights, corrects means and calibrates activations (no fake quantization per step)
     qat: bool = True
-    # with qat False: after the int8 stages, a second, short fine-tune of the biases alone
-    # with the quantizers in the loop (a folded network's BatchNorm is gone; its biases
-    # still move the int8 outputs without touching the int8 weight grid)
-    bias_qat: bool = False
     act_calib_images: int = 128  # one forward pass as a single batch
     mean_shift: bool = True  # after rounding to 8 bits: match per-layer output means
     # BatchNorm stage (bnadjust.py): "off" | "match" | "reestimate". Off by default: the
@@ -340,11 +336,6 @@ def validate_config(cfg: CompressConfig, has_data: bool) -> None:
     if not cfg.qat and cfg.activation_bits != 8:
         raise ConfigError("qat=False", None, "applies only with {other} 8",
                           other="activation_bits")
-    if not isinstance(cfg.bias_qat, bool):
-        raise ConfigError("bias_qat", cfg.bias_qat, "must be true or false")
-    if cfg.bias_qat and (cfg.qat or cfg.activation_bits != 8):
-        raise ConfigError("bias_qat", True, "applies only with {other} (a float fine-tune "
-                          "first, then the int8 stages)", other="qat=False")
     if cfg.finetune.trainable == "norm" and cfg.activation_bits == 8 and cfg.qat:
         raise ConfigError("trainable", "norm", "with 8-bit activations needs {other} (QAT "
                           "fine-tunes after BatchNorm is folded into the layers)",
@@ -836,13 +827,11 @@ def _guarded_finetune(hybrid: nn.Module, model: nn.Module, train: CalibData, hel
                       ft: FinetuneConfig, checkpoint: str | None, resume: bool,
                       info: ModelInfo, meta: dict, timings: dict, stages: list, stage: str,
                       teacher_at: dict[str, str] | None = None,
-                      identity: dict[str, Any] | None = None,
-                      key: str = "finetune") -> nn.Module:
+                      identity: dict[str, Any] | None = None) -> nn.Module:
     """Distill with early stopping on the held-apart KL (checked every ``eval_every``
     steps; the best state checked is shipped), and never ship a fine-tune that made the
     held-apart images worse: when no check beat the model from before it, that model
-    comes back (``meta["finetune_reverted"]``). ``key`` prefixes its meta and timing keys
-    (a second fine-tune in one run keeps the first one's record)."""
+    comes back (``meta["finetune_reverted"]``)."""
     t = time.perf_counter()
     before = copy.deepcopy(hybrid) if held else None  # training form, latents included
     with progress.task("fine-tune", ft.steps) as bar:
@@ -852,23 +841,23 @@ def _guarded_finetune(hybrid: nn.Module, model: nn.Module, train: CalibData, hel
                            1, info=f"loss {lo:.4f} agree {ag:.2f}"), teacher_at=teacher_at,
                        identity=identity,
                        evaluate=held_evaluator(model, held) if held else None)
-    meta[f"{key}_log"] = log.to_dict()
+    meta["finetune_log"] = log.to_dict()
     if held and before is not None and log.held_kl:
         curve = dict(zip(log.eval_steps, log.held_kl, strict=True))
         kl_before, kl_after = curve.get(0), log.held_kl[-1]
-        meta[f"{key}_held_kl"] = {"before": kl_before, "after": kl_after,
+        meta["finetune_held_kl"] = {"before": kl_before, "after": kl_after,
                                     "best": curve.get(log.best_step),
                                     "best_step": log.best_step,
                                     "stopped_early_at": log.stopped_early_at}
         if log.best_step == 0 and len(log.held_kl) > 1:
             hybrid = before
-            meta[f"{key}_reverted"] = (
+            meta["finetune_reverted"] = (
                 f"held-apart KL never fell below the fit's {kl_before:.4g} (last "
                 f"{kl_after:.4g}); kept the fit")
             progress.warn(f"fine-tuning made the held-apart images worse (KL "
                           f"{kl_before:.4g} -> {kl_after:.4g}); kept the model before it")
-    timings[f"{key}_s"] = time.perf_counter() - t
-    _stage(stages, stage, hybrid, model, held, timings[f"{key}_s"], ft.device)
+    timings["finetune_s"] = time.perf_counter() - t
+    _stage(stages, stage, hybrid, model, held, timings["finetune_s"], ft.device)
     return hybrid
 
 

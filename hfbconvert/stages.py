@@ -334,19 +334,13 @@ def _reconstruct_layers(st: State, layers: list[PointwiseLayer]) -> dict[str, di
             on_layer=lambda n, r: bar.advance(1, info=n))
 
 
-def _finetune(st: State, name: str, teacher_at: dict[str, str] | None = None,
-              ft: Any = None, key: str = "finetune") -> State:
-    """``ft`` (default ``st.finetune``) and ``key`` for a second fine-tune in one run: its
-    own configuration, its own checkpoint file (``<checkpoint>.<key>``) and meta keys."""
+def _finetune(st: State, name: str, teacher_at: dict[str, str] | None = None) -> State:
     from .pipeline import _guarded_finetune
 
     assert st.train is not None and st.finetune is not None
-    ckpt = st.checkpoint if key == "finetune" or not st.checkpoint else \
-        f"{st.checkpoint}.{key}"
-    st.hybrid = _guarded_finetune(st.hybrid, st.original, st.train, st.held,
-                                  ft or st.finetune, ckpt, st.resume, st.info, st.meta,
-                                  st.timings, st.log, name, teacher_at=teacher_at,
-                                  identity=st.identity, key=key)
+    st.hybrid = _guarded_finetune(st.hybrid, st.original, st.train, st.held, st.finetune,
+                                  st.checkpoint, st.resume, st.info, st.meta, st.timings,
+                                  st.log, name, teacher_at=teacher_at, identity=st.identity)
     return st
 
 
@@ -430,14 +424,10 @@ def activation_calibration(st: State) -> State:
 
 def int8_finetune(st: State) -> State:
     """Fine-tune with int8 weights (straight-through) and activation quantizers in the
-    forward; a BN the student folded is matched at the teacher's BN output. After a float
-    fine-tune (``bias_qat``): the biases alone, recorded under ``int8_finetune``."""
+    forward; a BN the student folded is matched at the teacher's BN output."""
     weightquant.attach_int8_ste(st.hybrid)
-    second = st.cfg.bias_qat and not st.cfg.qat
-    ft = replace(st.finetune, trainable="bias") if second else None
     try:
-        _finetune(st, f"finetune_int8_{st.finetune.steps}", teacher_at=st.observe_at, ft=ft,
-                  key="int8_finetune" if second else "finetune")
+        _finetune(st, f"finetune_int8_{st.finetune.steps}", teacher_at=st.observe_at)
     finally:
         weightquant.detach_int8_ste(st.hybrid)
     st.bank_after = {}  # the banks now carry folded BN: no longer comparable (report n/a)
@@ -491,7 +481,7 @@ def stages_for(cfg: Any, has_data: bool, steps: int) -> list[Step]:
         out.append(Step(mean_shift, "mean_shift_s", "mean_shift"))
     if int8:
         out.append(Step(activation_calibration, "activation_bits_s", "activations_8bit"))
-        if steps > 0 and has_data and (cfg.qat or cfg.bias_qat):
+        if steps > 0 and has_data and cfg.qat:
             out.append(Step(int8_finetune, None, None))
     return out
 
