@@ -490,6 +490,53 @@ def synthetic_table(files: list[Path], md_dir: Path) -> list[str]:
             "|---|---|---|---|---|---|---|---|", *rows, ""]
 
 
+ACT_SITES_SHOWN = 12  # the sites that carry most of the loss; the rest are counted
+
+
+def act_sites_table(files: list[Path], md_dir: Path) -> list[str]:
+    """bench/int8_act_sites.py: each uint8 activation quantizer switched off alone, the
+    paired per-image KL change against all on; the sites with the largest drops, and how
+    many of the others have an interval that excludes zero."""
+    out = []
+    for f in files:
+        d = _load(f)
+        if not d or "rows" not in d:
+            continue
+        rows = d["rows"]
+        base = next((r for r in rows if r.get("site") == "all on"), None)
+        sites = [r for r in rows if r.get("site") not in ("all on", "all off")]
+        if base is None or not sites:
+            continue
+        split = (d.get("split") or {}).get("eval", {})
+        where = f"{split.get('name', '?')}, {split.get('n', '?')}"
+
+        def line(r: dict, f: Path = f, where: str = where) -> str:
+            k = r["kl_vs_all_on"]
+            sure = "lower" if k["hi"] < 0 else "higher" if k["lo"] > 0 else "within noise"
+            return (f"| {_rel(f, md_dir)} | `{r['site']}` | {where} | "
+                    f"{_ci(r.get('kl'), r.get('kl_ci95'), 1.0, 4)} | {k['d']:+.4f} "
+                    f"[{k['lo']:+.4f}, {k['hi']:+.4f}] | {sure} |")
+        off = [r for r in rows if r.get("site") == "all off"]
+        ranked = sorted(sites, key=lambda r: r["kl_vs_all_on"]["d"])
+        lower = sum(r["kl_vs_all_on"]["hi"] < 0 for r in sites)
+        total = sum(min(0.0, r["kl_vs_all_on"]["d"]) for r in sites)
+        out += [f"| {_rel(f, md_dir)} | all on | {where} | "
+                f"{_ci(base.get('kl'), base.get('kl_ci95'), 1.0, 4)} | | |",
+                *[line(r) for r in off], *[line(r) for r in ranked[:ACT_SITES_SHOWN]],
+                f"| {_rel(f, md_dir)} | {len(sites)} sites in all: {lower} with an interval "
+                f"below zero; the drops sum to {total:+.4f} | | | | |"]
+    if not out:
+        return []
+    return ["### Where the uint8 activations lose (`python -m bench.int8_act_sites`)", "",
+            "The int8 hybrid (gptq weights, every quantizer calibrated as the stage does) "
+            "with one activation quantizer switched off at a time (its input passes in "
+            "float), against all on, paired per image on the tuning split; the "
+            f"{ACT_SITES_SHOWN} largest drops, and the all-off row (int8 weights, float "
+            "activations).", "",
+            "| results file | quantizer off | split, images | KL (nats) [95%] | Δ KL vs all "
+            "on [95%] | KL |", "|---|---|---|---|---|---|", *out, ""]
+
+
 def planner_table(files: list[Path], md_dir: Path) -> list[str]:
     """The budget planner's heuristic against the exact MILP (predicted error)."""
     rows = []
@@ -516,7 +563,7 @@ SECTIONS: list[tuple[str, Callable[[list[Path], Path], list[str]]]] = [
     ("finetune-*.json", curve_table),
     ("finetune-probe-*.json", probe_table),
     ("int8-order-*.json", order_table), ("int8-stages-*.json", stages_table),
-    ("int8-rounding-*.json", rounding_table),
+    ("int8-rounding-*.json", rounding_table), ("int8-act-sites-*.json", act_sites_table),
     ("synthetic-calibration*.json", synthetic_table),
     ("*-planner-exact.json", planner_table), ("milp-scale-*.json", milp_scale_table),
 ]

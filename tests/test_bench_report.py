@@ -557,3 +557,32 @@ def test_shipped_models_of_two_stage_runs_are_compared_paired(tmp_path: Path) ->
             if ln.startswith("| ") and "---" not in ln][1:]
     assert len(rows) == 1
     assert "`qat=false` then int8 fine-tune of `bias` (`int8_finetune`)" in rows[0]
+
+
+def test_act_sites_table_ranks_the_largest_drops(tmp_path: Path) -> None:
+    """bench/int8_act_sites.py's file: the all-on and all-off rows, the sites with the
+    largest KL drops first (at most ACT_SITES_SHOWN), and the count of sites whose
+    interval is below zero; a file without sites gives nothing."""
+    import json
+
+    from bench.ablation_report import ACT_SITES_SHOWN, act_sites_table
+
+    def kl(d: float, half: float = 0.001) -> dict:
+        return {"d": d, "lo": d - half, "hi": d + half}
+
+    sites = [{"site": f"s{i}.input_quant", "kl": 0.04 + i * 1e-4, "kl_ci95": [0.03, 0.05],
+              "kl_vs_all_on": kl(-0.0001 * i)} for i in range(ACT_SITES_SHOWN + 3)]
+    rows = [{"site": "all on", "kl": 0.04, "kl_ci95": [0.03, 0.05]},
+            {"site": "all off", "kl": 0.028, "kl_ci95": [0.02, 0.03],
+             "kl_vs_all_on": kl(-0.012, 0.005)}, *sites]
+    p = tmp_path / "int8-act-sites-x.json"
+    p.write_text(json.dumps({"rows": rows, "split": {"eval": {"name": "tune", "n": 300}}}))
+    lines = act_sites_table([p], tmp_path)
+    body = [ln for ln in lines if ln.startswith("| `int8")]
+    assert "all on" in body[0] and "`all off`" in body[1] and "lower" in body[1]
+    shown = [ln.split("`")[3] for ln in body[2:-1]]
+    assert shown[0] == f"s{ACT_SITES_SHOWN + 2}.input_quant" and len(shown) == ACT_SITES_SHOWN
+    # site i: d = -0.0001 i, half-width 0.001: sites 0-10 straddle zero, 11-14 lie below
+    assert f"{ACT_SITES_SHOWN + 3} sites in all: {ACT_SITES_SHOWN + 3 - 11} with" in body[-1]
+    p.write_text(json.dumps({"rows": rows[:2]}))
+    assert act_sites_table([p], tmp_path) == []
