@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, InputError
-from .handlers import is_hybrid, layer_modules
+from .handlers import handler_for, is_hybrid, layer_modules
 from .quant import calibrators as C
 from .quant import primitives as P
 
@@ -148,8 +148,8 @@ def quant_sites(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def is_depthwise(m: nn.Module) -> bool:
-    """A conv each of whose outputs reads one input channel (groups == in_channels > 1)."""
-    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
+    """A layer each of whose outputs reads one input channel (its kind says so)."""
+    return handler_for(m).reads_one_channel(m)
 
 
 def attach(model: nn.Module, hidden_bits: int = 32,
@@ -353,6 +353,18 @@ def output_error_range(q: ActQuant, layer: nn.Module, x: torch.Tensor,
     return float(scales[k]), int(zps[k]), float(ratios[k]), lo, hi
 
 
+def _searchers(model: nn.Module, objective: str, ratios: tuple[float, ...],
+               ) -> dict[int, Callable[[ActQuant, torch.Tensor], tuple]]:
+    """id(quantizer) -> its range search, for ``objective`` "output" (none for "input")."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"activation range objective {objective!r}: choose one of "
+                         f"{', '.join(OBJECTIVES)}")
+    if objective == "input":
+        return {}
+    return {k: (lambda q, x, layer=layer: output_error_range(q, layer, x, ratios))
+            for k, layer in consumers(model).items()}
+
+
 @torch.no_grad()
 def calibrate(model: nn.Module, images: torch.Tensor, seed: int = 0,
               on_quantizer: Callable[[str], None] | None = None,
@@ -393,19 +405,9 @@ def calibrate(model: nn.Module, images: torch.Tensor, seed: int = 0,
         r = c.compute()
         return r.scale, r.zero_point, r.clip_ratio, r.lo, r.hi
 
-    if objective not in OBJECTIVES:
-        raise ConfigError("activation_objective", objective,
-                          f"not supported; choose {', '.join(OBJECTIVES)}")
-    layers = consumers(model) if objective == "output" else {}
-
-    def searcher(q: ActQuant) -> Callable[[ActQuant, torch.Tensor], tuple] | None:
-        layer = layers.get(id(q))
-        if layer is None:
-            return None
-        return lambda q_, x: output_error_range(q_, layer, x, tuple(clip_ratios))
-
+    search = _searchers(model, objective, tuple(clip_ratios))
     for name, q in qs.items():
-        q.observer = _observer(name, q, fit, report, on_quantizer, searcher(q),
+        q.observer = _observer(name, q, fit, report, on_quantizer, search.get(id(q)),
                                tuple(clip_ratios))
     was = model.training
     model.eval()

@@ -25,7 +25,7 @@ from hfbconvert.actquant import ActQuant, choose_range, fake_quant_ref, qparams
 from hfbconvert.artifact import load_compressed
 from hfbconvert.bnfold import conv_bn_pairs, fold_batchnorms
 from hfbconvert.costs import ENERGY_PJ, model_cost
-from hfbconvert.errors import ConfigError, InputError
+from hfbconvert.errors import InputError
 from hfbconvert.hybrid import HybridPointwise
 from hfbconvert.verify import verify_onnx
 
@@ -250,7 +250,7 @@ def test_output_objective_minimises_each_layers_output_error():
         assert rep[name]["clip_ratio"] == pytest.approx(float(ratios[best])), name
     assert any(rep[n]["clip_ratio"] != rep_in[n]["clip_ratio"] for n in rep
                if "units_per_shift" not in rep[n])
-    with pytest.raises(ConfigError, match="objective"):
+    with pytest.raises(ValueError, match="objective"):
         actquant.calibrate(copy.deepcopy(other), x, objective="loss")
 
 

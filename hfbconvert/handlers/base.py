@@ -121,6 +121,11 @@ class LayerHandler:
         """``w`` (rows, r) applied to the hidden units (W_c: a 1x1 product)."""
         raise NotImplementedError
 
+    def reads_one_channel(self, m: nn.Module) -> bool:
+        """Does each output channel of ``m`` read one input channel alone (a depthwise
+        conv)? Then a per-channel input scale merges into that channel's multiplier."""
+        return False
+
     def check_site(self, m: nn.Module, spec: dict[str, Any]) -> bool:
         """Is ``m`` (a rebuilt skeleton's module) the layer an artifact spec describes?"""
         return False

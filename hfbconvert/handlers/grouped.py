@@ -18,9 +18,12 @@ class GroupedHandler(ConvLike):
     def matches(self, m: nn.Module) -> bool:
         return isinstance(m, nn.Conv2d)
 
+    def reads_one_channel(self, m: nn.Module) -> bool:
+        return m.groups == m.in_channels and m.groups > 1
+
     def dense_cost(self, name, m, out, fp_bits, weight_bits, count_bias=True):  # type: ignore[no-untyped-def]
         c = super().dense_cost(name, m, out, fp_bits, weight_bits, count_bias)
-        if m.groups == m.in_channels and m.groups > 1:
+        if self.reads_one_channel(m):
             c.kind = "depthwise"
         elif tuple(m.kernel_size) == (1, 1) and m.groups == 1:  # padded or dilated 1x1
             c.kind = "pointwise"
