@@ -14,8 +14,9 @@ default), gptq alone, gptq + mean shift, each followed by the uint8 activation q
 paired against the default; and gptq against the quantized inputs: activation ranges on
 the float weights, each weight corrected by least squares towards the float network's
 outputs from its quantized inputs, rounded by gptq on E[x_q x_qᵀ], ranges re-calibrated;
-and ``@output`` chains, whose activation ranges minimise each layer's output error
-(``actquant.calibrate(..., objective="output")``). ``--chains`` picks the chains.
+``@output`` chains, whose activation ranges minimise each layer's output error
+(``actquant.calibrate(..., objective="output")``), and ``@dwchan`` chains, with one range
+per channel on each depthwise conv's input. ``--chains`` picks the chains.
 
     OMP_NUM_THREADS=2 python -m bench.int8_rounding --model builtin:mobilenet_v2 --tag v2
 """
