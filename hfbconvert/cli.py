@@ -26,6 +26,7 @@ CONFIG_FLAGS = {
     "size_budget": "--size-budget", "energy_budget": "--energy-budget",
     "max_add_increase": "--max-add-increase", "weight_bits": "--weight-bits",
     "weight_rounding": "--weight-rounding",
+    "mean_shift": "--mean-shift", "mean_shift=False": "--no-mean-shift",
     "activation_bits": "--activation-bits", "hidden_bits": "--hidden-bits",
     "qat": "--qat", "qat=False": "--no-qat", "trainable": "--trainable",
     "calib": "--calib", "bn_adjust": "--bn-adjust", "plan_override": "--plan",
@@ -612,6 +613,11 @@ def _analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, b
                    "on MobileNetV2 KL to the original after the int8 weights 0.042 -> 0.029, "
                    "within noise of nearest once activations are int8 too; about 30 s "
                    "more); nearest rounds each weight on its own.")
+@click.option("--mean-shift/--no-mean-shift", default=True, show_default=True,
+              help="With 8-bit weights and --calib: after rounding, shift each layer's "
+                   "output mean back to the original's on the calibration images (folded "
+                   "into the bias; free at inference). --no-mean-shift skips it, for weights "
+                   "whose rounding already corrects its error (--weight-rounding gptq).")
 @click.option("--activation-bits", type=click.Choice(["32", "8"]), default="32",
               show_default=True,
               help="8: int8 activations. BatchNorms are folded, every conv/linear input is "
@@ -645,8 +651,8 @@ def compress(ctx, model, arch, trust_pickle, calib, calib_size, resolution, pres
              eval_every, patience, stop_from, lr, lr_backoff, trainable, reconstruct, sequential,
              bias_correction,
              bn_adjust, min_agreement, resume,
-             device, weight_bits, weight_rounding, activation_bits, hidden_bits, qat,
-             as_json, include,
+             device, weight_bits, weight_rounding, mean_shift, activation_bits,
+             hidden_bits, qat, as_json, include,
              exclude, layer_kinds, seed, quiet, data_workers):
     """Split pointwise layers into full-precision critical filters + ternary banks under a
     MUL budget (activation-aware fit), then fine-tune briefly by distillation.
@@ -720,8 +726,8 @@ def compress_config(params: dict[str, Any]) -> Any:
                                 lr_backoff=p["lr_backoff"], trainable=p["trainable"],
                                 device=device),
         weight_bits=None if wb is None else int(wb), weight_rounding=p["weight_rounding"],
-        activation_bits=int(p["activation_bits"]), hidden_bits=int(p["hidden_bits"]),
-        qat=p["qat"])
+        mean_shift=p["mean_shift"], activation_bits=int(p["activation_bits"]),
+        hidden_bits=int(p["hidden_bits"]), qat=p["qat"])
 
 
 def _compress(net, info, data, cfg, model: str, out: Path, force: bool, resume: bool,

@@ -331,6 +331,11 @@ def validate_config(cfg: CompressConfig, has_data: bool) -> None:
     check_bits(cfg.weight_bits)
     check_rounding(cfg.weight_rounding)
     actquant.check_config(cfg.activation_bits, cfg.weight_bits, has_data, cfg.hidden_bits)
+    if not isinstance(cfg.mean_shift, bool):
+        raise ConfigError("mean_shift", cfg.mean_shift, "must be true or false")
+    if not cfg.mean_shift and cfg.weight_bits != 8:
+        raise ConfigError("mean_shift=False", None, "applies only with {other} 8",
+                          other="weight_bits")
     if not isinstance(cfg.qat, bool):
         raise ConfigError("qat", cfg.qat, "must be true or false")
     if not cfg.qat and cfg.activation_bits != 8:

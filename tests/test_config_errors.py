@@ -38,6 +38,8 @@ BAD = [  # (changes to the default config, has calibration data, field at fault,
     ({"qat": "no", "activation_bits": 8, "weight_bits": 8}, True, "qat", "no"),
     ({"bn_scope": "some"}, True, "bn_scope", "some"),
     ({"weight_rounding": "stochastic"}, True, "weight_rounding", "stochastic"),
+    ({"mean_shift": False}, True, "mean_shift=False", None),
+    ({"mean_shift": "no", "weight_bits": 8}, True, "mean_shift", "no"),
 ]
 
 

@@ -262,6 +262,31 @@ def test_cli_int8_weights_are_exact(tiny) -> None:
     assert verify_onnx(tiny[8]["onnx"], net, x, reference_batch=1).passed
 
 
+def test_cli_no_mean_shift_skips_the_stage_alone(tiny) -> None:
+    """--no-mean-shift: the same int8 codes as the run with the mean shift, which changes
+    only biases; the stage and its meta are absent and the config says so."""
+    pt = tiny["dir"] / "c8-noms.pt"
+    ok(run("compress", tiny["model"], "--calib", tiny["calib"], *FASTEST, "--weight-bits", 8,
+           "--weight-rounding", "gptq", "--no-mean-shift", "-o", pt, "-q"))
+    net, _, meta = load_compressed(pt)
+    ref, _, ref_meta = load_compressed(tiny[8]["pt"])
+    assert meta["config"]["mean_shift"] is False and ref_meta["config"]["mean_shift"] is True
+    assert [s["stage"] for s in meta["stages"]][-1] == "weights_8bit"
+    assert "mean_shift" not in meta and ref_meta["mean_shift"]
+    sd, rsd = net.state_dict(), ref.state_dict()
+    assert sd.keys() == rsd.keys()
+    moved = {k for k in sd if not torch.equal(sd[k], rsd[k])}
+    assert moved and all(k.endswith("bias") for k in moved)
+
+
+def test_cli_no_mean_shift_needs_8_bit_weights(tiny) -> None:
+    res = run("compress", tiny["model"], "--calib", tiny["calib"], *FASTEST,
+              "--weight-bits", 16, "--no-mean-shift", "-o", tiny["dir"] / "x.pt", "-q")
+    assert res.exit_code == 2
+    assert "--no-mean-shift" in one_error(res) and "--weight-bits 8" in one_error(res)
+    assert not (tiny["dir"] / "x.pt").exists()
+
+
 def test_cli_report_shows_bits(tiny) -> None:
     rep = json.loads(ok(run("report", tiny[8]["pt"], "--json", "-q")).stdout)
     assert rep["conventions"]["weight_bits"] == 8
