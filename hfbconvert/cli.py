@@ -625,7 +625,9 @@ def _analyze(model, arch, trust_pickle, calib, calib_size, resolution, preset, b
                    "clipping), the ternary banks' hidden units stay int32 (--hidden-bits), "
                    "and fine-tuning runs with the quantizers in the loop. Export writes the "
                    "quantizers as float arithmetic (--qdq for QuantizeLinear/Dequantize"
-                   "Linear). Needs --calib and 8-bit weights.")
+                   "Linear). Needs --calib and 8-bit weights. Closest to FP32 on "
+                   "MobileNetV2 (BatchNorm not folded): --no-qat --trainable norm "
+                   "--weight-rounding gptq --no-mean-shift (BENCHMARKS.md, seeds suite).")
 @click.option("--hidden-bits", type=click.Choice(["32", "8"]), default="32",
               show_default=True,
               help="With --activation-bits 8: the ternary banks' hidden units a*(W_b x). "
